@@ -1,0 +1,11 @@
+//! Every decision of the ephemeral-runners product, with no AWS SDK: authentication of GitLab
+//! hooks, parsing and slimming them, and (in later modules) routing, job state and plans.
+//! Function crates translate Lambda events into these types and carry out what they decide.
+
+pub mod auth;
+pub mod hook;
+pub mod metrics;
+pub mod testing;
+pub mod webhook;
+
+pub use hook::{JobEvent, JobStatus, RunnerRef};

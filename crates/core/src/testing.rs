@@ -1,0 +1,121 @@
+//! In-memory implementations of the ports, for tests and benchmarks of the decisions.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use crate::hook::JobEvent;
+use crate::webhook::{Claim, DeadLetter, DeliveryClaim, DeliveryLedger, EventSink, PortError};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Entry {
+    InFlight { lease_until_ms: u64 },
+    Forwarded,
+}
+
+/// The dedup table's semantics (conditional put with a lease) over a `HashMap`.
+#[derive(Debug, Default)]
+pub struct InMemoryLedger {
+    entries: Mutex<HashMap<String, Entry>>,
+}
+
+impl DeliveryLedger for InMemoryLedger {
+    async fn claim(&self, claim: &DeliveryClaim<'_>) -> Result<Claim, PortError> {
+        let mut entries = self.entries.lock().expect("ledger lock");
+        match entries.get(claim.delivery_id) {
+            Some(Entry::Forwarded) => Ok(Claim::Forwarded),
+            Some(Entry::InFlight { lease_until_ms }) if *lease_until_ms > claim.now_ms => {
+                Ok(Claim::InFlight)
+            }
+            _ => {
+                entries.insert(
+                    claim.delivery_id.to_owned(),
+                    Entry::InFlight {
+                        lease_until_ms: claim.lease_until_ms,
+                    },
+                );
+                Ok(Claim::New)
+            }
+        }
+    }
+
+    async fn mark_forwarded(&self, delivery_id: &str, _now_ms: u64) -> Result<(), PortError> {
+        let mut entries = self.entries.lock().expect("ledger lock");
+        entries.insert(delivery_id.to_owned(), Entry::Forwarded);
+        Ok(())
+    }
+
+    async fn release(&self, delivery_id: &str) -> Result<(), PortError> {
+        let mut entries = self.entries.lock().expect("ledger lock");
+        if matches!(entries.get(delivery_id), Some(Entry::InFlight { .. })) {
+            entries.remove(delivery_id);
+        }
+        Ok(())
+    }
+}
+
+/// Records what would have gone on the bus; can be told to fail the next few puts.
+#[derive(Debug, Default)]
+pub struct RecordingSink {
+    job_events: Mutex<Vec<JobEvent>>,
+    dead_letters: Mutex<Vec<DeadLetter>>,
+    failures_left: AtomicUsize,
+}
+
+impl RecordingSink {
+    pub fn fail_next_puts(&self, n: usize) {
+        self.failures_left.store(n, Ordering::SeqCst);
+    }
+    pub fn job_events(&self) -> Vec<JobEvent> {
+        self.job_events.lock().expect("sink lock").clone()
+    }
+    pub fn dead_letters(&self) -> Vec<DeadLetter> {
+        self.dead_letters.lock().expect("sink lock").clone()
+    }
+    fn injected_failure(&self) -> Result<(), PortError> {
+        let left = self.failures_left.load(Ordering::SeqCst);
+        if left > 0 {
+            self.failures_left.store(left - 1, Ordering::SeqCst);
+            return Err(PortError("injected failure".into()));
+        }
+        Ok(())
+    }
+}
+
+impl EventSink for RecordingSink {
+    async fn put_job_event(&self, event: &JobEvent) -> Result<(), PortError> {
+        self.injected_failure()?;
+        self.job_events.lock().expect("sink lock").push(event.clone());
+        Ok(())
+    }
+    async fn put_dead_letter(&self, letter: &DeadLetter) -> Result<(), PortError> {
+        self.injected_failure()?;
+        self.dead_letters.lock().expect("sink lock").push(letter.clone());
+        Ok(())
+    }
+}
+
+struct ThreadWaker(std::thread::Thread);
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Runs a future to completion on this thread: enough for the in-memory ports, and it keeps
+/// the core crate free of an async runtime.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    let mut future = pin!(future);
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(out) = future.as_mut().poll(&mut cx) {
+            return out;
+        }
+        std::thread::park();
+    }
+}

@@ -1,0 +1,602 @@
+//! What the webhook does with one HTTP request: authenticate, classify, dedupe, forward.
+//!
+//! [`assess`] is pure and synchronous (it is what the benchmark measures); [`deliver`] acts on
+//! an assessment through two small ports, [`DeliveryLedger`] and [`EventSink`], whose
+//! production implementations live in the webhook function crate.
+//!
+//! Reply policy, shaped by GitLab: it disables hooks that keep failing and treats 4xx as
+//! misconfiguration, so only failed authentication gets 4xx (401); anything authentic that we
+//! ignore or cannot use gets 2xx; our own failures get 5xx so that GitLab retries.
+
+use std::future::Future;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::auth::{AuthFailure, AuthMethod, AuthMode, Credentials, WebhookSecrets, authenticate};
+use crate::hook::{JobEvent, Unusable, parse_job_hook};
+
+/// The value of `X-Gitlab-Event` for job events.
+pub const JOB_HOOK_EVENT: &str = "Job Hook";
+
+/// Everything the webhook looks at in a request, borrowed from the adapter's HTTP types.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct HookRequest<'a> {
+    pub credentials: Credentials<'a>,
+    /// `X-Gitlab-Event`.
+    pub gitlab_event: Option<&'a str>,
+    /// `Idempotency-Key` (GitLab sets it equal to `webhook-id`).
+    pub idempotency_key: Option<&'a str>,
+    pub body: &'a [u8],
+}
+
+/// Operator settings that shape the decision.
+#[derive(Debug, Clone)]
+pub struct WebhookPolicy {
+    pub auth_mode: AuthMode,
+    pub signature_tolerance_seconds: u64,
+    pub max_body_bytes: usize,
+    /// How much of an unusable body is kept in the dead letter.
+    pub dead_letter_body_bytes: usize,
+}
+
+impl Default for WebhookPolicy {
+    fn default() -> Self {
+        Self {
+            auth_mode: AuthMode::Either,
+            signature_tolerance_seconds: 300,
+            max_body_bytes: 1024 * 1024,
+            dead_letter_body_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// What [`assess`] concluded about a request, before any I/O.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Assessment {
+    Unauthorized(AuthFailure),
+    /// Authentic, but not something we act on (another hook kind, a test hook...).
+    Ignored {
+        method: AuthMethod,
+        delivery_id: String,
+        reason: String,
+    },
+    /// Authentic but unusable: kept as a dead letter.
+    Unusable {
+        method: AuthMethod,
+        dead_letter: Box<DeadLetter>,
+    },
+    Accepted {
+        method: AuthMethod,
+        event: Box<JobEvent>,
+    },
+}
+
+impl Assessment {
+    pub fn delivery_id(&self) -> Option<&str> {
+        match self {
+            Self::Unauthorized(_) => None,
+            Self::Ignored { delivery_id, .. } => Some(delivery_id),
+            Self::Unusable { dead_letter, .. } => Some(&dead_letter.delivery_id),
+            Self::Accepted { event, .. } => Some(&event.delivery_id),
+        }
+    }
+
+    pub fn auth_method(&self) -> Option<AuthMethod> {
+        match self {
+            Self::Unauthorized(_) => None,
+            Self::Ignored { method, .. }
+            | Self::Unusable { method, .. }
+            | Self::Accepted { method, .. } => Some(*method),
+        }
+    }
+}
+
+/// An authentic hook we could not use, kept so that nothing is lost silently. It goes on the
+/// bus with detail-type [`DEAD_LETTER_DETAIL_TYPE`]; a rule files it in the dead-letter queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub delivery_id: String,
+    pub received_at_ms: u64,
+    pub reason: String,
+    pub gitlab_event: Option<String>,
+    /// Size of the whole body as received.
+    pub body_bytes: usize,
+    /// SHA-256 of the whole body, hex: tells apart two bodies that share a truncated prefix.
+    pub body_sha256: String,
+    pub body_truncated: bool,
+    /// `utf8` (body is the text) or `base64` (body was not UTF-8).
+    pub body_encoding: String,
+    pub body: String,
+}
+
+impl DeadLetter {
+    pub fn new(
+        request: &HookRequest<'_>,
+        delivery_id: String,
+        reason: String,
+        cap: usize,
+        received_at_ms: u64,
+    ) -> Self {
+        let body = request.body;
+        let truncated = body.len() > cap;
+        let kept = &body[..body.len().min(cap)];
+        let (encoding, text) = match std::str::from_utf8(kept) {
+            Ok(text) => ("utf8", text.to_owned()),
+            // A cut through a multi-byte character is still text: keep the valid prefix.
+            Err(e) if truncated && e.error_len().is_none() => (
+                "utf8",
+                String::from_utf8_lossy(&kept[..e.valid_up_to()]).into_owned(),
+            ),
+            Err(_) => ("base64", BASE64.encode(kept)),
+        };
+        Self {
+            delivery_id,
+            received_at_ms,
+            reason,
+            gitlab_event: request.gitlab_event.map(str::to_owned),
+            body_bytes: body.len(),
+            body_sha256: hex(&Sha256::digest(body)),
+            body_truncated: truncated,
+            body_encoding: encoding.to_owned(),
+            body: text,
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[(b >> 4) as usize] as char);
+        out.push(DIGITS[(b & 0xf) as usize] as char);
+    }
+    out
+}
+
+/// Delivery ids longer than this, or with characters outside visible ASCII, are not used as
+/// keys (a hostile or broken header must not shape our table); the body digest is used instead.
+const MAX_DELIVERY_ID_CHARS: usize = 128;
+
+fn usable_delivery_header(value: Option<&str>) -> Option<&str> {
+    let value = value?.trim();
+    let ok = !value.is_empty()
+        && value.len() <= MAX_DELIVERY_ID_CHARS
+        && value.bytes().all(|b| b.is_ascii_graphic());
+    ok.then_some(value)
+}
+
+/// The id under which a delivery is deduplicated: `webhook-id` (covered by the signature),
+/// else `Idempotency-Key`, else a digest of the body (GitLab redelivers the same bytes).
+pub fn delivery_id(request: &HookRequest<'_>) -> String {
+    usable_delivery_header(request.credentials.webhook_id)
+        .or_else(|| usable_delivery_header(request.idempotency_key))
+        .map(str::to_owned)
+        .unwrap_or_else(|| format!("sha256:{}", hex(&Sha256::digest(request.body))))
+}
+
+/// Decides what a request is, without I/O. Authentication comes first, so nothing about an
+/// unauthenticated body is ever parsed, logged or kept.
+pub fn assess(
+    request: &HookRequest<'_>,
+    policy: &WebhookPolicy,
+    secrets: &WebhookSecrets,
+    now_ms: u64,
+) -> Assessment {
+    let now_unix = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
+    let method = match authenticate(
+        policy.auth_mode,
+        &request.credentials,
+        request.body,
+        secrets,
+        now_unix,
+        policy.signature_tolerance_seconds,
+    ) {
+        Ok(method) => method,
+        Err(failure) => return Assessment::Unauthorized(failure),
+    };
+    let delivery_id = delivery_id(request);
+
+    if let Some(kind) = request.gitlab_event
+        && kind != JOB_HOOK_EVENT
+    {
+        return Assessment::Ignored {
+            method,
+            delivery_id,
+            reason: format!("X-Gitlab-Event `{}` is not a Job Hook", clip(kind, 64)),
+        };
+    }
+
+    let unusable = |reason: Unusable, delivery_id: String| Assessment::Unusable {
+        method,
+        dead_letter: Box::new(DeadLetter::new(
+            request,
+            delivery_id,
+            reason.to_string(),
+            policy.dead_letter_body_bytes,
+            now_ms,
+        )),
+    };
+
+    if request.body.len() > policy.max_body_bytes {
+        let reason = Unusable::TooLarge {
+            bytes: request.body.len(),
+            limit: policy.max_body_bytes,
+        };
+        return unusable(reason, delivery_id);
+    }
+
+    let hook = match parse_job_hook(request.body) {
+        Ok(hook) => hook,
+        Err(reason) => {
+            // Without the header we only know it is a Job Hook once it parses; anything else
+            // without a header is some other JSON that an authentic sender posted.
+            if request.gitlab_event.is_none() {
+                return Assessment::Ignored {
+                    method,
+                    delivery_id,
+                    reason: format!("no X-Gitlab-Event header and not a Job Hook ({reason})"),
+                };
+            }
+            return unusable(reason, delivery_id);
+        }
+    };
+    match hook.object_kind.as_deref() {
+        Some("build") | None => {}
+        Some(other) => {
+            if request.gitlab_event.is_none() {
+                return Assessment::Ignored {
+                    method,
+                    delivery_id,
+                    reason: format!("object_kind `{}` is not a Job Hook", clip(other, 64)),
+                };
+            }
+            return unusable(Unusable::KindMismatch(clip(other, 64)), delivery_id);
+        }
+    }
+    Assessment::Accepted {
+        method,
+        event: Box::new(JobEvent::from_hook(hook, delivery_id, now_ms)),
+    }
+}
+
+fn clip(s: &str, max_chars: usize) -> String {
+    s.chars()
+        .take(max_chars)
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect()
+}
+
+/// A failure of one of our dependencies. The message must not contain secrets; adapters build
+/// it from the service's error code and message only.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct PortError(pub String);
+
+/// What the ledger knew about a delivery when we tried to claim it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Claim {
+    /// First time (or an earlier attempt gave up): we forward it.
+    New,
+    /// Already forwarded: a redelivery.
+    Forwarded,
+    /// Another invocation is forwarding it right now.
+    InFlight,
+}
+
+/// A claim on a delivery id, so that a redelivered hook yields no second event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryClaim<'a> {
+    pub delivery_id: &'a str,
+    pub now_ms: u64,
+    /// Until then, another invocation seeing the claim treats it as in flight; after it, an
+    /// abandoned claim (crash between claim and publish) may be taken over.
+    pub lease_until_ms: u64,
+    /// When the record may be forgotten (DynamoDB TTL), Unix seconds.
+    pub expires_at_s: u64,
+    pub job_id: u64,
+    pub project_id: u64,
+    pub status: &'a str,
+}
+
+pub trait DeliveryLedger {
+    fn claim(
+        &self,
+        claim: &DeliveryClaim<'_>,
+    ) -> impl Future<Output = Result<Claim, PortError>> + Send;
+    /// The event is on the bus: later deliveries are duplicates.
+    fn mark_forwarded(
+        &self,
+        delivery_id: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// Publishing failed: drop the claim so GitLab's retry can forward it.
+    fn release(&self, delivery_id: &str) -> impl Future<Output = Result<(), PortError>> + Send;
+}
+
+pub trait EventSink {
+    fn put_job_event(&self, event: &JobEvent)
+    -> impl Future<Output = Result<(), PortError>> + Send;
+    fn put_dead_letter(
+        &self,
+        letter: &DeadLetter,
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
+}
+
+/// EventBridge `source` of everything the webhook publishes.
+pub const EVENT_SOURCE: &str = "ephemeral-runners.webhook";
+/// EventBridge `detail-type` of a [`JobEvent`].
+pub const JOB_EVENT_DETAIL_TYPE: &str = "GitLab Job Event";
+/// EventBridge `detail-type` of a [`DeadLetter`].
+pub const DEAD_LETTER_DETAIL_TYPE: &str = "GitLab Hook Dead Letter";
+
+/// How long dedup records live, and how long a claim is held before it may be taken over.
+#[derive(Debug, Clone, Copy)]
+pub struct DedupSettings {
+    pub ttl_seconds: u64,
+    pub lease_ms: u64,
+}
+
+impl Default for DedupSettings {
+    fn default() -> Self {
+        Self {
+            // GitLab retries for far less than this; three days also covers a replay by hand.
+            ttl_seconds: 3 * 24 * 3600,
+            // Longer than the function's timeout, so a live invocation is never overtaken.
+            lease_ms: 60_000,
+        }
+    }
+}
+
+/// What happened to a request; drives the HTTP reply, the log line and the metric.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Unauthorized(AuthFailure),
+    Ignored(String),
+    DeadLettered(String),
+    Forwarded,
+    Duplicate,
+    /// The same delivery is being forwarded by another invocation; answer 5xx so that, should
+    /// that invocation fail, GitLab's retry is not lost behind our 2xx.
+    InFlight,
+    /// Our failure (bus or table unavailable): 5xx so that GitLab retries.
+    Failed(String),
+}
+
+impl Outcome {
+    /// Status and body of the HTTP reply. Bodies are short: GitLab shows them in the hook's
+    /// "Recent events". A 401 says nothing about why.
+    pub fn reply(&self) -> (u16, String) {
+        match self {
+            Self::Unauthorized(_) => (401, "unauthorized".into()),
+            Self::Ignored(reason) => (202, format!("ignored: {reason}")),
+            Self::DeadLettered(reason) => (
+                202,
+                format!("not usable, kept for the operator as a dead letter: {reason}"),
+            ),
+            Self::Forwarded => (202, "accepted".into()),
+            Self::Duplicate => (200, "duplicate delivery, already accepted".into()),
+            Self::InFlight => (
+                503,
+                "this delivery is being processed by another request; retry later".into(),
+            ),
+            Self::Failed(_) => (
+                503,
+                "temporarily unable to accept the hook; retry later".into(),
+            ),
+        }
+    }
+
+    /// Stable short name for logs and metrics.
+    pub fn decision(&self) -> &'static str {
+        match self {
+            Self::Unauthorized(_) => "unauthorized",
+            Self::Ignored(_) => "ignored",
+            Self::DeadLettered(_) => "dead_lettered",
+            Self::Forwarded => "forwarded",
+            Self::Duplicate => "duplicate",
+            Self::InFlight => "in_flight",
+            Self::Failed(_) => "failed",
+        }
+    }
+}
+
+/// Acts on an assessment: dead letters go to the sink; accepted events are claimed in the
+/// ledger, published, then marked forwarded. Every step is safe to repeat.
+pub async fn deliver<L: DeliveryLedger, S: EventSink>(
+    assessment: &Assessment,
+    ledger: &L,
+    sink: &S,
+    dedup: DedupSettings,
+    now_ms: u64,
+) -> Outcome {
+    match assessment {
+        Assessment::Unauthorized(failure) => Outcome::Unauthorized(failure.clone()),
+        Assessment::Ignored { reason, .. } => Outcome::Ignored(reason.clone()),
+        // Dead letters are not deduplicated: two copies of a broken body in the queue cost
+        // nothing, while a dedup record without a letter would lose it.
+        Assessment::Unusable { dead_letter, .. } => match sink.put_dead_letter(dead_letter).await
+        {
+            Ok(()) => Outcome::DeadLettered(dead_letter.reason.clone()),
+            Err(e) => Outcome::Failed(format!("could not keep the dead letter: {e}")),
+        },
+        Assessment::Accepted { event, .. } => {
+            let claim = DeliveryClaim {
+                delivery_id: &event.delivery_id,
+                now_ms,
+                lease_until_ms: now_ms.saturating_add(dedup.lease_ms),
+                expires_at_s: now_ms / 1000 + dedup.ttl_seconds,
+                job_id: event.job_id,
+                project_id: event.project_id,
+                status: event.status.as_str(),
+            };
+            match ledger.claim(&claim).await {
+                Err(e) => Outcome::Failed(format!("could not record the delivery: {e}")),
+                Ok(Claim::Forwarded) => Outcome::Duplicate,
+                Ok(Claim::InFlight) => Outcome::InFlight,
+                Ok(Claim::New) => match sink.put_job_event(event).await {
+                    Ok(()) => {
+                        // The event is out; if marking fails the claim expires after its lease
+                        // and a later redelivery may publish again, which the router absorbs.
+                        let _ = ledger.mark_forwarded(&event.delivery_id, now_ms).await;
+                        Outcome::Forwarded
+                    }
+                    Err(e) => {
+                        let _ = ledger.release(&event.delivery_id).await;
+                        Outcome::Failed(format!("could not publish the event: {e}"))
+                    }
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{InMemoryLedger, RecordingSink};
+
+    fn secrets() -> WebhookSecrets {
+        WebhookSecrets {
+            tokens: WebhookSecrets::parse_tokens("s3cret").unwrap(),
+            signing_keys: vec![],
+        }
+    }
+
+    fn policy() -> WebhookPolicy {
+        WebhookPolicy {
+            auth_mode: AuthMode::Token,
+            ..Default::default()
+        }
+    }
+
+    const BODY: &[u8] = br#"{"object_kind":"build","build_id":7,"build_name":"b",
+        "build_status":"pending","project_id":3,"runner":null}"#;
+
+    fn request(body: &[u8]) -> HookRequest<'_> {
+        HookRequest {
+            credentials: Credentials {
+                gitlab_token: Some(b"s3cret"),
+                ..Default::default()
+            },
+            gitlab_event: Some(JOB_HOOK_EVENT),
+            idempotency_key: Some("idem-1"),
+            body,
+        }
+    }
+
+    #[test]
+    fn delivery_id_prefers_signed_header_then_key_then_digest() {
+        let mut r = request(BODY);
+        assert_eq!(delivery_id(&r), "idem-1");
+        r.credentials.webhook_id = Some("msg_9");
+        assert_eq!(delivery_id(&r), "msg_9");
+        r.credentials.webhook_id = Some("has space");
+        r.idempotency_key = None;
+        assert!(delivery_id(&r).starts_with("sha256:"));
+        assert_eq!(delivery_id(&r).len(), 7 + 64);
+    }
+
+    #[test]
+    fn other_hook_kinds_are_ignored_and_wrong_token_is_unauthorized() {
+        let mut r = request(b"{}");
+        r.gitlab_event = Some("Push Hook");
+        assert!(matches!(
+            assess(&r, &policy(), &secrets(), 0),
+            Assessment::Ignored { .. }
+        ));
+        r.credentials.gitlab_token = Some(b"nope");
+        assert_eq!(
+            assess(&r, &policy(), &secrets(), 0),
+            Assessment::Unauthorized(AuthFailure::TokenMismatch)
+        );
+    }
+
+    #[test]
+    fn oversized_body_becomes_a_capped_dead_letter() {
+        let big = vec![b'x'; 2000];
+        let p = WebhookPolicy {
+            max_body_bytes: 1000,
+            dead_letter_body_bytes: 100,
+            ..policy()
+        };
+        match assess(&request(&big), &p, &secrets(), 0) {
+            Assessment::Unusable { dead_letter, .. } => {
+                assert_eq!(dead_letter.body.len(), 100);
+                assert!(dead_letter.body_truncated);
+                assert_eq!(dead_letter.body_bytes, 2000);
+                assert!(dead_letter.reason.contains("over the 1000-byte limit"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn non_utf8_dead_letter_is_base64() {
+        match assess(&request(b"\xff\x00abc"), &policy(), &secrets(), 0) {
+            Assessment::Unusable { dead_letter, .. } => {
+                assert_eq!(dead_letter.body_encoding, "base64");
+                assert_eq!(BASE64.decode(&dead_letter.body).unwrap(), b"\xff\x00abc");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn run<F: Future>(f: F) -> F::Output {
+        crate::testing::block_on(f)
+    }
+
+    #[test]
+    fn second_delivery_is_a_duplicate_and_publishes_nothing() {
+        let (ledger, sink) = (InMemoryLedger::default(), RecordingSink::default());
+        let a = assess(&request(BODY), &policy(), &secrets(), 1_000);
+        let first = run(deliver(&a, &ledger, &sink, DedupSettings::default(), 1_000));
+        let second = run(deliver(&a, &ledger, &sink, DedupSettings::default(), 2_000));
+        assert_eq!((first, second), (Outcome::Forwarded, Outcome::Duplicate));
+        assert_eq!(sink.job_events().len(), 1);
+    }
+
+    #[test]
+    fn failed_publish_releases_the_claim_so_a_retry_forwards() {
+        let (ledger, sink) = (InMemoryLedger::default(), RecordingSink::default());
+        let a = assess(&request(BODY), &policy(), &secrets(), 1_000);
+        sink.fail_next_puts(1);
+        let first = run(deliver(&a, &ledger, &sink, DedupSettings::default(), 1_000));
+        assert!(matches!(first, Outcome::Failed(_)));
+        assert_eq!(first.reply().0, 503);
+        let retry = run(deliver(&a, &ledger, &sink, DedupSettings::default(), 2_000));
+        assert_eq!(retry, Outcome::Forwarded);
+        assert_eq!(sink.job_events().len(), 1);
+    }
+
+    #[test]
+    fn abandoned_claim_is_taken_over_after_its_lease() {
+        let (ledger, sink) = (InMemoryLedger::default(), RecordingSink::default());
+        let a = assess(&request(BODY), &policy(), &secrets(), 0);
+        let settings = DedupSettings {
+            lease_ms: 100,
+            ..Default::default()
+        };
+        // Simulate a crash between claim and publish.
+        let claim = DeliveryClaim {
+            delivery_id: "idem-1",
+            now_ms: 0,
+            lease_until_ms: 100,
+            expires_at_s: 1000,
+            job_id: 7,
+            project_id: 3,
+            status: "pending",
+        };
+        assert_eq!(run(ledger.claim(&claim)), Ok(Claim::New));
+        assert_eq!(
+            run(deliver(&a, &ledger, &sink, settings, 50)),
+            Outcome::InFlight
+        );
+        assert_eq!(
+            run(deliver(&a, &ledger, &sink, settings, 150)),
+            Outcome::Forwarded
+        );
+    }
+}
