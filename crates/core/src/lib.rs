@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod hook;
 pub mod metrics;
+pub mod secrets;
 pub mod testing;
 pub mod webhook;
 

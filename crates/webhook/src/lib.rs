@@ -1,1 +1,191 @@
-pub fn placeholder() {}
+//! The webhook function: API Gateway HTTP API (payload v2) in, HTTP reply out, slim
+//! `JobEvent`s on the bus. Decisions are the core crate's; this crate translates and talks to
+//! AWS through the ports in [`aws`].
+
+pub mod aws;
+pub mod config;
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+use aws_lambda_events::encodings::Body;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use ephemeral_core::auth::Credentials;
+use ephemeral_core::metrics::emf_count;
+use ephemeral_core::secrets::{SecretCache, SecretSource};
+use ephemeral_core::webhook::{
+    Assessment, DedupSettings, DeliveryLedger, EventSink, HookRequest, Outcome, WebhookPolicy,
+    assess, deliver,
+};
+use http::{HeaderMap, HeaderValue};
+
+use crate::aws::{DynamoLedger, EventBridgeSink, SsmSecrets};
+use crate::config::WebhookConfig;
+
+/// The function's state, built once per cold start.
+pub struct Webhook<L, S, C> {
+    pub policy: WebhookPolicy,
+    pub dedup: DedupSettings,
+    pub ledger: L,
+    pub sink: S,
+    pub secrets: SecretCache<C>,
+}
+
+/// The production wiring: DynamoDB dedup table, EventBridge bus, SSM secrets.
+pub type AwsWebhook = Webhook<DynamoLedger, EventBridgeSink, SsmSecrets>;
+
+impl AwsWebhook {
+    pub fn from_config(config: WebhookConfig, sdk: &aws_config::SdkConfig) -> Self {
+        Webhook {
+            policy: config.policy,
+            dedup: config.dedup,
+            ledger: DynamoLedger {
+                client: aws_sdk_dynamodb::Client::new(sdk),
+                table: config.dedup_table_name,
+            },
+            sink: EventBridgeSink {
+                client: aws_sdk_eventbridge::Client::new(sdk),
+                bus: config.event_bus_name,
+            },
+            secrets: SecretCache::new(
+                SsmSecrets {
+                    client: aws_sdk_ssm::Client::new(sdk),
+                    token_parameter: config.secret_token_parameter,
+                    signing_parameter: config.signing_token_parameter,
+                },
+                config.secrets_ttl_seconds.saturating_mul(1000),
+            ),
+        }
+    }
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a HeaderValue> {
+    headers.get(name)
+}
+
+fn header_str<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    header(headers, name).and_then(|v| v.to_str().ok())
+}
+
+/// Builds the reply API Gateway returns to GitLab.
+pub fn reply(status: u16, body: String) -> ApiGatewayV2httpResponse {
+    let mut response = ApiGatewayV2httpResponse::default();
+    response.status_code = i64::from(status);
+    response.headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response.body = Some(Body::Text(body));
+    response
+}
+
+/// CloudWatch metric name for an outcome: `Hooks` + the decision in CamelCase.
+fn metric_name(outcome: &Outcome) -> &'static str {
+    match outcome {
+        Outcome::Unauthorized(_) => "HooksUnauthorized",
+        Outcome::Ignored(_) => "HooksIgnored",
+        Outcome::DeadLettered(_) => "HooksDeadLettered",
+        Outcome::Forwarded => "HooksForwarded",
+        Outcome::Duplicate => "HooksDuplicate",
+        Outcome::InFlight => "HooksInFlight",
+        Outcome::Failed(_) => "HooksFailed",
+    }
+}
+
+impl<L: DeliveryLedger, S: EventSink, C: SecretSource> Webhook<L, S, C> {
+    pub async fn handle(&self, request: ApiGatewayV2httpRequest) -> ApiGatewayV2httpResponse {
+        self.handle_at(request, now_ms()).await
+    }
+
+    /// [`Self::handle`] at a given time (tests move the clock).
+    pub async fn handle_at(
+        &self,
+        request: ApiGatewayV2httpRequest,
+        now_ms: u64,
+    ) -> ApiGatewayV2httpResponse {
+        let body = match (request.body.as_deref(), request.is_base64_encoded) {
+            (None, _) => Vec::new(),
+            (Some(text), false) => text.as_bytes().to_vec(),
+            (Some(text), true) => match BASE64.decode(text) {
+                Ok(bytes) => bytes,
+                Err(_) => {
+                    // Only a broken gateway integration sends this; GitLab cannot cause it.
+                    tracing::error!(decision = "bad_encoding", "isBase64Encoded body is not base64");
+                    return reply(400, "request body is not valid base64".into());
+                }
+            },
+        };
+        let headers = &request.headers;
+        let hook_request = HookRequest {
+            credentials: Credentials {
+                gitlab_token: header(headers, "x-gitlab-token").map(HeaderValue::as_bytes),
+                webhook_id: header_str(headers, "webhook-id"),
+                webhook_timestamp: header_str(headers, "webhook-timestamp"),
+                webhook_signature: header_str(headers, "webhook-signature"),
+            },
+            gitlab_event: header_str(headers, "x-gitlab-event"),
+            idempotency_key: header_str(headers, "idempotency-key"),
+            body: &body,
+        };
+
+        let outcome = match self.secrets.get(now_ms).await {
+            Err(e) => {
+                let outcome = Outcome::Failed(format!("webhook secrets unavailable: {e}"));
+                log_outcome(None, &outcome);
+                outcome
+            }
+            Ok(lookup) => {
+                if let Some(e) = &lookup.refresh_error {
+                    tracing::warn!(error = %e, "could not refresh webhook secrets; using the last ones loaded");
+                }
+                let assessment = assess(&hook_request, &self.policy, &lookup.secrets, now_ms);
+                let outcome = deliver(&assessment, &self.ledger, &self.sink, self.dedup, now_ms).await;
+                log_outcome(Some(&assessment), &outcome);
+                outcome
+            }
+        };
+        println!("{}", emf_count("webhook", metric_name(&outcome), 1, now_ms));
+        let (status, text) = outcome.reply();
+        reply(status, text)
+    }
+}
+
+/// One JSON log line per request: ids, decision and reason; never a secret or a body.
+fn log_outcome(assessment: Option<&Assessment>, outcome: &Outcome) {
+    let event = match assessment {
+        Some(Assessment::Accepted { event, .. }) => Some(event.as_ref()),
+        _ => None,
+    };
+    let delivery_id = assessment.and_then(Assessment::delivery_id);
+    let auth = assessment.and_then(Assessment::auth_method).map(|m| m.as_str());
+    let project_id = event.map(|e| e.project_id);
+    let pipeline_id = event.and_then(|e| e.pipeline_id);
+    let job_id = event.map(|e| e.job_id);
+    let job_status = event.map(|e| e.status.as_str());
+    let decision = outcome.decision();
+    match outcome {
+        Outcome::Unauthorized(why) => {
+            tracing::warn!(decision, reason = %why, "hook rejected: authentication failed")
+        }
+        Outcome::Failed(why) => tracing::error!(
+            decision, reason = %why, delivery_id, project_id, pipeline_id, job_id, job_status,
+            "hook not accepted: our failure, GitLab will retry"
+        ),
+        Outcome::DeadLettered(why) => tracing::warn!(
+            decision, reason = %why, delivery_id, auth, "authentic hook unusable: kept as a dead letter"
+        ),
+        Outcome::Ignored(why) => {
+            tracing::info!(decision, reason = %why, delivery_id, auth, "hook ignored")
+        }
+        Outcome::Forwarded | Outcome::Duplicate | Outcome::InFlight => tracing::info!(
+            decision, delivery_id, auth, project_id, pipeline_id, job_id, job_status, "job hook"
+        ),
+    }
+}
