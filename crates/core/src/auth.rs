@@ -9,12 +9,21 @@
 use std::fmt;
 
 use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
+use base64::alphabet;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
+use base64::engine::DecodePaddingMode;
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 type HmacSha256 = Hmac<Sha256>;
+
+/// Standard base64 that encodes with padding and decodes with or without it: operators paste
+/// keys by hand, and the Standard Webhooks reference implementation is lenient the same way.
+const BASE64: GeneralPurpose = GeneralPurpose::new(
+    &alphabet::STANDARD,
+    GeneralPurposeConfig::new().with_decode_padding_mode(DecodePaddingMode::Indifferent),
+);
 
 /// A shared secret compared against `X-Gitlab-Token`.
 ///
@@ -475,6 +484,10 @@ mod tests {
             SecretsError::SigningTokenTooShort { bytes: 3 }
         );
         assert!(WebhookSecrets::parse_tokens(" \n \n").is_err());
+        // Padding is optional, as in the reference implementation.
+        let padded = SigningKey::parse("whsec_MDEyMzQ1Njc4OWFiY2RlZg==").unwrap();
+        let unpadded = SigningKey::parse("whsec_MDEyMzQ1Njc4OWFiY2RlZg").unwrap();
+        assert_eq!(padded.sign("i", "1", b"b"), unpadded.sign("i", "1", b"b"));
     }
 
     #[test]

@@ -1,1 +1,331 @@
+//! Test harness: a real moto server on loopback, the real AWS SDK pointed at it, and the
+//! resources the SAM template would create for the webhook.
+//!
+//! Uses `MOTO_ENDPOINT` when set (`.ci/run` starts one moto for all test binaries); otherwise
+//! starts a private moto server that stops when the test process exits (its stdin closes).
 
+use std::io::Read as _;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use aws_config::{BehaviorVersion, Region, SdkConfig};
+use aws_sdk_dynamodb::types::{
+    AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+    TimeToLiveSpecification,
+};
+
+pub fn workspace_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The venv `helper-scripts/install-tools` creates.
+pub fn tools_venv() -> PathBuf {
+    std::env::var_os("EPHEMERAL_TOOLS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/ephemeral-runners/tools"))
+        .join("venv")
+}
+
+pub fn tool(name: &str) -> PathBuf {
+    let candidate = tools_venv().join("bin").join(name);
+    assert!(
+        candidate.exists(),
+        "{} not found: run helper-scripts/install-tools first",
+        candidate.display()
+    );
+    candidate
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn start_private_moto() -> String {
+    let port = free_port();
+    let moto = tool("moto_server");
+    // `read` returns when our end of the pipe closes, i.e. when this process exits, however it
+    // exits; then moto is killed. No server outlives the tests.
+    let script = format!(
+        "MOTO_PORT={port} '{}' -H 127.0.0.1 -p {port} >/dev/null 2>&1 & pid=$!; read _; kill $pid",
+        moto.display()
+    );
+    let child = Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start moto_server");
+    // Keep the stdin pipe open for the life of the process.
+    std::mem::forget(child);
+    let endpoint = format!("http://127.0.0.1:{port}");
+    wait_ready(&endpoint);
+    endpoint
+}
+
+fn wait_ready(endpoint: &str) {
+    let addr = endpoint.trim_start_matches("http://");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if let Ok(mut s) = std::net::TcpStream::connect(addr) {
+            use std::io::Write as _;
+            let _ = write!(s, "GET /moto-api/data.json HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+            let mut head = [0u8; 12];
+            if s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") {
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("moto server at {endpoint} did not become ready within 30 s");
+}
+
+/// Endpoint of the moto server for this test process.
+pub fn moto_endpoint() -> &'static str {
+    static ENDPOINT: OnceLock<String> = OnceLock::new();
+    ENDPOINT.get_or_init(|| match std::env::var("MOTO_ENDPOINT") {
+        Ok(e) if !e.is_empty() => {
+            wait_ready(&e);
+            e
+        }
+        _ => start_private_moto(),
+    })
+}
+
+/// SDK configuration for moto: dummy credentials, us-east-1, loopback endpoint.
+pub fn sdk_config() -> SdkConfig {
+    SdkConfig::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(Region::new("us-east-1"))
+        .endpoint_url(moto_endpoint())
+        .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
+            aws_sdk_dynamodb::config::Credentials::new("testing", "testing", None, None, "moto"),
+        ))
+        .build()
+}
+
+/// A name no other test in this run uses, so tests share one moto server safely.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+/// What the template creates for the webhook, plus a queue that sees everything on the bus.
+pub struct WebhookStack {
+    pub bus: String,
+    pub table: String,
+    pub token_parameter: String,
+    pub signing_parameter: String,
+    /// Receives every event put on the bus (a rule with a catch-all pattern).
+    pub observer_queue_url: String,
+}
+
+pub async fn create_webhook_stack(sdk: &SdkConfig, tokens: &str, signing_tokens: &str) -> WebhookStack {
+    let events = aws_sdk_eventbridge::Client::new(sdk);
+    let dynamo = aws_sdk_dynamodb::Client::new(sdk);
+    let ssm = aws_sdk_ssm::Client::new(sdk);
+    let sqs = aws_sdk_sqs::Client::new(sdk);
+
+    let bus = unique("jobs");
+    events.create_event_bus().name(&bus).send().await.unwrap();
+
+    let table = unique("deliveries");
+    dynamo
+        .create_table()
+        .table_name(&table)
+        .billing_mode(BillingMode::PayPerRequest)
+        .attribute_definitions(
+            AttributeDefinition::builder()
+                .attribute_name("delivery_id")
+                .attribute_type(ScalarAttributeType::S)
+                .build()
+                .unwrap(),
+        )
+        .key_schema(
+            KeySchemaElement::builder()
+                .attribute_name("delivery_id")
+                .key_type(KeyType::Hash)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+    dynamo
+        .update_time_to_live()
+        .table_name(&table)
+        .time_to_live_specification(
+            TimeToLiveSpecification::builder()
+                .attribute_name("expires_at")
+                .enabled(true)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+
+    let prefix = format!("/{}", unique("ephemeral-runners"));
+    let token_parameter = format!("{prefix}/secret-token");
+    let signing_parameter = format!("{prefix}/signing-token");
+    for (name, value) in [(&token_parameter, tokens), (&signing_parameter, signing_tokens)] {
+        ssm.put_parameter()
+            .name(name)
+            .value(value)
+            .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+            .send()
+            .await
+            .unwrap();
+    }
+
+    let queue = unique("observer");
+    let queue_url = sqs.create_queue().queue_name(&queue).send().await.unwrap().queue_url.unwrap();
+    let queue_arn = format!("arn:aws:sqs:us-east-1:123456789012:{queue}");
+    let rule = unique("observe-all");
+    events
+        .put_rule()
+        .name(&rule)
+        .event_bus_name(&bus)
+        .event_pattern(r#"{"source":["ephemeral-runners.webhook"]}"#)
+        .send()
+        .await
+        .unwrap();
+    events
+        .put_targets()
+        .rule(&rule)
+        .event_bus_name(&bus)
+        .targets(
+            aws_sdk_eventbridge::types::Target::builder()
+                .id("observer")
+                .arn(queue_arn)
+                .build()
+                .unwrap(),
+        )
+        .send()
+        .await
+        .unwrap();
+
+    WebhookStack {
+        bus,
+        table,
+        token_parameter,
+        signing_parameter,
+        observer_queue_url: queue_url,
+    }
+}
+
+/// Every EventBridge envelope that reached the observer queue, waiting up to `wait` for at
+/// least `at_least` of them and then a little longer for stragglers.
+pub async fn bus_events(sdk: &SdkConfig, stack: &WebhookStack, at_least: usize, wait: Duration) -> Vec<serde_json::Value> {
+    let sqs = aws_sdk_sqs::Client::new(sdk);
+    let mut out = Vec::new();
+    let deadline = Instant::now() + wait;
+    let mut quiet_polls = 0;
+    while Instant::now() < deadline {
+        let got = sqs
+            .receive_message()
+            .queue_url(&stack.observer_queue_url)
+            .max_number_of_messages(10)
+            .send()
+            .await
+            .unwrap();
+        let messages = got.messages.unwrap_or_default();
+        if messages.is_empty() {
+            quiet_polls += 1;
+            if out.len() >= at_least && quiet_polls >= 3 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        }
+        quiet_polls = 0;
+        for m in messages {
+            out.push(serde_json::from_str(m.body.as_deref().unwrap()).unwrap());
+            sqs.delete_message()
+                .queue_url(&stack.observer_queue_url)
+                .receipt_handle(m.receipt_handle.unwrap())
+                .send()
+                .await
+                .unwrap();
+        }
+    }
+    out
+}
+
+/// The webhook's configuration for a stack, as the template's environment sets it.
+pub fn webhook_config(stack: &WebhookStack, auth_mode: &str) -> webhook::config::WebhookConfig {
+    let pairs = [
+        ("EVENT_BUS_NAME", stack.bus.clone()),
+        ("DEDUP_TABLE_NAME", stack.table.clone()),
+        ("SECRET_TOKEN_PARAMETER", stack.token_parameter.clone()),
+        ("SIGNING_TOKEN_PARAMETER", stack.signing_parameter.clone()),
+        ("AUTH_MODE", auth_mode.to_owned()),
+    ];
+    webhook::config::WebhookConfig::from_lookup(|k| {
+        pairs.iter().find(|(name, _)| *name == k).map(|(_, v)| v.clone())
+    })
+    .unwrap()
+}
+
+/// Signs with the Standard Webhooks reference implementation (Python `standardwebhooks`), so
+/// that our verifier is checked against code we did not write.
+pub fn reference_signature(signing_token: &str, msg_id: &str, timestamp: i64, body: &str) -> String {
+    let script = r#"
+import sys, json, datetime
+from standardwebhooks.webhooks import Webhook
+a = json.load(sys.stdin)
+ts = datetime.datetime.fromtimestamp(a["ts"], tz=datetime.timezone.utc)
+print(Webhook(a["key"]).sign(a["id"], ts, a["body"]))
+"#;
+    let mut child = Command::new(tool("python"))
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = serde_json::json!({"key": signing_token, "id": msg_id, "ts": timestamp, "body": body});
+    {
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
+    }
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "standardwebhooks failed");
+    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+}
+
+/// An API Gateway HTTP API (payload v2) request as Lambda delivers it to the webhook.
+pub fn api_request(headers: &[(&str, &str)], body: &str) -> aws_lambda_events::apigw::ApiGatewayV2httpRequest {
+    let header_map: serde_json::Map<String, serde_json::Value> =
+        headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), serde_json::Value::from(*v))).collect();
+    let envelope = serde_json::json!({
+        "version": "2.0",
+        "routeKey": "POST /webhook",
+        "rawPath": "/webhook",
+        "rawQueryString": "",
+        "headers": header_map,
+        "requestContext": {
+            "accountId": "123456789012",
+            "apiId": "api",
+            "domainName": "api.execute-api.us-east-1.amazonaws.com",
+            "http": {"method": "POST", "path": "/webhook", "protocol": "HTTP/1.1",
+                     "sourceIp": "192.0.2.1", "userAgent": "GitLab/18.2.0"},
+            "requestId": "req",
+            "routeKey": "POST /webhook",
+            "stage": "$default",
+            "time": "23/Nov/2026:19:00:00 +0000",
+            "timeEpoch": 1_795_460_400_000_i64
+        },
+        "body": body,
+        "isBase64Encoded": false
+    });
+    serde_json::from_value(envelope).unwrap()
+}
+
+pub fn fixture(name: &str) -> String {
+    std::fs::read_to_string(workspace_root().join("crates/core/tests/fixtures/job_hooks").join(name)).unwrap()
+}

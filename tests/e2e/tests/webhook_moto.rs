@@ -1,0 +1,147 @@
+//! The webhook handler, invoked with API Gateway v2 payloads as Lambda would, against a real
+//! moto server through the real AWS SDK: SSM for secrets, DynamoDB for dedup, EventBridge out.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use e2e_tests::*;
+use webhook::AwsWebhook;
+
+const SIGNING: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
+const TOKENS: &str = "old-token\nnew-token";
+
+fn now_s() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+}
+
+fn body_text(r: &aws_lambda_events::apigw::ApiGatewayV2httpResponse) -> String {
+    match &r.body {
+        Some(aws_lambda_events::encodings::Body::Text(t)) => t.clone(),
+        other => panic!("unexpected body {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn signed_hook_lands_on_the_bus_once_and_slim() {
+    let sdk = sdk_config();
+    let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
+    let webhook = AwsWebhook::from_config(webhook_config(&stack, "signature"), &sdk);
+
+    let body = fixture("zulip-job-hook-build-failed-2026.json");
+    let raw: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let ts = now_s();
+    let id = "msg_2d8f0a1c-5e6b-4f7a-9c3d-1b2a3c4d5e6f";
+    let signature = reference_signature(SIGNING, id, ts, &body);
+    let ts_text = ts.to_string();
+    let headers = [
+        ("X-Gitlab-Event", "Job Hook"),
+        ("webhook-id", id),
+        ("Idempotency-Key", id),
+        ("webhook-timestamp", ts_text.as_str()),
+        ("webhook-signature", signature.as_str()),
+        ("Content-Type", "application/json"),
+    ];
+
+    let first = webhook.handle(api_request(&headers, &body)).await;
+    assert_eq!(first.status_code, 202, "{}", body_text(&first));
+    // GitLab redelivers the same hook (same webhook-id): answered 2xx, no second event.
+    let second = webhook.handle(api_request(&headers, &body)).await;
+    assert_eq!(second.status_code, 200, "{}", body_text(&second));
+    assert!(body_text(&second).contains("duplicate"));
+
+    let events = bus_events(&sdk, &stack, 1, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 1, "exactly one event on the bus: {events:#?}");
+    let envelope = &events[0];
+    assert_eq!(envelope["source"], "ephemeral-runners.webhook");
+    assert_eq!(envelope["detail-type"], "GitLab Job Event");
+    let detail = &envelope["detail"];
+    assert_eq!(detail["delivery_id"], id);
+    assert_eq!(detail["job_id"], raw["build_id"]);
+    assert_eq!(detail["job_name"], raw["build_name"]);
+    assert_eq!(detail["status"], raw["build_status"]);
+    assert_eq!(detail["project_id"], raw["project_id"]);
+    assert_eq!(detail["project_path"], raw["project"]["path_with_namespace"]);
+    assert_eq!(detail["pipeline_id"], raw["pipeline_id"]);
+    assert_eq!(detail["runner"]["id"], raw["runner"]["id"]);
+    assert_eq!(detail["runner"]["tags"], raw["runner"]["tags"]);
+    let detail_text = detail.to_string();
+    for personal in ["user", "commit", "author", "email"] {
+        assert!(!detail_text.contains(personal), "`{personal}` in {detail_text}");
+    }
+    // The slim event is a fraction of the hook.
+    assert!(detail_text.len() * 2 < body.len(), "{} vs {}", detail_text.len(), body.len());
+}
+
+#[tokio::test]
+async fn rotation_tokens_both_work_and_wrong_token_is_401() {
+    let sdk = sdk_config();
+    let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
+    let webhook = AwsWebhook::from_config(webhook_config(&stack, "token"), &sdk);
+    let body = fixture("go-gitlab-job.json");
+    for (token, key, status) in [("old-token", "k1", 202), ("new-token", "k2", 202), ("newer-token", "k3", 401)] {
+        let r = webhook
+            .handle(api_request(
+                &[("X-Gitlab-Token", token), ("X-Gitlab-Event", "Job Hook"), ("Idempotency-Key", key)],
+                &body,
+            ))
+            .await;
+        assert_eq!(r.status_code, status, "{token}: {}", body_text(&r));
+        if status == 401 {
+            assert_eq!(body_text(&r), "unauthorized");
+        }
+    }
+    let events = bus_events(&sdk, &stack, 2, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 2);
+}
+
+#[tokio::test]
+async fn unusable_hook_is_dead_lettered_on_the_bus_and_answered_2xx() {
+    let sdk = sdk_config();
+    let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
+    let webhook = AwsWebhook::from_config(webhook_config(&stack, "token"), &sdk);
+    let broken = r#"{"object_kind":"build","build_name":"x","build_status":"pending","project_id":1}"#;
+    let r = webhook
+        .handle(api_request(&[("X-Gitlab-Token", "new-token"), ("X-Gitlab-Event", "Job Hook")], broken))
+        .await;
+    assert_eq!(r.status_code, 202);
+    assert!(body_text(&r).contains("missing field `build_id`"), "{}", body_text(&r));
+
+    let events = bus_events(&sdk, &stack, 1, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0]["detail-type"], "GitLab Hook Dead Letter");
+    assert_eq!(events[0]["detail"]["body"], broken);
+    assert!(events[0]["detail"]["reason"].as_str().unwrap().contains("build_id"));
+}
+
+#[tokio::test]
+async fn our_failures_are_5xx_so_gitlab_retries_and_nothing_is_lost() {
+    let sdk = sdk_config();
+    let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
+    let body = fixture("go-gitlab-job.json");
+    let headers = [("X-Gitlab-Token", "new-token"), ("X-Gitlab-Event", "Job Hook"), ("Idempotency-Key", "retry-me")];
+
+    // The bus does not exist (deleted, or EventBridge unavailable): 503.
+    let mut config = webhook_config(&stack, "token");
+    config.event_bus_name = unique("missing-bus");
+    let broken_bus = AwsWebhook::from_config(config, &sdk);
+    let r = broken_bus.handle(api_request(&headers, &body)).await;
+    assert_eq!(r.status_code, 503, "{}", body_text(&r));
+
+    // The table does not exist: 503 as well.
+    let mut config = webhook_config(&stack, "token");
+    config.dedup_table_name = unique("missing-table");
+    let broken_table = AwsWebhook::from_config(config, &sdk);
+    assert_eq!(broken_table.handle(api_request(&headers, &body)).await.status_code, 503);
+
+    // The secret parameter does not exist: 503, not 401 (GitLab must not disable the hook).
+    let mut config = webhook_config(&stack, "token");
+    config.secret_token_parameter = Some("/does/not/exist".into());
+    let no_secret = AwsWebhook::from_config(config, &sdk);
+    assert_eq!(no_secret.handle(api_request(&headers, &body)).await.status_code, 503);
+
+    // GitLab's retry reaches a healthy function: the claim made before the bus failure was
+    // released, so the event is forwarded now, exactly once.
+    let healthy = AwsWebhook::from_config(webhook_config(&stack, "token"), &sdk);
+    assert_eq!(healthy.handle(api_request(&headers, &body)).await.status_code, 202);
+    let events = bus_events(&sdk, &stack, 1, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 1);
+}
