@@ -119,3 +119,13 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
         std::thread::park();
     }
 }
+
+/// Secrets that are always there, for tests that are not about loading them.
+#[derive(Debug, Clone, Default)]
+pub struct StaticSecrets(pub crate::auth::WebhookSecrets);
+
+impl crate::secrets::SecretSource for StaticSecrets {
+    async fn load(&self) -> Result<crate::auth::WebhookSecrets, PortError> {
+        Ok(self.0.clone())
+    }
+}

@@ -271,15 +271,29 @@ pub fn webhook_config(stack: &WebhookStack, auth_mode: &str) -> webhook::config:
     .unwrap()
 }
 
-/// Signs with the Standard Webhooks reference implementation (Python `standardwebhooks`), so
-/// that our verifier is checked against code we did not write.
-pub fn reference_signature(signing_token: &str, msg_id: &str, timestamp: i64, body: &str) -> String {
+/// Runs the Standard Webhooks reference implementation (Python `standardwebhooks`) on a batch
+/// of requests, so that our code is checked against code we did not write. Each request is
+/// `{"op": "sign", key, id, ts, body}` (answers the `webhook-signature` value) or
+/// `{"op": "verify", key, id, ts, body, signature}` (answers "ok" or the exception name).
+pub fn reference_webhooks(requests: &[serde_json::Value]) -> Vec<String> {
     let script = r#"
 import sys, json, datetime
 from standardwebhooks.webhooks import Webhook
-a = json.load(sys.stdin)
-ts = datetime.datetime.fromtimestamp(a["ts"], tz=datetime.timezone.utc)
-print(Webhook(a["key"]).sign(a["id"], ts, a["body"]))
+out = []
+for a in json.load(sys.stdin):
+    wh = Webhook(a["key"])
+    if a["op"] == "sign":
+        ts = datetime.datetime.fromtimestamp(a["ts"], tz=datetime.timezone.utc)
+        out.append(wh.sign(a["id"], ts, a["body"]))
+    else:
+        headers = {"webhook-id": a["id"], "webhook-timestamp": str(a["ts"]),
+                   "webhook-signature": a["signature"]}
+        try:
+            wh.verify(a["body"], headers)
+            out.append("ok")
+        except Exception as e:
+            out.append(type(e).__name__)
+print(json.dumps(out))
 "#;
     let mut child = Command::new(tool("python"))
         .arg("-c")
@@ -288,14 +302,19 @@ print(Webhook(a["key"]).sign(a["id"], ts, a["body"]))
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let input = serde_json::json!({"key": signing_token, "id": msg_id, "ts": timestamp, "body": body});
     {
         use std::io::Write as _;
-        child.stdin.take().unwrap().write_all(input.to_string().as_bytes()).unwrap();
+        let input = serde_json::Value::from(requests.to_vec()).to_string();
+        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
     }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "standardwebhooks failed");
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+pub fn reference_signature(signing_token: &str, msg_id: &str, timestamp: i64, body: &str) -> String {
+    let request = serde_json::json!({"op": "sign", "key": signing_token, "id": msg_id, "ts": timestamp, "body": body});
+    reference_webhooks(&[request]).remove(0)
 }
 
 /// An API Gateway HTTP API (payload v2) request as Lambda delivers it to the webhook.
