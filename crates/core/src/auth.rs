@@ -10,8 +10,8 @@ use std::fmt;
 
 use base64::Engine as _;
 use base64::alphabet;
-use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use base64::engine::DecodePaddingMode;
+use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
 use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -222,7 +222,9 @@ pub enum AuthFailure {
     SignatureHeadersMissing(&'static str),
     #[error("webhook-timestamp is not a whole number of seconds")]
     TimestampMalformed,
-    #[error("webhook-timestamp is {skew_seconds} s away from now (tolerance {tolerance_seconds} s)")]
+    #[error(
+        "webhook-timestamp is {skew_seconds} s away from now (tolerance {tolerance_seconds} s)"
+    )]
     TimestampOutOfTolerance {
         skew_seconds: i64,
         tolerance_seconds: u64,
@@ -429,7 +431,10 @@ mod tests {
         let ts = NOW.to_string();
         let header = s.signing_keys[0].signature_header("msg_1", &ts, b"{}");
         let ok = signed("msg_1", &ts, &header);
-        assert_eq!(verify_signature(&ok, b"{}", &s.signing_keys, NOW, 300), Ok(()));
+        assert_eq!(
+            verify_signature(&ok, b"{}", &s.signing_keys, NOW, 300),
+            Ok(())
+        );
         assert_eq!(
             verify_signature(&ok, b"{ }", &s.signing_keys, NOW, 300),
             Err(AuthFailure::SignatureMismatch)
@@ -447,7 +452,8 @@ mod tests {
         for (offset, ok) in [(-300, true), (300, true), (-301, false), (301, false)] {
             let ts = (NOW + offset).to_string();
             let header = s.signing_keys[0].signature_header("m", &ts, b"x");
-            let result = verify_signature(&signed("m", &ts, &header), b"x", &s.signing_keys, NOW, 300);
+            let result =
+                verify_signature(&signed("m", &ts, &header), b"x", &s.signing_keys, NOW, 300);
             assert_eq!(result.is_ok(), ok, "offset {offset}: {result:?}");
         }
     }
@@ -504,7 +510,10 @@ mod tests {
         let sig_only = signed("m", &ts, &header);
         let auth = |mode, c: &Credentials<'_>| authenticate(mode, c, b"b", &s, NOW, 300);
 
-        assert_eq!(auth(AuthMode::Both, &both), Ok(AuthMethod::TokenAndSignature));
+        assert_eq!(
+            auth(AuthMode::Both, &both),
+            Ok(AuthMethod::TokenAndSignature)
+        );
         assert!(auth(AuthMode::Both, &token_only).is_err());
         assert!(auth(AuthMode::Both, &sig_only).is_err());
         assert_eq!(auth(AuthMode::Either, &token_only), Ok(AuthMethod::Token));

@@ -266,7 +266,9 @@ fn project_path(hook: &JobHook) -> Option<String> {
         return Some(path);
     }
     let homepage = hook.repository.as_ref()?.homepage.as_deref()?;
-    let after_scheme = homepage.split_once("://").map_or(homepage, |(_, rest)| rest);
+    let after_scheme = homepage
+        .split_once("://")
+        .map_or(homepage, |(_, rest)| rest);
     let (_, path) = after_scheme.split_once('/')?;
     let path = path.trim_matches('/');
     (!path.is_empty()).then(|| path.to_owned())

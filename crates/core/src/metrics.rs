@@ -35,7 +35,10 @@ mod tests {
         let v: Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["HooksDeadLettered"], 1);
         assert_eq!(v["Function"], "webhook");
-        assert_eq!(v["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"], "HooksDeadLettered");
+        assert_eq!(
+            v["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Name"],
+            "HooksDeadLettered"
+        );
         assert_eq!(v["_aws"]["Timestamp"], 42);
     }
 }

@@ -88,12 +88,18 @@ impl RecordingSink {
 impl EventSink for RecordingSink {
     async fn put_job_event(&self, event: &JobEvent) -> Result<(), PortError> {
         self.injected_failure()?;
-        self.job_events.lock().expect("sink lock").push(event.clone());
+        self.job_events
+            .lock()
+            .expect("sink lock")
+            .push(event.clone());
         Ok(())
     }
     async fn put_dead_letter(&self, letter: &DeadLetter) -> Result<(), PortError> {
         self.injected_failure()?;
-        self.dead_letters.lock().expect("sink lock").push(letter.clone());
+        self.dead_letters
+            .lock()
+            .expect("sink lock")
+            .push(letter.clone());
         Ok(())
     }
 }

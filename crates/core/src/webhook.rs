@@ -417,8 +417,7 @@ pub async fn deliver<L: DeliveryLedger, S: EventSink>(
         Assessment::Ignored { reason, .. } => Outcome::Ignored(reason.clone()),
         // Dead letters are not deduplicated: two copies of a broken body in the queue cost
         // nothing, while a dedup record without a letter would lose it.
-        Assessment::Unusable { dead_letter, .. } => match sink.put_dead_letter(dead_letter).await
-        {
+        Assessment::Unusable { dead_letter, .. } => match sink.put_dead_letter(dead_letter).await {
             Ok(()) => Outcome::DeadLettered(dead_letter.reason.clone()),
             Err(e) => Outcome::Failed(format!("could not keep the dead letter: {e}")),
         },

@@ -14,7 +14,10 @@ fn fixtures() -> Vec<(String, Value)> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .map(|p| {
             let text = std::fs::read_to_string(&p).unwrap();
-            (p.file_name().unwrap().to_string_lossy().into_owned(), serde_json::from_str(&text).unwrap())
+            (
+                p.file_name().unwrap().to_string_lossy().into_owned(),
+                serde_json::from_str(&text).unwrap(),
+            )
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
@@ -30,26 +33,55 @@ fn slim(raw: &Value) -> JobEvent {
 /// Every value the event carries equals the one in the raw payload.
 fn assert_faithful(name: &str, raw: &Value, ev: &JobEvent) {
     assert_eq!(Some(ev.job_id), raw["build_id"].as_u64(), "{name}: job id");
-    assert_eq!(Some(ev.job_name.as_str()), raw["build_name"].as_str(), "{name}: name");
-    assert_eq!(ev.stage.as_deref(), raw["build_stage"].as_str(), "{name}: stage");
-    assert_eq!(Some(ev.status.as_str()), raw["build_status"].as_str(), "{name}: status");
-    assert_eq!(Some(ev.project_id), raw["project_id"].as_u64(), "{name}: project");
-    assert_eq!(ev.pipeline_id, raw["pipeline_id"].as_u64(), "{name}: pipeline");
+    assert_eq!(
+        Some(ev.job_name.as_str()),
+        raw["build_name"].as_str(),
+        "{name}: name"
+    );
+    assert_eq!(
+        ev.stage.as_deref(),
+        raw["build_stage"].as_str(),
+        "{name}: stage"
+    );
+    assert_eq!(
+        Some(ev.status.as_str()),
+        raw["build_status"].as_str(),
+        "{name}: status"
+    );
+    assert_eq!(
+        Some(ev.project_id),
+        raw["project_id"].as_u64(),
+        "{name}: project"
+    );
+    assert_eq!(
+        ev.pipeline_id,
+        raw["pipeline_id"].as_u64(),
+        "{name}: pipeline"
+    );
     assert_eq!(ev.git_ref.as_deref(), raw["ref"].as_str(), "{name}: ref");
-    assert_eq!(u64::from(ev.retries), raw["retries_count"].as_u64().unwrap_or(0), "{name}: retries");
+    assert_eq!(
+        u64::from(ev.retries),
+        raw["retries_count"].as_u64().unwrap_or(0),
+        "{name}: retries"
+    );
     match (&ev.runner, &raw["runner"]) {
         (None, Value::Null) => {}
         (Some(r), Value::Object(o)) => {
             assert_eq!(Some(r.id), o["id"].as_u64(), "{name}: runner id");
-            let tags: Vec<&str> = o.get("tags").and_then(Value::as_array).map_or(vec![], |t| {
-                t.iter().filter_map(Value::as_str).collect()
-            });
+            let tags: Vec<&str> = o
+                .get("tags")
+                .and_then(Value::as_array)
+                .map_or(vec![], |t| t.iter().filter_map(Value::as_str).collect());
             assert_eq!(r.tags, tags, "{name}: runner tags");
         }
         (ours, theirs) => panic!("{name}: runner {ours:?} vs {theirs}"),
     }
     if let Some(path) = raw["project"]["path_with_namespace"].as_str() {
-        assert_eq!(ev.project_path.as_deref(), Some(path), "{name}: project path");
+        assert_eq!(
+            ev.project_path.as_deref(),
+            Some(path),
+            "{name}: project path"
+        );
     }
 }
 
@@ -61,11 +93,20 @@ fn assert_no_personal_data(name: &str, raw: &Value, ev: &JobEvent) {
     if let Some(path) = &ev.project_path {
         forwarded = forwarded.replace(path.as_str(), "<project path>");
     }
-    for pointer in ["/user/email", "/user/name", "/user/username", "/commit/author_email", "/commit/author_name"] {
+    for pointer in [
+        "/user/email",
+        "/user/name",
+        "/user/username",
+        "/commit/author_email",
+        "/commit/author_name",
+    ] {
         if let Some(value) = raw.pointer(pointer).and_then(Value::as_str)
             && value.len() > 3
         {
-            assert!(!forwarded.contains(value), "{name}: {pointer} leaked into the event");
+            assert!(
+                !forwarded.contains(value),
+                "{name}: {pointer} leaked into the event"
+            );
         }
     }
     assert!(!forwarded.contains("\"user\""), "{name}");
@@ -97,7 +138,10 @@ fn runner_null_and_user_null_are_accepted() {
 fn unknown_extra_fields_are_ignored() {
     for (name, mut raw) in fixtures() {
         let obj = raw.as_object_mut().unwrap();
-        obj.insert("field_from_gitlab_99".into(), serde_json::json!({"nested": [1, 2, {"x": null}]}));
+        obj.insert(
+            "field_from_gitlab_99".into(),
+            serde_json::json!({"nested": [1, 2, {"x": null}]}),
+        );
         obj.insert("build_new_flag".into(), true.into());
         if let Some(Value::Object(runner)) = obj.get_mut("runner") {
             runner.insert("maintenance_note".into(), "new in some version".into());
@@ -111,9 +155,13 @@ fn unknown_extra_fields_are_ignored() {
 fn wrong_types_are_unusable_with_the_field_named() {
     let (_, mut raw) = fixtures().remove(0);
     raw["build_id"] = "not a number".into();
-    let err = parse_job_hook(&serde_json::to_vec(&raw).unwrap()).unwrap_err().to_string();
+    let err = parse_job_hook(&serde_json::to_vec(&raw).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("invalid type"), "{err}");
     raw.as_object_mut().unwrap().remove("build_id");
-    let err = parse_job_hook(&serde_json::to_vec(&raw).unwrap()).unwrap_err().to_string();
+    let err = parse_job_hook(&serde_json::to_vec(&raw).unwrap())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("missing field `build_id`"), "{err}");
 }

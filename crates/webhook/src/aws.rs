@@ -25,11 +25,17 @@ where
 }
 
 /// Reads the secret token and signing token parameters (SecureString) in one call.
+///
+/// A parameter the authentication mode requires must exist. With mode `either`, one of the
+/// two may be missing (an operator who only uses the secret token need not create the
+/// signing token parameter); that is logged, and at least one must exist.
 #[derive(Debug, Clone)]
 pub struct SsmSecrets {
     pub client: aws_sdk_ssm::Client,
     pub token_parameter: Option<String>,
     pub signing_parameter: Option<String>,
+    pub token_required: bool,
+    pub signing_required: bool,
 }
 
 impl SecretSource for SsmSecrets {
@@ -47,11 +53,21 @@ impl SecretSource for SsmSecrets {
             .send()
             .await
             .map_err(|e| port_error("reading webhook secrets from SSM", e))?;
-        if !out.invalid_parameters().is_empty() {
+        let missing = out.invalid_parameters();
+        let is_missing = |name: &Option<String>| name.as_ref().is_some_and(|n| missing.contains(n));
+        let required_missing = (self.token_required && is_missing(&self.token_parameter))
+            || (self.signing_required && is_missing(&self.signing_parameter));
+        if required_missing || out.parameters().is_empty() {
             return Err(PortError(format!(
                 "SSM parameter(s) not found: {}; create them as SecureString (see README, \"Parameters\")",
-                out.invalid_parameters().join(", ")
+                missing.join(", ")
             )));
+        }
+        for name in missing {
+            tracing::warn!(
+                parameter = %name,
+                "SSM parameter not found; only the other authentication method can succeed"
+            );
         }
         let value_of = |name: &Option<String>| -> Option<&str> {
             let name = name.as_deref()?;
@@ -187,7 +203,12 @@ impl DeliveryLedger for DynamoLedger {
         match result {
             Ok(_) => Ok(()),
             // Someone else finished it meanwhile: nothing to release.
-            Err(e) if e.as_service_error().is_some_and(|e| e.is_conditional_check_failed_exception()) => Ok(()),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(())
+            }
             Err(e) => Err(port_error("releasing the delivery claim", e)),
         }
     }

@@ -26,23 +26,28 @@ impl WebhookConfig {
 
     /// Same as [`Self::from_env`] over any lookup, so tests need not touch the process env.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let non_empty = |name: &str| get(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        let required = |name: &str| {
-            non_empty(name).ok_or_else(|| ConfigError(format!("{name} is not set")))
+        let non_empty = |name: &str| {
+            get(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
         };
+        let required =
+            |name: &str| non_empty(name).ok_or_else(|| ConfigError(format!("{name} is not set")));
         let number = |name: &str, default: u64| -> Result<u64, ConfigError> {
             match non_empty(name) {
                 None => Ok(default),
-                Some(v) => v.parse().map_err(|_| {
-                    ConfigError(format!("{name}=`{v}` is not a whole number"))
-                }),
+                Some(v) => v
+                    .parse()
+                    .map_err(|_| ConfigError(format!("{name}=`{v}` is not a whole number"))),
             }
         };
 
         let defaults = WebhookPolicy::default();
         let auth_mode: AuthMode = match non_empty("AUTH_MODE") {
             None => defaults.auth_mode,
-            Some(v) => v.parse().map_err(|e| ConfigError(format!("AUTH_MODE: {e}")))?,
+            Some(v) => v
+                .parse()
+                .map_err(|e| ConfigError(format!("AUTH_MODE: {e}")))?,
         };
         let secret_token_parameter = non_empty("SECRET_TOKEN_PARAMETER");
         let signing_token_parameter = non_empty("SIGNING_TOKEN_PARAMETER");
@@ -64,8 +69,10 @@ impl WebhookConfig {
 
         let dedup_defaults = DedupSettings::default();
         let max_body_bytes = number("MAX_BODY_BYTES", defaults.max_body_bytes as u64)?;
-        let dead_letter_body_bytes =
-            number("DEAD_LETTER_BODY_BYTES", defaults.dead_letter_body_bytes as u64)?;
+        let dead_letter_body_bytes = number(
+            "DEAD_LETTER_BODY_BYTES",
+            defaults.dead_letter_body_bytes as u64,
+        )?;
         Ok(Self {
             event_bus_name: required("EVENT_BUS_NAME")?,
             dedup_table_name: required("DEDUP_TABLE_NAME")?,
@@ -96,8 +103,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn config(pairs: &[(&str, &str)]) -> Result<WebhookConfig, ConfigError> {
-        let map: HashMap<String, String> =
-            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         WebhookConfig::from_lookup(|k| map.get(k).cloned())
     }
 
@@ -105,7 +114,9 @@ mod tests {
 
     #[test]
     fn errors_name_the_variable() {
-        let err = config(&[("EVENT_BUS_NAME", "bus")]).unwrap_err().to_string();
+        let err = config(&[("EVENT_BUS_NAME", "bus")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("SECRET_TOKEN_PARAMETER"), "{err}");
         let mut pairs = BASE.to_vec();
         pairs.extend([("AUTH_MODE", "both"), ("SECRET_TOKEN_PARAMETER", "/p")]);

@@ -37,6 +37,7 @@ pub type AwsWebhook = Webhook<DynamoLedger, EventBridgeSink, SsmSecrets>;
 
 impl AwsWebhook {
     pub fn from_config(config: WebhookConfig, sdk: &aws_config::SdkConfig) -> Self {
+        let mode = config.policy.auth_mode;
         Webhook {
             policy: config.policy,
             dedup: config.dedup,
@@ -53,6 +54,8 @@ impl AwsWebhook {
                     client: aws_sdk_ssm::Client::new(sdk),
                     token_parameter: config.secret_token_parameter,
                     signing_parameter: config.signing_token_parameter,
+                    token_required: mode.needs_tokens(),
+                    signing_required: mode.needs_signing_keys(),
                 },
                 config.secrets_ttl_seconds.saturating_mul(1000),
             ),
@@ -117,7 +120,10 @@ impl<L: DeliveryLedger, S: EventSink, C: SecretSource> Webhook<L, S, C> {
                 Ok(bytes) => bytes,
                 Err(_) => {
                     // Only a broken gateway integration sends this; GitLab cannot cause it.
-                    tracing::error!(decision = "bad_encoding", "isBase64Encoded body is not base64");
+                    tracing::error!(
+                        decision = "bad_encoding",
+                        "isBase64Encoded body is not base64"
+                    );
                     return reply(400, "request body is not valid base64".into());
                 }
             },
@@ -146,7 +152,8 @@ impl<L: DeliveryLedger, S: EventSink, C: SecretSource> Webhook<L, S, C> {
                     tracing::warn!(error = %e, "could not refresh webhook secrets; using the last ones loaded");
                 }
                 let assessment = assess(&hook_request, &self.policy, &lookup.secrets, now_ms);
-                let outcome = deliver(&assessment, &self.ledger, &self.sink, self.dedup, now_ms).await;
+                let outcome =
+                    deliver(&assessment, &self.ledger, &self.sink, self.dedup, now_ms).await;
                 log_outcome(Some(&assessment), &outcome);
                 outcome
             }
@@ -164,7 +171,9 @@ fn log_outcome(assessment: Option<&Assessment>, outcome: &Outcome) {
         _ => None,
     };
     let delivery_id = assessment.and_then(Assessment::delivery_id);
-    let auth = assessment.and_then(Assessment::auth_method).map(|m| m.as_str());
+    let auth = assessment
+        .and_then(Assessment::auth_method)
+        .map(|m| m.as_str());
     let project_id = event.map(|e| e.project_id);
     let pipeline_id = event.and_then(|e| e.pipeline_id);
     let job_id = event.map(|e| e.job_id);
@@ -185,7 +194,14 @@ fn log_outcome(assessment: Option<&Assessment>, outcome: &Outcome) {
             tracing::info!(decision, reason = %why, delivery_id, auth, "hook ignored")
         }
         Outcome::Forwarded | Outcome::Duplicate | Outcome::InFlight => tracing::info!(
-            decision, delivery_id, auth, project_id, pipeline_id, job_id, job_status, "job hook"
+            decision,
+            delivery_id,
+            auth,
+            project_id,
+            pipeline_id,
+            job_id,
+            job_status,
+            "job hook"
         ),
     }
 }

@@ -1,6 +1,6 @@
 use lambda_runtime::{LambdaEvent, service_fn};
-use webhook::config::WebhookConfig;
 use webhook::AwsWebhook;
+use webhook::config::WebhookConfig;
 
 use aws_lambda_events::apigw::ApiGatewayV2httpRequest;
 

@@ -19,7 +19,11 @@ type Fuzzed = Webhook<InMemoryLedger, RecordingSink, StaticSecrets>;
 
 fn webhook(mode: AuthMode) -> Fuzzed {
     Webhook {
-        policy: WebhookPolicy { auth_mode: mode, max_body_bytes: 4096, ..Default::default() },
+        policy: WebhookPolicy {
+            auth_mode: mode,
+            max_body_bytes: 4096,
+            ..Default::default()
+        },
         dedup: DedupSettings::default(),
         ledger: InMemoryLedger::default(),
         sink: RecordingSink::default(),
@@ -59,10 +63,16 @@ fn header_value() -> impl Strategy<Value = Vec<u8>> {
 /// Bodies: random bytes, and real payloads with random bytes spliced in (so the parser is
 /// exercised past its first character).
 fn body() -> impl Strategy<Value = Vec<u8>> {
-    let real = include_str!("../../core/tests/fixtures/job_hooks/go-gitlab-job.json").as_bytes().to_vec();
+    let real = include_str!("../../core/tests/fixtures/job_hooks/go-gitlab-job.json")
+        .as_bytes()
+        .to_vec();
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..600),
-        (any::<prop::sample::Index>(), proptest::collection::vec(any::<u8>(), 0..8), any::<prop::sample::Index>())
+        (
+            any::<prop::sample::Index>(),
+            proptest::collection::vec(any::<u8>(), 0..8),
+            any::<prop::sample::Index>()
+        )
             .prop_map(move |(at, splice, cut)| {
                 let mut b = real.clone();
                 let at = at.index(b.len());
@@ -78,7 +88,10 @@ fn request(headers: &[(String, Vec<u8>)], body: &[u8], as_base64: bool) -> ApiGa
     let mut r = ApiGatewayV2httpRequest::default();
     for (name, value) in headers {
         // Only what HTTP can carry reaches Lambda: skip values the http crate refuses.
-        if let (Ok(n), Ok(v)) = (HeaderName::try_from(name.as_str()), HeaderValue::from_bytes(value)) {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::try_from(name.as_str()),
+            HeaderValue::from_bytes(value),
+        ) {
             r.headers.append(n, v);
         }
     }
@@ -127,5 +140,8 @@ fn bad_base64_from_the_gateway_is_400_not_a_panic() {
     let mut r = ApiGatewayV2httpRequest::default();
     r.body = Some("***".into());
     r.is_base64_encoded = true;
-    assert_eq!(block_on(webhook(AuthMode::Token).handle_at(r, NOW_MS)).status_code, 400);
+    assert_eq!(
+        block_on(webhook(AuthMode::Token).handle_at(r, NOW_MS)).status_code,
+        400
+    );
 }

@@ -26,7 +26,9 @@ pub fn workspace_root() -> PathBuf {
 pub fn tools_venv() -> PathBuf {
     std::env::var_os("EPHEMERAL_TOOLS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/ephemeral-runners/tools"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var("HOME").unwrap()).join(".cache/ephemeral-runners/tools")
+        })
         .join("venv")
 }
 
@@ -41,7 +43,11 @@ pub fn tool(name: &str) -> PathBuf {
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn start_private_moto() -> String {
@@ -73,7 +79,10 @@ fn wait_ready(endpoint: &str) {
     while Instant::now() < deadline {
         if let Ok(mut s) = std::net::TcpStream::connect(addr) {
             use std::io::Write as _;
-            let _ = write!(s, "GET /moto-api/data.json HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+            let _ = write!(
+                s,
+                "GET /moto-api/data.json HTTP/1.0\r\nHost: {addr}\r\n\r\n"
+            );
             let mut head = [0u8; 12];
             if s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.") {
                 return;
@@ -111,7 +120,11 @@ pub fn sdk_config() -> SdkConfig {
 /// A name no other test in this run uses, so tests share one moto server safely.
 pub fn unique(prefix: &str) -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}-{}-{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::SeqCst)
+    )
 }
 
 /// What the template creates for the webhook, plus a queue that sees everything on the bus.
@@ -124,7 +137,11 @@ pub struct WebhookStack {
     pub observer_queue_url: String,
 }
 
-pub async fn create_webhook_stack(sdk: &SdkConfig, tokens: &str, signing_tokens: &str) -> WebhookStack {
+pub async fn create_webhook_stack(
+    sdk: &SdkConfig,
+    tokens: &str,
+    signing_tokens: &str,
+) -> WebhookStack {
     let events = aws_sdk_eventbridge::Client::new(sdk);
     let dynamo = aws_sdk_dynamodb::Client::new(sdk);
     let ssm = aws_sdk_ssm::Client::new(sdk);
@@ -172,7 +189,10 @@ pub async fn create_webhook_stack(sdk: &SdkConfig, tokens: &str, signing_tokens:
     let prefix = format!("/{}", unique("ephemeral-runners"));
     let token_parameter = format!("{prefix}/secret-token");
     let signing_parameter = format!("{prefix}/signing-token");
-    for (name, value) in [(&token_parameter, tokens), (&signing_parameter, signing_tokens)] {
+    for (name, value) in [
+        (&token_parameter, tokens),
+        (&signing_parameter, signing_tokens),
+    ] {
         ssm.put_parameter()
             .name(name)
             .value(value)
@@ -183,7 +203,14 @@ pub async fn create_webhook_stack(sdk: &SdkConfig, tokens: &str, signing_tokens:
     }
 
     let queue = unique("observer");
-    let queue_url = sqs.create_queue().queue_name(&queue).send().await.unwrap().queue_url.unwrap();
+    let queue_url = sqs
+        .create_queue()
+        .queue_name(&queue)
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
     let queue_arn = format!("arn:aws:sqs:us-east-1:123456789012:{queue}");
     let rule = unique("observe-all");
     events
@@ -220,7 +247,12 @@ pub async fn create_webhook_stack(sdk: &SdkConfig, tokens: &str, signing_tokens:
 
 /// Every EventBridge envelope that reached the observer queue, waiting up to `wait` for at
 /// least `at_least` of them and then a little longer for stragglers.
-pub async fn bus_events(sdk: &SdkConfig, stack: &WebhookStack, at_least: usize, wait: Duration) -> Vec<serde_json::Value> {
+pub async fn bus_events(
+    sdk: &SdkConfig,
+    stack: &WebhookStack,
+    at_least: usize,
+    wait: Duration,
+) -> Vec<serde_json::Value> {
     let sqs = aws_sdk_sqs::Client::new(sdk);
     let mut out = Vec::new();
     let deadline = Instant::now() + wait;
@@ -266,7 +298,10 @@ pub fn webhook_config(stack: &WebhookStack, auth_mode: &str) -> webhook::config:
         ("AUTH_MODE", auth_mode.to_owned()),
     ];
     webhook::config::WebhookConfig::from_lookup(|k| {
-        pairs.iter().find(|(name, _)| *name == k).map(|(_, v)| v.clone())
+        pairs
+            .iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.clone())
     })
     .unwrap()
 }
@@ -305,22 +340,37 @@ print(json.dumps(out))
     {
         use std::io::Write as _;
         let input = serde_json::Value::from(requests.to_vec()).to_string();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
     }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "standardwebhooks failed");
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
-pub fn reference_signature(signing_token: &str, msg_id: &str, timestamp: i64, body: &str) -> String {
+pub fn reference_signature(
+    signing_token: &str,
+    msg_id: &str,
+    timestamp: i64,
+    body: &str,
+) -> String {
     let request = serde_json::json!({"op": "sign", "key": signing_token, "id": msg_id, "ts": timestamp, "body": body});
     reference_webhooks(&[request]).remove(0)
 }
 
 /// An API Gateway HTTP API (payload v2) request as Lambda delivers it to the webhook.
-pub fn api_request(headers: &[(&str, &str)], body: &str) -> aws_lambda_events::apigw::ApiGatewayV2httpRequest {
-    let header_map: serde_json::Map<String, serde_json::Value> =
-        headers.iter().map(|(k, v)| (k.to_ascii_lowercase(), serde_json::Value::from(*v))).collect();
+pub fn api_request(
+    headers: &[(&str, &str)],
+    body: &str,
+) -> aws_lambda_events::apigw::ApiGatewayV2httpRequest {
+    let header_map: serde_json::Map<String, serde_json::Value> = headers
+        .iter()
+        .map(|(k, v)| (k.to_ascii_lowercase(), serde_json::Value::from(*v)))
+        .collect();
     let envelope = serde_json::json!({
         "version": "2.0",
         "routeKey": "POST /webhook",
@@ -346,5 +396,10 @@ pub fn api_request(headers: &[(&str, &str)], body: &str) -> aws_lambda_events::a
 }
 
 pub fn fixture(name: &str) -> String {
-    std::fs::read_to_string(workspace_root().join("crates/core/tests/fixtures/job_hooks").join(name)).unwrap()
+    std::fs::read_to_string(
+        workspace_root()
+            .join("crates/core/tests/fixtures/job_hooks")
+            .join(name),
+    )
+    .unwrap()
 }

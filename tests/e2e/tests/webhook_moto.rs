@@ -10,7 +10,10 @@ const SIGNING: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const TOKENS: &str = "old-token\nnew-token";
 
 fn now_s() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 fn body_text(r: &aws_lambda_events::apigw::ApiGatewayV2httpResponse) -> String {
@@ -59,16 +62,27 @@ async fn signed_hook_lands_on_the_bus_once_and_slim() {
     assert_eq!(detail["job_name"], raw["build_name"]);
     assert_eq!(detail["status"], raw["build_status"]);
     assert_eq!(detail["project_id"], raw["project_id"]);
-    assert_eq!(detail["project_path"], raw["project"]["path_with_namespace"]);
+    assert_eq!(
+        detail["project_path"],
+        raw["project"]["path_with_namespace"]
+    );
     assert_eq!(detail["pipeline_id"], raw["pipeline_id"]);
     assert_eq!(detail["runner"]["id"], raw["runner"]["id"]);
     assert_eq!(detail["runner"]["tags"], raw["runner"]["tags"]);
     let detail_text = detail.to_string();
     for personal in ["user", "commit", "author", "email"] {
-        assert!(!detail_text.contains(personal), "`{personal}` in {detail_text}");
+        assert!(
+            !detail_text.contains(personal),
+            "`{personal}` in {detail_text}"
+        );
     }
     // The slim event is a fraction of the hook.
-    assert!(detail_text.len() * 2 < body.len(), "{} vs {}", detail_text.len(), body.len());
+    assert!(
+        detail_text.len() * 2 < body.len(),
+        "{} vs {}",
+        detail_text.len(),
+        body.len()
+    );
 }
 
 #[tokio::test]
@@ -77,10 +91,18 @@ async fn rotation_tokens_both_work_and_wrong_token_is_401() {
     let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
     let webhook = AwsWebhook::from_config(webhook_config(&stack, "token"), &sdk);
     let body = fixture("go-gitlab-job.json");
-    for (token, key, status) in [("old-token", "k1", 202), ("new-token", "k2", 202), ("newer-token", "k3", 401)] {
+    for (token, key, status) in [
+        ("old-token", "k1", 202),
+        ("new-token", "k2", 202),
+        ("newer-token", "k3", 401),
+    ] {
         let r = webhook
             .handle(api_request(
-                &[("X-Gitlab-Token", token), ("X-Gitlab-Event", "Job Hook"), ("Idempotency-Key", key)],
+                &[
+                    ("X-Gitlab-Token", token),
+                    ("X-Gitlab-Event", "Job Hook"),
+                    ("Idempotency-Key", key),
+                ],
                 &body,
             ))
             .await;
@@ -98,18 +120,34 @@ async fn unusable_hook_is_dead_lettered_on_the_bus_and_answered_2xx() {
     let sdk = sdk_config();
     let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
     let webhook = AwsWebhook::from_config(webhook_config(&stack, "token"), &sdk);
-    let broken = r#"{"object_kind":"build","build_name":"x","build_status":"pending","project_id":1}"#;
+    let broken =
+        r#"{"object_kind":"build","build_name":"x","build_status":"pending","project_id":1}"#;
     let r = webhook
-        .handle(api_request(&[("X-Gitlab-Token", "new-token"), ("X-Gitlab-Event", "Job Hook")], broken))
+        .handle(api_request(
+            &[
+                ("X-Gitlab-Token", "new-token"),
+                ("X-Gitlab-Event", "Job Hook"),
+            ],
+            broken,
+        ))
         .await;
     assert_eq!(r.status_code, 202);
-    assert!(body_text(&r).contains("missing field `build_id`"), "{}", body_text(&r));
+    assert!(
+        body_text(&r).contains("missing field `build_id`"),
+        "{}",
+        body_text(&r)
+    );
 
     let events = bus_events(&sdk, &stack, 1, Duration::from_secs(10)).await;
     assert_eq!(events.len(), 1);
     assert_eq!(events[0]["detail-type"], "GitLab Hook Dead Letter");
     assert_eq!(events[0]["detail"]["body"], broken);
-    assert!(events[0]["detail"]["reason"].as_str().unwrap().contains("build_id"));
+    assert!(
+        events[0]["detail"]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("build_id")
+    );
 }
 
 #[tokio::test]
@@ -117,7 +155,11 @@ async fn our_failures_are_5xx_so_gitlab_retries_and_nothing_is_lost() {
     let sdk = sdk_config();
     let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
     let body = fixture("go-gitlab-job.json");
-    let headers = [("X-Gitlab-Token", "new-token"), ("X-Gitlab-Event", "Job Hook"), ("Idempotency-Key", "retry-me")];
+    let headers = [
+        ("X-Gitlab-Token", "new-token"),
+        ("X-Gitlab-Event", "Job Hook"),
+        ("Idempotency-Key", "retry-me"),
+    ];
 
     // The bus does not exist (deleted, or EventBridge unavailable): 503.
     let mut config = webhook_config(&stack, "token");
@@ -130,18 +172,79 @@ async fn our_failures_are_5xx_so_gitlab_retries_and_nothing_is_lost() {
     let mut config = webhook_config(&stack, "token");
     config.dedup_table_name = unique("missing-table");
     let broken_table = AwsWebhook::from_config(config, &sdk);
-    assert_eq!(broken_table.handle(api_request(&headers, &body)).await.status_code, 503);
+    assert_eq!(
+        broken_table
+            .handle(api_request(&headers, &body))
+            .await
+            .status_code,
+        503
+    );
 
     // The secret parameter does not exist: 503, not 401 (GitLab must not disable the hook).
     let mut config = webhook_config(&stack, "token");
     config.secret_token_parameter = Some("/does/not/exist".into());
     let no_secret = AwsWebhook::from_config(config, &sdk);
-    assert_eq!(no_secret.handle(api_request(&headers, &body)).await.status_code, 503);
+    assert_eq!(
+        no_secret
+            .handle(api_request(&headers, &body))
+            .await
+            .status_code,
+        503
+    );
 
     // GitLab's retry reaches a healthy function: the claim made before the bus failure was
     // released, so the event is forwarded now, exactly once.
     let healthy = AwsWebhook::from_config(webhook_config(&stack, "token"), &sdk);
-    assert_eq!(healthy.handle(api_request(&headers, &body)).await.status_code, 202);
+    assert_eq!(
+        healthy
+            .handle(api_request(&headers, &body))
+            .await
+            .status_code,
+        202
+    );
     let events = bus_events(&sdk, &stack, 1, Duration::from_secs(10)).await;
     assert_eq!(events.len(), 1);
+}
+
+#[tokio::test]
+async fn either_mode_works_with_only_the_token_parameter_created() {
+    let sdk = sdk_config();
+    let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
+    let body = fixture("go-gitlab-job.json");
+    let headers = [
+        ("X-Gitlab-Token", "new-token"),
+        ("X-Gitlab-Event", "Job Hook"),
+        ("Idempotency-Key", "only-token"),
+    ];
+
+    // The operator never created the signing token parameter: fine with `either`...
+    let mut config = webhook_config(&stack, "either");
+    config.signing_token_parameter = Some("/never/created".into());
+    let either = AwsWebhook::from_config(config, &sdk);
+    assert_eq!(
+        either
+            .handle(api_request(&headers, &body))
+            .await
+            .status_code,
+        202
+    );
+
+    // ...but `both` requires it: 503 (our misconfiguration), never 401.
+    let mut config = webhook_config(&stack, "both");
+    config.signing_token_parameter = Some("/never/created".into());
+    let both = AwsWebhook::from_config(config, &sdk);
+    assert_eq!(
+        both.handle(api_request(&headers, &body)).await.status_code,
+        503
+    );
+
+    // And with neither parameter present, `either` cannot authenticate anything: 503.
+    let mut config = webhook_config(&stack, "either");
+    config.signing_token_parameter = Some("/never/created".into());
+    config.secret_token_parameter = Some("/never/created/either".into());
+    let none = AwsWebhook::from_config(config, &sdk);
+    assert_eq!(
+        none.handle(api_request(&headers, &body)).await.status_code,
+        503
+    );
 }
