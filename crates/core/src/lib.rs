@@ -4,6 +4,8 @@
 
 pub mod auth;
 pub mod hook;
+pub mod jobs;
+pub mod mapping;
 pub mod metrics;
 pub mod secrets;
 pub mod testing;

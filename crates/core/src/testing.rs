@@ -135,3 +135,139 @@ impl crate::secrets::SecretSource for StaticSecrets {
         Ok(self.0.clone())
     }
 }
+
+/// The jobs table's conditional moves over a `HashMap`.
+#[derive(Debug, Default)]
+pub struct InMemoryJobs {
+    phases: Mutex<HashMap<String, crate::jobs::JobPhase>>,
+}
+
+impl InMemoryJobs {
+    pub fn phase(&self, key: crate::jobs::JobKey) -> Option<crate::jobs::JobPhase> {
+        self.phases
+            .lock()
+            .expect("jobs lock")
+            .get(&key.table_key())
+            .copied()
+    }
+}
+
+impl crate::jobs::JobStore for InMemoryJobs {
+    async fn advance(
+        &self,
+        key: crate::jobs::JobKey,
+        to: crate::jobs::JobPhase,
+        _event: &JobEvent,
+        _now_ms: u64,
+    ) -> Result<crate::jobs::Advance, PortError> {
+        let mut phases = self.phases.lock().expect("jobs lock");
+        let entry = phases.get(&key.table_key()).copied();
+        match entry {
+            Some(current) if current >= to => Ok(crate::jobs::Advance::AlreadyAt(current)),
+            from => {
+                phases.insert(key.table_key(), to);
+                Ok(crate::jobs::Advance::Moved { from })
+            }
+        }
+    }
+}
+
+/// Step Functions' name semantics: a second start with the same name is the same execution.
+#[derive(Debug, Default)]
+pub struct RecordingWorkflows {
+    executions: Mutex<HashMap<String, crate::jobs::WorkflowInput>>,
+    starts: AtomicUsize,
+}
+
+impl RecordingWorkflows {
+    /// Execution names started, each once.
+    pub fn executions(&self) -> Vec<String> {
+        let mut names: Vec<_> = self
+            .executions
+            .lock()
+            .expect("wf lock")
+            .keys()
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+    /// Start calls, counting repeats.
+    pub fn start_calls(&self) -> usize {
+        self.starts.load(Ordering::SeqCst)
+    }
+}
+
+impl crate::jobs::Workflows for RecordingWorkflows {
+    async fn start(
+        &self,
+        _workflow: crate::jobs::Workflow,
+        execution_name: &str,
+        input: &crate::jobs::WorkflowInput,
+    ) -> Result<crate::jobs::Started, PortError> {
+        self.starts.fetch_add(1, Ordering::SeqCst);
+        let mut executions = self.executions.lock().expect("wf lock");
+        if executions.contains_key(execution_name) {
+            return Ok(crate::jobs::Started::AlreadyExists);
+        }
+        executions.insert(execution_name.to_owned(), input.clone());
+        Ok(crate::jobs::Started::New)
+    }
+}
+
+/// A small deterministic generator for shuffles and choices in tests and benchmarks, so a
+/// failure reproduces from its seed.
+#[derive(Debug, Clone)]
+pub struct XorShift(pub u64);
+
+impl XorShift {
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0.max(1);
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+    pub fn shuffle<T>(&mut self, items: &mut [T]) {
+        for i in (1..items.len()).rev() {
+            items.swap(i, self.below(i + 1));
+        }
+    }
+}
+
+/// A minimal job event for tests: `job_id` in project 1 with the given status.
+pub fn job_event(
+    project_id: u64,
+    job_id: u64,
+    name: &str,
+    status: crate::hook::JobStatus,
+) -> JobEvent {
+    JobEvent {
+        schema: crate::hook::JOB_EVENT_SCHEMA,
+        delivery_id: format!("d-{project_id}-{job_id}-{status}"),
+        received_at_ms: 0,
+        job_id,
+        job_name: name.to_owned(),
+        stage: Some("test".into()),
+        status,
+        failure_reason: None,
+        allow_failure: None,
+        retries: 0,
+        project_id,
+        project_path: Some(format!("group/project-{project_id}")),
+        pipeline_id: Some(1),
+        git_ref: Some("main".into()),
+        tag: Some(false),
+        sha: None,
+        runner: None,
+        created_at: None,
+        started_at: None,
+        finished_at: None,
+        duration_s: None,
+        queued_duration_s: None,
+    }
+}

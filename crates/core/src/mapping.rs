@@ -1,0 +1,672 @@
+//! The mapping table: which executor runs a job.
+//!
+//! Items written by existing users' scripts keep working as they are (the seed format):
+//! `pk = job#<job name>`, `sk = tags#<t1>#<t2>...`, `type` `LAMBDA`|`EC2`, `arn` for `LAMBDA`.
+//! Additions leave those items valid:
+//! - `pk = job#*` matches any job name (a tag- or project-based rule);
+//! - `sk = project#<project id or path>#tags#...` scopes an item to one project; it wins over
+//!   global items;
+//! - EC2 settings per route: `instance_type`, `ami` (`ami-...` or `ssm:<parameter>`), `market`
+//!   (`spot`|`on-demand`), `subnets` (list), `executor` (`shell`|`docker`).
+//!
+//! Decision order (first match wins), see [`decide`]:
+//! 1. exact job name, project-scoped; 2. exact job name, global;
+//! 3. any name (`job#*`), project-scoped; 4. any name, global; 5. the stack's default route.
+//!
+//! An item's tags must all be among the job's tags. When the job's tags are unknown (no GitLab
+//! API token, or GitLab failed), tags cannot be checked. Exact-name items then match whatever
+//! their tags are, in `sk` order: the seed's own behaviour, which took the first item of the
+//! name's partition. `job#*` items with tags then do not match. Within a level, the item with
+//! more tags wins (more specific), then the lower `sk`.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+/// Partition key of an item that matches any job name.
+pub const ANY_JOB: &str = "*";
+
+/// Where a job runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "UPPERCASE")]
+pub enum Executor {
+    /// The in-Lambda shell runner at `arn`.
+    Lambda { arn: String },
+    /// A per-job EC2 instance; unset settings take the stack's defaults.
+    Ec2(Ec2Settings),
+}
+
+impl Executor {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Lambda { .. } => "LAMBDA",
+            Self::Ec2(_) => "EC2",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ec2Settings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub instance_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ami: Option<AmiRef>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub market: Option<Market>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<RunnerExecutor>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AmiRef {
+    /// `ami-0123...`
+    Id(String),
+    /// An SSM parameter holding the AMI id (e.g. the public Amazon Linux ones).
+    SsmParameter(String),
+}
+
+impl AmiRef {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(name) = text
+            .strip_prefix("ssm:")
+            .or_else(|| text.strip_prefix("resolve:ssm:"))
+        {
+            if name.is_empty() {
+                return Err("`ssm:` needs a parameter name after it".into());
+            }
+            return Ok(Self::SsmParameter(name.to_owned()));
+        }
+        let hex = text.strip_prefix("ami-").unwrap_or_default();
+        if hex.len() >= 8 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(Self::Id(text.to_owned()));
+        }
+        Err(format!(
+            "`{text}` is neither an AMI id (ami-0123abcd...) nor ssm:<parameter name>"
+        ))
+    }
+
+    pub fn to_text(&self) -> String {
+        match self {
+            Self::Id(id) => id.clone(),
+            Self::SsmParameter(name) => format!("ssm:{name}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Market {
+    Spot,
+    OnDemand,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunnerExecutor {
+    Shell,
+    Docker,
+}
+
+/// Which project an item is scoped to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProjectScope {
+    Id(u64),
+    Path(String),
+}
+
+impl ProjectScope {
+    fn parse(text: &str) -> Self {
+        match text.parse() {
+            Ok(id) => Self::Id(id),
+            Err(_) => Self::Path(text.to_owned()),
+        }
+    }
+    fn to_text(&self) -> String {
+        match self {
+            Self::Id(id) => id.to_string(),
+            Self::Path(p) => p.clone(),
+        }
+    }
+    fn matches(&self, job: &JobFacts) -> bool {
+        match self {
+            Self::Id(id) => *id == job.project_id,
+            Self::Path(p) => job.project_path.as_deref() == Some(p.as_str()),
+        }
+    }
+}
+
+/// One mapping rule, parsed and validated from a table item or a registry entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rule {
+    /// Exact job name, or `*` for any.
+    pub job_name: String,
+    pub project: Option<ProjectScope>,
+    /// In the order written (the seed keeps order in the sort key).
+    pub tags: Vec<String>,
+    pub executor: Executor,
+    pub description: Option<String>,
+}
+
+impl Rule {
+    pub fn pk(&self) -> String {
+        format!("job#{}", self.job_name)
+    }
+
+    pub fn sk(&self) -> String {
+        let tags = if self.tags.is_empty() {
+            "tags#".to_owned()
+        } else {
+            format!("tags#{}", self.tags.join("#"))
+        };
+        match &self.project {
+            None => tags,
+            Some(scope) => format!("project#{}#{tags}", scope.to_text()),
+        }
+    }
+
+    /// The table item, attribute name to JSON value (S as string, L as array).
+    pub fn to_item(&self) -> Map<String, Value> {
+        let mut item = Map::new();
+        item.insert("pk".into(), self.pk().into());
+        item.insert("sk".into(), self.sk().into());
+        item.insert("type".into(), self.executor.kind().into());
+        match &self.executor {
+            Executor::Lambda { arn } => {
+                item.insert("arn".into(), arn.clone().into());
+            }
+            Executor::Ec2(s) => {
+                if let Some(t) = &s.instance_type {
+                    item.insert("instance_type".into(), t.clone().into());
+                }
+                if let Some(a) = &s.ami {
+                    item.insert("ami".into(), a.to_text().into());
+                }
+                if let Some(m) = s.market {
+                    item.insert(
+                        "market".into(),
+                        serde_json::to_value(m).expect("enum").into(),
+                    );
+                }
+                if !s.subnets.is_empty() {
+                    item.insert("subnets".into(), s.subnets.clone().into());
+                }
+                if let Some(e) = s.executor {
+                    item.insert(
+                        "executor".into(),
+                        serde_json::to_value(e).expect("enum").into(),
+                    );
+                }
+            }
+        }
+        if let Some(d) = &self.description {
+            item.insert("description".into(), d.clone().into());
+        }
+        item
+    }
+}
+
+/// Why an item or registry entry is not a valid rule. Names the field and says what to write.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {problem}")]
+pub struct RuleError {
+    pub field: &'static str,
+    pub problem: String,
+}
+
+fn err(field: &'static str, problem: impl Into<String>) -> RuleError {
+    RuleError {
+        field,
+        problem: problem.into(),
+    }
+}
+
+fn text<'a>(
+    item: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, RuleError> {
+    match item.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.as_str())),
+        Some(other) => Err(err(field, format!("must be a string, found {other}"))),
+    }
+}
+
+fn is_lambda_arn(arn: &str) -> bool {
+    let parts: Vec<&str> = arn.split(':').collect();
+    parts.len() >= 7
+        && parts[0] == "arn"
+        && parts[1].starts_with("aws")
+        && parts[2] == "lambda"
+        && parts[5] == "function"
+        && !parts[6].is_empty()
+}
+
+/// Attributes an item may have; others are reported by `validate` (likely typos).
+pub const KNOWN_ATTRIBUTES: [&str; 10] = [
+    "pk",
+    "sk",
+    "type",
+    "arn",
+    "instance_type",
+    "ami",
+    "market",
+    "subnets",
+    "executor",
+    "description",
+];
+
+fn executor_from(
+    kind: &str,
+    arn: Option<&str>,
+    instance_type: Option<&str>,
+    ami: Option<&str>,
+    market: Option<&str>,
+    subnets: Vec<String>,
+    executor: Option<&str>,
+) -> Result<Executor, RuleError> {
+    match kind {
+        "LAMBDA" => {
+            let arn = arn.ok_or_else(|| {
+                err(
+                    "arn",
+                    "required when type is LAMBDA: the shell-runner function's ARN",
+                )
+            })?;
+            if !is_lambda_arn(arn) {
+                return Err(err(
+                    "arn",
+                    format!(
+                        "`{arn}` is not a Lambda function ARN (arn:aws:lambda:REGION:ACCOUNT:function:NAME)"
+                    ),
+                ));
+            }
+            for (field, value) in [
+                ("instance_type", instance_type),
+                ("ami", ami),
+                ("market", market),
+            ] {
+                if value.is_some() {
+                    return Err(err(field, "only applies to type EC2"));
+                }
+            }
+            Ok(Executor::Lambda {
+                arn: arn.to_owned(),
+            })
+        }
+        "EC2" => {
+            if let Some(t) = instance_type
+                && (t.is_empty() || !t.contains('.'))
+            {
+                return Err(err(
+                    "instance_type",
+                    format!("`{t}` is not an instance type like t3.large"),
+                ));
+            }
+            let market = match market {
+                None => None,
+                Some("spot") => Some(Market::Spot),
+                Some("on-demand") => Some(Market::OnDemand),
+                Some(other) => {
+                    return Err(err("market", format!("`{other}`: use spot or on-demand")));
+                }
+            };
+            let executor = match executor {
+                None => None,
+                Some("shell") => Some(RunnerExecutor::Shell),
+                Some("docker") => Some(RunnerExecutor::Docker),
+                Some(other) => {
+                    return Err(err("executor", format!("`{other}`: use shell or docker")));
+                }
+            };
+            if let Some(bad) = subnets.iter().find(|s| !s.starts_with("subnet-")) {
+                return Err(err(
+                    "subnets",
+                    format!("`{bad}` is not a subnet id (subnet-...)"),
+                ));
+            }
+            Ok(Executor::Ec2(Ec2Settings {
+                instance_type: instance_type.map(str::to_owned),
+                ami: ami
+                    .map(AmiRef::parse)
+                    .transpose()
+                    .map_err(|e| err("ami", e))?,
+                market,
+                subnets,
+                executor,
+            }))
+        }
+        other => Err(err("type", format!("`{other}`: use LAMBDA or EC2"))),
+    }
+}
+
+fn string_list(value: Option<&Value>, field: &'static str) -> Result<Vec<String>, RuleError> {
+    match value {
+        None | Some(Value::Null) => Ok(vec![]),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| {
+                v.as_str()
+                    .map(str::to_owned)
+                    .ok_or_else(|| err(field, format!("must be a list of strings, found {v}")))
+            })
+            .collect(),
+        Some(other) => Err(err(
+            field,
+            format!("must be a list of strings, found {other}"),
+        )),
+    }
+}
+
+fn check_tags(tags: &[String]) -> Result<(), RuleError> {
+    if let Some(bad) = tags.iter().find(|t| t.is_empty() || t.contains('#')) {
+        return Err(err(
+            "tags",
+            format!("`{bad}`: a tag may not be empty or contain `#`"),
+        ));
+    }
+    Ok(())
+}
+
+/// Parses a table item (attribute values as JSON: S as string, L/SS as array).
+pub fn rule_from_item(item: &Map<String, Value>) -> Result<Rule, RuleError> {
+    let pk = text(item, "pk")?.ok_or_else(|| err("pk", "missing"))?;
+    let job_name = pk
+        .strip_prefix("job#")
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| err("pk", format!("`{pk}` must be job#<job name> or job#*")))?;
+    let sk = text(item, "sk")?.ok_or_else(|| err("sk", "missing"))?;
+    let (project, tags_part) = match sk.strip_prefix("project#") {
+        Some(rest) => {
+            let (scope, tags) = rest.split_once("#tags").ok_or_else(|| {
+                err(
+                    "sk",
+                    format!("`{sk}` must be project#<id or path>#tags#<tag>#..."),
+                )
+            })?;
+            if scope.is_empty() {
+                return Err(err("sk", format!("`{sk}` names no project")));
+            }
+            (Some(ProjectScope::parse(scope)), format!("tags{tags}"))
+        }
+        None => (None, sk.to_owned()),
+    };
+    let tags: Vec<String> = match tags_part.as_str() {
+        "tags" | "tags#" => vec![],
+        t => t
+            .strip_prefix("tags#")
+            .ok_or_else(|| {
+                err(
+                    "sk",
+                    format!("`{sk}` must be tags#<tag>#... (or project#...#tags#...)"),
+                )
+            })?
+            .split('#')
+            .map(str::to_owned)
+            .collect(),
+    };
+    check_tags(&tags).map_err(|e| err("sk", e.problem))?;
+    let kind = text(item, "type")?.ok_or_else(|| err("type", "missing: LAMBDA or EC2"))?;
+    let executor = executor_from(
+        kind,
+        text(item, "arn")?,
+        text(item, "instance_type")?,
+        text(item, "ami")?,
+        text(item, "market")?,
+        string_list(item.get("subnets"), "subnets")?,
+        text(item, "executor")?,
+    )?;
+    Ok(Rule {
+        job_name: job_name.to_owned(),
+        project,
+        tags,
+        executor,
+        description: text(item, "description")?.map(str::to_owned),
+    })
+}
+
+/// One entry of a registry file. The seed's `job_runner_registry.json` entries
+/// (`name`, `type`, `tags`, `lambdaArn`) are accepted as they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryEntry {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(
+        default,
+        rename = "lambdaArn",
+        alias = "arn",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lambda_arn: Option<String>,
+    /// Project id (number) or path (`group/project`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub project: Option<Value>,
+    #[serde(
+        default,
+        rename = "instanceType",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub instance_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ami: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub market: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subnets: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub executor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// A registry file: `{"jobs": [...]}`, the seed's shape.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Registry {
+    pub jobs: Vec<RegistryEntry>,
+}
+
+impl RegistryEntry {
+    pub fn to_rule(&self) -> Result<Rule, RuleError> {
+        if self.name.is_empty() {
+            return Err(err("name", "empty: the GitLab job name, or * for any job"));
+        }
+        check_tags(&self.tags)?;
+        let project = match &self.project {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => {
+                Some(ProjectScope::Id(n.as_u64().ok_or_else(|| {
+                    err("project", format!("`{n}` is not a project id"))
+                })?))
+            }
+            Some(Value::String(s)) if !s.is_empty() && !s.contains('#') => {
+                Some(ProjectScope::parse(s))
+            }
+            Some(other) => {
+                return Err(err(
+                    "project",
+                    format!("`{other}`: a project id or path like group/project"),
+                ));
+            }
+        };
+        Ok(Rule {
+            job_name: self.name.clone(),
+            project,
+            tags: self.tags.clone(),
+            executor: executor_from(
+                &self.kind,
+                self.lambda_arn.as_deref(),
+                self.instance_type.as_deref(),
+                self.ami.as_deref(),
+                self.market.as_deref(),
+                self.subnets.clone(),
+                self.executor.as_deref(),
+            )?,
+            description: self.description.clone(),
+        })
+    }
+
+    pub fn from_rule(rule: &Rule) -> Self {
+        let (lambda_arn, ec2) = match &rule.executor {
+            Executor::Lambda { arn } => (Some(arn.clone()), Ec2Settings::default()),
+            Executor::Ec2(s) => (None, s.clone()),
+        };
+        Self {
+            name: rule.job_name.clone(),
+            kind: rule.executor.kind().to_owned(),
+            tags: rule.tags.clone(),
+            lambda_arn,
+            project: rule.project.as_ref().map(|p| match p {
+                ProjectScope::Id(id) => Value::from(*id),
+                ProjectScope::Path(path) => Value::from(path.clone()),
+            }),
+            instance_type: ec2.instance_type,
+            ami: ec2.ami.map(|a| a.to_text()),
+            market: ec2.market.map(|m| match m {
+                Market::Spot => "spot".to_owned(),
+                Market::OnDemand => "on-demand".to_owned(),
+            }),
+            subnets: ec2.subnets,
+            executor: ec2.executor.map(|e| match e {
+                RunnerExecutor::Shell => "shell".to_owned(),
+                RunnerExecutor::Docker => "docker".to_owned(),
+            }),
+            description: rule.description.clone(),
+        }
+    }
+}
+
+/// A registry problem, located: which entry (index and name) and which field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("jobs[{index}] (name `{name}`): {error}")]
+pub struct RegistryError {
+    pub index: usize,
+    pub name: String,
+    pub error: RuleError,
+}
+
+impl Registry {
+    /// Every entry as a rule, or every problem (not just the first), each naming its entry.
+    /// Two entries with the same key would overwrite each other in the table: an error too.
+    pub fn rules(&self) -> Result<Vec<Rule>, Vec<RegistryError>> {
+        let mut rules = Vec::new();
+        let mut errors = Vec::new();
+        let mut keys = std::collections::HashMap::new();
+        for (index, entry) in self.jobs.iter().enumerate() {
+            let located = |error| RegistryError {
+                index,
+                name: entry.name.clone(),
+                error,
+            };
+            match entry.to_rule() {
+                Ok(rule) => {
+                    if let Some(first) = keys.insert((rule.pk(), rule.sk()), index) {
+                        errors.push(located(err(
+                            "tags",
+                            format!("same job name, project and tags as jobs[{first}]: one would overwrite the other"),
+                        )));
+                    }
+                    rules.push(rule);
+                }
+                Err(e) => errors.push(located(e)),
+            }
+        }
+        if errors.is_empty() {
+            Ok(rules)
+        } else {
+            Err(errors)
+        }
+    }
+}
+
+/// What the mapper knows about the job it routes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobFacts {
+    pub project_id: u64,
+    #[serde(default)]
+    pub project_path: Option<String>,
+    pub job_name: String,
+    /// `tag_list` from the GitLab API; `None` when not known.
+    #[serde(default)]
+    pub tags: Option<Vec<String>>,
+}
+
+/// The mapper's answer: the state machine chooses on `type`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteDecision {
+    #[serde(flatten)]
+    pub executor: Executor,
+    /// `pk/sk` of the item that matched, or `default`.
+    pub matched: String,
+    pub reason: String,
+}
+
+/// The rules' level in the decision order (lower wins).
+fn level(rule: &Rule) -> u8 {
+    match (rule.job_name == ANY_JOB, rule.project.is_some()) {
+        (false, true) => 1,
+        (false, false) => 2,
+        (true, true) => 3,
+        (true, false) => 4,
+    }
+}
+
+/// Picks the route for a job from the candidate rules (those under `job#<name>` and `job#*`).
+pub fn decide(job: &JobFacts, candidates: &[Rule], default: &Executor) -> RouteDecision {
+    let job_tags: Option<BTreeSet<&str>> = job
+        .tags
+        .as_ref()
+        .map(|t| t.iter().map(String::as_str).collect());
+    let best = candidates
+        .iter()
+        .filter(|r| r.job_name == ANY_JOB || r.job_name == job.job_name)
+        .filter(|r| r.project.as_ref().is_none_or(|p| p.matches(job)))
+        .filter(|r| match &job_tags {
+            Some(have) => r.tags.iter().all(|t| have.contains(t.as_str())),
+            // Unknown tags: exact-name items still match (the seed's behaviour); tag-only
+            // rules cannot be checked and do not.
+            None => r.job_name != ANY_JOB || r.tags.is_empty(),
+        })
+        .min_by(|a, b| {
+            let key = |r: &Rule| {
+                // Unknown tags: keep the seed's order (lowest sk first).
+                let specificity = if job_tags.is_some() {
+                    usize::MAX - r.tags.len()
+                } else {
+                    0
+                };
+                (level(r), specificity, r.sk())
+            };
+            key(a).cmp(&key(b))
+        });
+    match best {
+        Some(rule) => RouteDecision {
+            executor: rule.executor.clone(),
+            matched: format!("{}/{}", rule.pk(), rule.sk()),
+            reason: match level(rule) {
+                1 => "job name and project",
+                2 => "job name",
+                3 => "project (any job name)",
+                _ => "tags (any job name)",
+            }
+            .to_owned()
+                + if job_tags.is_none() && !rule.tags.is_empty() {
+                    "; job tags unknown, item tags not checked"
+                } else {
+                    ""
+                },
+        },
+        None => RouteDecision {
+            executor: default.clone(),
+            matched: "default".into(),
+            reason: "no mapping item matched: the stack's default route".into(),
+        },
+    }
+}
