@@ -670,3 +670,76 @@ pub fn decide(job: &JobFacts, candidates: &[Rule], default: &Executor) -> RouteD
         },
     }
 }
+
+/// A mapping item that could not be used, with where it is (for the log line).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidItem {
+    pub pk: String,
+    pub sk: String,
+    pub error: RuleError,
+}
+
+/// The mapping table, read side.
+pub trait MappingRules {
+    /// Every item under `job#<job_name>` and `job#*`, parsed; invalid ones reported apart.
+    fn candidates(
+        &self,
+        job_name: &str,
+    ) -> impl std::future::Future<Output = Result<(Vec<Rule>, Vec<InvalidItem>), crate::webhook::PortError>> + Send;
+}
+
+/// GitLab's `GET /projects/:id/jobs/:job_id` `tag_list`.
+pub trait JobTags {
+    /// `Ok(None)` when no API token is configured.
+    fn tags(
+        &self,
+        project_id: u64,
+        job_id: u64,
+    ) -> impl std::future::Future<Output = Result<Option<Vec<String>>, crate::webhook::PortError>> + Send;
+}
+
+/// The mapper's output: the decision, plus what it was based on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MapperOutput {
+    #[serde(flatten)]
+    pub decision: RouteDecision,
+    /// The job's tags as GitLab reported them; `null` when unknown.
+    pub tags: Option<Vec<String>>,
+    /// Items skipped because they are invalid (`pk/sk: field: problem`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub invalid_items: Vec<String>,
+}
+
+/// Routes one job: tags from GitLab when configured (a GitLab failure falls back to routing
+/// by name, reported in `tags_error`), candidates from the table, then [`decide`]. Invalid
+/// items are skipped, never fatal: a broken item must not drop jobs.
+pub async fn map_job<R: MappingRules, T: JobTags>(
+    job: &crate::hook::JobEvent,
+    rules: &R,
+    tags: &T,
+    default: &Executor,
+) -> Result<(MapperOutput, Option<crate::webhook::PortError>), crate::webhook::PortError> {
+    let (tags, tags_error) = match tags.tags(job.project_id, job.job_id).await {
+        Ok(t) => (t, None),
+        Err(e) => (None, Some(e)),
+    };
+    let (candidates, invalid) = rules.candidates(&job.job_name).await?;
+    let facts = JobFacts {
+        project_id: job.project_id,
+        project_path: job.project_path.clone(),
+        job_name: job.job_name.clone(),
+        tags: tags.clone(),
+    };
+    let decision = decide(&facts, &candidates, default);
+    Ok((
+        MapperOutput {
+            decision,
+            tags,
+            invalid_items: invalid
+                .iter()
+                .map(|i| format!("{}/{}: {}", i.pk, i.sk, i.error))
+                .collect(),
+        },
+        tags_error,
+    ))
+}

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use aws_sdk_dynamodb::operation::put_item::PutItemError;
 use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
 use aws_sdk_eventbridge::types::PutEventsRequestEntry;
+use ephemeral_aws::port_error;
 use ephemeral_core::auth::WebhookSecrets;
 use ephemeral_core::hook::JobEvent;
 use ephemeral_core::secrets::SecretSource;
@@ -12,17 +13,6 @@ use ephemeral_core::webhook::{
     Claim, DEAD_LETTER_DETAIL_TYPE, DeadLetter, DeliveryClaim, DeliveryLedger, EVENT_SOURCE,
     EventSink, JOB_EVENT_DETAIL_TYPE, PortError,
 };
-
-/// SDK errors carry the service's code and message, never our request parameters' values.
-fn port_error<E>(what: &str, e: E) -> PortError
-where
-    E: std::error::Error + Send + Sync + 'static,
-{
-    PortError(format!(
-        "{what}: {}",
-        aws_sdk_dynamodb::error::DisplayErrorContext(e)
-    ))
-}
 
 /// Reads the secret token and signing token parameters (SecureString) in one call.
 ///

@@ -403,3 +403,121 @@ pub fn fixture(name: &str) -> String {
     )
     .unwrap()
 }
+
+/// A stand-in for GitLab's jobs API on loopback: `GET /api/v4/projects/:id/jobs/:job_id`
+/// answers `{"tag_list": [...]}` for the jobs it knows, 404 for others, 500 for job ids in
+/// `failing`, and 401 without the right `PRIVATE-TOKEN`. Counts requests. Stops with the test.
+pub struct GitLabStandIn {
+    pub url: String,
+    pub requests: std::sync::Arc<AtomicU32>,
+}
+
+impl GitLabStandIn {
+    pub fn start(token: &str, tags: Vec<(u64, Vec<&str>)>, failing: Vec<u64>) -> Self {
+        use std::io::{BufRead as _, BufReader, Write as _};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let requests = std::sync::Arc::new(AtomicU32::new(0));
+        let counter = requests.clone();
+        let token = token.to_owned();
+        let tags: std::collections::HashMap<u64, Vec<String>> = tags
+            .into_iter()
+            .map(|(job, t)| (job, t.into_iter().map(str::to_owned).collect()))
+            .collect();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                counter.fetch_add(1, Ordering::SeqCst);
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut request_line = String::new();
+                let _ = reader.read_line(&mut request_line);
+                let mut authorized = false;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                        break;
+                    }
+                    if let Some((name, value)) = line.split_once(':')
+                        && name.eq_ignore_ascii_case("private-token")
+                        && value.trim() == token
+                    {
+                        authorized = true;
+                    }
+                }
+                let job_id: Option<u64> = request_line
+                    .split_whitespace()
+                    .nth(1)
+                    .and_then(|path| path.rsplit('/').next())
+                    .and_then(|id| id.parse().ok());
+                let (status, body) = match job_id {
+                    _ if !authorized => ("401 Unauthorized", r#"{"message":"401 Unauthorized"}"#.to_owned()),
+                    Some(id) if failing.contains(&id) => ("500 Internal Server Error", "{}".to_owned()),
+                    Some(id) if tags.contains_key(&id) => (
+                        "200 OK",
+                        serde_json::json!({"id": id, "tag_list": tags[&id]}).to_string(),
+                    ),
+                    _ => ("404 Not Found", r#"{"message":"404 Not found"}"#.to_owned()),
+                };
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        Self { url, requests }
+    }
+}
+
+/// A DynamoDB table with string keys, as the template declares them.
+pub async fn create_table(sdk: &SdkConfig, prefix: &str, hash: &str, range: Option<&str>) -> String {
+    let dynamo = aws_sdk_dynamodb::Client::new(sdk);
+    let table = unique(prefix);
+    let mut request = dynamo.create_table().table_name(&table).billing_mode(BillingMode::PayPerRequest);
+    for (name, kind) in [(Some(hash), KeyType::Hash), (range, KeyType::Range)] {
+        let Some(name) = name else { continue };
+        request = request
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(name)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .unwrap(),
+            )
+            .key_schema(KeySchemaElement::builder().attribute_name(name).key_type(kind).build().unwrap());
+    }
+    request.send().await.unwrap();
+    table
+}
+
+/// A Standard state machine in moto whose executions stay RUNNING (moto does not execute
+/// definitions unless told to), which is all the router's tests need.
+pub async fn create_state_machine(sdk: &SdkConfig, prefix: &str, definition: &str) -> String {
+    let sfn = aws_sdk_sfn::Client::new(sdk);
+    sfn.create_state_machine()
+        .name(unique(prefix))
+        .definition(definition)
+        .role_arn("arn:aws:iam::123456789012:role/ephemeral-runners-test")
+        .r#type(aws_sdk_sfn::types::StateMachineType::Standard)
+        .send()
+        .await
+        .unwrap()
+        .state_machine_arn
+}
+
+/// Names of every execution of a state machine (paginated).
+pub async fn execution_names(sdk: &SdkConfig, state_machine_arn: &str) -> Vec<String> {
+    let sfn = aws_sdk_sfn::Client::new(sdk);
+    let mut names = Vec::new();
+    let mut pages = sfn
+        .list_executions()
+        .state_machine_arn(state_machine_arn)
+        .into_paginator()
+        .items()
+        .send();
+    while let Some(e) = pages.next().await {
+        names.push(e.unwrap().name);
+    }
+    names.sort();
+    names
+}

@@ -1,0 +1,110 @@
+//! Shared by the function crates: JSON logging as Lambda expects it, SDK errors turned into the
+//! core's [`PortError`], and DynamoDB items as JSON (the core parses items without the SDK).
+
+use std::collections::HashMap;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use ephemeral_core::webhook::PortError;
+use serde_json::{Map, Number, Value};
+
+/// JSON log lines on stdout, at the level Lambda's advanced logging controls ask for
+/// (`AWS_LAMBDA_LOG_LEVEL`), else `RUST_LOG`, else INFO.
+pub fn init_logging() {
+    let level = std::env::var("AWS_LAMBDA_LOG_LEVEL")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .ok()
+        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .unwrap_or(tracing::Level::INFO);
+    tracing_subscriber::fmt()
+        .json()
+        .with_max_level(level)
+        .with_target(false)
+        .with_current_span(false)
+        .flatten_event(true)
+        .without_time()
+        .init();
+}
+
+/// An SDK error as a [`PortError`]: the service's code and message, which never include our
+/// request's values (no secrets, no item contents).
+pub fn port_error<E>(what: &str, e: E) -> PortError
+where
+    E: std::error::Error + Send + Sync + 'static,
+{
+    PortError(format!(
+        "{what}: {}",
+        aws_sdk_dynamodb::error::DisplayErrorContext(e)
+    ))
+}
+
+/// A DynamoDB attribute as JSON: S as string, N as number (string if it does not fit), BOOL,
+/// NULL, L/SS/NS as arrays, M as object. Binary values become base64-less placeholders: the
+/// mapping and jobs tables hold none.
+pub fn attribute_to_json(value: &AttributeValue) -> Value {
+    let number = |n: &str| {
+        n.parse::<u64>()
+            .map(Value::from)
+            .or_else(|_| n.parse::<i64>().map(Value::from))
+            .or_else(|_| {
+                n.parse::<f64>()
+                    .ok()
+                    .and_then(Number::from_f64)
+                    .map(Value::Number)
+                    .ok_or(())
+            })
+            .unwrap_or_else(|()| Value::String(n.to_owned()))
+    };
+    match value {
+        AttributeValue::S(s) => Value::String(s.clone()),
+        AttributeValue::N(n) => number(n),
+        AttributeValue::Bool(b) => Value::Bool(*b),
+        AttributeValue::Null(_) => Value::Null,
+        AttributeValue::L(items) => Value::Array(items.iter().map(attribute_to_json).collect()),
+        AttributeValue::Ss(items) => {
+            Value::Array(items.iter().cloned().map(Value::String).collect())
+        }
+        AttributeValue::Ns(items) => Value::Array(items.iter().map(|n| number(n)).collect()),
+        AttributeValue::M(map) => Value::Object(item_to_json(map)),
+        _ => Value::String("<binary>".into()),
+    }
+}
+
+pub fn item_to_json(item: &HashMap<String, AttributeValue>) -> Map<String, Value> {
+    item.iter()
+        .map(|(k, v)| (k.clone(), attribute_to_json(v)))
+        .collect()
+}
+
+/// JSON as a DynamoDB attribute: strings S, numbers N, arrays L, objects M.
+pub fn json_to_attribute(value: &Value) -> AttributeValue {
+    match value {
+        Value::String(s) => AttributeValue::S(s.clone()),
+        Value::Number(n) => AttributeValue::N(n.to_string()),
+        Value::Bool(b) => AttributeValue::Bool(*b),
+        Value::Null => AttributeValue::Null(true),
+        Value::Array(items) => AttributeValue::L(items.iter().map(json_to_attribute).collect()),
+        Value::Object(map) => AttributeValue::M(json_to_item(map)),
+    }
+}
+
+pub fn json_to_item(item: &Map<String, Value>) -> HashMap<String, AttributeValue> {
+    item.iter()
+        .map(|(k, v)| (k.clone(), json_to_attribute(v)))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn items_round_trip_through_json() {
+        let v = json!({"pk": "job#b", "n": 18446744073709551615u64, "neg": -3, "f": 1.5,
+                       "l": ["a", 1], "m": {"x": true, "y": null}});
+        let item = json_to_item(v.as_object().unwrap());
+        assert_eq!(Value::Object(item_to_json(&item)), v);
+        let ss = AttributeValue::Ss(vec!["subnet-1".into()]);
+        assert_eq!(attribute_to_json(&ss), json!(["subnet-1"]));
+    }
+}
