@@ -450,8 +450,13 @@ impl GitLabStandIn {
                     .and_then(|path| path.rsplit('/').next())
                     .and_then(|id| id.parse().ok());
                 let (status, body) = match job_id {
-                    _ if !authorized => ("401 Unauthorized", r#"{"message":"401 Unauthorized"}"#.to_owned()),
-                    Some(id) if failing.contains(&id) => ("500 Internal Server Error", "{}".to_owned()),
+                    _ if !authorized => (
+                        "401 Unauthorized",
+                        r#"{"message":"401 Unauthorized"}"#.to_owned(),
+                    ),
+                    Some(id) if failing.contains(&id) => {
+                        ("500 Internal Server Error", "{}".to_owned())
+                    }
                     Some(id) if tags.contains_key(&id) => (
                         "200 OK",
                         serde_json::json!({"id": id, "tag_list": tags[&id]}).to_string(),
@@ -470,10 +475,18 @@ impl GitLabStandIn {
 }
 
 /// A DynamoDB table with string keys, as the template declares them.
-pub async fn create_table(sdk: &SdkConfig, prefix: &str, hash: &str, range: Option<&str>) -> String {
+pub async fn create_table(
+    sdk: &SdkConfig,
+    prefix: &str,
+    hash: &str,
+    range: Option<&str>,
+) -> String {
     let dynamo = aws_sdk_dynamodb::Client::new(sdk);
     let table = unique(prefix);
-    let mut request = dynamo.create_table().table_name(&table).billing_mode(BillingMode::PayPerRequest);
+    let mut request = dynamo
+        .create_table()
+        .table_name(&table)
+        .billing_mode(BillingMode::PayPerRequest);
     for (name, kind) in [(Some(hash), KeyType::Hash), (range, KeyType::Range)] {
         let Some(name) = name else { continue };
         request = request
@@ -484,7 +497,13 @@ pub async fn create_table(sdk: &SdkConfig, prefix: &str, hash: &str, range: Opti
                     .build()
                     .unwrap(),
             )
-            .key_schema(KeySchemaElement::builder().attribute_name(name).key_type(kind).build().unwrap());
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(name)
+                    .key_type(kind)
+                    .build()
+                    .unwrap(),
+            );
     }
     request.send().await.unwrap();
     table

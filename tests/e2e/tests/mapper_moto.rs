@@ -24,18 +24,59 @@ async fn seed_item(dynamo: &aws_sdk_dynamodb::Client, table: &str, attrs: &[(&st
 
 fn input(project: u64, job: u64, name: &str) -> WorkflowInput {
     let event = job_event(project, job, name, JobStatus::Pending);
-    WorkflowInput { job_key: JobKey::of(&event).table_key(), job: event }
+    WorkflowInput {
+        job_key: JobKey::of(&event).table_key(),
+        job: event,
+    }
 }
 
 async fn table_with_seed_items() -> String {
     let sdk = sdk_config();
     let table = create_table(&sdk, "mappings", "pk", Some("sk")).await;
     let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
-    seed_item(&dynamo, &table, &[("pk", "job#unit-test"), ("sk", "tags#"), ("type", "LAMBDA"), ("arn", RUNNER_ARN)]).await;
-    seed_item(&dynamo, &table, &[("pk", "job#docker-build"), ("sk", "tags#docker#large"), ("type", "EC2")]).await;
-    seed_item(&dynamo, &table, &[("pk", "job#*"), ("sk", "tags#gpu"), ("type", "EC2"), ("instance_type", "g5.xlarge")]).await;
+    seed_item(
+        &dynamo,
+        &table,
+        &[
+            ("pk", "job#unit-test"),
+            ("sk", "tags#"),
+            ("type", "LAMBDA"),
+            ("arn", RUNNER_ARN),
+        ],
+    )
+    .await;
+    seed_item(
+        &dynamo,
+        &table,
+        &[
+            ("pk", "job#docker-build"),
+            ("sk", "tags#docker#large"),
+            ("type", "EC2"),
+        ],
+    )
+    .await;
+    seed_item(
+        &dynamo,
+        &table,
+        &[
+            ("pk", "job#*"),
+            ("sk", "tags#gpu"),
+            ("type", "EC2"),
+            ("instance_type", "g5.xlarge"),
+        ],
+    )
+    .await;
     // Broken by hand: must be skipped and reported, not fatal.
-    seed_item(&dynamo, &table, &[("pk", "job#unit-test"), ("sk", "tags#zzz"), ("type", "FARGATE")]).await;
+    seed_item(
+        &dynamo,
+        &table,
+        &[
+            ("pk", "job#unit-test"),
+            ("sk", "tags#zzz"),
+            ("type", "FARGATE"),
+        ],
+    )
+    .await;
     table
 }
 
@@ -44,9 +85,14 @@ async fn seed_items_route_by_name_without_a_gitlab_token() {
     let sdk = sdk_config();
     let table = table_with_seed_items().await;
     let mapper = Mapper {
-        rules: DynamoMappingRules { client: aws_sdk_dynamodb::Client::new(&sdk), table },
+        rules: DynamoMappingRules {
+            client: aws_sdk_dynamodb::Client::new(&sdk),
+            table,
+        },
         tags: GitLabJobTags::new(None, None),
-        default_route: Executor::Lambda { arn: DEFAULT_ARN.into() },
+        default_route: Executor::Lambda {
+            arn: DEFAULT_ARN.into(),
+        },
     };
     let out = mapper.handle(&input(1, 10, "unit-test")).await.unwrap();
     let json = serde_json::to_value(&out).unwrap();
@@ -55,7 +101,11 @@ async fn seed_items_route_by_name_without_a_gitlab_token() {
     assert_eq!(json["matched"], "job#unit-test/tags#");
     assert_eq!(json["tags"], serde_json::Value::Null);
     assert_eq!(out.invalid_items.len(), 1, "{:?}", out.invalid_items);
-    assert!(out.invalid_items[0].contains("job#unit-test/tags#zzz: type: `FARGATE`"), "{:?}", out.invalid_items);
+    assert!(
+        out.invalid_items[0].contains("job#unit-test/tags#zzz: type: `FARGATE`"),
+        "{:?}",
+        out.invalid_items
+    );
 
     let out = mapper.handle(&input(1, 11, "docker-build")).await.unwrap();
     assert_eq!(out.decision.executor.kind(), "EC2");
@@ -79,18 +129,31 @@ async fn tags_from_gitlab_refine_the_route_and_a_gitlab_failure_falls_back_to_th
         .unwrap();
     let gitlab = GitLabStandIn::start(
         "glpat-test-token",
-        vec![(20, vec!["docker", "large", "linux"]), (21, vec!["gpu"]), (22, vec!["linux"])],
+        vec![
+            (20, vec!["docker", "large", "linux"]),
+            (21, vec!["gpu"]),
+            (22, vec!["linux"]),
+        ],
         vec![23],
     );
     let mapper = Mapper {
-        rules: DynamoMappingRules { client: aws_sdk_dynamodb::Client::new(&sdk), table },
-        tags: GitLabJobTags::new(Some(gitlab.url.clone()), Some(TokenSource::new(ssm, parameter))),
+        rules: DynamoMappingRules {
+            client: aws_sdk_dynamodb::Client::new(&sdk),
+            table,
+        },
+        tags: GitLabJobTags::new(
+            Some(gitlab.url.clone()),
+            Some(TokenSource::new(ssm, parameter)),
+        ),
         default_route: Executor::Ec2(Default::default()),
     };
     // The job has the item's tags: matched by name and tags.
     let out = mapper.handle(&input(1, 20, "docker-build")).await.unwrap();
     assert_eq!(out.decision.matched, "job#docker-build/tags#docker#large");
-    assert_eq!(out.tags.as_deref(), Some(&["docker".to_owned(), "large".into(), "linux".into()][..]));
+    assert_eq!(
+        out.tags.as_deref(),
+        Some(&["docker".to_owned(), "large".into(), "linux".into()][..])
+    );
     // Any job name with the gpu tag.
     let out = mapper.handle(&input(1, 21, "train")).await.unwrap();
     assert_eq!(out.decision.matched, "job#*/tags#gpu");

@@ -27,7 +27,11 @@ async fn stack(provision_on: ProvisionOn) -> Stack {
     let teardown_arn = create_state_machine(&sdk, "teardown", PASS).await;
     Stack {
         router: Router {
-            store: DynamoJobStore { client: aws_sdk_dynamodb::Client::new(&sdk), table: table.clone(), ttl_seconds: 3600 },
+            store: DynamoJobStore {
+                client: aws_sdk_dynamodb::Client::new(&sdk),
+                table: table.clone(),
+                ttl_seconds: 3600,
+            },
             workflows: StepFunctions {
                 client: aws_sdk_sfn::Client::new(&sdk),
                 provision_arn: provision_arn.clone(),
@@ -53,7 +57,12 @@ fn envelope(event: &JobEvent) -> EventBridgeEvent<serde_json::Value> {
 
 fn scenario(seed: u64, jobs: u64) -> Vec<JobEvent> {
     let mut rng = XorShift(seed);
-    let finishes = [JobStatus::Success, JobStatus::Failed, JobStatus::Canceled, JobStatus::Skipped];
+    let finishes = [
+        JobStatus::Success,
+        JobStatus::Failed,
+        JobStatus::Canceled,
+        JobStatus::Skipped,
+    ];
     let mut events = Vec::new();
     for job in 1..=jobs {
         let finish = finishes[rng.below(4)].clone();
@@ -89,18 +98,36 @@ async fn two_hundred_jobs_duplicated_and_shuffled_yield_exactly_one_execution_ea
         }
         s.router.handle(&envelope(e), 1_000).await.unwrap();
     }
-    let provisions: BTreeSet<String> = execution_names(&sdk, &s.provision_arn).await.into_iter().collect();
+    let provisions: BTreeSet<String> = execution_names(&sdk, &s.provision_arn)
+        .await
+        .into_iter()
+        .collect();
     let teardowns = execution_names(&sdk, &s.teardown_arn).await;
     assert_eq!(provisions, expect_provision);
-    assert!(provisions.len() < 200 && provisions.len() > 50, "{} provisions", provisions.len());
+    assert!(
+        provisions.len() < 200 && provisions.len() > 50,
+        "{} provisions",
+        provisions.len()
+    );
     assert_eq!(teardowns.len(), 200);
     assert_eq!(teardowns.iter().collect::<BTreeSet<_>>().len(), 200);
 
     // Every job ended finished in the table.
     let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
-    let items = dynamo.scan().table_name(&s.table).send().await.unwrap().items.unwrap_or_default();
+    let items = dynamo
+        .scan()
+        .table_name(&s.table)
+        .send()
+        .await
+        .unwrap()
+        .items
+        .unwrap_or_default();
     assert_eq!(items.len(), 200);
-    assert!(items.iter().all(|i| i["phase"].as_s().unwrap() == "finished"));
+    assert!(
+        items
+            .iter()
+            .all(|i| i["phase"].as_s().unwrap() == "finished")
+    );
 }
 
 #[tokio::test]
@@ -122,7 +149,11 @@ async fn concurrent_deliveries_still_give_one_execution_per_job_and_workflow() {
     }
     let provisions = execution_names(&sdk, &s.provision_arn).await;
     let teardowns = execution_names(&sdk, &s.teardown_arn).await;
-    assert_eq!(provisions.iter().collect::<BTreeSet<_>>().len(), provisions.len(), "no provision twice");
+    assert_eq!(
+        provisions.iter().collect::<BTreeSet<_>>().len(),
+        provisions.len(),
+        "no provision twice"
+    );
     assert!(provisions.len() <= 60);
     assert_eq!(teardowns.len(), 60);
 }
@@ -132,13 +163,25 @@ async fn a_late_pending_after_the_finish_provisions_nothing_and_created_can_be_t
     let s = stack(ProvisionOn::Created).await;
     let sdk = sdk_config();
     for status in [JobStatus::Canceled, JobStatus::Created, JobStatus::Pending] {
-        s.router.handle(&envelope(&job_event(3, 1, "late", status)), 1).await.unwrap();
+        s.router
+            .handle(&envelope(&job_event(3, 1, "late", status)), 1)
+            .await
+            .unwrap();
     }
     for status in [JobStatus::Created, JobStatus::Pending, JobStatus::Success] {
-        s.router.handle(&envelope(&job_event(3, 2, "normal", status)), 1).await.unwrap();
+        s.router
+            .handle(&envelope(&job_event(3, 2, "normal", status)), 1)
+            .await
+            .unwrap();
     }
-    assert_eq!(execution_names(&sdk, &s.provision_arn).await, ["p3-j2-provision"]);
-    assert_eq!(execution_names(&sdk, &s.teardown_arn).await, ["p3-j1-teardown", "p3-j2-teardown"]);
+    assert_eq!(
+        execution_names(&sdk, &s.provision_arn).await,
+        ["p3-j2-provision"]
+    );
+    assert_eq!(
+        execution_names(&sdk, &s.teardown_arn).await,
+        ["p3-j1-teardown", "p3-j2-teardown"]
+    );
 }
 
 #[tokio::test]
@@ -148,7 +191,9 @@ async fn malformed_events_are_clear_errors_and_write_nothing() {
     let mut bad = envelope(&job_event(5, 5, "x", JobStatus::Pending));
     bad.detail = serde_json::json!({"job_id": "five", "status": "pending"});
     match s.router.handle(&bad, 1).await {
-        Err(RouterError::Malformed(msg)) => assert!(msg.contains("detail is not a JobEvent"), "{msg}"),
+        Err(RouterError::Malformed(msg)) => {
+            assert!(msg.contains("detail is not a JobEvent"), "{msg}")
+        }
         other => panic!("{other:?}"),
     }
     // Someone else's event on the bus: ignored, not an error.
@@ -157,7 +202,14 @@ async fn malformed_events_are_clear_errors_and_write_nothing() {
     assert!(s.router.handle(&other, 1).await.is_ok());
 
     let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
-    let items = dynamo.scan().table_name(&s.table).send().await.unwrap().items.unwrap_or_default();
+    let items = dynamo
+        .scan()
+        .table_name(&s.table)
+        .send()
+        .await
+        .unwrap()
+        .items
+        .unwrap_or_default();
     assert!(items.is_empty(), "nothing half-written: {items:?}");
     assert!(execution_names(&sdk, &s.provision_arn).await.is_empty());
 }

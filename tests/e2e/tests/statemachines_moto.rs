@@ -1,0 +1,307 @@
+//! The real provision and teardown definitions (statemachine/*.asl.json), executed by moto's
+//! Step Functions interpreter against moto's DynamoDB. The mapper's answers are computed by
+//! the real mapper (against a seed-format mapping table) and handed to moto's Lambda
+//! stand-in, which replies to the workflow's `lambda:invoke` tasks in order.
+//!
+//! One test on purpose: moto's execution mode and its reply queue are server-wide.
+
+use std::time::{Duration, Instant};
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_sfn::types::{ExecutionStatus, HistoryEventType};
+use e2e_tests::*;
+use ephemeral_core::hook::JobStatus;
+use ephemeral_core::jobs::{JobKey, JobPhase, JobStore, WorkflowInput};
+use ephemeral_core::mapping::Executor;
+use ephemeral_core::testing::job_event;
+use mapper::{DynamoMappingRules, GitLabJobTags, Mapper};
+use router::aws::DynamoJobStore;
+
+const MAPPER_ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:mapper";
+const RUNNER_ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:shell-runner";
+
+async fn moto_api(path: &str, body: serde_json::Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{}{path}", moto_endpoint()))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{path}: {}",
+        response.status()
+    );
+}
+
+async fn create_from_file(
+    sdk: &aws_config::SdkConfig,
+    file: &str,
+    substitutions: &[(&str, &str)],
+) -> String {
+    let mut definition =
+        std::fs::read_to_string(workspace_root().join("statemachine").join(file)).unwrap();
+    for (name, value) in substitutions {
+        definition = definition.replace(&format!("${{{name}}}"), value);
+    }
+    assert!(
+        !definition.contains("${"),
+        "unsubstituted placeholder in {file}"
+    );
+    create_state_machine(sdk, file.trim_end_matches(".asl.json"), &definition).await
+}
+
+/// Runs one execution to its end; returns its status and the states it entered, in order.
+async fn run(
+    sdk: &aws_config::SdkConfig,
+    state_machine: &str,
+    name: &str,
+    input: &WorkflowInput,
+) -> (ExecutionStatus, Vec<String>) {
+    let sfn = aws_sdk_sfn::Client::new(sdk);
+    let arn = sfn
+        .start_execution()
+        .state_machine_arn(state_machine)
+        .name(name)
+        .input(serde_json::to_string(input).unwrap())
+        .send()
+        .await
+        .unwrap()
+        .execution_arn;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let status = sfn
+            .describe_execution()
+            .execution_arn(&arn)
+            .send()
+            .await
+            .unwrap()
+            .status;
+        if status != ExecutionStatus::Running {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{name} still running after 60 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let history = sfn
+        .get_execution_history()
+        .execution_arn(&arn)
+        .max_results(1000)
+        .send()
+        .await
+        .unwrap();
+    let entered = history
+        .events
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.r#type,
+                HistoryEventType::TaskStateEntered
+                    | HistoryEventType::ChoiceStateEntered
+                    | HistoryEventType::PassStateEntered
+                    | HistoryEventType::SucceedStateEntered
+                    | HistoryEventType::FailStateEntered
+            )
+        })
+        .filter_map(|e| {
+            e.state_entered_event_details
+                .as_ref()
+                .map(|d| d.name.clone())
+        })
+        .collect();
+    (status, entered)
+}
+
+async fn attribute(
+    sdk: &aws_config::SdkConfig,
+    table: &str,
+    key: &str,
+    name: &str,
+) -> Option<String> {
+    let item = aws_sdk_dynamodb::Client::new(sdk)
+        .get_item()
+        .table_name(table)
+        .key("job_key", AttributeValue::S(key.into()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item?;
+    item.get(name).map(|v| match v {
+        AttributeValue::S(s) | AttributeValue::N(s) => s.clone(),
+        other => format!("{other:?}"),
+    })
+}
+
+#[tokio::test]
+async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follows() {
+    let sdk = sdk_config();
+    moto_api(
+        "/moto-api/config",
+        serde_json::json!({
+            "stepfunctions": {"execute_state_machine": true}, "lambda": {"use_docker": false}
+        }),
+    )
+    .await;
+
+    let jobs = create_table(&sdk, "jobs", "job_key", None).await;
+    let mappings = create_table(&sdk, "mappings", "pk", Some("sk")).await;
+    let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+    for (pk, kind, arn) in [
+        ("job#unit-test", "LAMBDA", Some(RUNNER_ARN)),
+        ("job#docker-build", "EC2", None),
+    ] {
+        let mut put = dynamo
+            .put_item()
+            .table_name(&mappings)
+            .item("pk", AttributeValue::S(pk.into()))
+            .item("sk", AttributeValue::S("tags#".into()))
+            .item("type", AttributeValue::S(kind.into()));
+        if let Some(arn) = arn {
+            put = put.item("arn", AttributeValue::S(arn.into()));
+        }
+        put.send().await.unwrap();
+    }
+    let provision = create_from_file(
+        &sdk,
+        "provision.asl.json",
+        &[("MapperFunctionArn", MAPPER_ARN), ("JobsTableName", &jobs)],
+    )
+    .await;
+    let teardown = create_from_file(&sdk, "teardown.asl.json", &[("JobsTableName", &jobs)]).await;
+
+    let store = DynamoJobStore {
+        client: dynamo.clone(),
+        table: jobs.clone(),
+        ttl_seconds: 3600,
+    };
+    let mapper = Mapper {
+        rules: DynamoMappingRules {
+            client: dynamo.clone(),
+            table: mappings.clone(),
+        },
+        tags: GitLabJobTags::new(None, None),
+        default_route: Executor::Ec2(Default::default()),
+    };
+
+    let cases = [
+        (
+            1,
+            "unit-test",
+            ExecutionStatus::Succeeded,
+            "StartShellRunner",
+            "LAMBDA",
+        ),
+        (
+            2,
+            "docker-build",
+            ExecutionStatus::Failed,
+            "Ec2ProvisioningNotImplemented",
+            "EC2",
+        ),
+        (
+            3,
+            "no-mapping",
+            ExecutionStatus::Failed,
+            "Ec2ProvisioningNotImplemented",
+            "EC2",
+        ),
+    ];
+    for (job_id, name, want_status, want_state, want_route) in cases {
+        let event = job_event(9, job_id, name, JobStatus::Pending);
+        let key = JobKey::of(&event);
+        // What the router does before it starts the workflow.
+        store
+            .advance(key, JobPhase::Provisioning, &event, 1)
+            .await
+            .unwrap();
+        let input = WorkflowInput {
+            job_key: key.table_key(),
+            job: event,
+        };
+        // The real mapper's answer is what moto's Lambda gives the MapJob task; a LAMBDA
+        // route's asynchronous shell-runner invoke takes one more (empty) reply.
+        let output = mapper.handle(&input).await.unwrap();
+        let mut replies = vec![serde_json::to_string(&output).unwrap()];
+        if output.decision.executor.kind() == "LAMBDA" {
+            replies.push("{}".into());
+        }
+        moto_api(
+            "/moto-api/static/lambda-simple/response",
+            serde_json::json!({"results": replies}),
+        )
+        .await;
+
+        let (status, states) =
+            run(&sdk, &provision, &format!("p9-j{job_id}-provision"), &input).await;
+        assert_eq!(status, want_status, "{name}: {states:?}");
+        assert!(
+            states.contains(&want_state.to_owned()),
+            "{name}: {states:?}"
+        );
+        assert_eq!(states[0], "MapJob");
+        assert_eq!(
+            attribute(&sdk, &jobs, &key.table_key(), "route_type")
+                .await
+                .as_deref(),
+            Some(want_route),
+            "{name}"
+        );
+        if want_route == "EC2" {
+            assert_eq!(
+                attribute(&sdk, &jobs, &key.table_key(), "provision_error")
+                    .await
+                    .as_deref(),
+                Some("NotImplemented")
+            );
+            assert_eq!(states.last().map(String::as_str), Some("ProvisionFailed"));
+        }
+    }
+
+    // Teardown: the LAMBDA job has nothing on EC2: cleaned. The EC2 job's teardown is not
+    // built yet: it fails, saying so, and records why.
+    for (job_id, want_status, want_state) in [
+        (1, ExecutionStatus::Succeeded, "MarkCleaned"),
+        (2, ExecutionStatus::Failed, "Ec2TeardownNotImplemented"),
+    ] {
+        let event = job_event(9, job_id, "x", JobStatus::Success);
+        let key = JobKey::of(&event);
+        store
+            .advance(key, JobPhase::Finished, &event, 2)
+            .await
+            .unwrap();
+        let input = WorkflowInput {
+            job_key: key.table_key(),
+            job: event,
+        };
+        let (status, states) =
+            run(&sdk, &teardown, &format!("p9-j{job_id}-teardown"), &input).await;
+        assert_eq!(status, want_status, "job {job_id}: {states:?}");
+        assert!(
+            states.contains(&want_state.to_owned()),
+            "job {job_id}: {states:?}"
+        );
+    }
+    assert_eq!(
+        attribute(&sdk, &jobs, "project#9#job#1", "phase")
+            .await
+            .as_deref(),
+        Some("cleaned")
+    );
+    assert_eq!(
+        attribute(&sdk, &jobs, "project#9#job#2", "teardown_error")
+            .await
+            .as_deref(),
+        Some("NotImplemented")
+    );
+
+    // A second teardown of a cleaned job changes nothing and succeeds.
+    let event = job_event(9, 1, "x", JobStatus::Success);
+    let input = WorkflowInput {
+        job_key: JobKey::of(&event).table_key(),
+        job: event,
+    };
+    let (status, states) = run(&sdk, &teardown, "p9-j1-teardown-again", &input).await;
+    assert_eq!(status, ExecutionStatus::Succeeded, "{states:?}");
+    assert!(states.contains(&"AlreadyCleaned".to_owned()), "{states:?}");
+}
