@@ -685,7 +685,9 @@ pub trait MappingRules {
     fn candidates(
         &self,
         job_name: &str,
-    ) -> impl std::future::Future<Output = Result<(Vec<Rule>, Vec<InvalidItem>), crate::webhook::PortError>> + Send;
+    ) -> impl std::future::Future<
+        Output = Result<(Vec<Rule>, Vec<InvalidItem>), crate::webhook::PortError>,
+    > + Send;
 }
 
 /// GitLab's `GET /projects/:id/jobs/:job_id` `tag_list`.
