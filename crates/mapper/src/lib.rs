@@ -10,7 +10,8 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use ephemeral_aws::{item_to_json, port_error};
 use ephemeral_core::jobs::WorkflowInput;
 use ephemeral_core::mapping::{
-    ANY_JOB, Executor, InvalidItem, JobTags, MapperOutput, MappingRules, Rule, map_job, rule_from_item,
+    ANY_JOB, Executor, InvalidItem, JobTags, MapperOutput, MappingRules, Rule, map_job,
+    rule_from_item,
 };
 use ephemeral_core::webhook::PortError;
 
@@ -28,9 +29,13 @@ pub struct ConfigError(String);
 
 impl MapperConfig {
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let value = |name: &str| get(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty());
-        let mapping_table_name =
-            value("MAPPING_TABLE_NAME").ok_or_else(|| ConfigError("MAPPING_TABLE_NAME is not set".into()))?;
+        let value = |name: &str| {
+            get(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let mapping_table_name = value("MAPPING_TABLE_NAME")
+            .ok_or_else(|| ConfigError("MAPPING_TABLE_NAME is not set".into()))?;
         let default_route = match value("DEFAULT_EXECUTOR").as_deref().unwrap_or("EC2") {
             "EC2" => Executor::Ec2(Default::default()),
             "LAMBDA" => Executor::Lambda {
@@ -43,7 +48,9 @@ impl MapperConfig {
         let gitlab_url = value("GITLAB_URL").map(|u| u.trim_end_matches('/').to_owned());
         let gitlab_api_token_parameter = value("GITLAB_API_TOKEN_PARAMETER");
         if gitlab_api_token_parameter.is_some() && gitlab_url.is_none() {
-            return Err(ConfigError("GITLAB_API_TOKEN_PARAMETER is set but GITLAB_URL is not".into()));
+            return Err(ConfigError(
+                "GITLAB_API_TOKEN_PARAMETER is set but GITLAB_URL is not".into(),
+            ));
         }
         Ok(Self {
             mapping_table_name,
@@ -89,8 +96,16 @@ impl MappingRules for DynamoMappingRules {
                 match rule_from_item(&json) {
                     Ok(rule) => rules.push(rule),
                     Err(error) => invalid.push(InvalidItem {
-                        pk: json.get("pk").and_then(|v| v.as_str()).unwrap_or("?").to_owned(),
-                        sk: json.get("sk").and_then(|v| v.as_str()).unwrap_or("?").to_owned(),
+                        pk: json
+                            .get("pk")
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("?")
+                            .to_owned(),
+                        sk: json
+                            .get("sk")
+                            .and_then(|v| v.as_str())
+                            .unwrap_or("?")
+                            .to_owned(),
                         error,
                     }),
                 }
@@ -117,7 +132,11 @@ pub struct TokenSource {
 
 impl TokenSource {
     pub fn new(ssm: aws_sdk_ssm::Client, parameter: String) -> Self {
-        Self { ssm, parameter, value: tokio::sync::OnceCell::new() }
+        Self {
+            ssm,
+            parameter,
+            value: tokio::sync::OnceCell::new(),
+        }
     }
 
     async fn get(&self) -> Result<&str, PortError> {
@@ -130,11 +149,18 @@ impl TokenSource {
                     .with_decryption(true)
                     .send()
                     .await
-                    .map_err(|e| port_error(&format!("reading the GitLab API token parameter {}", self.parameter), e))?;
+                    .map_err(|e| {
+                        port_error(
+                            &format!("reading the GitLab API token parameter {}", self.parameter),
+                            e,
+                        )
+                    })?;
                 out.parameter()
                     .and_then(|p| p.value())
                     .map(str::to_owned)
-                    .ok_or_else(|| PortError(format!("SSM parameter {} has no value", self.parameter)))
+                    .ok_or_else(|| {
+                        PortError(format!("SSM parameter {} has no value", self.parameter))
+                    })
             })
             .await
             .map(String::as_str)
@@ -152,7 +178,12 @@ impl GitLabJobTags {
             .connect_timeout(Duration::from_secs(2))
             .build()
             .expect("HTTP client with static settings");
-        Self { http, base_url, token, cache: Mutex::new(HashMap::new()) }
+        Self {
+            http,
+            base_url,
+            token,
+            cache: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -167,7 +198,12 @@ impl JobTags for GitLabJobTags {
         let (Some(base), Some(token)) = (&self.base_url, &self.token) else {
             return Ok(None);
         };
-        if let Some(hit) = self.cache.lock().expect("tag cache").get(&(project_id, job_id)) {
+        if let Some(hit) = self
+            .cache
+            .lock()
+            .expect("tag cache")
+            .get(&(project_id, job_id))
+        {
             return Ok(Some(hit.clone()));
         }
         let url = format!("{base}/api/v4/projects/{project_id}/jobs/{job_id}");
@@ -181,7 +217,9 @@ impl JobTags for GitLabJobTags {
             .map_err(|e| PortError(format!("GitLab jobs API: {e}")))?;
         let status = response.status();
         if !status.is_success() {
-            return Err(PortError(format!("GitLab jobs API answered {status} for {url}")));
+            return Err(PortError(format!(
+                "GitLab jobs API answered {status} for {url}"
+            )));
         }
         let job: GitLabJob = response
             .json()
@@ -206,7 +244,8 @@ impl<R: MappingRules, T: JobTags> Mapper<R, T> {
     /// Handles the provision workflow's input; the output goes to the state machine's Choice.
     pub async fn handle(&self, input: &WorkflowInput) -> Result<MapperOutput, PortError> {
         let job = &input.job;
-        let (output, tags_error) = map_job(job, &self.rules, &self.tags, &self.default_route).await?;
+        let (output, tags_error) =
+            map_job(job, &self.rules, &self.tags, &self.default_route).await?;
         if let Some(e) = tags_error {
             tracing::warn!(error = %e, project_id = job.project_id, job_id = job.job_id,
                 "could not read the job's tags from GitLab; routing by job name only");

@@ -23,9 +23,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
         default_route: config.default_route,
     };
     let mapper = &mapper;
-    lambda_runtime::run(service_fn(move |event: LambdaEvent<WorkflowInput>| async move {
-        // The error goes to Step Functions, whose Retry/Catch act on it.
-        mapper.handle(&event.payload).await.map_err(lambda_runtime::Error::from)
-    }))
+    lambda_runtime::run(service_fn(
+        move |event: LambdaEvent<WorkflowInput>| async move {
+            // The error goes to Step Functions, whose Retry/Catch act on it.
+            mapper
+                .handle(&event.payload)
+                .await
+                .map_err(lambda_runtime::Error::from)
+        },
+    ))
     .await
 }

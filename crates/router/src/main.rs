@@ -35,8 +35,8 @@ async fn main() -> Result<(), lambda_runtime::Error> {
                 .handle(&event.payload, now_ms())
                 .await
                 .map(|outcome| format!("{outcome:?}"))
-            // An error makes Lambda retry the event, then file it in the on-failure queue.
-            .map_err(lambda_runtime::Error::from)
+                // An error makes Lambda retry the event, then file it in the on-failure queue.
+                .map_err(lambda_runtime::Error::from)
         },
     ))
     .await
