@@ -38,8 +38,9 @@ where
 }
 
 /// A DynamoDB attribute as JSON: S as string, N as number (string if it does not fit), BOOL,
-/// NULL, L/SS/NS as arrays, M as object. Binary values become base64-less placeholders: the
-/// mapping and jobs tables hold none.
+/// NULL, L/SS/NS as arrays, M as object. Reading accepts whatever another tool may have
+/// written, so a surprising item is reported by the rule parser with its field named instead
+/// of failing a whole scan. Binary values (no table of ours has any) become a string saying so.
 pub fn attribute_to_json(value: &AttributeValue) -> Value {
     let number = |n: &str| {
         n.parse::<u64>()
@@ -65,7 +66,9 @@ pub fn attribute_to_json(value: &AttributeValue) -> Value {
         }
         AttributeValue::Ns(items) => Value::Array(items.iter().map(|n| number(n)).collect()),
         AttributeValue::M(map) => Value::Object(item_to_json(map)),
-        _ => Value::String("<binary>".into()),
+        AttributeValue::B(b) => Value::String(format!("<binary, {} bytes>", b.as_ref().len())),
+        AttributeValue::Bs(items) => Value::String(format!("<binary set, {} values>", items.len())),
+        _ => Value::String("<attribute type unknown to this tool>".into()),
     }
 }
 

@@ -186,19 +186,13 @@ impl Rule {
                     item.insert("ami".into(), a.to_text().into());
                 }
                 if let Some(m) = s.market {
-                    item.insert(
-                        "market".into(),
-                        serde_json::to_value(m).expect("enum").into(),
-                    );
+                    item.insert("market".into(), serde_json::to_value(m).expect("enum"));
                 }
                 if !s.subnets.is_empty() {
                     item.insert("subnets".into(), s.subnets.clone().into());
                 }
                 if let Some(e) = s.executor {
-                    item.insert(
-                        "executor".into(),
-                        serde_json::to_value(e).expect("enum").into(),
-                    );
+                    item.insert("executor".into(), serde_json::to_value(e).expect("enum"));
                 }
             }
         }
@@ -284,14 +278,19 @@ fn executor_from(
                     ),
                 ));
             }
+            // Settings a LAMBDA route cannot honour are errors, not silently dropped.
             for (field, value) in [
                 ("instance_type", instance_type),
                 ("ami", ami),
                 ("market", market),
+                ("executor", executor),
             ] {
                 if value.is_some() {
                     return Err(err(field, "only applies to type EC2"));
                 }
+            }
+            if !subnets.is_empty() {
+                return Err(err("subnets", "only applies to type EC2"));
             }
             Ok(Executor::Lambda {
                 arn: arn.to_owned(),

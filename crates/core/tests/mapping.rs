@@ -227,3 +227,22 @@ fn the_seed_registry_file_is_accepted_and_errors_locate_the_entry() {
             .contains("unknown field `instance_type`")
     );
 }
+
+#[test]
+fn ec2_only_settings_on_a_lambda_item_are_errors_not_dropped() {
+    for (extra, field) in [
+        (json!({"subnets": ["subnet-0a1b2c3d"]}), "subnets"),
+        (json!({"executor": "docker"}), "executor"),
+        (json!({"market": "spot"}), "market"),
+    ] {
+        let mut v = json!({"pk": "job#b", "sk": "tags#", "type": "LAMBDA", "arn": ARN_A});
+        v.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        let e = rule_from_item(&item(v)).unwrap_err();
+        assert_eq!(
+            (e.field, e.problem.as_str()),
+            (field, "only applies to type EC2")
+        );
+    }
+}

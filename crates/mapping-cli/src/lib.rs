@@ -7,7 +7,6 @@
 //! Exit codes: 0 success (and, for `diff`, no difference); 1 an error (invalid file or item,
 //! AWS failure, bad arguments); 2 `diff` found differences, or `delete` found no such item.
 
-pub mod attr;
 pub mod cli;
 pub mod plan;
 pub mod registry;

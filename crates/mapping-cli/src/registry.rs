@@ -344,30 +344,16 @@ fn read_entry(index: usize, value: &Value) -> Result<RegistryEntry, Vec<Problem>
     })
 }
 
-/// Checks core's `RegistryEntry::to_rule` does not make (yet): settings it would silently drop.
+/// What core's `RegistryEntry::to_rule` accepts but the operator should hear about.
 fn lint_entry(index: usize, entry: &RegistryEntry, out: &mut Checked) {
-    let at = |field: &str, problem: &str| Problem {
-        index: Some(index),
-        name: Some(entry.name.clone()),
-        field: field.to_owned(),
-        problem: problem.to_owned(),
-    };
-    match entry.kind.as_str() {
-        "LAMBDA" => {
-            if !entry.subnets.is_empty() {
-                out.problems.push(at("subnets", "only applies to type EC2"));
-            }
-            if entry.executor.is_some() {
-                out.problems
-                    .push(at("executor", "only applies to type EC2"));
-            }
-        }
-        // A warning, not an error: seed files may carry it, and the seed ignored it too.
-        "EC2" if entry.lambda_arn.is_some() => out.warnings.push(at(
-            "lambdaArn",
-            "ignored for type EC2: not written to the table",
-        )),
-        _ => {}
+    // A warning, not an error: seed files may carry it, and the seed ignored it too.
+    if entry.kind == "EC2" && entry.lambda_arn.is_some() {
+        out.warnings.push(Problem {
+            index: Some(index),
+            name: Some(entry.name.clone()),
+            field: "lambdaArn".to_owned(),
+            problem: "ignored for type EC2: not written to the table".to_owned(),
+        });
     }
 }
 
@@ -476,7 +462,7 @@ mod tests {
     }
 
     #[test]
-    fn settings_core_would_drop_are_reported() {
+    fn settings_that_cannot_apply_are_reported() {
         let text = r#"{"jobs": [
             {"type": "LAMBDA", "name": "a", "lambdaArn": "arn:aws:lambda:us-east-1:1:function:f", "subnets": ["subnet-1"], "executor": "docker"},
             {"type": "EC2", "name": "b", "lambdaArn": "arn:aws:lambda:us-east-1:1:function:f"},
@@ -485,12 +471,10 @@ mod tests {
         ]}"#;
         let checked = check(text, Format::Json);
         let p: Vec<String> = checked.problems.iter().map(ToString::to_string).collect();
+        // Core reports the first EC2-only setting on a LAMBDA entry.
         assert_eq!(
             p,
-            [
-                "jobs[0] (name `a`): executor: only applies to type EC2",
-                "jobs[0] (name `a`): subnets: only applies to type EC2",
-            ]
+            ["jobs[0] (name `a`): executor: only applies to type EC2"]
         );
         let w: Vec<String> = checked.warnings.iter().map(ToString::to_string).collect();
         assert_eq!(w.len(), 1, "{w:?}");

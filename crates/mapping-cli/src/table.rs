@@ -8,8 +8,6 @@ use aws_sdk_dynamodb::types::{AttributeValue, KeyType, ReturnValue};
 use ephemeral_core::mapping::{KNOWN_ATTRIBUTES, Rule, RuleError, rule_from_item};
 use serde_json::{Map, Value};
 
-use crate::attr;
-
 /// The stack output that names the mapping table.
 pub const STACK_OUTPUT: &str = "MappingTableName";
 /// Logical ids of the table in a stack: ours, then the seed's.
@@ -263,7 +261,7 @@ impl Table {
             items.extend(
                 page.items()
                     .iter()
-                    .map(|i| TableItem::new(attr::item_to_json(i))),
+                    .map(|i| TableItem::new(ephemeral_aws::item_to_json(i))),
             );
         }
         items.sort_by(|a, b| (&a.pk, &a.sk).cmp(&(&b.pk, &b.sk)));
@@ -288,7 +286,7 @@ impl Table {
             items.extend(
                 page.items()
                     .iter()
-                    .map(|i| TableItem::new(attr::item_to_json(i))),
+                    .map(|i| TableItem::new(ephemeral_aws::item_to_json(i))),
             );
         }
         Ok(items)
@@ -299,7 +297,7 @@ impl Table {
         self.client
             .put_item()
             .table_name(&self.name)
-            .set_item(Some(attr::item_from_json(item)))
+            .set_item(Some(ephemeral_aws::json_to_item(item)))
             .send()
             .await
             .map(|_| ())
@@ -321,6 +319,6 @@ impl Table {
         Ok(out
             .attributes()
             .filter(|a| !a.is_empty())
-            .map(attr::item_to_json))
+            .map(ephemeral_aws::item_to_json))
     }
 }

@@ -13,7 +13,7 @@ use aws_sdk_dynamodb::types::{
 use clap::Parser as _;
 use e2e_tests::{moto_endpoint, sdk_config, unique};
 use ephemeral_core::mapping::{Registry, rule_from_item};
-use mapping_cli::{Cli, Outcome, attr, run};
+use mapping_cli::{Cli, Outcome, run};
 use serde_json::{Value, json};
 
 const ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:shell-runner";
@@ -177,7 +177,7 @@ async fn put_raw(sdk: &SdkConfig, table: &str, item: Value) {
     aws_sdk_dynamodb::Client::new(sdk)
         .put_item()
         .table_name(table)
-        .set_item(Some(attr::item_from_json(item.as_object().unwrap())))
+        .set_item(Some(ephemeral_aws::json_to_item(item.as_object().unwrap())))
         .send()
         .await
         .unwrap();
@@ -214,7 +214,7 @@ async fn round_trip_validate_apply_diff_export_in_json_and_yaml() {
     assert_eq!(items.len(), 7);
     let as_json: Vec<Value> = items
         .iter()
-        .map(|i| Value::Object(attr::item_to_json(i)))
+        .map(|i| Value::Object(ephemeral_aws::item_to_json(i)))
         .collect();
     assert!(
         as_json
