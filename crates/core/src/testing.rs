@@ -271,3 +271,57 @@ pub fn job_event(
         queued_duration_s: None,
     }
 }
+
+/// The delivery pattern the router must absorb: for each of `jobs` jobs, a pending event and a
+/// random finish (plus a `running` event when `with_running`), each delivered 1-5 times with
+/// its own delivery id (as GitLab redeliveries have), all shuffled, so finishes often come
+/// before pendings. Deterministic for a seed.
+pub fn redelivered_job_events(
+    seed: u64,
+    project_id: u64,
+    jobs: u64,
+    with_running: bool,
+) -> Vec<JobEvent> {
+    use crate::hook::JobStatus;
+    let mut rng = XorShift(seed);
+    let finishes = [
+        JobStatus::Success,
+        JobStatus::Failed,
+        JobStatus::Canceled,
+        JobStatus::Skipped,
+    ];
+    let mut events = Vec::new();
+    for job in 1..=jobs {
+        let finish = finishes[rng.below(finishes.len())].clone();
+        let mut statuses = vec![JobStatus::Pending];
+        if with_running {
+            statuses.push(JobStatus::Running);
+        }
+        statuses.push(finish);
+        for status in statuses {
+            for copy in 0..=rng.below(5) {
+                let mut e = job_event(project_id, job, "build", status.clone());
+                e.delivery_id = format!("{}-{copy}", e.delivery_id);
+                events.push(e);
+            }
+        }
+    }
+    rng.shuffle(&mut events);
+    events
+}
+
+/// Execution names of the provision workflows a sequential run over `events` must start:
+/// one per job whose pending event comes before any of its finishes.
+pub fn expected_provisions(events: &[JobEvent]) -> std::collections::BTreeSet<String> {
+    let mut finished = std::collections::BTreeSet::new();
+    let mut expected = std::collections::BTreeSet::new();
+    for e in events {
+        let key = crate::jobs::JobKey::of(e);
+        if e.status.is_finished() {
+            finished.insert(key.job_id);
+        } else if e.status == crate::hook::JobStatus::Pending && !finished.contains(&key.job_id) {
+            expected.insert(key.execution_name(crate::jobs::Workflow::Provision));
+        }
+    }
+    expected
+}

@@ -4,51 +4,20 @@
 
 use std::collections::BTreeSet;
 
-use ephemeral_core::hook::{JobEvent, JobStatus};
-use ephemeral_core::jobs::{JobKey, JobPhase, ProvisionOn, Workflow, route_event};
-use ephemeral_core::testing::{InMemoryJobs, RecordingWorkflows, XorShift, block_on, job_event};
-
-fn scenario(seed: u64, jobs: u64) -> Vec<JobEvent> {
-    let mut rng = XorShift(seed);
-    let finishes = [
-        JobStatus::Success,
-        JobStatus::Failed,
-        JobStatus::Canceled,
-        JobStatus::Skipped,
-    ];
-    let mut events = Vec::new();
-    for job in 1..=jobs {
-        let finish = finishes[rng.below(4)].clone();
-        for status in [JobStatus::Pending, JobStatus::Running, finish] {
-            for _ in 0..=rng.below(5) {
-                events.push(job_event(7, job, "build", status.clone()));
-            }
-        }
-    }
-    rng.shuffle(&mut events);
-    events
-}
+use ephemeral_core::hook::JobStatus;
+use ephemeral_core::jobs::{JobKey, JobPhase, ProvisionOn, route_event};
+use ephemeral_core::testing::{
+    InMemoryJobs, RecordingWorkflows, block_on, expected_provisions, job_event,
+    redelivered_job_events,
+};
 
 #[test]
 fn exactly_one_provision_per_unfinished_pending_and_one_teardown_per_finish() {
     for seed in [1, 42, 2026] {
-        let events = scenario(seed, 200);
+        let events = redelivered_job_events(seed, 7, 200, true);
         let (store, workflows) = (InMemoryJobs::default(), RecordingWorkflows::default());
-
-        // Which jobs had their pending event routed before any finish: only those provision.
-        let mut finished_first = BTreeSet::new();
-        let mut expect_provision = BTreeSet::new();
+        let expect_provision = expected_provisions(&events);
         for e in &events {
-            let key = JobKey::of(e);
-            match &e.status {
-                JobStatus::Pending if !finished_first.contains(&e.job_id) => {
-                    expect_provision.insert(key.execution_name(Workflow::Provision));
-                }
-                s if s.is_finished() => {
-                    finished_first.insert(e.job_id);
-                }
-                _ => {}
-            }
             block_on(route_event(e, ProvisionOn::Pending, &store, &workflows, 0)).unwrap();
         }
 

@@ -6,10 +6,7 @@ use std::path::PathBuf;
 use std::process::Command as Process;
 
 use aws_config::SdkConfig;
-use aws_sdk_dynamodb::types::{
-    AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ScalarAttributeType,
-};
+use aws_sdk_dynamodb::types::AttributeValue;
 use clap::Parser as _;
 use e2e_tests::{moto_endpoint, sdk_config, unique};
 use ephemeral_core::mapping::{Registry, rule_from_item};
@@ -125,33 +122,7 @@ fn file(name: &str, content: &str) -> String {
 }
 
 async fn create_table(sdk: &SdkConfig) -> String {
-    let name = unique("mappings");
-    let attribute = |n: &str| {
-        AttributeDefinition::builder()
-            .attribute_name(n)
-            .attribute_type(ScalarAttributeType::S)
-            .build()
-            .unwrap()
-    };
-    let key = |n: &str, t| {
-        KeySchemaElement::builder()
-            .attribute_name(n)
-            .key_type(t)
-            .build()
-            .unwrap()
-    };
-    aws_sdk_dynamodb::Client::new(sdk)
-        .create_table()
-        .table_name(&name)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(attribute("pk"))
-        .attribute_definitions(attribute("sk"))
-        .key_schema(key("pk", KeyType::Hash))
-        .key_schema(key("sk", KeyType::Range))
-        .send()
-        .await
-        .unwrap();
-    name
+    e2e_tests::create_table(sdk, "mappings", "pk", Some("sk")).await
 }
 
 /// The table's items as stored, ordered by key, through the SDK alone.
@@ -811,28 +782,8 @@ async fn the_table_is_found_through_the_stack() {
 #[tokio::test]
 async fn a_table_with_another_key_is_refused() {
     let sdk = sdk_config();
-    let name = unique("not-mappings");
-    aws_sdk_dynamodb::Client::new(&sdk)
-        .create_table()
-        .table_name(&name)
-        .billing_mode(BillingMode::PayPerRequest)
-        .attribute_definitions(
-            AttributeDefinition::builder()
-                .attribute_name("delivery_id")
-                .attribute_type(ScalarAttributeType::S)
-                .build()
-                .unwrap(),
-        )
-        .key_schema(
-            KeySchemaElement::builder()
-                .attribute_name("delivery_id")
-                .key_type(KeyType::Hash)
-                .build()
-                .unwrap(),
-        )
-        .send()
-        .await
-        .unwrap();
+    // The webhook's deliveries table, say: a mistaken --table must not be pruned.
+    let name = e2e_tests::create_table(&sdk, "not-mappings", "delivery_id", None).await;
     let path = file("registry.json", &mixed_registry().to_string());
     let out = cli(&sdk, &["apply", &path, "--table", &name, "--prune"]).await;
     expect(

@@ -9,9 +9,8 @@ use std::time::Instant;
 
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use e2e_tests::*;
-use ephemeral_core::hook::JobStatus;
 use ephemeral_core::jobs::ProvisionOn;
-use ephemeral_core::testing::{XorShift, job_event};
+use ephemeral_core::testing::redelivered_job_events;
 use router::Router;
 use router::aws::{DynamoJobStore, StepFunctions};
 
@@ -35,20 +34,17 @@ async fn run(workers: usize, jobs: u64) {
         },
         provision_on: ProvisionOn::Pending,
     });
-    let mut rng = XorShift(3);
-    let mut envelopes: Vec<EventBridgeEvent<serde_json::Value>> = Vec::new();
-    for job in 1..=jobs {
-        for status in [JobStatus::Pending, JobStatus::Failed] {
-            for copy in 0..=rng.below(3) {
-                let mut e = job_event(2, job, "build", status.clone());
-                e.delivery_id = format!("{}-{copy}", e.delivery_id);
-                envelopes.push(serde_json::from_value(serde_json::json!({
-                    "detail-type": "GitLab Job Event", "source": "ephemeral-runners.webhook", "detail": e,
-                })).unwrap());
-            }
-        }
-    }
-    rng.shuffle(&mut envelopes);
+    let envelopes: Vec<EventBridgeEvent<serde_json::Value>> = redelivered_job_events(
+        3, 2, jobs, false,
+    )
+    .iter()
+    .map(|e| {
+        serde_json::from_value(serde_json::json!({
+            "detail-type": "GitLab Job Event", "source": "ephemeral-runners.webhook", "detail": e,
+        }))
+        .unwrap()
+    })
+    .collect();
     let total = envelopes.len();
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();

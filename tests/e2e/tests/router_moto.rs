@@ -6,8 +6,8 @@ use std::collections::BTreeSet;
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use e2e_tests::*;
 use ephemeral_core::hook::{JobEvent, JobStatus};
-use ephemeral_core::jobs::{JobKey, ProvisionOn, Workflow};
-use ephemeral_core::testing::{XorShift, job_event};
+use ephemeral_core::jobs::ProvisionOn;
+use ephemeral_core::testing::{expected_provisions, job_event, redelivered_job_events};
 use router::aws::{DynamoJobStore, StepFunctions};
 use router::{Router, RouterError};
 
@@ -55,47 +55,13 @@ fn envelope(event: &JobEvent) -> EventBridgeEvent<serde_json::Value> {
     .unwrap()
 }
 
-fn scenario(seed: u64, jobs: u64) -> Vec<JobEvent> {
-    let mut rng = XorShift(seed);
-    let finishes = [
-        JobStatus::Success,
-        JobStatus::Failed,
-        JobStatus::Canceled,
-        JobStatus::Skipped,
-    ];
-    let mut events = Vec::new();
-    for job in 1..=jobs {
-        let finish = finishes[rng.below(4)].clone();
-        for status in [JobStatus::Pending, finish] {
-            for copy in 0..=rng.below(5) {
-                let mut e = job_event(11, job, "build", status.clone());
-                // Each redelivery is its own webhook delivery: the inputs differ.
-                e.delivery_id = format!("{}-{copy}", e.delivery_id);
-                events.push(e);
-            }
-        }
-    }
-    rng.shuffle(&mut events);
-    events
-}
-
 #[tokio::test]
 async fn two_hundred_jobs_duplicated_and_shuffled_yield_exactly_one_execution_each() {
     let s = stack(ProvisionOn::Pending).await;
     let sdk = sdk_config();
-    let events = scenario(7, 200);
-    let mut finished_first = BTreeSet::new();
-    let mut expect_provision = BTreeSet::new();
+    let events = redelivered_job_events(7, 11, 200, false);
+    let expect_provision = expected_provisions(&events);
     for e in &events {
-        match &e.status {
-            JobStatus::Pending if !finished_first.contains(&e.job_id) => {
-                expect_provision.insert(JobKey::of(e).execution_name(Workflow::Provision));
-            }
-            st if st.is_finished() => {
-                finished_first.insert(e.job_id);
-            }
-            _ => {}
-        }
         s.router.handle(&envelope(e), 1_000).await.unwrap();
     }
     let provisions: BTreeSet<String> = execution_names(&sdk, &s.provision_arn)
@@ -134,7 +100,7 @@ async fn two_hundred_jobs_duplicated_and_shuffled_yield_exactly_one_execution_ea
 async fn concurrent_deliveries_still_give_one_execution_per_job_and_workflow() {
     let s = std::sync::Arc::new(stack(ProvisionOn::Pending).await);
     let sdk = sdk_config();
-    let events = scenario(99, 60);
+    let events = redelivered_job_events(99, 11, 60, false);
     let mut tasks = tokio::task::JoinSet::new();
     for chunk in events.chunks(events.len().div_ceil(8)) {
         let (s, chunk) = (s.clone(), chunk.to_vec());
