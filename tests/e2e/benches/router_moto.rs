@@ -34,17 +34,16 @@ async fn run(workers: usize, jobs: u64) {
         },
         provision_on: ProvisionOn::Pending,
     });
-    let envelopes: Vec<EventBridgeEvent<serde_json::Value>> = redelivered_job_events(
-        3, 2, jobs, false,
-    )
-    .iter()
-    .map(|e| {
-        serde_json::from_value(serde_json::json!({
+    let envelopes: Vec<EventBridgeEvent<serde_json::Value>> =
+        redelivered_job_events(3, 2, jobs, false)
+            .iter()
+            .map(|e| {
+                serde_json::from_value(serde_json::json!({
             "detail-type": "GitLab Job Event", "source": "ephemeral-runners.webhook", "detail": e,
         }))
         .unwrap()
-    })
-    .collect();
+            })
+            .collect();
     let total = envelopes.len();
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
