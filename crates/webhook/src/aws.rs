@@ -176,7 +176,13 @@ impl DeliveryLedger for DynamoLedger {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| port_error("marking the delivery forwarded", e))
+            .map_err(|e| {
+                // The event is out; the claim will expire after its lease, and a redelivery
+                // after that may publish again (the router absorbs it). Worth a warning.
+                let e = port_error("marking the delivery forwarded", e);
+                tracing::warn!(delivery_id, error = %e, "delivery forwarded but not marked; a later redelivery may publish it again");
+                e
+            })
     }
 
     async fn release(&self, delivery_id: &str) -> Result<(), PortError> {
@@ -199,7 +205,12 @@ impl DeliveryLedger for DynamoLedger {
             {
                 Ok(())
             }
-            Err(e) => Err(port_error("releasing the delivery claim", e)),
+            Err(e) => {
+                // GitLab's retry is then answered 503 until the claim's lease runs out.
+                let e = port_error("releasing the delivery claim", e);
+                tracing::warn!(delivery_id, error = %e, "could not release the claim; retries wait for its lease");
+                Err(e)
+            }
         }
     }
 }
