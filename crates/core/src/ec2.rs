@@ -1,0 +1,529 @@
+//! EC2 runners: the decisions behind "one instance per job" (issue: EC2 runners).
+//!
+//! This module holds the pure parts: what to launch for a job ([`launch_plan`]), in which
+//! order to try subnets and markets and what a launch error means ([`classify_launch_error`]),
+//! the user-data (rendered from a template in the repo, refusing anything that looks like a
+//! secret: [`render_user_data`]), and what the reaper does with an instance ([`reap`]).
+//! The function crates that act on them are not built yet.
+
+use crate::hook::JobEvent;
+use crate::jobs::JobKey;
+use crate::mapping::{AmiRef, Ec2Settings, Market, RunnerExecutor};
+
+/// Tag keys on every instance we launch. `managed-by` scopes IAM (teardown and reaper may
+/// only terminate instances carrying this stack's value) and the reaper's search.
+pub const TAG_MANAGED_BY: &str = "ephemeral-runners:managed-by";
+pub const TAG_JOB_ID: &str = "ephemeral-runners:job-id";
+pub const TAG_PROJECT_ID: &str = "ephemeral-runners:project-id";
+pub const TAG_RUNNER_ID: &str = "ephemeral-runners:runner-id";
+/// An operator sets this (any value) to keep the reaper away from an instance.
+pub const TAG_REAPER_BYPASS: &str = "ephemeral-runners:keep";
+/// Set by the reaper's first pass; the second pass kills.
+pub const TAG_REAPER_MARK: &str = "ephemeral-runners:reaper-marked-at";
+
+/// Stack-level settings (template parameters); a route's [`Ec2Settings`] override them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ec2Defaults {
+    pub instance_type: String,
+    pub ami: AmiRef,
+    pub market: Market,
+    /// Tried in this order when a subnet has no capacity.
+    pub subnets: Vec<String>,
+    pub executor: RunnerExecutor,
+    /// The stack's name: the `managed-by` tag value.
+    pub stack: String,
+    /// Extra tags for cost allocation, applied to every instance.
+    pub cost_tags: Vec<(String, String)>,
+}
+
+/// What to launch for one job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchPlan {
+    pub instance_type: String,
+    pub ami: AmiRef,
+    pub executor: RunnerExecutor,
+    /// Every (subnet, market) to try, in order: see [`attempts`].
+    pub attempts: Vec<(String, Market)>,
+    pub tags: Vec<(String, String)>,
+    /// Description of the GitLab runner: names the job, so an operator can tell.
+    pub runner_description: String,
+    /// The runner's tags: the job's own, so that it can take the job; empty when unknown
+    /// (then the runner must be allowed to run untagged jobs).
+    pub runner_tags: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error("no subnet: set the stack's default subnets or the route's `subnets`")]
+    NoSubnet,
+}
+
+/// The order of launch attempts: each subnet with the preferred market, then, if that market
+/// is spot, each subnet on demand. Spot is cheaper; on-demand is the fallback when spot has no
+/// capacity or its price is too low.
+pub fn attempts(subnets: &[String], market: Market) -> Vec<(String, Market)> {
+    let mut out: Vec<_> = subnets.iter().map(|s| (s.clone(), market)).collect();
+    if market == Market::Spot {
+        out.extend(subnets.iter().map(|s| (s.clone(), Market::OnDemand)));
+    }
+    out
+}
+
+pub fn launch_plan(
+    job: &JobEvent,
+    route: &Ec2Settings,
+    defaults: &Ec2Defaults,
+    job_tags: Option<&[String]>,
+) -> Result<LaunchPlan, PlanError> {
+    let subnets = if route.subnets.is_empty() {
+        &defaults.subnets
+    } else {
+        &route.subnets
+    };
+    if subnets.is_empty() {
+        return Err(PlanError::NoSubnet);
+    }
+    let key = JobKey::of(job);
+    let mut tags = vec![
+        (TAG_MANAGED_BY.to_owned(), defaults.stack.clone()),
+        (TAG_JOB_ID.to_owned(), job.job_id.to_string()),
+        (TAG_PROJECT_ID.to_owned(), job.project_id.to_string()),
+        (
+            "Name".to_owned(),
+            format!("ephemeral-runner p{}-j{}", key.project_id, key.job_id),
+        ),
+    ];
+    tags.extend(defaults.cost_tags.iter().cloned());
+    Ok(LaunchPlan {
+        instance_type: route
+            .instance_type
+            .clone()
+            .unwrap_or_else(|| defaults.instance_type.clone()),
+        ami: route.ami.clone().unwrap_or_else(|| defaults.ami.clone()),
+        executor: route.executor.unwrap_or(defaults.executor),
+        attempts: attempts(subnets, route.market.unwrap_or(defaults.market)),
+        tags,
+        runner_description: format!(
+            "ephemeral {} job {} ({})",
+            job.project_path
+                .clone()
+                .unwrap_or_else(|| format!("project {}", job.project_id)),
+            job.job_id,
+            job.job_name
+        ),
+        runner_tags: job_tags.map(<[String]>::to_vec).unwrap_or_default(),
+    })
+}
+
+/// What a RunInstances error means for the next attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LaunchFailure {
+    /// No capacity or price for this market here: try the next subnet, then on-demand.
+    Capacity,
+    /// This subnet cannot take it (full, or the type is not offered in its zone): next subnet.
+    Subnet,
+    /// AWS is throttling or failing: retry the same attempt with backoff.
+    Transient,
+    /// Configuration or permission: retrying will not help; fail with the message.
+    Fatal,
+}
+
+/// Classifies an EC2 error code (as the SDK reports it).
+pub fn classify_launch_error(code: &str) -> LaunchFailure {
+    match code {
+        "InsufficientInstanceCapacity"
+        | "SpotMaxPriceTooLow"
+        | "MaxSpotInstanceCountExceeded"
+        | "InsufficientCapacity"
+        | "InsufficientHostCapacity"
+        | "InsufficientReservedInstanceCapacity"
+        | "UnfulfillableCapacity" => LaunchFailure::Capacity,
+        "InsufficientFreeAddressesInSubnet" | "Unsupported" | "InvalidSubnetID.NotFound" => {
+            LaunchFailure::Subnet
+        }
+        "RequestLimitExceeded"
+        | "Throttling"
+        | "InternalError"
+        | "ServiceUnavailable"
+        | "Unavailable" => LaunchFailure::Transient,
+        _ => LaunchFailure::Fatal,
+    }
+}
+
+/// Values substituted into the user-data template. None of them is a secret: the instance
+/// reads its runner token from SSM itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UserDataValues {
+    pub gitlab_url: String,
+    /// SSM path under which the token parameter for this instance is put (the instance appends
+    /// its own instance id).
+    pub token_parameter_prefix: String,
+    pub executor: RunnerExecutor,
+    pub wait_timeout_seconds: u64,
+    pub region: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UserDataError {
+    #[error("the user-data template has no `{0}` placeholder")]
+    MissingPlaceholder(&'static str),
+    #[error("the user-data template still has `{{{{...}}}}` after rendering: `{0}`")]
+    UnknownPlaceholder(String),
+    #[error(
+        "refusing to render: the value for {0} looks like a secret (user-data is readable by anyone who can describe the instance)"
+    )]
+    LooksLikeSecret(&'static str),
+    #[error("the value for {0} contains characters that are not safe in a shell script")]
+    Unsafe(&'static str),
+}
+
+/// Prefixes of GitLab and webhook secrets: none may ever reach user-data.
+const SECRET_PREFIXES: [&str; 6] = ["glrt-", "glpat-", "gldt-", "glptt-", "whsec_", "GR1348941"];
+
+/// Renders `template` (placeholders `{{GITLAB_URL}}`, `{{TOKEN_PARAMETER_PREFIX}}`,
+/// `{{EXECUTOR}}`, `{{WAIT_TIMEOUT}}`, `{{REGION}}`, each required). Values must be plain (no
+/// quotes, spaces or shell metacharacters) and must not look like secrets.
+pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<String, UserDataError> {
+    let executor = match values.executor {
+        RunnerExecutor::Shell => "shell",
+        RunnerExecutor::Docker => "docker",
+    };
+    let wait = values.wait_timeout_seconds.to_string();
+    let pairs: [(&'static str, &str); 5] = [
+        ("GITLAB_URL", &values.gitlab_url),
+        ("TOKEN_PARAMETER_PREFIX", &values.token_parameter_prefix),
+        ("EXECUTOR", executor),
+        ("WAIT_TIMEOUT", &wait),
+        ("REGION", &values.region),
+    ];
+    let mut out = template.to_owned();
+    for (name, value) in pairs {
+        if SECRET_PREFIXES.iter().any(|p| value.contains(p)) {
+            return Err(UserDataError::LooksLikeSecret(name));
+        }
+        let safe = value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:@".contains(c));
+        if !safe || value.is_empty() {
+            return Err(UserDataError::Unsafe(name));
+        }
+        let placeholder = format!("{{{{{name}}}}}");
+        if !out.contains(&placeholder) {
+            return Err(UserDataError::MissingPlaceholder(name));
+        }
+        out = out.replace(&placeholder, value);
+    }
+    if let Some(start) = out.find("{{") {
+        let rest = &out[start..];
+        let end = rest.find("}}").map_or(rest.len().min(40), |e| e + 2);
+        return Err(UserDataError::UnknownPlaceholder(rest[..end].to_owned()));
+    }
+    Ok(out)
+}
+
+/// What the reaper knows about one instance tagged `managed-by` this stack.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstanceFacts {
+    pub launched_at_ms: u64,
+    pub bypass: bool,
+    /// When an earlier pass marked it, if one did.
+    pub marked_at_ms: Option<u64>,
+    /// Whether the runner on it has ever picked a job (GitLab says, or the jobs table does).
+    pub picked_a_job: bool,
+    /// The job it was launched for is finished (or cleaned) in the jobs table.
+    pub job_finished: bool,
+    /// GitLab's answer to "is this runner running a job now?", asked once before a kill;
+    /// `None` when GitLab could not be asked.
+    pub runner_busy: Option<bool>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReaperSettings {
+    /// No instance lives longer, whatever it is doing.
+    pub max_lifetime_ms: u64,
+    /// `run-single --wait-timeout` plus boot time: a runner idle this long got no job.
+    pub idle_grace_ms: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReaperAction {
+    Keep(&'static str),
+    /// First pass: tag it; a slow boot or a job about to start gets one more interval.
+    Mark(&'static str),
+    Kill(&'static str),
+}
+
+/// The reaper's decision for one instance. Two-phase: an instance that looks orphaned is
+/// marked on one pass and killed on the next only if it still looks orphaned then. Past the
+/// maximum lifetime it is killed at once. A runner GitLab reports busy is kept (unless past
+/// the maximum lifetime: a job may not outlive it).
+pub fn reap(facts: &InstanceFacts, settings: &ReaperSettings, now_ms: u64) -> ReaperAction {
+    if facts.bypass {
+        return ReaperAction::Keep("bypass tag set");
+    }
+    let age = now_ms.saturating_sub(facts.launched_at_ms);
+    if age >= settings.max_lifetime_ms {
+        return ReaperAction::Kill("past the maximum lifetime");
+    }
+    let reason = if facts.job_finished && facts.runner_busy != Some(true) {
+        Some("its job is finished")
+    } else if !facts.picked_a_job
+        && age >= settings.idle_grace_ms
+        && facts.runner_busy != Some(true)
+    {
+        Some("never picked a job within the wait timeout")
+    } else {
+        None
+    };
+    match (reason, facts.marked_at_ms) {
+        (None, _) => ReaperAction::Keep("in use or still within its grace time"),
+        (Some(why), Some(_)) => ReaperAction::Kill(why),
+        (Some(why), None) => ReaperAction::Mark(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hook::JobStatus;
+    use crate::testing::job_event;
+
+    fn defaults() -> Ec2Defaults {
+        Ec2Defaults {
+            instance_type: "t3.medium".into(),
+            ami: AmiRef::SsmParameter(
+                "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64".into(),
+            ),
+            market: Market::Spot,
+            subnets: vec!["subnet-aaaa1111".into(), "subnet-bbbb2222".into()],
+            executor: RunnerExecutor::Docker,
+            stack: "ci-runners".into(),
+            cost_tags: vec![("cost-center".into(), "ci".into())],
+        }
+    }
+
+    #[test]
+    fn route_settings_override_defaults_and_spot_falls_back_to_on_demand() {
+        let job = job_event(7, 99, "build", JobStatus::Pending);
+        let route = Ec2Settings {
+            instance_type: Some("c7i.xlarge".into()),
+            subnets: vec!["subnet-cccc3333".into()],
+            ..Default::default()
+        };
+        let plan = launch_plan(&job, &route, &defaults(), Some(&["docker".into()])).unwrap();
+        assert_eq!(plan.instance_type, "c7i.xlarge");
+        assert_eq!(plan.executor, RunnerExecutor::Docker);
+        assert_eq!(
+            plan.attempts,
+            [
+                ("subnet-cccc3333".to_owned(), Market::Spot),
+                ("subnet-cccc3333".to_owned(), Market::OnDemand)
+            ]
+        );
+        assert!(
+            plan.tags
+                .contains(&(TAG_MANAGED_BY.into(), "ci-runners".into()))
+        );
+        assert!(plan.tags.contains(&(TAG_JOB_ID.into(), "99".into())));
+        assert!(plan.tags.contains(&("cost-center".into(), "ci".into())));
+        assert_eq!(plan.runner_tags, ["docker"]);
+        assert!(plan.runner_description.contains("job 99"));
+
+        let on_demand = Ec2Settings {
+            market: Some(Market::OnDemand),
+            ..Default::default()
+        };
+        let plan = launch_plan(&job, &on_demand, &defaults(), None).unwrap();
+        assert_eq!(
+            plan.attempts.len(),
+            2,
+            "each default subnet once, on demand only"
+        );
+        let mut no_subnets = defaults();
+        no_subnets.subnets.clear();
+        assert_eq!(
+            launch_plan(&job, &Ec2Settings::default(), &no_subnets, None),
+            Err(PlanError::NoSubnet)
+        );
+    }
+
+    #[test]
+    fn launch_errors_are_classified() {
+        assert_eq!(
+            classify_launch_error("InsufficientInstanceCapacity"),
+            LaunchFailure::Capacity
+        );
+        assert_eq!(
+            classify_launch_error("SpotMaxPriceTooLow"),
+            LaunchFailure::Capacity
+        );
+        assert_eq!(
+            classify_launch_error("MaxSpotInstanceCountExceeded"),
+            LaunchFailure::Capacity
+        );
+        assert_eq!(
+            classify_launch_error("InsufficientFreeAddressesInSubnet"),
+            LaunchFailure::Subnet
+        );
+        assert_eq!(
+            classify_launch_error("RequestLimitExceeded"),
+            LaunchFailure::Transient
+        );
+        assert_eq!(
+            classify_launch_error("UnauthorizedOperation"),
+            LaunchFailure::Fatal
+        );
+        assert_eq!(
+            classify_launch_error("InvalidAMIID.NotFound"),
+            LaunchFailure::Fatal
+        );
+    }
+
+    const TEMPLATE: &str = "#!/bin/bash\nurl={{GITLAB_URL}}\np={{TOKEN_PARAMETER_PREFIX}}\ne={{EXECUTOR}}\nw={{WAIT_TIMEOUT}}\nr={{REGION}}\n";
+
+    fn values() -> UserDataValues {
+        UserDataValues {
+            gitlab_url: "https://gitlab.example.com".into(),
+            token_parameter_prefix: "/ephemeral-runners/ci-runners/runner-tokens".into(),
+            executor: RunnerExecutor::Shell,
+            wait_timeout_seconds: 600,
+            region: "eu-west-1".into(),
+        }
+    }
+
+    #[test]
+    fn user_data_renders_and_refuses_secrets_and_shell_metacharacters() {
+        let out = render_user_data(TEMPLATE, &values()).unwrap();
+        assert!(out.contains("url=https://gitlab.example.com\n") && out.contains("w=600\n"));
+
+        let mut v = values();
+        v.gitlab_url = "https://gitlab.example.com/glrt-abc".into();
+        assert_eq!(
+            render_user_data(TEMPLATE, &v),
+            Err(UserDataError::LooksLikeSecret("GITLAB_URL"))
+        );
+        let mut v = values();
+        v.region = "eu-west-1; curl evil".into();
+        assert_eq!(
+            render_user_data(TEMPLATE, &v),
+            Err(UserDataError::Unsafe("REGION"))
+        );
+        assert_eq!(
+            render_user_data(&TEMPLATE.replace("{{REGION}}", "x"), &values()),
+            Err(UserDataError::MissingPlaceholder("REGION"))
+        );
+        assert!(matches!(
+            render_user_data(&format!("{TEMPLATE}{{{{TOKEN}}}}"), &values()),
+            Err(UserDataError::UnknownPlaceholder(p)) if p == "{{TOKEN}}"
+        ));
+    }
+
+    #[test]
+    fn the_repository_user_data_template_renders() {
+        let template = include_str!("../../../templates/runner-user-data.sh");
+        let out = render_user_data(template, &values()).unwrap();
+        assert!(out.starts_with("#!/bin/bash"));
+        assert!(out.contains("run-single"));
+        assert!(out.contains("--max-builds 1"));
+        assert!(out.contains("--wait-timeout 600"));
+        assert!(!SECRET_PREFIXES.iter().any(|p| out.contains(p)));
+        // A syntax error here would surface only as runners that never start.
+        use std::io::Write as _;
+        let mut bash = std::process::Command::new("bash")
+            .arg("-n")
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .expect("bash");
+        bash.stdin
+            .take()
+            .unwrap()
+            .write_all(out.as_bytes())
+            .unwrap();
+        assert!(
+            bash.wait().unwrap().success(),
+            "rendered user-data is not valid bash"
+        );
+    }
+
+    fn facts() -> InstanceFacts {
+        InstanceFacts {
+            launched_at_ms: 0,
+            bypass: false,
+            marked_at_ms: None,
+            picked_a_job: true,
+            job_finished: false,
+            runner_busy: None,
+        }
+    }
+
+    const SETTINGS: ReaperSettings = ReaperSettings {
+        max_lifetime_ms: 3_600_000,
+        idle_grace_ms: 900_000,
+    };
+
+    #[test]
+    fn reaper_is_two_phase_and_respects_bypass_busy_and_max_lifetime() {
+        // Working on its job: kept.
+        assert!(matches!(
+            reap(&facts(), &SETTINGS, 1_000_000),
+            ReaperAction::Keep(_)
+        ));
+        // Job finished (finished event lost): marked, then killed next pass.
+        let finished = InstanceFacts {
+            job_finished: true,
+            ..facts()
+        };
+        assert!(matches!(
+            reap(&finished, &SETTINGS, 1_000_000),
+            ReaperAction::Mark(_)
+        ));
+        let marked = InstanceFacts {
+            marked_at_ms: Some(1_000_000),
+            ..finished.clone()
+        };
+        assert!(matches!(
+            reap(&marked, &SETTINGS, 1_300_000),
+            ReaperAction::Kill(_)
+        ));
+        // ...unless GitLab says its runner is busy (it took another job).
+        let busy = InstanceFacts {
+            runner_busy: Some(true),
+            ..marked
+        };
+        assert!(matches!(
+            reap(&busy, &SETTINGS, 1_300_000),
+            ReaperAction::Keep(_)
+        ));
+        // Never picked a job: kept during the grace time (slow boot), then marked.
+        let idle = InstanceFacts {
+            picked_a_job: false,
+            ..facts()
+        };
+        assert!(matches!(
+            reap(&idle, &SETTINGS, 899_999),
+            ReaperAction::Keep(_)
+        ));
+        assert!(matches!(
+            reap(&idle, &SETTINGS, 900_000),
+            ReaperAction::Mark(_)
+        ));
+        // Past the maximum lifetime: killed at once, busy or not.
+        let old = InstanceFacts {
+            runner_busy: Some(true),
+            ..facts()
+        };
+        assert!(matches!(
+            reap(&old, &SETTINGS, 3_600_000),
+            ReaperAction::Kill(_)
+        ));
+        // Bypass wins over everything.
+        let kept = InstanceFacts {
+            bypass: true,
+            ..old
+        };
+        assert!(matches!(
+            reap(&kept, &SETTINGS, 9_000_000),
+            ReaperAction::Keep(_)
+        ));
+    }
+}
