@@ -1,0 +1,403 @@
+//! GitLab's runner API, as much as per-job runners need: create one (the current way,
+//! `POST /api/v4/user/runners` with a `create_runner` token, or the legacy way with a
+//! registration token), delete it, and ask whether it is running a job.
+//!
+//! Tokens live in [`Secret`], whose `Debug` and `Display` print nothing of them; errors name
+//! the endpoint and GitLab's status and message, never a request header or body.
+//! Transient failures (timeouts, connection errors, 429, 5xx) are retried with exponential
+//! backoff and jitter; the final error says how many attempts were made.
+
+use std::fmt;
+use std::time::Duration;
+
+use backon::{ExponentialBuilder, Retryable as _};
+use serde::Deserialize;
+
+/// A token: GitLab personal/project access token, registration token or runner token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The clear value, for the one place that must send or store it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// How runners are created.
+#[derive(Debug, Clone)]
+pub enum Registration {
+    /// `POST /api/v4/user/runners` with a token that has the `create_runner` scope (GitLab 15.10+;
+    /// the only way by default since 17.0).
+    CreateRunnerToken(Secret),
+    /// `POST /api/v4/runners` with a registration token (disabled by default since 17.0).
+    RegistrationToken(Secret),
+}
+
+/// Who may use the runner (`runner_type` of `POST /user/runners`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunnerScope {
+    Instance,
+    Group(u64),
+    Project(u64),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NewRunner {
+    pub description: String,
+    pub tags: Vec<String>,
+    /// Whether it may take jobs without tags (needed when the job's tags are unknown).
+    pub run_untagged: bool,
+    pub scope: RunnerScope,
+    /// `maximum_timeout` in seconds: no job may hold the instance longer.
+    pub maximum_timeout_seconds: Option<u64>,
+}
+
+/// A created runner: its id (to delete it) and its authentication token (for the instance).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerCredentials {
+    pub id: u64,
+    pub token: Secret,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    Removed,
+    /// GitLab answered 404: someone (or an earlier attempt) already removed it.
+    AlreadyGone,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GitLabError {
+    #[error(
+        "{endpoint}: GitLab answered 410 Gone: runner registration tokens are disabled on this GitLab (the default since 17.0); configure a token with the create_runner scope instead"
+    )]
+    RegistrationDisabled { endpoint: String },
+    #[error("{endpoint}: GitLab answered {status}: {message} (check the token and its scopes)")]
+    Unauthorized {
+        endpoint: String,
+        status: u16,
+        message: String,
+    },
+    #[error("{endpoint}: GitLab answered {status}: {message}{}", attempts_note(*.attempts))]
+    Status {
+        endpoint: String,
+        status: u16,
+        message: String,
+        attempts: u32,
+    },
+    #[error("{endpoint}: {message}{}", attempts_note(*.attempts))]
+    Transport {
+        endpoint: String,
+        message: String,
+        attempts: u32,
+    },
+    #[error("{endpoint}: unexpected answer: {message}")]
+    Unexpected { endpoint: String, message: String },
+}
+
+fn attempts_note(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" (after {attempts} attempts)")
+    } else {
+        String::new()
+    }
+}
+
+impl GitLabError {
+    /// Worth trying again: GitLab or the network may recover.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Transport { .. } => true,
+            Self::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+
+    fn with_attempts(mut self, n: u32) -> Self {
+        if let Self::Status { attempts, .. } | Self::Transport { attempts, .. } = &mut self {
+            *attempts = n;
+        }
+        self
+    }
+}
+
+/// Retry settings: transient failures are retried `max_retries` times, waiting from
+/// `min_delay` doubling up to `max_delay`, with jitter.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub max_retries: usize,
+    pub min_delay: Duration,
+    pub max_delay: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_retries: 4,
+            min_delay: Duration::from_millis(200),
+            max_delay: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GitLabClient {
+    http: reqwest::Client,
+    base_url: String,
+    retry: RetryPolicy,
+}
+
+#[derive(Deserialize)]
+struct CreatedRunner {
+    id: u64,
+    token: String,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    message: Option<serde_json::Value>,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// GitLab's error message from a body, short and on one line.
+fn message_of(body: &str) -> String {
+    let text = match serde_json::from_str::<ErrorBody>(body) {
+        Ok(ErrorBody {
+            message: Some(serde_json::Value::String(s)),
+            ..
+        }) => s,
+        Ok(ErrorBody {
+            message: Some(other),
+            ..
+        }) => other.to_string(),
+        Ok(ErrorBody { error: Some(e), .. }) => e,
+        _ => body.to_owned(),
+    };
+    let mut one_line: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    if one_line.len() > 200 {
+        let mut cut = 200;
+        while !one_line.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        one_line.truncate(cut);
+        one_line.push('…');
+    }
+    one_line
+}
+
+impl GitLabClient {
+    pub fn new(base_url: &str, retry: RetryPolicy) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .connect_timeout(Duration::from_secs(3))
+            .build()
+            .expect("HTTP client with static settings");
+        Self {
+            http,
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            retry,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v4{path}", self.base_url)
+    }
+
+    /// Sends a request built by `build` (again on each retry); returns status and body text.
+    async fn send(
+        &self,
+        endpoint: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<(u16, String), GitLabError> {
+        let attempt = || async {
+            let response = build().send().await.map_err(|e| GitLabError::Transport {
+                endpoint: endpoint.to_owned(),
+                // reqwest's text names the URL and the failure, never headers or bodies.
+                message: e.without_url().to_string(),
+                attempts: 1,
+            })?;
+            let status = response.status().as_u16();
+            let body = response.text().await.unwrap_or_default();
+            if status == 429 || status >= 500 {
+                return Err(GitLabError::Status {
+                    endpoint: endpoint.to_owned(),
+                    status,
+                    message: message_of(&body),
+                    attempts: 1,
+                });
+            }
+            Ok((status, body))
+        };
+        let mut attempts = 0u32;
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.retry.min_delay)
+            .with_max_delay(self.retry.max_delay)
+            .with_max_times(self.retry.max_retries)
+            .with_jitter();
+        (|| {
+            attempts += 1;
+            attempt()
+        })
+        .retry(backoff)
+        .when(GitLabError::is_transient)
+        .await
+        .map_err(|e| e.with_attempts(attempts))
+    }
+
+    /// Creates a runner for one job.
+    pub async fn create_runner(
+        &self,
+        registration: &Registration,
+        runner: &NewRunner,
+    ) -> Result<RunnerCredentials, GitLabError> {
+        let tag_list = runner.tags.join(",");
+        let mut form: Vec<(&str, String)> = vec![
+            ("description", runner.description.clone()),
+            ("run_untagged", runner.run_untagged.to_string()),
+            ("locked", "true".into()),
+        ];
+        if !tag_list.is_empty() {
+            form.push(("tag_list", tag_list));
+        }
+        if let Some(t) = runner.maximum_timeout_seconds {
+            form.push(("maximum_timeout", t.to_string()));
+        }
+        let (endpoint, path) = match registration {
+            Registration::CreateRunnerToken(_) => {
+                match runner.scope {
+                    RunnerScope::Instance => form.push(("runner_type", "instance_type".into())),
+                    RunnerScope::Group(id) => {
+                        form.push(("runner_type", "group_type".into()));
+                        form.push(("group_id", id.to_string()));
+                    }
+                    RunnerScope::Project(id) => {
+                        form.push(("runner_type", "project_type".into()));
+                        form.push(("project_id", id.to_string()));
+                    }
+                }
+                ("POST /user/runners", "/user/runners")
+            }
+            Registration::RegistrationToken(token) => {
+                form.push(("token", token.expose().to_owned()));
+                ("POST /runners", "/runners")
+            }
+        };
+        let (status, body) = self
+            .send(endpoint, || {
+                let request = self.http.post(self.url(path)).form(&form);
+                match registration {
+                    Registration::CreateRunnerToken(t) => {
+                        request.header("PRIVATE-TOKEN", t.expose())
+                    }
+                    Registration::RegistrationToken(_) => request,
+                }
+            })
+            .await?;
+        match status {
+            200 | 201 => {
+                let created: CreatedRunner =
+                    serde_json::from_str(&body).map_err(|e| GitLabError::Unexpected {
+                        endpoint: endpoint.into(),
+                        // The body holds the token: name the parse error only.
+                        message: format!(
+                            "body is not a created runner ({})",
+                            format!("{:?}", e.classify())
+                        ),
+                    })?;
+                Ok(RunnerCredentials {
+                    id: created.id,
+                    token: Secret::new(created.token),
+                })
+            }
+            410 if matches!(registration, Registration::RegistrationToken(_)) => {
+                Err(GitLabError::RegistrationDisabled {
+                    endpoint: endpoint.into(),
+                })
+            }
+            401 | 403 => Err(GitLabError::Unauthorized {
+                endpoint: endpoint.into(),
+                status,
+                message: message_of(&body),
+            }),
+            other => Err(GitLabError::Status {
+                endpoint: endpoint.into(),
+                status: other,
+                message: message_of(&body),
+                attempts: 1,
+            }),
+        }
+    }
+
+    /// Deletes a runner by id (`DELETE /api/v4/runners/:id`); a runner already gone is done.
+    pub async fn delete_runner(&self, api_token: &Secret, id: u64) -> Result<Deleted, GitLabError> {
+        let endpoint = format!("DELETE /runners/{id}");
+        let (status, body) = self
+            .send(&endpoint, || {
+                self.http
+                    .delete(self.url(&format!("/runners/{id}")))
+                    .header("PRIVATE-TOKEN", api_token.expose())
+            })
+            .await?;
+        match status {
+            200..=299 => Ok(Deleted::Removed),
+            404 => Ok(Deleted::AlreadyGone),
+            401 | 403 => Err(GitLabError::Unauthorized {
+                endpoint,
+                status,
+                message: message_of(&body),
+            }),
+            other => Err(GitLabError::Status {
+                endpoint,
+                status: other,
+                message: message_of(&body),
+                attempts: 1,
+            }),
+        }
+    }
+
+    /// Whether the runner is running a job now (`GET /runners/:id/jobs?status=running`).
+    pub async fn runner_busy(&self, api_token: &Secret, id: u64) -> Result<bool, GitLabError> {
+        let endpoint = format!("GET /runners/{id}/jobs");
+        let (status, body) = self
+            .send(&endpoint, || {
+                self.http
+                    .get(self.url(&format!("/runners/{id}/jobs")))
+                    .query(&[("status", "running"), ("per_page", "1")])
+                    .header("PRIVATE-TOKEN", api_token.expose())
+            })
+            .await?;
+        match status {
+            200 => serde_json::from_str::<Vec<serde_json::Value>>(&body)
+                .map(|jobs| !jobs.is_empty())
+                .map_err(|e| GitLabError::Unexpected {
+                    endpoint,
+                    message: format!("not a list of jobs ({e})"),
+                }),
+            // A runner that no longer exists runs nothing.
+            404 => Ok(false),
+            401 | 403 => Err(GitLabError::Unauthorized {
+                endpoint,
+                status,
+                message: message_of(&body),
+            }),
+            other => Err(GitLabError::Status {
+                endpoint,
+                status: other,
+                message: message_of(&body),
+                attempts: 1,
+            }),
+        }
+    }
+}
