@@ -311,10 +311,7 @@ impl GitLabClient {
                     serde_json::from_str(&body).map_err(|e| GitLabError::Unexpected {
                         endpoint: endpoint.into(),
                         // The body holds the token: name the parse error only.
-                        message: format!(
-                            "body is not a created runner ({})",
-                            format!("{:?}", e.classify())
-                        ),
+                        message: format!("body is not a created runner ({:?})", e.classify()),
                     })?;
                 Ok(RunnerCredentials {
                     id: created.id,
