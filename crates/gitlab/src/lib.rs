@@ -1,6 +1,6 @@
-//! GitLab's runner API, as much as per-job runners need: create one (the current way,
+//! GitLab's REST API, as much as per-job runners need: create a runner (the current way,
 //! `POST /api/v4/user/runners` with a `create_runner` token, or the legacy way with a
-//! registration token), delete it, and ask whether it is running a job.
+//! registration token), delete it, ask whether it is running a job, and read a job's tags.
 //!
 //! Tokens live in [`Secret`], whose `Debug` and `Display` print nothing of them; errors name
 //! the endpoint and GitLab's status and message, never a request header or body.
@@ -384,6 +384,47 @@ impl GitLabClient {
                 }),
             // A runner that no longer exists runs nothing.
             404 => Ok(false),
+            401 | 403 => Err(GitLabError::Unauthorized {
+                endpoint,
+                status,
+                message: message_of(&body),
+            }),
+            other => Err(GitLabError::Status {
+                endpoint,
+                status: other,
+                message: message_of(&body),
+                attempts: 1,
+            }),
+        }
+    }
+
+    /// The job's `tag_list` (`GET /projects/:id/jobs/:job_id`, a `read_api` token).
+    pub async fn job_tags(
+        &self,
+        api_token: &Secret,
+        project_id: u64,
+        job_id: u64,
+    ) -> Result<Vec<String>, GitLabError> {
+        #[derive(Deserialize)]
+        struct Job {
+            #[serde(default)]
+            tag_list: Vec<String>,
+        }
+        let endpoint = format!("GET /projects/{project_id}/jobs/{job_id}");
+        let (status, body) = self
+            .send(&endpoint, || {
+                self.http
+                    .get(self.url(&format!("/projects/{project_id}/jobs/{job_id}")))
+                    .header("PRIVATE-TOKEN", api_token.expose())
+            })
+            .await?;
+        match status {
+            200 => serde_json::from_str::<Job>(&body)
+                .map(|j| j.tag_list)
+                .map_err(|e| GitLabError::Unexpected {
+                    endpoint,
+                    message: format!("not a job ({e})"),
+                }),
             401 | 403 => Err(GitLabError::Unauthorized {
                 endpoint,
                 status,

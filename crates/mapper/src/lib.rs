@@ -14,6 +14,7 @@ use ephemeral_core::mapping::{
     rule_from_item,
 };
 use ephemeral_core::webhook::PortError;
+use ephemeral_gitlab::{GitLabClient, RetryPolicy, Secret};
 
 #[derive(Debug, Clone)]
 pub struct MapperConfig {
@@ -118,8 +119,7 @@ impl MappingRules for DynamoMappingRules {
 /// The job's `tag_list` from GitLab's jobs API, with a `read_api` token from SSM (read once per
 /// cold start). Answers are cached per job: Step Functions retries call the mapper again.
 pub struct GitLabJobTags {
-    pub http: reqwest::Client,
-    pub base_url: Option<String>,
+    pub gitlab: Option<GitLabClient>,
     pub token: Option<TokenSource>,
     cache: Mutex<HashMap<(u64, u64), Vec<String>>>,
 }
@@ -127,7 +127,7 @@ pub struct GitLabJobTags {
 pub struct TokenSource {
     pub ssm: aws_sdk_ssm::Client,
     pub parameter: String,
-    value: tokio::sync::OnceCell<String>,
+    value: tokio::sync::OnceCell<Secret>,
 }
 
 impl TokenSource {
@@ -139,7 +139,7 @@ impl TokenSource {
         }
     }
 
-    async fn get(&self) -> Result<&str, PortError> {
+    async fn get(&self) -> Result<&Secret, PortError> {
         self.value
             .get_or_try_init(|| async {
                 let out = self
@@ -157,13 +157,12 @@ impl TokenSource {
                     })?;
                 out.parameter()
                     .and_then(|p| p.value())
-                    .map(str::to_owned)
+                    .map(Secret::new)
                     .ok_or_else(|| {
                         PortError(format!("SSM parameter {} has no value", self.parameter))
                     })
             })
             .await
-            .map(String::as_str)
     }
 }
 
@@ -172,30 +171,24 @@ const TAG_CACHE_ENTRIES: usize = 4096;
 
 impl GitLabJobTags {
     pub fn new(base_url: Option<String>, token: Option<TokenSource>) -> Self {
-        let http = reqwest::Client::builder()
-            // The mapper runs inside a workflow step; a slow GitLab must not hold it.
-            .timeout(Duration::from_secs(5))
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .expect("HTTP client with static settings");
+        // One quick retry: the mapper runs inside a workflow step, and without tags it still
+        // routes (by job name), so a slow or failing GitLab must not hold the job.
+        let retry = RetryPolicy {
+            max_retries: 1,
+            min_delay: Duration::from_millis(200),
+            max_delay: Duration::from_millis(500),
+        };
         Self {
-            http,
-            base_url,
+            gitlab: base_url.map(|u| GitLabClient::new(&u, retry)),
             token,
             cache: Mutex::new(HashMap::new()),
         }
     }
 }
 
-#[derive(serde::Deserialize)]
-struct GitLabJob {
-    #[serde(default)]
-    tag_list: Vec<String>,
-}
-
 impl JobTags for GitLabJobTags {
     async fn tags(&self, project_id: u64, job_id: u64) -> Result<Option<Vec<String>>, PortError> {
-        let (Some(base), Some(token)) = (&self.base_url, &self.token) else {
+        let (Some(gitlab), Some(token)) = (&self.gitlab, &self.token) else {
             return Ok(None);
         };
         if let Some(hit) = self
@@ -206,31 +199,16 @@ impl JobTags for GitLabJobTags {
         {
             return Ok(Some(hit.clone()));
         }
-        let url = format!("{base}/api/v4/projects/{project_id}/jobs/{job_id}");
-        let response = self
-            .http
-            .get(&url)
-            .header("PRIVATE-TOKEN", token.get().await?)
-            .send()
+        let tags = gitlab
+            .job_tags(token.get().await?, project_id, job_id)
             .await
-            // reqwest's error text names the URL, never the headers: no token in it.
-            .map_err(|e| PortError(format!("GitLab jobs API: {e}")))?;
-        let status = response.status();
-        if !status.is_success() {
-            return Err(PortError(format!(
-                "GitLab jobs API answered {status} for {url}"
-            )));
-        }
-        let job: GitLabJob = response
-            .json()
-            .await
-            .map_err(|e| PortError(format!("GitLab jobs API: unexpected body: {e}")))?;
+            .map_err(|e| PortError(e.to_string()))?;
         let mut cache = self.cache.lock().expect("tag cache");
         if cache.len() >= TAG_CACHE_ENTRIES {
             cache.clear();
         }
-        cache.insert((project_id, job_id), job.tag_list.clone());
-        Ok(Some(job.tag_list))
+        cache.insert((project_id, job_id), tags.clone());
+        Ok(Some(tags))
     }
 }
 
