@@ -105,6 +105,24 @@ pub enum GitLabError {
     Unexpected { endpoint: String, message: String },
 }
 
+/// A final answer that is neither success nor a case the caller handles: 401/403 say the token
+/// is wrong or lacks a scope; anything else is reported as is.
+fn refused(endpoint: &str, status: u16, body: &str) -> GitLabError {
+    match status {
+        401 | 403 => GitLabError::Unauthorized {
+            endpoint: endpoint.to_owned(),
+            status,
+            message: message_of(body),
+        },
+        _ => GitLabError::Status {
+            endpoint: endpoint.to_owned(),
+            status,
+            message: message_of(body),
+            attempts: 1,
+        },
+    }
+}
+
 fn attempts_note(attempts: u32) -> String {
     if attempts > 1 {
         format!(" (after {attempts} attempts)")
@@ -323,17 +341,7 @@ impl GitLabClient {
                     endpoint: endpoint.into(),
                 })
             }
-            401 | 403 => Err(GitLabError::Unauthorized {
-                endpoint: endpoint.into(),
-                status,
-                message: message_of(&body),
-            }),
-            other => Err(GitLabError::Status {
-                endpoint: endpoint.into(),
-                status: other,
-                message: message_of(&body),
-                attempts: 1,
-            }),
+            _ => Err(refused(endpoint, status, &body)),
         }
     }
 
@@ -350,17 +358,7 @@ impl GitLabClient {
         match status {
             200..=299 => Ok(Deleted::Removed),
             404 => Ok(Deleted::AlreadyGone),
-            401 | 403 => Err(GitLabError::Unauthorized {
-                endpoint,
-                status,
-                message: message_of(&body),
-            }),
-            other => Err(GitLabError::Status {
-                endpoint,
-                status: other,
-                message: message_of(&body),
-                attempts: 1,
-            }),
+            _ => Err(refused(&endpoint, status, &body)),
         }
     }
 
@@ -384,17 +382,7 @@ impl GitLabClient {
                 }),
             // A runner that no longer exists runs nothing.
             404 => Ok(false),
-            401 | 403 => Err(GitLabError::Unauthorized {
-                endpoint,
-                status,
-                message: message_of(&body),
-            }),
-            other => Err(GitLabError::Status {
-                endpoint,
-                status: other,
-                message: message_of(&body),
-                attempts: 1,
-            }),
+            _ => Err(refused(&endpoint, status, &body)),
         }
     }
 
@@ -425,17 +413,7 @@ impl GitLabClient {
                     endpoint,
                     message: format!("not a job ({e})"),
                 }),
-            401 | 403 => Err(GitLabError::Unauthorized {
-                endpoint,
-                status,
-                message: message_of(&body),
-            }),
-            other => Err(GitLabError::Status {
-                endpoint,
-                status: other,
-                message: message_of(&body),
-                attempts: 1,
-            }),
+            _ => Err(refused(&endpoint, status, &body)),
         }
     }
 }
