@@ -5,6 +5,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use e2e_tests::*;
 use webhook::AwsWebhook;
+use webhook::config::WebhookConfig;
 
 const SIGNING: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const TOKENS: &str = "old-token\nnew-token";
@@ -21,6 +22,24 @@ fn body_text(r: &aws_lambda_events::apigw::ApiGatewayV2httpResponse) -> String {
         Some(aws_lambda_events::encodings::Body::Text(t)) => t.clone(),
         other => panic!("unexpected body {other:?}"),
     }
+}
+
+/// Status of one request to a webhook built for `stack` in `mode`, with `tweak` applied to its
+/// configuration first (to point it at something missing, say).
+async fn status_with(
+    sdk: &aws_config::SdkConfig,
+    stack: &WebhookStack,
+    mode: &str,
+    tweak: impl FnOnce(&mut WebhookConfig),
+    headers: &[(&str, &str)],
+    body: &str,
+) -> i64 {
+    let mut config = webhook_config(stack, mode);
+    tweak(&mut config);
+    let r = AwsWebhook::from_config(config, sdk)
+        .handle(api_request(headers, body))
+        .await;
+    r.status_code
 }
 
 #[tokio::test]
@@ -162,46 +181,29 @@ async fn our_failures_are_5xx_so_gitlab_retries_and_nothing_is_lost() {
     ];
 
     // The bus does not exist (deleted, or EventBridge unavailable): 503.
-    let mut config = webhook_config(&stack, "token");
-    config.event_bus_name = unique("missing-bus");
-    let broken_bus = AwsWebhook::from_config(config, &sdk);
-    let r = broken_bus.handle(api_request(&headers, &body)).await;
-    assert_eq!(r.status_code, 503, "{}", body_text(&r));
-
-    // The table does not exist: 503 as well.
-    let mut config = webhook_config(&stack, "token");
-    config.dedup_table_name = unique("missing-table");
-    let broken_table = AwsWebhook::from_config(config, &sdk);
+    let (sdk, stack, h, b) = (&sdk, &stack, &headers[..], body.as_str());
+    let missing_bus = |c: &mut WebhookConfig| c.event_bus_name = unique("missing-bus");
     assert_eq!(
-        broken_table
-            .handle(api_request(&headers, &body))
-            .await
-            .status_code,
+        status_with(sdk, stack, "token", missing_bus, h, b).await,
         503
     );
-
-    // The secret parameter does not exist: 503, not 401 (GitLab must not disable the hook).
-    let mut config = webhook_config(&stack, "token");
-    config.secret_token_parameter = Some("/does/not/exist".into());
-    let no_secret = AwsWebhook::from_config(config, &sdk);
+    // The table does not exist: 503 as well.
+    let missing_table = |c: &mut WebhookConfig| c.dedup_table_name = unique("missing-table");
     assert_eq!(
-        no_secret
-            .handle(api_request(&headers, &body))
-            .await
-            .status_code,
+        status_with(sdk, stack, "token", missing_table, h, b).await,
+        503
+    );
+    // The secret parameter does not exist: 503, not 401 (GitLab must not disable the hook).
+    let missing_secret =
+        |c: &mut WebhookConfig| c.secret_token_parameter = Some("/does/not/exist".into());
+    assert_eq!(
+        status_with(sdk, stack, "token", missing_secret, h, b).await,
         503
     );
 
     // GitLab's retry reaches a healthy function: the claim made before the bus failure was
     // released, so the event is forwarded now, exactly once.
-    let healthy = AwsWebhook::from_config(webhook_config(&stack, "token"), &sdk);
-    assert_eq!(
-        healthy
-            .handle(api_request(&headers, &body))
-            .await
-            .status_code,
-        202
-    );
+    assert_eq!(status_with(sdk, stack, "token", |_| {}, h, b).await, 202);
     let events = bus_events(&sdk, &stack, 1, Duration::from_secs(10)).await;
     assert_eq!(events.len(), 1);
 }
@@ -218,33 +220,23 @@ async fn either_mode_works_with_only_the_token_parameter_created() {
     ];
 
     // The operator never created the signing token parameter: fine with `either`...
-    let mut config = webhook_config(&stack, "either");
-    config.signing_token_parameter = Some("/never/created".into());
-    let either = AwsWebhook::from_config(config, &sdk);
+    let never = |c: &mut WebhookConfig| c.signing_token_parameter = Some("/never/created".into());
     assert_eq!(
-        either
-            .handle(api_request(&headers, &body))
-            .await
-            .status_code,
+        status_with(&sdk, &stack, "either", never, &headers, &body).await,
         202
     );
-
     // ...but `both` requires it: 503 (our misconfiguration), never 401.
-    let mut config = webhook_config(&stack, "both");
-    config.signing_token_parameter = Some("/never/created".into());
-    let both = AwsWebhook::from_config(config, &sdk);
     assert_eq!(
-        both.handle(api_request(&headers, &body)).await.status_code,
+        status_with(&sdk, &stack, "both", never, &headers, &body).await,
         503
     );
-
     // And with neither parameter present, `either` cannot authenticate anything: 503.
-    let mut config = webhook_config(&stack, "either");
-    config.signing_token_parameter = Some("/never/created".into());
-    config.secret_token_parameter = Some("/never/created/either".into());
-    let none = AwsWebhook::from_config(config, &sdk);
+    let neither = |c: &mut WebhookConfig| {
+        c.signing_token_parameter = Some("/never/created".into());
+        c.secret_token_parameter = Some("/never/created/either".into());
+    };
     assert_eq!(
-        none.handle(api_request(&headers, &body)).await.status_code,
+        status_with(&sdk, &stack, "either", neither, &headers, &body).await,
         503
     );
 }
