@@ -127,13 +127,7 @@ async fn create_table(sdk: &SdkConfig) -> String {
 
 /// The table's items as stored, ordered by key, through the SDK alone.
 async fn scan(sdk: &SdkConfig, table: &str) -> Vec<HashMap<String, AttributeValue>> {
-    let out = aws_sdk_dynamodb::Client::new(sdk)
-        .scan()
-        .table_name(table)
-        .send()
-        .await
-        .unwrap();
-    let mut items = out.items().to_vec();
+    let mut items = e2e_tests::scan_items(sdk, table).await;
     let key = |i: &HashMap<String, AttributeValue>| {
         (
             i["pk"].as_s().unwrap().clone(),

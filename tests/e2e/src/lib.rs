@@ -540,3 +540,21 @@ pub async fn execution_names(sdk: &SdkConfig, state_machine_arn: &str) -> Vec<St
     names.sort();
     names
 }
+
+/// Every item of a table (paginated), as stored.
+pub async fn scan_items(
+    sdk: &SdkConfig,
+    table: &str,
+) -> Vec<std::collections::HashMap<String, aws_sdk_dynamodb::types::AttributeValue>> {
+    let mut pages = aws_sdk_dynamodb::Client::new(sdk)
+        .scan()
+        .table_name(table)
+        .into_paginator()
+        .items()
+        .send();
+    let mut items = Vec::new();
+    while let Some(item) = pages.next().await {
+        items.push(item.unwrap());
+    }
+    items
+}

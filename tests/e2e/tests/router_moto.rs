@@ -79,15 +79,7 @@ async fn two_hundred_jobs_duplicated_and_shuffled_yield_exactly_one_execution_ea
     assert_eq!(teardowns.iter().collect::<BTreeSet<_>>().len(), 200);
 
     // Every job ended finished in the table.
-    let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
-    let items = dynamo
-        .scan()
-        .table_name(&s.table)
-        .send()
-        .await
-        .unwrap()
-        .items
-        .unwrap_or_default();
+    let items = scan_items(&sdk, &s.table).await;
     assert_eq!(items.len(), 200);
     assert!(
         items
@@ -167,15 +159,7 @@ async fn malformed_events_are_clear_errors_and_write_nothing() {
     other.source = "aws.ec2".into();
     assert!(s.router.handle(&other, 1).await.is_ok());
 
-    let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
-    let items = dynamo
-        .scan()
-        .table_name(&s.table)
-        .send()
-        .await
-        .unwrap()
-        .items
-        .unwrap_or_default();
+    let items = scan_items(&sdk, &s.table).await;
     assert!(items.is_empty(), "nothing half-written: {items:?}");
     assert!(execution_names(&sdk, &s.provision_arn).await.is_empty());
 }

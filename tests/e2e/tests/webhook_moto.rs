@@ -204,7 +204,7 @@ async fn our_failures_are_5xx_so_gitlab_retries_and_nothing_is_lost() {
     // GitLab's retry reaches a healthy function: the claim made before the bus failure was
     // released, so the event is forwarded now, exactly once.
     assert_eq!(status_with(sdk, stack, "token", |_| {}, h, b).await, 202);
-    let events = bus_events(&sdk, &stack, 1, Duration::from_secs(10)).await;
+    let events = bus_events(sdk, stack, 1, Duration::from_secs(10)).await;
     assert_eq!(events.len(), 1);
 }
 
