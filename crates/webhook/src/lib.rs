@@ -5,6 +5,7 @@
 pub mod aws;
 pub mod config;
 
+use std::borrow::Cow;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
@@ -113,11 +114,12 @@ impl<L: DeliveryLedger, S: EventSink, C: SecretSource> Webhook<L, S, C> {
         request: ApiGatewayV2httpRequest,
         now_ms: u64,
     ) -> ApiGatewayV2httpResponse {
-        let body = match (request.body.as_deref(), request.is_base64_encoded) {
-            (None, _) => Vec::new(),
-            (Some(text), false) => text.as_bytes().to_vec(),
+        // Borrowed as is; only a base64 body (API Gateway's encoding) needs a new buffer.
+        let body: Cow<'_, [u8]> = match (request.body.as_deref(), request.is_base64_encoded) {
+            (None, _) => Cow::Borrowed(&[]),
+            (Some(text), false) => Cow::Borrowed(text.as_bytes()),
             (Some(text), true) => match BASE64.decode(text) {
-                Ok(bytes) => bytes,
+                Ok(bytes) => Cow::Owned(bytes),
                 Err(_) => {
                     // Only a broken gateway integration sends this; GitLab cannot cause it.
                     tracing::error!(
