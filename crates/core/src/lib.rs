@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod ec2;
+pub mod fleet;
 pub mod hook;
 pub mod jobs;
 pub mod mapping;

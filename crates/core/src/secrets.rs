@@ -1,6 +1,7 @@
 //! Webhook secrets read once per cold start and refreshed on a TTL, so that no request pays
 //! for a Parameter Store call, and an SSM outage after the first load does not lock GitLab out.
 
+use std::fmt;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 
@@ -102,6 +103,27 @@ impl<S: SecretSource> SecretCache<S> {
                 None => Err(e),
             },
         }
+    }
+}
+
+/// A token: GitLab personal/project access token, registration token or runner token. Its
+/// `Debug` prints nothing of it, so a token inside a logged struct or error stays hidden.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+    /// The clear value, for the one place that must send or store it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
     }
 }
 

@@ -7,31 +7,12 @@
 //! Transient failures (timeouts, connection errors, 429, 5xx) are retried with exponential
 //! backoff and jitter; the final error says how many attempts were made.
 
-use std::fmt;
 use std::time::Duration;
 
 use backon::{ExponentialBuilder, Retryable as _};
 use serde::Deserialize;
 
-/// A token: GitLab personal/project access token, registration token or runner token.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-    /// The clear value, for the one place that must send or store it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(<redacted>)")
-    }
-}
+pub use ephemeral_core::secrets::Secret;
 
 /// How runners are created.
 #[derive(Debug, Clone)]

@@ -1,0 +1,877 @@
+//! Per-job EC2 runners, acted out: provision one runner for a job, tear down what ran a
+//! finished job, and the reaper's pass over everything this stack launched.
+//!
+//! The steps talk to AWS and GitLab through four small ports ([`Fleet`] for EC2,
+//! [`TokenVault`] for the SSM token parameters, [`RunnerApi`] for GitLab, [`RunnerLedger`] for
+//! our tables); the pure decisions they use live in [`crate::ec2`].
+//!
+//! Every step may run twice (Step Functions retries, Lambda retries, a redelivered hook):
+//! - provision looks for the job's instance by its tags before launching, and the instance's
+//!   `runner-id` tag, set only after the token is stored, says the runner is complete;
+//! - every removal treats "already gone" as done;
+//! - the runner registry ([`RunnerLedger`]) holds every runner we created until it is removed,
+//!   so nothing we made can be forgotten, even when its instance is long gone.
+//!
+//! Known window: if the provision function dies between storing the token and tagging the
+//! instance, the retry replaces the runner; had the instance already read the old token, that
+//! runner stops working and the instance shuts down, and the new runner is then reaped as an
+//! orphan. The job itself waits for its next hook (a retry in GitLab). This needs a crash in a
+//! window of a few milliseconds.
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+
+use serde::Serialize;
+
+use crate::ec2::{
+    Ec2Defaults, InstanceFacts, LaunchFailure, PlanError, ReaperAction, ReaperSettings, TAG_JOB_ID,
+    TAG_PROJECT_ID, TAG_REAPER_BYPASS, TAG_REAPER_MARK, TAG_RUNNER_ID, UserDataError,
+    UserDataValues, classify_launch_error, launch_plan, reap, render_user_data,
+};
+use crate::hook::JobEvent;
+use crate::jobs::{JobKey, JobPhase};
+use crate::mapping::{AmiRef, Ec2Settings, Market};
+use crate::secrets::Secret;
+use crate::webhook::PortError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum InstanceState {
+    Pending,
+    Running,
+    Stopping,
+    Stopped,
+    ShuttingDown,
+    Terminated,
+}
+
+impl InstanceState {
+    /// Still costs money or may still run a job.
+    pub fn is_live(self) -> bool {
+        !matches!(self, Self::ShuttingDown | Self::Terminated)
+    }
+}
+
+/// An instance this stack launched (tagged `managed-by` with the stack's name).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Instance {
+    pub id: String,
+    pub state: InstanceState,
+    pub launched_at_ms: u64,
+    pub tags: BTreeMap<String, String>,
+}
+
+impl Instance {
+    pub fn tag(&self, key: &str) -> Option<&str> {
+        self.tags.get(key).map(String::as_str)
+    }
+
+    pub fn runner_id(&self) -> Option<u64> {
+        self.tag(TAG_RUNNER_ID)?.parse().ok()
+    }
+
+    pub fn job_key(&self) -> Option<JobKey> {
+        Some(JobKey {
+            project_id: self.tag(TAG_PROJECT_ID)?.parse().ok()?,
+            job_id: self.tag(TAG_JOB_ID)?.parse().ok()?,
+        })
+    }
+}
+
+/// Which of the stack's instances to list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceQuery {
+    /// Launched for this job.
+    Job(JobKey),
+    /// Running this GitLab runner.
+    Runner(u64),
+    /// All of them.
+    All,
+}
+
+/// One RunInstances call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LaunchRequest {
+    pub instance_type: String,
+    pub image_id: String,
+    pub subnet: String,
+    pub market: Market,
+    pub tags: Vec<(String, String)>,
+    /// Rendered from the repository's template; holds no secret.
+    pub user_data: String,
+    /// Makes the SDK's own retries of this call idempotent (EC2 returns the same instance).
+    pub client_token: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct LaunchError {
+    /// EC2's error code, e.g. `InsufficientInstanceCapacity`.
+    pub code: String,
+    pub message: String,
+}
+
+/// EC2, limited to instances tagged `managed-by` this stack.
+pub trait Fleet {
+    /// The stack's instances matching `query`, in any state EC2 still reports.
+    fn instances(
+        &self,
+        query: InstanceQuery,
+    ) -> impl Future<Output = Result<Vec<Instance>, PortError>> + Send;
+    /// The AMI id to launch (an `ssm:` reference is read from Parameter Store).
+    fn resolve_image(&self, ami: &AmiRef)
+    -> impl Future<Output = Result<String, PortError>> + Send;
+    /// Launches one instance; the id of the new instance.
+    fn launch(
+        &self,
+        request: &LaunchRequest,
+    ) -> impl Future<Output = Result<String, LaunchError>> + Send;
+    fn tag(
+        &self,
+        instance_id: &str,
+        tags: &[(String, String)],
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// Terminates; an instance already terminated or unknown is done.
+    fn terminate(&self, instance_id: &str) -> impl Future<Output = Result<(), PortError>> + Send;
+}
+
+/// The per-instance runner token parameters (SSM SecureString `<prefix>/<instance id>`).
+pub trait TokenVault {
+    fn put(
+        &self,
+        instance_id: &str,
+        token: &Secret,
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// Deletes; a parameter already gone is done.
+    fn delete(&self, instance_id: &str) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// Every token parameter: (instance id, last modified, ms since the epoch).
+    fn list(&self) -> impl Future<Output = Result<Vec<(String, u64)>, PortError>> + Send;
+}
+
+/// What the GitLab runner is created with.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerRequest {
+    pub description: String,
+    /// The job's project (a project-scoped runner is registered there).
+    pub project_id: u64,
+    /// The job's tags; empty when unknown (then the runner takes untagged jobs).
+    pub tags: Vec<String>,
+}
+
+/// GitLab's runner API (retries with backoff are the adapter's business).
+pub trait RunnerApi {
+    fn create(
+        &self,
+        request: &RunnerRequest,
+    ) -> impl Future<Output = Result<(u64, Secret), PortError>> + Send;
+    /// Deletes; a runner already gone (404) is done.
+    fn delete(&self, runner_id: u64) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// Whether it is running a job now.
+    fn busy(&self, runner_id: u64) -> impl Future<Output = Result<bool, PortError>> + Send;
+}
+
+/// A runner we created, kept until it is removed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunnerEntry {
+    pub runner_id: u64,
+    pub project_id: u64,
+    pub job_id: u64,
+    pub instance_id: String,
+    pub created_at_ms: u64,
+}
+
+/// What the jobs table says about a job, as far as runners go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobRecord {
+    pub phase: Option<JobPhase>,
+    pub runner_id: Option<u64>,
+    pub instance_id: Option<String>,
+}
+
+/// The jobs table (job -> runner -> instance) and the runner registry.
+pub trait RunnerLedger {
+    fn job(&self, key: JobKey)
+    -> impl Future<Output = Result<Option<JobRecord>, PortError>> + Send;
+    /// Registers a runner the moment it exists (before its token is stored), and notes it on
+    /// the job's item, so that nothing we created can be lost by a crash.
+    fn note_runner(
+        &self,
+        entry: &RunnerEntry,
+    ) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// Moves the job to `running` with its runner and instance, only from a lower phase.
+    /// `false` when the job is already further (it finished while we provisioned).
+    fn record_running(
+        &self,
+        key: JobKey,
+        runner_id: u64,
+        instance_id: &str,
+    ) -> impl Future<Output = Result<bool, PortError>> + Send;
+    fn runner(
+        &self,
+        runner_id: u64,
+    ) -> impl Future<Output = Result<Option<RunnerEntry>, PortError>> + Send;
+    fn runners(&self) -> impl Future<Output = Result<Vec<RunnerEntry>, PortError>> + Send;
+    fn forget_runner(&self, runner_id: u64) -> impl Future<Output = Result<(), PortError>> + Send;
+}
+
+/// The four ports together.
+#[derive(Debug)]
+pub struct FleetPorts<F, V, A, L> {
+    pub fleet: F,
+    pub vault: V,
+    pub api: A,
+    pub ledger: L,
+}
+
+/// Stack settings for the EC2 steps (template parameters).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetSettings {
+    pub defaults: Ec2Defaults,
+    pub user_data_template: String,
+    pub gitlab_url: String,
+    pub token_parameter_prefix: String,
+    pub wait_timeout_seconds: u64,
+    pub region: String,
+    pub reaper: ReaperSettings,
+    /// A token parameter or a registered runner whose instance is gone is removed once it is
+    /// this old (provisioning in flight is younger).
+    pub orphan_grace_ms: u64,
+}
+
+/// What provisioning did; the provision workflow's output (no secret in it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Provisioned {
+    Launched {
+        instance_id: String,
+        runner_id: u64,
+        subnet: String,
+        market: Market,
+        /// Attempts that failed before this one: `<subnet> <market>: <error>`.
+        failed_attempts: Vec<String>,
+    },
+    /// An earlier run of this step finished the job's runner (a retry or a repeated start).
+    AlreadyProvisioned { instance_id: String, runner_id: u64 },
+    /// The job finished before we started: nothing launched.
+    JobAlreadyFinished,
+    /// The job finished while we provisioned: what we made was removed again.
+    FinishedMeanwhile { instance_id: String, runner_id: u64 },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("cannot plan the launch: {0}")]
+    Plan(#[from] PlanError),
+    #[error("cannot render the user-data: {0}")]
+    UserData(#[from] UserDataError),
+    #[error(
+        "no capacity for {instance_type} in any subnet or market ({}); add subnets in other zones or allow other instance types",
+        tried.join("; ")
+    )]
+    NoCapacity {
+        instance_type: String,
+        tried: Vec<String>,
+    },
+    #[error(
+        "RunInstances refused {instance_type} in {subnet} ({market:?}): {error}; check the route's and the stack's EC2 settings (AMI, subnets, security group, instance profile) and the provision function's permissions"
+    )]
+    LaunchRefused {
+        instance_type: String,
+        subnet: String,
+        market: Market,
+        error: LaunchError,
+    },
+    #[error(
+        "RunInstances failed in {subnet} after the SDK's retries: {error}; the step may be retried"
+    )]
+    LaunchUnavailable { subnet: String, error: LaunchError },
+    #[error("GitLab could not create the runner: {error}{cleanup}")]
+    RunnerNotCreated { error: PortError, cleanup: String },
+    #[error("{what}: {error}{cleanup}")]
+    Step {
+        what: &'static str,
+        error: PortError,
+        cleanup: String,
+    },
+}
+
+fn step(what: &'static str) -> impl FnOnce(PortError) -> ProvisionError {
+    move |error| ProvisionError::Step {
+        what,
+        error,
+        cleanup: String::new(),
+    }
+}
+
+/// What cleaning up after a failed step did, for the error message.
+fn cleanup_note(results: &[(&str, Result<(), PortError>)]) -> String {
+    let failed: Vec<_> = results
+        .iter()
+        .filter_map(|(what, r)| r.as_ref().err().map(|e| format!("{what} failed: {e}")))
+        .collect();
+    if failed.is_empty() {
+        let done: Vec<_> = results.iter().map(|(what, _)| *what).collect();
+        format!("; cleaned up: {}", done.join(", "))
+    } else {
+        format!(
+            "; cleanup incomplete ({}), the reaper will retry",
+            failed.join("; ")
+        )
+    }
+}
+
+/// Provisions one EC2 runner for `job`: instance first (it waits for its token), then the
+/// GitLab runner, its token into the instance's parameter, the `runner-id` tag, and the job's
+/// item. See the module documentation for why each step is safe to repeat.
+pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
+    ports: &FleetPorts<F, V, A, L>,
+    settings: &FleetSettings,
+    job: &JobEvent,
+    route: &Ec2Settings,
+    job_tags: Option<&[String]>,
+    now_ms: u64,
+) -> Result<Provisioned, ProvisionError> {
+    let key = JobKey::of(job);
+    let record = ports
+        .ledger
+        .job(key)
+        .await
+        .map_err(step("reading the job's item"))?
+        .unwrap_or_default();
+    if record.phase.is_some_and(|p| p >= JobPhase::Finished) {
+        return Ok(Provisioned::JobAlreadyFinished);
+    }
+    let plan = launch_plan(job, route, &settings.defaults, job_tags)?;
+    let existing = ports
+        .fleet
+        .instances(InstanceQuery::Job(key))
+        .await
+        .map_err(step("looking for the job's instance"))?
+        .into_iter()
+        .find(|i| i.state.is_live());
+    if let Some(done) = existing
+        .as_ref()
+        .and_then(|i| Some((i.id.clone(), i.runner_id()?)))
+    {
+        let (instance_id, runner_id) = done;
+        ports
+            .ledger
+            .record_running(key, runner_id, &instance_id)
+            .await
+            .map_err(step("recording the runner on the job's item"))?;
+        return Ok(Provisioned::AlreadyProvisioned {
+            instance_id,
+            runner_id,
+        });
+    }
+
+    let (instance_id, subnet, market, failed_attempts) = match existing {
+        Some(instance) => (
+            instance.id,
+            "(launched by an earlier attempt)".to_owned(),
+            plan.attempts[0].1,
+            Vec::new(),
+        ),
+        None => {
+            let user_data = render_user_data(
+                &settings.user_data_template,
+                &UserDataValues {
+                    gitlab_url: settings.gitlab_url.clone(),
+                    token_parameter_prefix: settings.token_parameter_prefix.clone(),
+                    executor: plan.executor,
+                    wait_timeout_seconds: settings.wait_timeout_seconds,
+                    region: settings.region.clone(),
+                },
+            )?;
+            let image_id = ports
+                .fleet
+                .resolve_image(&plan.ami)
+                .await
+                .map_err(step("resolving the AMI"))?;
+            launch(ports, &plan, &key, image_id, user_data, now_ms).await?
+        }
+    };
+
+    // A runner from an earlier attempt that never reached its instance (no runner-id tag):
+    // its token was lost with that attempt, so it can never be used. Remove it first.
+    if let Some(stale) = record.runner_id {
+        ports.api.delete(stale).await.map_err(step(
+            "removing the runner of an earlier, interrupted attempt",
+        ))?;
+        ports
+            .ledger
+            .forget_runner(stale)
+            .await
+            .map_err(step("forgetting the runner of an earlier attempt"))?;
+    }
+
+    let request = RunnerRequest {
+        description: plan.runner_description.clone(),
+        project_id: key.project_id,
+        tags: plan.runner_tags.clone(),
+    };
+    let (runner_id, token) = match ports.api.create(&request).await {
+        Ok(created) => created,
+        Err(error) => {
+            let terminated = ports.fleet.terminate(&instance_id).await;
+            return Err(ProvisionError::RunnerNotCreated {
+                error,
+                cleanup: cleanup_note(&[("terminating the instance", terminated)]),
+            });
+        }
+    };
+    let entry = RunnerEntry {
+        runner_id,
+        project_id: key.project_id,
+        job_id: key.job_id,
+        instance_id: instance_id.clone(),
+        created_at_ms: now_ms,
+    };
+    let delivered = async {
+        ports
+            .ledger
+            .note_runner(&entry)
+            .await
+            .map_err(|e| ("registering the runner", e))?;
+        ports
+            .vault
+            .put(&instance_id, &token)
+            .await
+            .map_err(|e| ("storing the runner token", e))?;
+        ports
+            .fleet
+            .tag(
+                &instance_id,
+                &[(TAG_RUNNER_ID.to_owned(), runner_id.to_string())],
+            )
+            .await
+            .map_err(|e| ("tagging the instance with its runner", e))
+    }
+    .await;
+    drop(token);
+    if let Err((what, error)) = delivered {
+        let cleanup = remove_runner(ports, runner_id, Some(&instance_id)).await;
+        return Err(ProvisionError::Step {
+            what,
+            error,
+            cleanup: cleanup_note(&cleanup),
+        });
+    }
+    let moved = ports
+        .ledger
+        .record_running(key, runner_id, &instance_id)
+        .await
+        .map_err(step("recording the runner on the job's item"))?;
+    if !moved {
+        // The job finished while we launched: its teardown may have found nothing yet.
+        let cleanup = remove_runner(ports, runner_id, Some(&instance_id)).await;
+        if let Some((what, Err(error))) = cleanup.into_iter().find(|(_, r)| r.is_err()) {
+            return Err(ProvisionError::Step {
+                what,
+                error,
+                cleanup: "; the job finished while its runner was being provisioned".into(),
+            });
+        }
+        return Ok(Provisioned::FinishedMeanwhile {
+            instance_id,
+            runner_id,
+        });
+    }
+    Ok(Provisioned::Launched {
+        instance_id,
+        runner_id,
+        subnet,
+        market,
+        failed_attempts,
+    })
+}
+
+/// Tries each (subnet, market) of the plan in turn: capacity errors move on (spot, then
+/// on-demand), configuration errors stop at once.
+async fn launch<F: Fleet, V, A, L>(
+    ports: &FleetPorts<F, V, A, L>,
+    plan: &crate::ec2::LaunchPlan,
+    key: &JobKey,
+    image_id: String,
+    user_data: String,
+    now_ms: u64,
+) -> Result<(String, String, Market, Vec<String>), ProvisionError> {
+    let mut tried = Vec::new();
+    for (n, (subnet, market)) in plan.attempts.iter().enumerate() {
+        let request = LaunchRequest {
+            instance_type: plan.instance_type.clone(),
+            image_id: image_id.clone(),
+            subnet: subnet.clone(),
+            market: *market,
+            tags: plan.tags.clone(),
+            user_data: user_data.clone(),
+            // Unique per call and attempt: EC2 would hand back an instance an earlier (failed,
+            // cleaned up) call launched under the same token.
+            client_token: format!("p{}-j{}-{now_ms}-{n}", key.project_id, key.job_id),
+        };
+        match ports.fleet.launch(&request).await {
+            Ok(id) => return Ok((id, subnet.clone(), *market, tried)),
+            Err(error) => match classify_launch_error(&error.code) {
+                LaunchFailure::Capacity | LaunchFailure::Subnet => {
+                    tried.push(format!("{subnet} {}: {}", market_name(*market), error.code));
+                }
+                LaunchFailure::Transient => {
+                    return Err(ProvisionError::LaunchUnavailable {
+                        subnet: subnet.clone(),
+                        error,
+                    });
+                }
+                LaunchFailure::Fatal => {
+                    return Err(ProvisionError::LaunchRefused {
+                        instance_type: plan.instance_type.clone(),
+                        subnet: subnet.clone(),
+                        market: *market,
+                        error,
+                    });
+                }
+            },
+        }
+    }
+    Err(ProvisionError::NoCapacity {
+        instance_type: plan.instance_type.clone(),
+        tried,
+    })
+}
+
+pub fn market_name(market: Market) -> &'static str {
+    match market {
+        Market::Spot => "spot",
+        Market::OnDemand => "on-demand",
+    }
+}
+
+/// Removes one runner and everything of it: the instance, the GitLab runner, the token
+/// parameter, the registry entry (last, so a failure leaves it for the reaper). Every step
+/// runs even if an earlier one failed; each result is reported.
+async fn remove_runner<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
+    ports: &FleetPorts<F, V, A, L>,
+    runner_id: u64,
+    instance_id: Option<&str>,
+) -> Vec<(&'static str, Result<(), PortError>)> {
+    let mut results = Vec::new();
+    if let Some(instance_id) = instance_id {
+        results.push((
+            "terminating the instance",
+            ports.fleet.terminate(instance_id).await,
+        ));
+    }
+    results.push((
+        "deleting the GitLab runner",
+        ports.api.delete(runner_id).await,
+    ));
+    if let Some(instance_id) = instance_id {
+        results.push((
+            "deleting the token parameter",
+            ports.vault.delete(instance_id).await,
+        ));
+    }
+    if results.iter().all(|(_, r)| r.is_ok()) {
+        results.push((
+            "forgetting the runner",
+            ports.ledger.forget_runner(runner_id).await,
+        ));
+    }
+    results
+}
+
+/// What teardown did; the teardown workflow's output.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct TornDown {
+    pub removed: Vec<RemovedRunner>,
+    /// Runners left in place, with why.
+    pub kept: Vec<KeptRunner>,
+    /// The runner that ran the job, when it is not one of ours (a shared runner).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub not_ours: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RemovedRunner {
+    pub runner_id: u64,
+    pub instance_id: Option<String>,
+    pub why: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeptRunner {
+    pub runner_id: u64,
+    pub why: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{what} (runner {runner_id}): {error}; the step may be retried, and the reaper retries too"
+)]
+pub struct TeardownError {
+    pub what: &'static str,
+    pub runner_id: u64,
+    pub error: PortError,
+}
+
+/// Tears down after a finished job: the runner that ran it (by the hook's `runner.id`, if it
+/// is ours), and the runner launched for it if that one is idle (it never got a job: the job
+/// was canceled, skipped, or taken by another runner). A runner launched for this job that is
+/// busy took another job; that job's teardown removes it.
+pub async fn teardown<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
+    ports: &FleetPorts<F, V, A, L>,
+    job: &JobEvent,
+) -> Result<TornDown, TeardownError> {
+    let key = JobKey::of(job);
+    let mut out = TornDown::default();
+    let fail = |what: &'static str, runner_id: u64| {
+        move |error: PortError| TeardownError {
+            what,
+            runner_id,
+            error,
+        }
+    };
+    let ran_on = job.runner.as_ref().map(|r| r.id);
+    if let Some(runner_id) = ran_on {
+        match locate(ports, runner_id)
+            .await
+            .map_err(fail("looking up the runner that ran the job", runner_id))?
+        {
+            Some(instance_id) => {
+                finish_removal(ports, runner_id, instance_id.as_deref()).await?;
+                out.removed.push(RemovedRunner {
+                    runner_id,
+                    instance_id,
+                    why: "it ran the job",
+                });
+            }
+            None => out.not_ours = Some(runner_id),
+        }
+    }
+    let record = ports
+        .ledger
+        .job(key)
+        .await
+        .map_err(fail("reading the job's item", 0))?
+        .unwrap_or_default();
+    if let Some(own) = record.runner_id.filter(|id| Some(*id) != ran_on) {
+        let Some(instance_id) = locate(ports, own)
+            .await
+            .map_err(fail("looking up the job's own runner", own))?
+        else {
+            return Ok(out);
+        };
+        match ports.api.busy(own).await {
+            Ok(false) => {
+                finish_removal(ports, own, instance_id.as_deref()).await?;
+                out.removed.push(RemovedRunner {
+                    runner_id: own,
+                    instance_id,
+                    why: "launched for the job and idle",
+                });
+            }
+            Ok(true) => out.kept.push(KeptRunner {
+                runner_id: own,
+                why: "launched for the job but running another job; that job's teardown removes it"
+                    .into(),
+            }),
+            Err(e) => out.kept.push(KeptRunner {
+                runner_id: own,
+                why: format!("GitLab could not say whether it is busy ({e}); left to the reaper"),
+            }),
+        }
+    }
+    Ok(out)
+}
+
+/// Where one of our runners lives: `Some(instance)` if it is ours (registered, or on an
+/// instance tagged with it), `None` if not ours.
+async fn locate<F: Fleet, V, A, L: RunnerLedger>(
+    ports: &FleetPorts<F, V, A, L>,
+    runner_id: u64,
+) -> Result<Option<Option<String>>, PortError> {
+    if let Some(entry) = ports.ledger.runner(runner_id).await? {
+        return Ok(Some(Some(entry.instance_id)));
+    }
+    let tagged = ports
+        .fleet
+        .instances(InstanceQuery::Runner(runner_id))
+        .await?;
+    Ok(tagged.into_iter().next().map(|i| Some(i.id)))
+}
+
+async fn finish_removal<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
+    ports: &FleetPorts<F, V, A, L>,
+    runner_id: u64,
+    instance_id: Option<&str>,
+) -> Result<(), TeardownError> {
+    for (what, result) in remove_runner(ports, runner_id, instance_id).await {
+        result.map_err(|error| TeardownError {
+            what,
+            runner_id,
+            error,
+        })?;
+    }
+    Ok(())
+}
+
+/// One reaper pass: what it did, for the log and the metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReapReport {
+    pub instances_seen: usize,
+    pub killed: Vec<Reaped>,
+    pub marked: Vec<Reaped>,
+    pub stale_parameters: Vec<String>,
+    pub orphan_runners: Vec<u64>,
+    /// Failures; the pass goes on with the next item, and the next pass retries.
+    pub errors: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reaped {
+    pub instance_id: String,
+    pub runner_id: Option<u64>,
+    pub why: &'static str,
+}
+
+/// The reaper's pass: every live instance of the stack through [`reap`], then token
+/// parameters and registered runners whose instance is gone.
+pub async fn reaper_pass<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
+    ports: &FleetPorts<F, V, A, L>,
+    settings: &FleetSettings,
+    now_ms: u64,
+) -> Result<ReapReport, PortError> {
+    let mut report = ReapReport::default();
+    let instances = ports.fleet.instances(InstanceQuery::All).await?;
+    let live: HashSet<String> = instances
+        .iter()
+        .filter(|i| i.state.is_live())
+        .map(|i| i.id.clone())
+        .collect();
+    report.instances_seen = live.len();
+    for instance in instances.iter().filter(|i| i.state.is_live()) {
+        if let Err(e) = reap_instance(ports, settings, instance, now_ms, &mut report).await {
+            report.errors.push(format!("instance {}: {e}", instance.id));
+        }
+    }
+
+    match ports.vault.list().await {
+        Ok(parameters) => {
+            for (instance_id, modified_ms) in parameters {
+                let stale = now_ms.saturating_sub(modified_ms) >= settings.orphan_grace_ms;
+                if stale && !live.contains(&instance_id) {
+                    match ports.vault.delete(&instance_id).await {
+                        Ok(()) => report.stale_parameters.push(instance_id),
+                        Err(e) => report
+                            .errors
+                            .push(format!("token parameter of {instance_id}: {e}")),
+                    }
+                }
+            }
+        }
+        Err(e) => report.errors.push(format!("listing token parameters: {e}")),
+    }
+
+    match ports.ledger.runners().await {
+        Ok(entries) => {
+            for entry in entries {
+                let old = now_ms.saturating_sub(entry.created_at_ms) >= settings.orphan_grace_ms;
+                if old && !live.contains(&entry.instance_id) {
+                    let results = remove_runner(ports, entry.runner_id, None).await;
+                    match results
+                        .iter()
+                        .find_map(|(what, r)| Some((what, r.as_ref().err()?)))
+                    {
+                        None => report.orphan_runners.push(entry.runner_id),
+                        Some((what, e)) => report
+                            .errors
+                            .push(format!("runner {}: {what}: {e}", entry.runner_id)),
+                    }
+                }
+            }
+        }
+        Err(e) => report
+            .errors
+            .push(format!("listing registered runners: {e}")),
+    }
+    Ok(report)
+}
+
+async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
+    ports: &FleetPorts<F, V, A, L>,
+    settings: &FleetSettings,
+    instance: &Instance,
+    now_ms: u64,
+    report: &mut ReapReport,
+) -> Result<(), PortError> {
+    let runner_id = instance.runner_id();
+    let job_finished = match instance.job_key() {
+        Some(key) => ports
+            .ledger
+            .job(key)
+            .await?
+            .and_then(|r| r.phase)
+            .is_some_and(|p| p >= JobPhase::Finished),
+        None => false,
+    };
+    let mut facts = InstanceFacts {
+        launched_at_ms: instance.launched_at_ms,
+        bypass: instance.tag(TAG_REAPER_BYPASS).is_some(),
+        marked_at_ms: instance.tag(TAG_REAPER_MARK).and_then(|t| t.parse().ok()),
+        // Without a runner it cannot have picked anything; with one, assume it did until
+        // GitLab says otherwise (asked below, only when the instance is a candidate).
+        picked_a_job: runner_id.is_some(),
+        job_finished,
+        runner_busy: None,
+    };
+    let mut action = reap(&facts, &settings.reaper, now_ms);
+    if !matches!(action, ReaperAction::Keep(_))
+        && let Some(id) = runner_id
+    {
+        // Asked once, right before acting: a runner that looks orphaned may have just taken
+        // a job. An unanswered question counts as "not known busy".
+        facts.runner_busy = ports.api.busy(id).await.ok();
+        facts.picked_a_job = facts.runner_busy.unwrap_or(true);
+        action = reap(&facts, &settings.reaper, now_ms);
+    }
+    match action {
+        ReaperAction::Keep(_) => {}
+        ReaperAction::Mark(why) => {
+            ports
+                .fleet
+                .tag(
+                    &instance.id,
+                    &[(TAG_REAPER_MARK.to_owned(), now_ms.to_string())],
+                )
+                .await?;
+            report.marked.push(Reaped {
+                instance_id: instance.id.clone(),
+                runner_id,
+                why,
+            });
+        }
+        ReaperAction::Kill(why) => {
+            let results = match runner_id {
+                Some(id) => remove_runner(ports, id, Some(&instance.id)).await,
+                None => vec![
+                    (
+                        "terminating the instance",
+                        ports.fleet.terminate(&instance.id).await,
+                    ),
+                    (
+                        "deleting the token parameter",
+                        ports.vault.delete(&instance.id).await,
+                    ),
+                ],
+            };
+            if let Some((what, Err(e))) = results.into_iter().find(|(_, r)| r.is_err()) {
+                return Err(PortError(format!("{what}: {e}")));
+            }
+            report.killed.push(Reaped {
+                instance_id: instance.id.clone(),
+                runner_id,
+                why,
+            });
+        }
+    }
+    Ok(())
+}

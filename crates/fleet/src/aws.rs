@@ -1,0 +1,513 @@
+//! EC2, SSM Parameter Store and DynamoDB behind the core's fleet ports.
+
+use std::collections::{BTreeMap, HashMap};
+
+use aws_sdk_dynamodb::types::{AttributeValue, ReturnValuesOnConditionCheckFailure};
+use aws_sdk_ec2::error::ProvideErrorMetadata as _;
+use aws_sdk_ec2::types::{
+    Filter, HttpTokensState, IamInstanceProfileSpecification, InstanceInterruptionBehavior,
+    InstanceMarketOptionsRequest, InstanceMetadataEndpointState, InstanceMetadataOptionsRequest,
+    InstanceStateName, InstanceType, MarketType, ResourceType, ShutdownBehavior, SpotInstanceType,
+    SpotMarketOptions, Tag, TagSpecification,
+};
+use aws_sdk_ssm::types::{ParameterStringFilter, ParameterType};
+use base64::Engine as _;
+use ephemeral_aws::port_error;
+use ephemeral_core::ec2::{TAG_JOB_ID, TAG_MANAGED_BY, TAG_PROJECT_ID, TAG_RUNNER_ID};
+use ephemeral_core::fleet::{
+    Fleet, Instance, InstanceQuery, InstanceState, JobRecord, LaunchError, LaunchRequest,
+    RunnerEntry, RunnerLedger, TokenVault,
+};
+use ephemeral_core::jobs::{JobKey, JobPhase};
+use ephemeral_core::mapping::{AmiRef, Market};
+use ephemeral_core::secrets::Secret;
+use ephemeral_core::webhook::PortError;
+
+/// EC2, scoped to instances tagged `managed-by` = `stack`.
+#[derive(Debug, Clone)]
+pub struct Ec2Fleet {
+    pub ec2: aws_sdk_ec2::Client,
+    pub ssm: aws_sdk_ssm::Client,
+    pub stack: String,
+    pub security_group_ids: Vec<String>,
+    pub instance_profile_arn: Option<String>,
+}
+
+fn tag_filter(key: &str, value: impl Into<String>) -> Filter {
+    Filter::builder()
+        .name(format!("tag:{key}"))
+        .values(value)
+        .build()
+}
+
+fn state_of(name: Option<&InstanceStateName>) -> InstanceState {
+    match name {
+        Some(InstanceStateName::Pending) => InstanceState::Pending,
+        Some(InstanceStateName::Running) => InstanceState::Running,
+        Some(InstanceStateName::Stopping) => InstanceState::Stopping,
+        Some(InstanceStateName::Stopped) => InstanceState::Stopped,
+        Some(InstanceStateName::ShuttingDown) => InstanceState::ShuttingDown,
+        // Terminated, or a state this SDK does not know: nothing to act on.
+        _ => InstanceState::Terminated,
+    }
+}
+
+fn launch_error<E, R>(e: aws_sdk_ec2::error::SdkError<E, R>) -> LaunchError
+where
+    E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug + Send + Sync + 'static,
+{
+    match (e.code(), e.message()) {
+        (Some(code), message) => LaunchError {
+            code: code.to_owned(),
+            message: message.unwrap_or_default().to_owned(),
+        },
+        // No answer from EC2 (timeout, connection): worth another try later.
+        _ => LaunchError {
+            code: "Unavailable".into(),
+            message: aws_sdk_ec2::error::DisplayErrorContext(e).to_string(),
+        },
+    }
+}
+
+impl Fleet for Ec2Fleet {
+    async fn instances(&self, query: InstanceQuery) -> Result<Vec<Instance>, PortError> {
+        let mut filters = vec![tag_filter(TAG_MANAGED_BY, &self.stack)];
+        match query {
+            InstanceQuery::Job(key) => {
+                filters.push(tag_filter(TAG_PROJECT_ID, key.project_id.to_string()));
+                filters.push(tag_filter(TAG_JOB_ID, key.job_id.to_string()));
+            }
+            InstanceQuery::Runner(id) => filters.push(tag_filter(TAG_RUNNER_ID, id.to_string())),
+            InstanceQuery::All => {}
+        }
+        let mut out = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page = self
+                .ec2
+                .describe_instances()
+                .set_filters(Some(filters.clone()))
+                .set_next_token(next.take())
+                .send()
+                .await
+                .map_err(|e| port_error("EC2 DescribeInstances", e))?;
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                let Some(id) = instance.instance_id() else {
+                    continue;
+                };
+                let tags: BTreeMap<String, String> = instance
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+                    .collect();
+                out.push(Instance {
+                    id: id.to_owned(),
+                    state: state_of(instance.state().and_then(|s| s.name())),
+                    launched_at_ms: instance
+                        .launch_time()
+                        .and_then(|t| t.to_millis().ok())
+                        .and_then(|ms| u64::try_from(ms).ok())
+                        .unwrap_or(0),
+                    tags,
+                });
+            }
+            match page.next_token() {
+                Some(token) if !token.is_empty() => next = Some(token.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn resolve_image(&self, ami: &AmiRef) -> Result<String, PortError> {
+        match ami {
+            AmiRef::Id(id) => Ok(id.clone()),
+            AmiRef::SsmParameter(name) => self
+                .ssm
+                .get_parameter()
+                .name(name)
+                .send()
+                .await
+                .map_err(|e| port_error(&format!("SSM GetParameter {name} (the AMI)"), e))?
+                .parameter()
+                .and_then(|p| p.value())
+                .map(str::to_owned)
+                .ok_or_else(|| PortError(format!("SSM parameter {name} has no value"))),
+        }
+    }
+
+    async fn launch(&self, request: &LaunchRequest) -> Result<String, LaunchError> {
+        let tags: Vec<Tag> = request
+            .tags
+            .iter()
+            .map(|(k, v)| Tag::builder().key(k).value(v).build())
+            .collect();
+        let tagged = |resource| {
+            TagSpecification::builder()
+                .resource_type(resource)
+                .set_tags(Some(tags.clone()))
+                .build()
+        };
+        let mut call = self
+            .ec2
+            .run_instances()
+            .image_id(&request.image_id)
+            .instance_type(InstanceType::from(request.instance_type.as_str()))
+            .min_count(1)
+            .max_count(1)
+            .subnet_id(&request.subnet)
+            .client_token(&request.client_token)
+            .user_data(base64::engine::general_purpose::STANDARD.encode(&request.user_data))
+            // Tags at launch: IAM allows RunInstances only with this stack's managed-by tag.
+            .tag_specifications(tagged(ResourceType::Instance))
+            .tag_specifications(tagged(ResourceType::Volume))
+            .metadata_options(
+                InstanceMetadataOptionsRequest::builder()
+                    .http_tokens(HttpTokensState::Required)
+                    .http_endpoint(InstanceMetadataEndpointState::Enabled)
+                    .build(),
+            )
+            // `shutdown -h now` at the end of user-data removes the instance.
+            .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
+            .set_security_group_ids(
+                (!self.security_group_ids.is_empty()).then(|| self.security_group_ids.clone()),
+            );
+        if let Some(arn) = &self.instance_profile_arn {
+            call = call
+                .iam_instance_profile(IamInstanceProfileSpecification::builder().arn(arn).build());
+        }
+        if request.market == Market::Spot {
+            call = call.instance_market_options(
+                InstanceMarketOptionsRequest::builder()
+                    .market_type(MarketType::Spot)
+                    .spot_options(
+                        SpotMarketOptions::builder()
+                            .spot_instance_type(SpotInstanceType::OneTime)
+                            .instance_interruption_behavior(InstanceInterruptionBehavior::Terminate)
+                            .build(),
+                    )
+                    .build(),
+            );
+        }
+        let out = call.send().await.map_err(launch_error)?;
+        out.instances()
+            .first()
+            .and_then(|i| i.instance_id())
+            .map(str::to_owned)
+            .ok_or_else(|| LaunchError {
+                code: "NoInstance".into(),
+                message: "RunInstances answered without an instance".into(),
+            })
+    }
+
+    async fn tag(&self, instance_id: &str, tags: &[(String, String)]) -> Result<(), PortError> {
+        self.ec2
+            .create_tags()
+            .resources(instance_id)
+            .set_tags(Some(
+                tags.iter()
+                    .map(|(k, v)| Tag::builder().key(k).value(v).build())
+                    .collect(),
+            ))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| port_error(&format!("EC2 CreateTags on {instance_id}"), e))
+    }
+
+    async fn terminate(&self, instance_id: &str) -> Result<(), PortError> {
+        match self
+            .ec2
+            .terminate_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("InvalidInstanceID.NotFound") => Ok(()),
+            Err(e) => Err(port_error(
+                &format!("EC2 TerminateInstances {instance_id}"),
+                e,
+            )),
+        }
+    }
+}
+
+/// Runner tokens as SecureString parameters `<prefix>/<instance id>`, tagged with the
+/// instance's ARN: the instance role may read and delete only the parameter whose tag equals
+/// `${ec2:SourceInstanceARN}`.
+#[derive(Debug, Clone)]
+pub struct SsmTokenVault {
+    pub ssm: aws_sdk_ssm::Client,
+    pub prefix: String,
+    pub instance_arn_prefix: String,
+}
+
+pub const TAG_INSTANCE_ARN: &str = "ephemeral-runners:instance-arn";
+
+impl SsmTokenVault {
+    fn name(&self, instance_id: &str) -> String {
+        format!("{}/{instance_id}", self.prefix)
+    }
+}
+
+impl TokenVault for SsmTokenVault {
+    async fn put(&self, instance_id: &str, token: &Secret) -> Result<(), PortError> {
+        let name = self.name(instance_id);
+        let first = self
+            .ssm
+            .put_parameter()
+            .name(&name)
+            .value(token.expose())
+            .r#type(ParameterType::SecureString)
+            .description(
+                "GitLab runner token for one ephemeral runner instance; it deletes it once read",
+            )
+            .tags(
+                aws_sdk_ssm::types::Tag::builder()
+                    .key(TAG_INSTANCE_ARN)
+                    .value(format!("{}{instance_id}", self.instance_arn_prefix))
+                    .build()
+                    .map_err(|e| port_error("SSM tag", e))?,
+            )
+            .send()
+            .await;
+        match first {
+            Ok(_) => Ok(()),
+            // A retried step: SSM refuses Overwrite together with Tags, and the tags are
+            // already there from the first put.
+            Err(e) if e.code() == Some("ParameterAlreadyExists") => self
+                .ssm
+                .put_parameter()
+                .name(&name)
+                .value(token.expose())
+                .r#type(ParameterType::SecureString)
+                .overwrite(true)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| port_error(&format!("SSM PutParameter {name} (overwrite)"), e)),
+            Err(e) => Err(port_error(&format!("SSM PutParameter {name}"), e)),
+        }
+    }
+
+    async fn delete(&self, instance_id: &str) -> Result<(), PortError> {
+        let name = self.name(instance_id);
+        match self.ssm.delete_parameter().name(&name).send().await {
+            Ok(_) => Ok(()),
+            Err(e) if e.code() == Some("ParameterNotFound") => Ok(()),
+            Err(e) => Err(port_error(&format!("SSM DeleteParameter {name}"), e)),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<(String, u64)>, PortError> {
+        // DescribeParameters: names and dates only, never a value.
+        let mut out = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let page = self
+                .ssm
+                .describe_parameters()
+                .parameter_filters(
+                    ParameterStringFilter::builder()
+                        .key("Path")
+                        .option("OneLevel")
+                        .values(&self.prefix)
+                        .build()
+                        .map_err(|e| port_error("SSM filter", e))?,
+                )
+                .set_next_token(next.take())
+                .send()
+                .await
+                .map_err(|e| port_error("SSM DescribeParameters", e))?;
+            for p in page.parameters() {
+                let Some(name) = p.name() else { continue };
+                let Some(instance_id) = name.strip_prefix(&format!("{}/", self.prefix)) else {
+                    continue;
+                };
+                let modified = p
+                    .last_modified_date()
+                    .and_then(|t| t.to_millis().ok())
+                    .and_then(|ms| u64::try_from(ms).ok())
+                    .unwrap_or(0);
+                out.push((instance_id.to_owned(), modified));
+            }
+            match page.next_token() {
+                Some(token) if !token.is_empty() => next = Some(token.to_owned()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The jobs table (attributes `launched_runner_id`, `instance_id`; `runner_id` is the
+/// router's: the runner that ran the job) and the runner registry table (key `runner_id`).
+#[derive(Debug, Clone)]
+pub struct DynamoRunnerLedger {
+    pub client: aws_sdk_dynamodb::Client,
+    pub jobs_table: String,
+    pub runners_table: String,
+}
+
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.to_owned())
+}
+fn n(v: u64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+fn num(item: &HashMap<String, AttributeValue>, key: &str) -> Option<u64> {
+    match item.get(key)? {
+        AttributeValue::N(v) | AttributeValue::S(v) => v.parse().ok(),
+        _ => None,
+    }
+}
+fn text(item: &HashMap<String, AttributeValue>, key: &str) -> Option<String> {
+    match item.get(key)? {
+        AttributeValue::S(v) => Some(v.clone()),
+        _ => None,
+    }
+}
+
+fn entry_of(item: &HashMap<String, AttributeValue>) -> Option<RunnerEntry> {
+    Some(RunnerEntry {
+        runner_id: num(item, "runner_id")?,
+        project_id: num(item, "project_id").unwrap_or(0),
+        job_id: num(item, "job_id").unwrap_or(0),
+        instance_id: text(item, "instance_id")?,
+        created_at_ms: num(item, "created_at_ms").unwrap_or(0),
+    })
+}
+
+impl RunnerLedger for DynamoRunnerLedger {
+    async fn job(&self, key: JobKey) -> Result<Option<JobRecord>, PortError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.jobs_table)
+            .key("job_key", s(&key.table_key()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| port_error("DynamoDB GetItem (jobs)", e))?;
+        Ok(out.item().map(|item| JobRecord {
+            phase: num(item, "phase_rank")
+                .and_then(|r| u8::try_from(r).ok())
+                .and_then(JobPhase::from_rank),
+            runner_id: num(item, "launched_runner_id"),
+            instance_id: text(item, "instance_id"),
+        }))
+    }
+
+    async fn note_runner(&self, entry: &RunnerEntry) -> Result<(), PortError> {
+        let key = JobKey {
+            project_id: entry.project_id,
+            job_id: entry.job_id,
+        };
+        self.client
+            .put_item()
+            .table_name(&self.runners_table)
+            .item("runner_id", s(&entry.runner_id.to_string()))
+            .item("project_id", n(entry.project_id))
+            .item("job_id", n(entry.job_id))
+            .item("job_key", s(&key.table_key()))
+            .item("instance_id", s(&entry.instance_id))
+            .item("created_at_ms", n(entry.created_at_ms))
+            .send()
+            .await
+            .map_err(|e| port_error("DynamoDB PutItem (runners)", e))?;
+        self.client
+            .update_item()
+            .table_name(&self.jobs_table)
+            .key("job_key", s(&key.table_key()))
+            .update_expression("SET launched_runner_id = :runner, instance_id = :instance")
+            .expression_attribute_values(":runner", n(entry.runner_id))
+            .expression_attribute_values(":instance", s(&entry.instance_id))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| port_error("DynamoDB UpdateItem (jobs)", e))
+    }
+
+    async fn record_running(
+        &self,
+        key: JobKey,
+        runner_id: u64,
+        instance_id: &str,
+    ) -> Result<bool, PortError> {
+        let running = JobPhase::Running;
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.jobs_table)
+            .key("job_key", s(&key.table_key()))
+            .update_expression(
+                "SET phase = :phase, phase_rank = :rank, launched_runner_id = :runner, instance_id = :instance",
+            )
+            .condition_expression("attribute_not_exists(phase_rank) OR phase_rank < :rank")
+            .expression_attribute_values(":phase", s(running.as_str()))
+            .expression_attribute_values(":rank", n(u64::from(running.rank())))
+            .expression_attribute_values(":runner", n(runner_id))
+            .expression_attribute_values(":instance", s(instance_id))
+            .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld)
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e) => match e.into_service_error() {
+                aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(c) => {
+                    // Already running (a repeat of this step) is fine; further is not.
+                    let rank = c.item().and_then(|i| num(i, "phase_rank"));
+                    Ok(rank == Some(u64::from(running.rank())))
+                }
+                other => Err(port_error("DynamoDB UpdateItem (jobs, running)", other)),
+            },
+        }
+    }
+
+    async fn runner(&self, runner_id: u64) -> Result<Option<RunnerEntry>, PortError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.runners_table)
+            .key("runner_id", s(&runner_id.to_string()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| port_error("DynamoDB GetItem (runners)", e))?;
+        Ok(out.item().and_then(entry_of))
+    }
+
+    async fn runners(&self) -> Result<Vec<RunnerEntry>, PortError> {
+        let mut out = Vec::new();
+        let mut start: Option<HashMap<String, AttributeValue>> = None;
+        loop {
+            let page = self
+                .client
+                .scan()
+                .table_name(&self.runners_table)
+                .set_exclusive_start_key(start.take())
+                .send()
+                .await
+                .map_err(|e| port_error("DynamoDB Scan (runners)", e))?;
+            out.extend(page.items().iter().filter_map(entry_of));
+            match page.last_evaluated_key() {
+                Some(key) if !key.is_empty() => start = Some(key.clone()),
+                _ => break,
+            }
+        }
+        Ok(out)
+    }
+
+    async fn forget_runner(&self, runner_id: u64) -> Result<(), PortError> {
+        self.client
+            .delete_item()
+            .table_name(&self.runners_table)
+            .key("runner_id", s(&runner_id.to_string()))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| port_error("DynamoDB DeleteItem (runners)", e))
+    }
+}

@@ -1,0 +1,18 @@
+//! Per-job EC2 runners on AWS: three Lambda functions (binaries `ec2-provision`,
+//! `ec2-teardown`, `reaper`) that share their adapters, so they live in one crate. Every
+//! decision is in `ephemeral_core::fleet` and `ephemeral_core::ec2`; this crate reads the
+//! configuration, builds clients once, and carries out what the core decides.
+
+pub mod aws;
+pub mod config;
+pub mod gitlab;
+pub mod handlers;
+
+pub use config::{ConfigError, FleetConfig};
+pub use handlers::{Functions, ProvisionInput, TeardownInput};
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
