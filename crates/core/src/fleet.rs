@@ -817,9 +817,9 @@ async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
         launched_at_ms: instance.launched_at_ms,
         bypass: instance.tag(TAG_REAPER_BYPASS).is_some(),
         marked_at_ms: instance.tag(TAG_REAPER_MARK).and_then(|t| t.parse().ok()),
-        // Without a runner it cannot have picked anything; with one, assume it did until
-        // GitLab says otherwise (asked below, only when the instance is a candidate).
-        picked_a_job: runner_id.is_some(),
+        // First as if idle: only an instance that would then be marked or killed is worth a
+        // question to GitLab (below). Without a runner it cannot have picked anything.
+        picked_a_job: false,
         job_finished,
         runner_busy: None,
     };
@@ -830,6 +830,8 @@ async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
         // Asked once, right before acting: a runner that looks orphaned may have just taken
         // a job. An unanswered question counts as "not known busy".
         facts.runner_busy = ports.api.busy(id).await.ok();
+        // Busy now means it has a job. Idle now means it never got one, or its job ended
+        // and the finished hook was lost: either way it is done. Unknown: assume busy.
         facts.picked_a_job = facts.runner_busy.unwrap_or(true);
         action = reap(&facts, &settings.reaper, now_ms);
     }

@@ -1,0 +1,257 @@
+//! Loopback servers for the fleet tests: a stand-in for GitLab's runner API that keeps state
+//! and records every call, and a fault-injecting proxy in front of moto. Both answer one
+//! request per connection (`Connection: close`) on a thread that ends with the test process.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::net::{TcpListener, TcpStream};
+use std::sync::{Arc, Mutex};
+
+/// One HTTP request as read off the wire.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub method: String,
+    /// Path and query, as sent.
+    pub target: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or_default()
+    }
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+    pub fn body_text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+fn read_request(stream: &TcpStream) -> Option<Request> {
+    let mut reader = BufReader::new(stream.try_clone().ok()?);
+    let mut line = String::new();
+    reader.read_line(&mut line).ok()?;
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_owned();
+    let target = parts.next()?.to_owned();
+    let mut headers = Vec::new();
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header).ok()? == 0 || header == "\r\n" {
+            break;
+        }
+        if let Some((k, v)) = header.split_once(':') {
+            headers.push((k.trim().to_owned(), v.trim().to_owned()));
+        }
+    }
+    let length = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body).ok()?;
+    Some(Request {
+        method,
+        target,
+        headers,
+        body,
+    })
+}
+
+fn respond(mut stream: &TcpStream, status: u16, content_type: &str, body: &str) {
+    let reason = match status {
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        410 => "Gone",
+        _ => "Status",
+    };
+    let _ = write!(
+        stream,
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+}
+
+/// What the runner API stand-in knows and how it misbehaves.
+#[derive(Debug, Default)]
+pub struct RunnerApiState {
+    next_id: u64,
+    /// Runners that exist, with their token.
+    pub runners: HashMap<u64, String>,
+    /// Every token handed out: none may appear where it must not.
+    pub issued_tokens: Vec<String>,
+    /// Runners GitLab reports as running a job.
+    pub busy: BTreeSet<u64>,
+    /// The next N creates (deletes) answer 502; `u32::MAX` for always.
+    pub failing_creates: u32,
+    pub failing_deletes: u32,
+    pub calls: Vec<Request>,
+}
+
+/// GitLab's runner API on loopback: `POST /api/v4/user/runners` creates (201, `glrt-` token),
+/// `DELETE /api/v4/runners/:id` removes (204, or 404 when unknown), `GET
+/// /api/v4/runners/:id/jobs` lists one running job when the runner is marked busy. Requests
+/// without the expected `PRIVATE-TOKEN` get 401.
+pub struct RunnerApiStandIn {
+    pub url: String,
+    pub state: Arc<Mutex<RunnerApiState>>,
+}
+
+impl RunnerApiStandIn {
+    pub fn start(api_token: &str, first_id: u64) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let state = Arc::new(Mutex::new(RunnerApiState {
+            next_id: first_id,
+            ..Default::default()
+        }));
+        let shared = state.clone();
+        let api_token = api_token.to_owned();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let Some(request) = read_request(&stream) else {
+                    continue;
+                };
+                let (status, body) = answer(&mut shared.lock().unwrap(), &request, &api_token);
+                respond(&stream, status, "application/json", &body);
+            }
+        });
+        Self { url, state }
+    }
+
+    pub fn state(&self) -> std::sync::MutexGuard<'_, RunnerApiState> {
+        self.state.lock().unwrap()
+    }
+}
+
+fn answer(state: &mut RunnerApiState, request: &Request, api_token: &str) -> (u16, String) {
+    state.calls.push(request.clone());
+    if request.header("private-token") != Some(api_token) {
+        return (401, r#"{"message":"401 Unauthorized"}"#.into());
+    }
+    let segments: Vec<&str> = request.path().trim_matches('/').split('/').collect();
+    match (request.method.as_str(), segments.as_slice()) {
+        ("POST", ["api", "v4", "user", "runners"]) => {
+            if state.failing_creates > 0 {
+                if state.failing_creates != u32::MAX {
+                    state.failing_creates -= 1;
+                }
+                return (502, "<html>502 Bad Gateway</html>".into());
+            }
+            state.next_id += 1;
+            let id = state.next_id;
+            let token = format!("glrt-t{id}-{:016x}", id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            state.runners.insert(id, token.clone());
+            state.issued_tokens.push(token.clone());
+            (
+                201,
+                serde_json::json!({"id": id, "token": token, "token_expires_at": null}).to_string(),
+            )
+        }
+        ("DELETE", ["api", "v4", "runners", id]) => {
+            if state.failing_deletes > 0 {
+                if state.failing_deletes != u32::MAX {
+                    state.failing_deletes -= 1;
+                }
+                return (503, "{}".into());
+            }
+            match id.parse().ok().and_then(|id| state.runners.remove(&id)) {
+                Some(_) => (204, String::new()),
+                None => (404, r#"{"message":"404 Not found"}"#.into()),
+            }
+        }
+        ("GET", ["api", "v4", "runners", id, "jobs"]) => {
+            let id: u64 = id.parse().unwrap_or(0);
+            if state.busy.contains(&id) {
+                (200, r#"[{"id": 1, "status": "running"}]"#.into())
+            } else {
+                (200, "[]".into())
+            }
+        }
+        _ => (404, r#"{"message":"404 Not found"}"#.into()),
+    }
+}
+
+/// A rule of the fault proxy: given a request, an answer instead of forwarding it.
+pub type FaultRule = dyn Fn(&Request) -> Option<(u16, String)> + Send + Sync;
+
+/// A proxy in front of `upstream` (moto) that answers some requests itself (an AWS error, a
+/// throttle) and forwards the rest. Counts the faults it injected.
+pub struct FaultProxy {
+    pub url: String,
+    pub faults: Arc<Mutex<Vec<Request>>>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: &str, rule: Box<FaultRule>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_owned();
+        let faults = Arc::new(Mutex::new(Vec::new()));
+        let seen = faults.clone();
+        let rule: Arc<FaultRule> = Arc::from(rule);
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(stream) = stream else { continue };
+                let (upstream, seen, rule) = (upstream.clone(), seen.clone(), rule.clone());
+                std::thread::spawn(move || {
+                    let Some(request) = read_request(&stream) else {
+                        return;
+                    };
+                    if let Some((status, body)) = rule(&request) {
+                        seen.lock().unwrap().push(request);
+                        respond(&stream, status, "text/xml", &body);
+                        return;
+                    }
+                    forward(&upstream, &request, &stream);
+                });
+            }
+        });
+        Self { url, faults }
+    }
+
+    pub fn fault_count(&self) -> usize {
+        self.faults.lock().unwrap().len()
+    }
+}
+
+fn forward(upstream: &str, request: &Request, mut client: &TcpStream) {
+    let Ok(mut server) = TcpStream::connect(upstream) else {
+        respond(client, 502, "text/plain", "upstream unreachable");
+        return;
+    };
+    let mut head = format!("{} {} HTTP/1.1\r\n", request.method, request.target);
+    for (k, v) in &request.headers {
+        if !k.eq_ignore_ascii_case("connection") {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+    }
+    head.push_str("Connection: close\r\n\r\n");
+    if server.write_all(head.as_bytes()).is_err() || server.write_all(&request.body).is_err() {
+        return;
+    }
+    // The upstream closes after its answer: relay everything, framing included.
+    let mut answer = Vec::new();
+    let _ = server.read_to_end(&mut answer);
+    let _ = client.write_all(&answer);
+}
+
+/// An EC2 Query API error document, as EC2 sends it.
+pub fn ec2_error(code: &str, message: &str) -> String {
+    format!(
+        "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors><RequestID>fault-proxy</RequestID></Response>"
+    )
+}

@@ -1,0 +1,804 @@
+//! The EC2 runner functions (provision, teardown, reaper) through their real handlers, the
+//! real AWS SDK and moto (EC2, SSM, DynamoDB), with a stand-in for GitLab's runner API on
+//! loopback that keeps state and records every call.
+
+use std::io::Write as _;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use aws_sdk_dynamodb::types::AttributeValue;
+use aws_sdk_ec2::types::Filter;
+use base64::Engine as _;
+use e2e_tests::loopback::{FaultProxy, RunnerApiStandIn, ec2_error};
+use e2e_tests::{create_table, moto_endpoint, scan_items, sdk_config, unique};
+use ephemeral_core::fleet::Provisioned;
+use ephemeral_core::hook::{JobEvent, JobStatus, RunnerRef};
+use ephemeral_core::jobs::JobKey;
+use ephemeral_core::testing::job_event;
+use ephemeral_gitlab::RetryPolicy;
+use fleet::{FleetConfig, Functions, ProvisionInput, TeardownInput};
+
+const API_TOKEN: &str = "glpat-test-api-token-0000";
+const AMI_PARAMETER: &str = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
+
+/// Log lines written while the guard lives (the functions log JSON through `tracing`).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_writer(move || writer.clone())
+        .finish();
+    (captured, tracing::subscriber::set_default(subscriber))
+}
+
+struct Stack {
+    sdk: aws_config::SdkConfig,
+    ec2: aws_sdk_ec2::Client,
+    ssm: aws_sdk_ssm::Client,
+    gitlab: RunnerApiStandIn,
+    name: String,
+    jobs_table: String,
+    runners_table: String,
+    prefix: String,
+    subnets: Vec<String>,
+    api_token_parameter: String,
+}
+
+/// What the template creates for the EC2 runners: the jobs and runners tables, the GitLab
+/// token parameter, two subnets; plus a GitLab stand-in.
+async fn stack() -> Stack {
+    let sdk = sdk_config();
+    let ec2 = aws_sdk_ec2::Client::new(&sdk);
+    let ssm = aws_sdk_ssm::Client::new(&sdk);
+    let name = unique("fleet");
+    let vpc = ec2
+        .create_vpc()
+        .cidr_block("10.9.0.0/16")
+        .send()
+        .await
+        .unwrap()
+        .vpc
+        .unwrap()
+        .vpc_id
+        .unwrap();
+    let mut subnets = Vec::new();
+    for (n, zone) in ["us-east-1a", "us-east-1b"].iter().enumerate() {
+        subnets.push(
+            ec2.create_subnet()
+                .vpc_id(&vpc)
+                .cidr_block(format!("10.9.{n}.0/24"))
+                .availability_zone(*zone)
+                .send()
+                .await
+                .unwrap()
+                .subnet
+                .unwrap()
+                .subnet_id
+                .unwrap(),
+        );
+    }
+    let api_token_parameter = format!("/{name}/gitlab-runner-api-token");
+    ssm.put_parameter()
+        .name(&api_token_parameter)
+        .value(API_TOKEN)
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    // Distinct runner ids per test: the runner registry is per stack, GitLab is not.
+    let first_id = u64::from(std::process::id()) * 1000 + rand_offset();
+    Stack {
+        jobs_table: create_table(&sdk, "jobs", "job_key", None).await,
+        runners_table: create_table(&sdk, "runners", "runner_id", None).await,
+        gitlab: RunnerApiStandIn::start(API_TOKEN, first_id),
+        prefix: format!("/{name}/runner-tokens"),
+        subnets,
+        api_token_parameter,
+        name,
+        sdk,
+        ec2,
+        ssm,
+    }
+}
+
+fn rand_offset() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(100, std::sync::atomic::Ordering::SeqCst)
+}
+
+impl Stack {
+    fn config(&self, extra: &[(&str, &str)]) -> FleetConfig {
+        let subnets = self.subnets.join(",");
+        let mut vars: std::collections::HashMap<&str, String> = [
+            ("GITLAB_URL", self.gitlab.url.clone()),
+            ("STACK_NAME", self.name.clone()),
+            ("TOKEN_PARAMETER_PREFIX", self.prefix.clone()),
+            ("AWS_REGION", "us-east-1".into()),
+            ("JOBS_TABLE_NAME", self.jobs_table.clone()),
+            ("RUNNERS_TABLE_NAME", self.runners_table.clone()),
+            (
+                "GITLAB_RUNNER_TOKEN_PARAMETER",
+                self.api_token_parameter.clone(),
+            ),
+            (
+                "INSTANCE_ARN_PREFIX",
+                "arn:aws:ec2:us-east-1:123456789012:instance/".into(),
+            ),
+            ("SUBNET_IDS", subnets),
+            ("DEFAULT_AMI", format!("ssm:{AMI_PARAMETER}")),
+            ("DEFAULT_INSTANCE_TYPE", "t3.micro".into()),
+            ("COST_TAGS", "team=ci".into()),
+        ]
+        .into_iter()
+        .collect();
+        for (k, v) in extra {
+            vars.insert(k, (*v).to_owned());
+        }
+        FleetConfig::from_lookup(|k| vars.get(k).cloned()).unwrap()
+    }
+
+    async fn functions(&self, config: &FleetConfig) -> Functions {
+        self.functions_at(config, &self.sdk).await
+    }
+
+    async fn functions_at(&self, config: &FleetConfig, sdk: &aws_config::SdkConfig) -> Functions {
+        let fast = RetryPolicy {
+            max_retries: 3,
+            min_delay: Duration::from_millis(10),
+            max_delay: Duration::from_millis(50),
+        };
+        Functions::with_retry(config, sdk, fast).await.unwrap()
+    }
+
+    /// The job's item as the router leaves it when it starts the provision workflow.
+    async fn job_is_provisioning(&self, job: &JobEvent) {
+        aws_sdk_dynamodb::Client::new(&self.sdk)
+            .put_item()
+            .table_name(&self.jobs_table)
+            .item("job_key", AttributeValue::S(JobKey::of(job).table_key()))
+            .item("phase", AttributeValue::S("provisioning".into()))
+            .item("phase_rank", AttributeValue::N("2".into()))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    async fn job_item(&self, job: &JobEvent) -> std::collections::HashMap<String, AttributeValue> {
+        aws_sdk_dynamodb::Client::new(&self.sdk)
+            .get_item()
+            .table_name(&self.jobs_table)
+            .key("job_key", AttributeValue::S(JobKey::of(job).table_key()))
+            .send()
+            .await
+            .unwrap()
+            .item
+            .unwrap_or_default()
+    }
+
+    /// The stack's instances that still run (or are starting).
+    async fn live_instances(&self) -> Vec<aws_sdk_ec2::types::Instance> {
+        let out = self
+            .ec2
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("tag:ephemeral-runners:managed-by")
+                    .values(&self.name)
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .build(),
+            )
+            .send()
+            .await
+            .unwrap();
+        out.reservations()
+            .iter()
+            .flat_map(|r| r.instances().to_vec())
+            .collect()
+    }
+
+    async fn token_parameters(&self) -> Vec<String> {
+        let out = self
+            .ssm
+            .get_parameters_by_path()
+            .path(&self.prefix)
+            .send()
+            .await
+            .unwrap();
+        out.parameters()
+            .iter()
+            .filter_map(|p| p.name().map(str::to_owned))
+            .collect()
+    }
+
+    async fn user_data(&self, instance_id: &str) -> String {
+        let out = self
+            .ec2
+            .describe_instance_attribute()
+            .instance_id(instance_id)
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
+            .send()
+            .await
+            .unwrap();
+        let encoded = out.user_data().and_then(|u| u.value()).unwrap_or_default();
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(encoded)
+                .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn assert_no_token_in(&self, what: &str, text: &str) {
+        let state = self.gitlab.state();
+        assert!(!state.issued_tokens.is_empty(), "no token was issued");
+        for token in &state.issued_tokens {
+            assert!(
+                !text.contains(token.as_str()),
+                "a runner token leaked into {what}"
+            );
+        }
+        assert!(
+            !text.contains(API_TOKEN),
+            "the GitLab API token leaked into {what}"
+        );
+    }
+}
+
+fn tag<'a>(instance: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
+    instance
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+}
+
+/// The provision workflow's state at the EC2 step, as JSON the way Step Functions passes it.
+fn provision_input(job: &JobEvent, decision: serde_json::Value) -> (ProvisionInput, String) {
+    let json = serde_json::json!({
+        "job_key": JobKey::of(job).table_key(),
+        "job": job,
+        "mapped": {"decision": decision},
+    })
+    .to_string();
+    (serde_json::from_str(&json).unwrap(), json)
+}
+
+fn ec2_route() -> serde_json::Value {
+    serde_json::json!({"type": "EC2", "matched": "default", "reason": "test", "tags": ["docker"]})
+}
+
+fn finished(job: &JobEvent, status: JobStatus, runner: Option<u64>) -> TeardownInput {
+    let mut event = job.clone();
+    event.status = status;
+    event.runner = runner.map(|id| RunnerRef {
+        id,
+        description: None,
+        tags: vec![],
+    });
+    TeardownInput {
+        job_key: JobKey::of(job).table_key(),
+        job: event,
+    }
+}
+
+fn launched(outcome: &Provisioned) -> (String, u64) {
+    match outcome {
+        Provisioned::Launched {
+            instance_id,
+            runner_id,
+            ..
+        } => (instance_id.clone(), *runner_id),
+        other => panic!("expected a launch, got {other:?}"),
+    }
+}
+
+fn now_ms() -> u64 {
+    fleet::now_ms()
+}
+
+#[tokio::test]
+async fn provision_then_teardown_leaves_nothing_and_no_token_leaks() {
+    let (logs, _guard) = capture_logs();
+    let stack = stack().await;
+    let functions = stack.functions(&stack.config(&[])).await;
+    let job = job_event(41, 4101, "docker-build", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    let (input, input_json) = provision_input(&job, ec2_route());
+
+    let outcome = functions.provision(&input, now_ms()).await.unwrap();
+    let (instance_id, runner_id) = launched(&outcome);
+
+    // The instance: tagged for this stack, job and runner, IMDSv2 only, spot by default.
+    let live = stack.live_instances().await;
+    assert_eq!(live.len(), 1);
+    let instance = &live[0];
+    assert_eq!(instance.instance_id(), Some(instance_id.as_str()));
+    assert_eq!(tag(instance, "ephemeral-runners:job-id"), Some("4101"));
+    assert_eq!(tag(instance, "ephemeral-runners:project-id"), Some("41"));
+    assert_eq!(
+        tag(instance, "ephemeral-runners:runner-id"),
+        Some(runner_id.to_string().as_str())
+    );
+    assert_eq!(tag(instance, "team"), Some("ci"));
+    assert_eq!(
+        instance
+            .metadata_options()
+            .and_then(|m| m.http_tokens())
+            .map(|t| t.as_str()),
+        Some("required")
+    );
+    assert_eq!(
+        instance.instance_lifecycle().map(|l| l.as_str()),
+        Some("spot")
+    );
+    assert!(
+        stack
+            .subnets
+            .contains(&instance.subnet_id().unwrap().to_owned())
+    );
+
+    // The runner: created with the job's tags, its token only in the instance's parameter.
+    let token = {
+        let state = stack.gitlab.state();
+        assert_eq!(state.runners.len(), 1);
+        let create = state
+            .calls
+            .iter()
+            .find(|c| c.method == "POST")
+            .unwrap()
+            .body_text();
+        assert!(create.contains("tag_list=docker"), "{create}");
+        assert!(create.contains("runner_type=project_type"), "{create}");
+        assert!(create.contains("project_id=41"), "{create}");
+        state.runners[&runner_id].clone()
+    };
+    let parameter = format!("{}/{instance_id}", stack.prefix);
+    let stored = stack
+        .ssm
+        .get_parameter()
+        .name(&parameter)
+        .with_decryption(true)
+        .send()
+        .await
+        .unwrap()
+        .parameter
+        .unwrap();
+    assert_eq!(stored.value(), Some(token.as_str()));
+    assert_eq!(stored.r#type().map(|t| t.as_str()), Some("SecureString"));
+    let tags = stack
+        .ssm
+        .list_tags_for_resource()
+        .resource_type(aws_sdk_ssm::types::ResourceTypeForTagging::Parameter)
+        .resource_id(&parameter)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        tags.tag_list()
+            .iter()
+            .any(|t| t.key() == "ephemeral-runners:instance-arn"
+                && t.value()
+                    == format!("arn:aws:ec2:us-east-1:123456789012:instance/{instance_id}"))
+    );
+
+    // The job's item: job -> runner -> instance.
+    let item = stack.job_item(&job).await;
+    assert_eq!(item["phase"], AttributeValue::S("running".into()));
+    assert_eq!(
+        item["launched_runner_id"],
+        AttributeValue::N(runner_id.to_string())
+    );
+    assert_eq!(item["instance_id"], AttributeValue::S(instance_id.clone()));
+    assert_eq!(scan_items(&stack.sdk, &stack.runners_table).await.len(), 1);
+
+    // A repeat of the step (Step Functions retry, second start) launches nothing more.
+    let again = functions.provision(&input, now_ms()).await.unwrap();
+    assert_eq!(
+        again,
+        Provisioned::AlreadyProvisioned {
+            instance_id: instance_id.clone(),
+            runner_id
+        }
+    );
+    assert_eq!(stack.live_instances().await.len(), 1);
+    assert_eq!(stack.gitlab.state().runners.len(), 1);
+
+    // No token in user-data, the workflow's input and output, or any log line.
+    let user_data = stack.user_data(&instance_id).await;
+    assert!(user_data.contains("run-single") && user_data.contains(&stack.prefix));
+    stack.assert_no_token_in("user-data", &user_data);
+    stack.assert_no_token_in("the provision input", &input_json);
+    stack.assert_no_token_in(
+        "the provision output",
+        &serde_json::to_string(&outcome).unwrap(),
+    );
+
+    // The job finishes on its runner: teardown removes everything.
+    let done = finished(&job, JobStatus::Success, Some(runner_id));
+    let torn = functions.teardown(&done).await.unwrap();
+    assert_eq!(torn.removed.len(), 1);
+    assert_eq!(
+        torn.removed[0].instance_id.as_deref(),
+        Some(instance_id.as_str())
+    );
+    assert!(
+        stack.live_instances().await.is_empty(),
+        "instance left running"
+    );
+    assert!(
+        stack.token_parameters().await.is_empty(),
+        "token parameter left"
+    );
+    assert!(
+        stack.gitlab.state().runners.is_empty(),
+        "runner left in GitLab"
+    );
+    assert!(
+        scan_items(&stack.sdk, &stack.runners_table)
+            .await
+            .is_empty()
+    );
+    // ...and a repeated teardown is a no-op that succeeds.
+    functions.teardown(&done).await.unwrap();
+    assert!(stack.gitlab.state().runners.is_empty());
+
+    let log_text = logs.text();
+    assert!(log_text.contains("\"provisioned\"") && log_text.contains("\"torn down\""));
+    stack.assert_no_token_in("the log", &log_text);
+    std::io::stdout().flush().unwrap();
+}
+
+#[tokio::test]
+async fn spot_capacity_error_falls_back_to_on_demand() {
+    let stack = stack().await;
+    // EC2 answers InsufficientInstanceCapacity to every spot launch. (Real EC2 sends it as a
+    // 500, which the SDK retries first; 400 here keeps the test fast with the same outcome.)
+    let proxy = FaultProxy::start(
+        moto_endpoint(),
+        Box::new(|request| {
+            let body = request.body_text();
+            (body.contains("Action=RunInstances")
+                && body.contains("InstanceMarketOptions.MarketType=spot"))
+            .then(|| {
+                (
+                    400,
+                    ec2_error("InsufficientInstanceCapacity", "no spot capacity"),
+                )
+            })
+        }),
+    );
+    let sdk = stack.sdk.to_builder().endpoint_url(&proxy.url).build();
+    let functions = stack.functions_at(&stack.config(&[]), &sdk).await;
+    let job = job_event(42, 4201, "build", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+
+    let outcome = functions
+        .provision(&provision_input(&job, ec2_route()).0, now_ms())
+        .await
+        .unwrap();
+    match &outcome {
+        Provisioned::Launched {
+            market,
+            failed_attempts,
+            ..
+        } => {
+            assert_eq!(*market, ephemeral_core::mapping::Market::OnDemand);
+            assert_eq!(failed_attempts.len(), 2, "each subnet tried on spot first");
+            assert!(failed_attempts[0].contains("spot: InsufficientInstanceCapacity"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(proxy.fault_count(), 2);
+    let live = stack.live_instances().await;
+    assert_eq!(live.len(), 1);
+    assert_eq!(
+        live[0].instance_lifecycle(),
+        None,
+        "on-demand has no lifecycle"
+    );
+}
+
+#[tokio::test]
+async fn finished_job_that_ran_on_another_runner_removes_that_runner_not_its_own() {
+    let stack = stack().await;
+    let functions = stack.functions(&stack.config(&[])).await;
+    let a = job_event(43, 4301, "a", JobStatus::Pending);
+    let b = job_event(43, 4302, "b", JobStatus::Pending);
+    let mut launched_for = Vec::new();
+    for job in [&a, &b] {
+        stack.job_is_provisioning(job).await;
+        let outcome = functions
+            .provision(&provision_input(job, ec2_route()).0, now_ms())
+            .await
+            .unwrap();
+        launched_for.push(launched(&outcome));
+    }
+    let ((instance_a, runner_a), (instance_b, runner_b)) =
+        (launched_for[0].clone(), launched_for[1].clone());
+    // B's runner took A; A's runner took B and is still running it.
+    stack.gitlab.state().busy.insert(runner_a);
+
+    let torn = functions
+        .teardown(&finished(&a, JobStatus::Success, Some(runner_b)))
+        .await
+        .unwrap();
+    assert_eq!(torn.removed.len(), 1);
+    assert_eq!(torn.removed[0].runner_id, runner_b);
+    assert_eq!(torn.kept.len(), 1, "{torn:?}");
+    assert_eq!(torn.kept[0].runner_id, runner_a);
+    let live: Vec<_> = stack
+        .live_instances()
+        .await
+        .iter()
+        .filter_map(|i| i.instance_id().map(str::to_owned))
+        .collect();
+    assert_eq!(live, [instance_a.clone()], "B's instance is the one to go");
+    assert!(!live.contains(&instance_b));
+
+    // B finishes on A's runner: now A's runner goes too.
+    stack.gitlab.state().busy.clear();
+    functions
+        .teardown(&finished(&b, JobStatus::Failed, Some(runner_a)))
+        .await
+        .unwrap();
+    assert!(stack.live_instances().await.is_empty());
+    assert!(stack.gitlab.state().runners.is_empty());
+    assert!(stack.token_parameters().await.is_empty());
+}
+
+#[tokio::test]
+async fn canceled_job_whose_runner_never_got_it_is_cleaned_up() {
+    let stack = stack().await;
+    let functions = stack.functions(&stack.config(&[])).await;
+    let job = job_event(44, 4401, "deploy", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    let (instance_id, runner_id) = launched(
+        &functions
+            .provision(&provision_input(&job, ec2_route()).0, now_ms())
+            .await
+            .unwrap(),
+    );
+    let torn = functions
+        .teardown(&finished(&job, JobStatus::Canceled, None))
+        .await
+        .unwrap();
+    assert_eq!(torn.removed.len(), 1);
+    assert_eq!(torn.removed[0].runner_id, runner_id);
+    assert_eq!(
+        torn.removed[0].instance_id.as_deref(),
+        Some(instance_id.as_str())
+    );
+    assert!(stack.live_instances().await.is_empty());
+    assert!(stack.gitlab.state().runners.is_empty());
+}
+
+#[tokio::test]
+async fn reaper_removes_what_a_lost_finished_event_left_and_is_two_phase() {
+    let stack = stack().await;
+    let provisioner = stack.functions(&stack.config(&[])).await;
+    let job = job_event(45, 4501, "test", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    let (instance_id, _) = launched(
+        &provisioner
+            .provision(&provision_input(&job, ec2_route()).0, now_ms())
+            .await
+            .unwrap(),
+    );
+    // A stale token parameter of an instance that no longer exists, and a registered runner
+    // whose instance is gone.
+    stack
+        .ssm
+        .put_parameter()
+        .name(format!("{}/i-0000000000dead", stack.prefix))
+        .value("glrt-stale")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    let orphan = {
+        let mut state = stack.gitlab.state();
+        state.runners.insert(777_000_001, "glrt-orphan".into());
+        777_000_001u64
+    };
+    aws_sdk_dynamodb::Client::new(&stack.sdk)
+        .put_item()
+        .table_name(&stack.runners_table)
+        .item("runner_id", AttributeValue::S(orphan.to_string()))
+        .item("instance_id", AttributeValue::S("i-0000000000dead".into()))
+        .item("created_at_ms", AttributeValue::N("0".into()))
+        .send()
+        .await
+        .unwrap();
+
+    // Within its lifetime and grace: the reaper keeps it, but removes the orphans.
+    let reaper = stack
+        .functions(&stack.config(&[("ORPHAN_GRACE_SECONDS", "0")]))
+        .await;
+    let report = reaper.reap(now_ms()).await.unwrap();
+    assert!(
+        report.killed.is_empty() && report.marked.is_empty(),
+        "{report:?}"
+    );
+    assert_eq!(report.stale_parameters, ["i-0000000000dead"]);
+    assert_eq!(report.orphan_runners, [orphan]);
+    assert!(!stack.gitlab.state().runners.contains_key(&orphan));
+    assert_eq!(stack.live_instances().await.len(), 1);
+
+    // The finished event was lost, and its runner is idle: marked on one pass, killed on the
+    // next.
+    let idle_config = stack.config(&[
+        ("RUNNER_WAIT_TIMEOUT_SECONDS", "0"),
+        ("RUNNER_BOOT_GRACE_SECONDS", "0"),
+    ]);
+    let idle_reaper = stack.functions(&idle_config).await;
+    let report = idle_reaper.reap(now_ms()).await.unwrap();
+    assert_eq!(report.marked.len(), 1, "{report:?}");
+    assert!(report.killed.is_empty());
+    assert_eq!(stack.live_instances().await.len(), 1, "marked, not killed");
+    let report = idle_reaper.reap(now_ms()).await.unwrap();
+    assert_eq!(report.killed.len(), 1, "{report:?}");
+    assert!(stack.live_instances().await.is_empty());
+
+    // Past the maximum lifetime, even a busy runner goes at once.
+    let job = job_event(45, 4502, "long", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    let (_, runner_id) = launched(
+        &provisioner
+            .provision(&provision_input(&job, ec2_route()).0, now_ms())
+            .await
+            .unwrap(),
+    );
+    stack.gitlab.state().busy.insert(runner_id);
+    let old_reaper = stack
+        .functions(&stack.config(&[("MAX_INSTANCE_LIFETIME_SECONDS", "0")]))
+        .await;
+    let report = old_reaper.reap(now_ms()).await.unwrap();
+    assert_eq!(report.killed.len(), 1, "{report:?}");
+    assert!(stack.live_instances().await.is_empty());
+    assert!(stack.token_parameters().await.is_empty());
+    assert!(stack.gitlab.state().runners.is_empty());
+    assert!(
+        scan_items(&stack.sdk, &stack.runners_table)
+            .await
+            .is_empty()
+    );
+    let _ = instance_id;
+}
+
+#[tokio::test]
+async fn reaper_bypass_tag_keeps_an_instance() {
+    let stack = stack().await;
+    let functions = stack
+        .functions(&stack.config(&[("MAX_INSTANCE_LIFETIME_SECONDS", "0")]))
+        .await;
+    let job = job_event(46, 4601, "keep", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    let (instance_id, _) = launched(
+        &functions
+            .provision(&provision_input(&job, ec2_route()).0, now_ms())
+            .await
+            .unwrap(),
+    );
+    stack
+        .ec2
+        .create_tags()
+        .resources(&instance_id)
+        .tags(
+            aws_sdk_ec2::types::Tag::builder()
+                .key("ephemeral-runners:keep")
+                .value("debugging")
+                .build(),
+        )
+        .send()
+        .await
+        .unwrap();
+    let report = functions.reap(now_ms()).await.unwrap();
+    assert!(report.killed.is_empty(), "{report:?}");
+    assert_eq!(stack.live_instances().await.len(), 1);
+}
+
+#[tokio::test]
+async fn gitlab_failures_are_retried_then_fail_clearly_leaving_nothing() {
+    let (logs, _guard) = capture_logs();
+    let stack = stack().await;
+    let functions = stack.functions(&stack.config(&[])).await;
+
+    // Two 502s, then GitLab answers: the runner is created on the third call.
+    stack.gitlab.state().failing_creates = 2;
+    let job = job_event(47, 4701, "build", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    let (_, runner_id) = launched(
+        &functions
+            .provision(&provision_input(&job, ec2_route()).0, now_ms())
+            .await
+            .unwrap(),
+    );
+    let creates = |stack: &Stack| {
+        stack
+            .gitlab
+            .state()
+            .calls
+            .iter()
+            .filter(|c| c.method == "POST")
+            .count()
+    };
+    assert_eq!(creates(&stack), 3);
+
+    // GitLab keeps failing: a clear error, and the launched instance is terminated.
+    stack.gitlab.state().failing_creates = u32::MAX;
+    let other = job_event(47, 4702, "build", JobStatus::Pending);
+    stack.job_is_provisioning(&other).await;
+    let error = functions
+        .provision(&provision_input(&other, ec2_route()).0, now_ms())
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert_eq!(error.error_type(), "GitLabRunnerNotCreated");
+    assert!(message.contains("POST /user/runners"), "{message}");
+    assert!(message.contains("502"), "{message}");
+    assert!(message.contains("4 attempts"), "{message}");
+    assert!(
+        message.contains("cleaned up: terminating the instance"),
+        "{message}"
+    );
+    assert_eq!(creates(&stack), 3 + 4);
+    assert_eq!(
+        stack.live_instances().await.len(),
+        1,
+        "only the first job's"
+    );
+
+    // Deleting fails at teardown: a clear failure that names the runner; nothing forgotten.
+    stack.gitlab.state().failing_deletes = u32::MAX;
+    let error = functions
+        .teardown(&finished(&job, JobStatus::Success, Some(runner_id)))
+        .await
+        .unwrap_err();
+    let message = error.to_string();
+    assert!(message.contains("DELETE /runners/"), "{message}");
+    assert!(
+        message.contains(&format!("runner {runner_id}")),
+        "{message}"
+    );
+    assert_eq!(scan_items(&stack.sdk, &stack.runners_table).await.len(), 1);
+    // GitLab recovers: the retried step finishes the job.
+    stack.gitlab.state().failing_deletes = 0;
+    functions
+        .teardown(&finished(&job, JobStatus::Success, Some(runner_id)))
+        .await
+        .unwrap();
+    assert!(stack.gitlab.state().runners.is_empty());
+    assert!(
+        scan_items(&stack.sdk, &stack.runners_table)
+            .await
+            .is_empty()
+    );
+    stack.assert_no_token_in("the log", &logs.text());
+}
