@@ -559,7 +559,11 @@ async fn finished_job_that_ran_on_another_runner_removes_that_runner_not_its_own
         .iter()
         .filter_map(|i| i.instance_id().map(str::to_owned))
         .collect();
-    assert_eq!(live, std::slice::from_ref(&instance_a), "B's instance is the one to go");
+    assert_eq!(
+        live,
+        std::slice::from_ref(&instance_a),
+        "B's instance is the one to go"
+    );
     assert!(!live.contains(&instance_b));
 
     // B finishes on A's runner: now A's runner goes too.
