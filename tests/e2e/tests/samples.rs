@@ -91,3 +91,22 @@ async fn mapper_samples_are_workflow_inputs() {
         "default"
     );
 }
+
+#[test]
+fn fleet_samples_parse_as_the_functions_payloads() {
+    let provision: fleet::ProvisionInput = sample("ec2-provision/docker-build.json");
+    assert!(matches!(
+        provision.mapped.decision.decision.executor,
+        Executor::Ec2(ref s) if s.instance_type.as_deref() == Some("c7g.large")
+    ));
+    assert_eq!(
+        provision.mapped.decision.tags.as_deref(),
+        Some(&["docker".to_owned()][..])
+    );
+    let ran: fleet::TeardownInput = sample("ec2-teardown/success.json");
+    assert_eq!(ran.job.runner.map(|r| r.id), Some(48151));
+    let canceled: fleet::TeardownInput = sample("ec2-teardown/canceled-never-picked.json");
+    assert!(canceled.job.runner.is_none());
+    assert_eq!(canceled.job.status, ephemeral_core::JobStatus::Canceled);
+    let _: serde_json::Value = sample("reaper/scheduled.json");
+}
