@@ -4,6 +4,8 @@
 //! Uses `MOTO_ENDPOINT` when set (`.ci/run` starts one moto for all test binaries); otherwise
 //! starts a private moto server that stops when the test process exits (its stdin closes).
 
+pub mod chain;
+pub mod fleet_stack;
 pub mod loopback;
 
 use std::io::Read as _;

@@ -94,6 +94,10 @@ pub struct RunnerApiState {
     /// The next N creates (deletes) answer 502; `u32::MAX` for always.
     pub failing_creates: u32,
     pub failing_deletes: u32,
+    /// Share of all calls (after the scripted ones) answered 502, spread deterministically.
+    pub failure_percent: u64,
+    /// Calls answered 502 because of `failure_percent`.
+    pub random_failures: u64,
     pub calls: Vec<Request>,
 }
 
@@ -138,6 +142,14 @@ fn answer(state: &mut RunnerApiState, request: &Request, api_token: &str) -> (u1
     state.calls.push(request.clone());
     if request.header("private-token") != Some(api_token) {
         return (401, r#"{"message":"401 Unauthorized"}"#.into());
+    }
+    if state.failure_percent > 0 {
+        let n = state.calls.len() as u64;
+        let roll = (n.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % 100;
+        if roll < state.failure_percent {
+            state.random_failures += 1;
+            return (502, "<html>502 Bad Gateway</html>".into());
+        }
     }
     let segments: Vec<&str> = request.path().trim_matches('/').split('/').collect();
     match (request.method.as_str(), segments.as_slice()) {

@@ -3,321 +3,14 @@
 //! loopback that keeps state and records every call.
 
 use std::io::Write as _;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use aws_sdk_ec2::types::Filter;
-use base64::Engine as _;
-use e2e_tests::loopback::{FaultProxy, RunnerApiStandIn, ec2_error};
-use e2e_tests::{create_table, moto_endpoint, scan_items, sdk_config, unique};
+use e2e_tests::fleet_stack::*;
+use e2e_tests::loopback::{FaultProxy, ec2_error};
+use e2e_tests::{moto_endpoint, scan_items};
 use ephemeral_core::fleet::Provisioned;
-use ephemeral_core::hook::{JobEvent, JobStatus, RunnerRef};
-use ephemeral_core::jobs::JobKey;
+use ephemeral_core::hook::JobStatus;
 use ephemeral_core::testing::job_event;
-use ephemeral_gitlab::RetryPolicy;
-use fleet::{FleetConfig, Functions, ProvisionInput, TeardownInput};
-
-const API_TOKEN: &str = "glpat-test-api-token-0000";
-const AMI_PARAMETER: &str = "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
-
-/// Log lines written while the guard lives (the functions log JSON through `tracing`).
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Captured {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
-}
-
-impl std::io::Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-fn capture_logs() -> (Captured, tracing::subscriber::DefaultGuard) {
-    let captured = Captured::default();
-    let writer = captured.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .json()
-        .flatten_event(true)
-        .with_writer(move || writer.clone())
-        .finish();
-    (captured, tracing::subscriber::set_default(subscriber))
-}
-
-struct Stack {
-    sdk: aws_config::SdkConfig,
-    ec2: aws_sdk_ec2::Client,
-    ssm: aws_sdk_ssm::Client,
-    gitlab: RunnerApiStandIn,
-    name: String,
-    jobs_table: String,
-    runners_table: String,
-    prefix: String,
-    subnets: Vec<String>,
-    api_token_parameter: String,
-}
-
-/// What the template creates for the EC2 runners: the jobs and runners tables, the GitLab
-/// token parameter, two subnets; plus a GitLab stand-in.
-async fn stack() -> Stack {
-    let sdk = sdk_config();
-    let ec2 = aws_sdk_ec2::Client::new(&sdk);
-    let ssm = aws_sdk_ssm::Client::new(&sdk);
-    let name = unique("fleet");
-    let vpc = ec2
-        .create_vpc()
-        .cidr_block("10.9.0.0/16")
-        .send()
-        .await
-        .unwrap()
-        .vpc
-        .unwrap()
-        .vpc_id
-        .unwrap();
-    let mut subnets = Vec::new();
-    for (n, zone) in ["us-east-1a", "us-east-1b"].iter().enumerate() {
-        subnets.push(
-            ec2.create_subnet()
-                .vpc_id(&vpc)
-                .cidr_block(format!("10.9.{n}.0/24"))
-                .availability_zone(*zone)
-                .send()
-                .await
-                .unwrap()
-                .subnet
-                .unwrap()
-                .subnet_id
-                .unwrap(),
-        );
-    }
-    let api_token_parameter = format!("/{name}/gitlab-runner-api-token");
-    ssm.put_parameter()
-        .name(&api_token_parameter)
-        .value(API_TOKEN)
-        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
-        .send()
-        .await
-        .unwrap();
-    // Distinct runner ids per test: the runner registry is per stack, GitLab is not.
-    let first_id = u64::from(std::process::id()) * 1000 + rand_offset();
-    Stack {
-        jobs_table: create_table(&sdk, "jobs", "job_key", None).await,
-        runners_table: create_table(&sdk, "runners", "runner_id", None).await,
-        gitlab: RunnerApiStandIn::start(API_TOKEN, first_id),
-        prefix: format!("/{name}/runner-tokens"),
-        subnets,
-        api_token_parameter,
-        name,
-        sdk,
-        ec2,
-        ssm,
-    }
-}
-
-fn rand_offset() -> u64 {
-    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    N.fetch_add(100, std::sync::atomic::Ordering::SeqCst)
-}
-
-impl Stack {
-    fn config(&self, extra: &[(&str, &str)]) -> FleetConfig {
-        let subnets = self.subnets.join(",");
-        let mut vars: std::collections::HashMap<&str, String> = [
-            ("GITLAB_URL", self.gitlab.url.clone()),
-            ("STACK_NAME", self.name.clone()),
-            ("TOKEN_PARAMETER_PREFIX", self.prefix.clone()),
-            ("AWS_REGION", "us-east-1".into()),
-            ("JOBS_TABLE_NAME", self.jobs_table.clone()),
-            ("RUNNERS_TABLE_NAME", self.runners_table.clone()),
-            (
-                "GITLAB_RUNNER_TOKEN_PARAMETER",
-                self.api_token_parameter.clone(),
-            ),
-            (
-                "INSTANCE_ARN_PREFIX",
-                "arn:aws:ec2:us-east-1:123456789012:instance/".into(),
-            ),
-            ("SUBNET_IDS", subnets),
-            ("DEFAULT_AMI", format!("ssm:{AMI_PARAMETER}")),
-            ("DEFAULT_INSTANCE_TYPE", "t3.micro".into()),
-            ("COST_TAGS", "team=ci".into()),
-        ]
-        .into_iter()
-        .collect();
-        for (k, v) in extra {
-            vars.insert(k, (*v).to_owned());
-        }
-        FleetConfig::from_lookup(|k| vars.get(k).cloned()).unwrap()
-    }
-
-    async fn functions(&self, config: &FleetConfig) -> Functions {
-        self.functions_at(config, &self.sdk).await
-    }
-
-    async fn functions_at(&self, config: &FleetConfig, sdk: &aws_config::SdkConfig) -> Functions {
-        let fast = RetryPolicy {
-            max_retries: 3,
-            min_delay: Duration::from_millis(10),
-            max_delay: Duration::from_millis(50),
-        };
-        Functions::with_retry(config, sdk, fast).await.unwrap()
-    }
-
-    /// The job's item as the router leaves it when it starts the provision workflow.
-    async fn job_is_provisioning(&self, job: &JobEvent) {
-        aws_sdk_dynamodb::Client::new(&self.sdk)
-            .put_item()
-            .table_name(&self.jobs_table)
-            .item("job_key", AttributeValue::S(JobKey::of(job).table_key()))
-            .item("phase", AttributeValue::S("provisioning".into()))
-            .item("phase_rank", AttributeValue::N("2".into()))
-            .send()
-            .await
-            .unwrap();
-    }
-
-    async fn job_item(&self, job: &JobEvent) -> std::collections::HashMap<String, AttributeValue> {
-        aws_sdk_dynamodb::Client::new(&self.sdk)
-            .get_item()
-            .table_name(&self.jobs_table)
-            .key("job_key", AttributeValue::S(JobKey::of(job).table_key()))
-            .send()
-            .await
-            .unwrap()
-            .item
-            .unwrap_or_default()
-    }
-
-    /// The stack's instances that still run (or are starting).
-    async fn live_instances(&self) -> Vec<aws_sdk_ec2::types::Instance> {
-        let out = self
-            .ec2
-            .describe_instances()
-            .filters(
-                Filter::builder()
-                    .name("tag:ephemeral-runners:managed-by")
-                    .values(&self.name)
-                    .build(),
-            )
-            .filters(
-                Filter::builder()
-                    .name("instance-state-name")
-                    .values("pending")
-                    .values("running")
-                    .build(),
-            )
-            .send()
-            .await
-            .unwrap();
-        out.reservations()
-            .iter()
-            .flat_map(|r| r.instances().to_vec())
-            .collect()
-    }
-
-    async fn token_parameters(&self) -> Vec<String> {
-        let out = self
-            .ssm
-            .get_parameters_by_path()
-            .path(&self.prefix)
-            .send()
-            .await
-            .unwrap();
-        out.parameters()
-            .iter()
-            .filter_map(|p| p.name().map(str::to_owned))
-            .collect()
-    }
-
-    async fn user_data(&self, instance_id: &str) -> String {
-        let out = self
-            .ec2
-            .describe_instance_attribute()
-            .instance_id(instance_id)
-            .attribute(aws_sdk_ec2::types::InstanceAttributeName::UserData)
-            .send()
-            .await
-            .unwrap();
-        let encoded = out.user_data().and_then(|u| u.value()).unwrap_or_default();
-        String::from_utf8(
-            base64::engine::general_purpose::STANDARD
-                .decode(encoded)
-                .unwrap(),
-        )
-        .unwrap()
-    }
-
-    fn assert_no_token_in(&self, what: &str, text: &str) {
-        let state = self.gitlab.state();
-        assert!(!state.issued_tokens.is_empty(), "no token was issued");
-        for token in &state.issued_tokens {
-            assert!(
-                !text.contains(token.as_str()),
-                "a runner token leaked into {what}"
-            );
-        }
-        assert!(
-            !text.contains(API_TOKEN),
-            "the GitLab API token leaked into {what}"
-        );
-    }
-}
-
-fn tag<'a>(instance: &'a aws_sdk_ec2::types::Instance, key: &str) -> Option<&'a str> {
-    instance
-        .tags()
-        .iter()
-        .find(|t| t.key() == Some(key))
-        .and_then(|t| t.value())
-}
-
-/// The provision workflow's state at the EC2 step, as JSON the way Step Functions passes it.
-fn provision_input(job: &JobEvent, decision: serde_json::Value) -> (ProvisionInput, String) {
-    let json = serde_json::json!({
-        "job_key": JobKey::of(job).table_key(),
-        "job": job,
-        "mapped": {"decision": decision},
-    })
-    .to_string();
-    (serde_json::from_str(&json).unwrap(), json)
-}
-
-fn ec2_route() -> serde_json::Value {
-    serde_json::json!({"type": "EC2", "matched": "default", "reason": "test", "tags": ["docker"]})
-}
-
-fn finished(job: &JobEvent, status: JobStatus, runner: Option<u64>) -> TeardownInput {
-    let mut event = job.clone();
-    event.status = status;
-    event.runner = runner.map(|id| RunnerRef {
-        id,
-        description: None,
-        tags: vec![],
-    });
-    TeardownInput {
-        job_key: JobKey::of(job).table_key(),
-        job: event,
-    }
-}
-
-fn launched(outcome: &Provisioned) -> (String, u64) {
-    match outcome {
-        Provisioned::Launched {
-            instance_id,
-            runner_id,
-            ..
-        } => (instance_id.clone(), *runner_id),
-        other => panic!("expected a launch, got {other:?}"),
-    }
-}
 
 fn now_ms() -> u64 {
     fleet::now_ms()
@@ -326,7 +19,7 @@ fn now_ms() -> u64 {
 #[tokio::test]
 async fn provision_then_teardown_leaves_nothing_and_no_token_leaks() {
     let (logs, _guard) = capture_logs();
-    let stack = stack().await;
+    let stack = fleet_stack().await;
     let functions = stack.functions(&stack.config(&[])).await;
     let job = job_event(41, 4101, "docker-build", JobStatus::Pending);
     stack.job_is_provisioning(&job).await;
@@ -477,7 +170,7 @@ async fn provision_then_teardown_leaves_nothing_and_no_token_leaks() {
 
 #[tokio::test]
 async fn spot_capacity_error_falls_back_to_on_demand() {
-    let stack = stack().await;
+    let stack = fleet_stack().await;
     // EC2 answers InsufficientInstanceCapacity to every spot launch. (Real EC2 sends it as a
     // 500, which the SDK retries first; 400 here keeps the test fast with the same outcome.)
     let proxy = FaultProxy::start(
@@ -527,7 +220,7 @@ async fn spot_capacity_error_falls_back_to_on_demand() {
 
 #[tokio::test]
 async fn finished_job_that_ran_on_another_runner_removes_that_runner_not_its_own() {
-    let stack = stack().await;
+    let stack = fleet_stack().await;
     let functions = stack.functions(&stack.config(&[])).await;
     let a = job_event(43, 4301, "a", JobStatus::Pending);
     let b = job_event(43, 4302, "b", JobStatus::Pending);
@@ -579,7 +272,7 @@ async fn finished_job_that_ran_on_another_runner_removes_that_runner_not_its_own
 
 #[tokio::test]
 async fn canceled_job_whose_runner_never_got_it_is_cleaned_up() {
-    let stack = stack().await;
+    let stack = fleet_stack().await;
     let functions = stack.functions(&stack.config(&[])).await;
     let job = job_event(44, 4401, "deploy", JobStatus::Pending);
     stack.job_is_provisioning(&job).await;
@@ -605,7 +298,7 @@ async fn canceled_job_whose_runner_never_got_it_is_cleaned_up() {
 
 #[tokio::test]
 async fn reaper_removes_what_a_lost_finished_event_left_and_is_two_phase() {
-    let stack = stack().await;
+    let stack = fleet_stack().await;
     let provisioner = stack.functions(&stack.config(&[])).await;
     let job = job_event(45, 4501, "test", JobStatus::Pending);
     stack.job_is_provisioning(&job).await;
@@ -698,7 +391,7 @@ async fn reaper_removes_what_a_lost_finished_event_left_and_is_two_phase() {
 
 #[tokio::test]
 async fn reaper_bypass_tag_keeps_an_instance() {
-    let stack = stack().await;
+    let stack = fleet_stack().await;
     let functions = stack
         .functions(&stack.config(&[("MAX_INSTANCE_LIFETIME_SECONDS", "0")]))
         .await;
@@ -731,7 +424,7 @@ async fn reaper_bypass_tag_keeps_an_instance() {
 #[tokio::test]
 async fn gitlab_failures_are_retried_then_fail_clearly_leaving_nothing() {
     let (logs, _guard) = capture_logs();
-    let stack = stack().await;
+    let stack = fleet_stack().await;
     let functions = stack.functions(&stack.config(&[])).await;
 
     // Two 502s, then GitLab answers: the runner is created on the third call.
@@ -744,7 +437,7 @@ async fn gitlab_failures_are_retried_then_fail_clearly_leaving_nothing() {
             .await
             .unwrap(),
     );
-    let creates = |stack: &Stack| {
+    let creates = |stack: &FleetStack| {
         stack
             .gitlab
             .state()
