@@ -1,4 +1,4 @@
-"""Local run of the webhook path; see run-local. Everything listens on 127.0.0.1 only and is
+"""Local run: the webhook path under cargo lambda watch, then the whole chain; see run-local. Everything listens on 127.0.0.1 only and is
 stopped on exit, however the script exits."""
 import argparse, base64, hashlib, hmac, json, os, pathlib, signal, socket, subprocess, sys, time
 import urllib.request, urllib.error
@@ -130,6 +130,9 @@ def main():
                     help="directory of API Gateway envelopes (default: events/webhook)")
     ap.add_argument("--check", action="store_true", help="fail unless every outcome matches manifest.json")
     ap.add_argument("--show-logs", action="store_true", help="print the function's JSON log lines at the end")
+    ap.add_argument("--hooks", default=str(ROOT / "events/chain/hooks.json"),
+                    help="Job Hook bodies (JSON array) for the whole-chain run (default: events/chain/hooks.json)")
+    ap.add_argument("--webhook-only", action="store_true", help="skip the whole-chain run")
     args = ap.parse_args()
     events_dir = pathlib.Path(args.events)
     manifest = json.loads((events_dir / "manifest.json").read_text()) if (events_dir / "manifest.json").exists() else {}
@@ -199,6 +202,17 @@ def main():
     if args.show_logs:
         fn_log.flush()
         print("\nFunction logs:\n" + (logs / "webhook.log").read_text())
+    if not args.webhook_only:
+        # The whole chain: the same moto, every function in one process through its real
+        # handler (moto cannot call our Lambdas from a rule or a state machine), and a GitLab
+        # runner API stand-in on loopback. See tests/e2e/src/chain.rs.
+        print(f"\nWhole chain: {args.hooks}\n", flush=True)
+        chain = ["cargo", "run", "-q", "--locked", "-p", "e2e-tests", "--bin", "chain-local", "--", "--hooks", args.hooks]
+        if args.check:
+            chain.append("--check")
+        env = {**os.environ, "MOTO_ENDPOINT": endpoint, "RUST_LOG": "error"}
+        if subprocess.run(chain, env=env, stdin=subprocess.DEVNULL).returncode != 0:
+            failures.append("whole chain: see above")
     if failures:
         print("\nCHECK FAILED:\n  " + "\n  ".join(failures))
         return 1

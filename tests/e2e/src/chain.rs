@@ -20,7 +20,7 @@ use aws_config::SdkConfig;
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use aws_sdk_dynamodb::types::AttributeValue;
 use ephemeral_core::fleet::Provisioned;
-use ephemeral_core::hook::{JobEvent, JobStatus};
+use ephemeral_core::hook::JobEvent;
 use ephemeral_core::jobs::{JobKey, RouterOutcome, Started, Workflow, WorkflowInput};
 use ephemeral_core::mapping::Executor;
 use ephemeral_core::testing::{XorShift, expected_provisions, redelivered_job_events};
@@ -139,6 +139,29 @@ impl ChainReport {
     }
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leftovers {
+    pub instances: usize,
+    pub token_parameters: usize,
+    pub gitlab_runners: usize,
+}
+
+impl Leftovers {
+    pub fn is_empty(&self) -> bool {
+        self.instances + self.token_parameters + self.gitlab_runners == 0
+    }
+}
+
+impl std::fmt::Display for Leftovers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} instances running, {} token parameters, {} GitLab runners",
+            self.instances, self.token_parameters, self.gitlab_runners
+        )
+    }
+}
+
 /// Peak resident set of this process (`VmHWM`), KiB.
 pub fn peak_rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -192,6 +215,11 @@ pub struct Chain {
     webhook_retries: AtomicU64,
     platform_retries: AtomicU64,
     stage_time: Mutex<BTreeMap<&'static str, Duration>>,
+    started: Instant,
+    /// Per job: what happened, when (for the local run's printout).
+    trace: Mutex<BTreeMap<String, Vec<(Duration, String)>>>,
+    /// Instance id -> job key, to name the job of a reaped instance.
+    instances: Mutex<HashMap<String, String>>,
 }
 
 /// A throttling error in the protocol of the request (JSON services, or EC2's query API).
@@ -213,6 +241,20 @@ fn throttle(request: &crate::loopback::Request) -> (u16, String) {
 }
 
 impl Chain {
+    fn note(&self, job_key: &str, what: String) {
+        self.trace
+            .lock()
+            .unwrap()
+            .entry(job_key.to_owned())
+            .or_default()
+            .push((self.started.elapsed(), what));
+    }
+
+    /// Per job, in job order: (elapsed since the chain was built, what happened).
+    pub fn trace(&self) -> BTreeMap<String, Vec<(Duration, String)>> {
+        self.trace.lock().unwrap().clone()
+    }
+
     fn timed(&self, stage: &'static str, since: Instant) {
         *self.stage_time.lock().unwrap().entry(stage).or_default() += since.elapsed();
     }
@@ -304,6 +346,9 @@ impl Chain {
             webhook_retries: AtomicU64::new(0),
             platform_retries: AtomicU64::new(0),
             stage_time: Mutex::default(),
+            started: Instant::now(),
+            trace: Mutex::default(),
+            instances: Mutex::default(),
         }
     }
 
@@ -384,43 +429,62 @@ impl Chain {
 
     /// One hook, the way GitLab sends it (again after a 5xx), then everything it causes.
     async fn deliver(&self, worker: usize, mut event: JobEvent) {
-        let key = JobKey::of(&event);
-        if event.status == JobStatus::Pending {
-            self.first_pending
-                .lock()
-                .unwrap()
-                .entry(key.table_key())
-                .or_insert_with(Instant::now);
-        }
         if event.status.is_finished() {
             event.runner = self.runner_that_ran(&event).await;
         }
+        self.deliver_body(worker, &event.delivery_id, &hook_body(&event))
+            .await;
+    }
+
+    /// Replays Job Hook bodies as given (delivery id, body), in order, on one worker.
+    pub async fn replay(&self, hooks: &[(String, String)]) {
+        for (delivery_id, body) in hooks {
+            self.deliver_body(0, delivery_id, body).await;
+        }
+        self.reap().await;
+    }
+
+    async fn deliver_body(&self, worker: usize, delivery_id: &str, body: &str) {
+        let hook: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        let job_key = JobKey {
+            project_id: hook["project_id"].as_u64().unwrap_or(0),
+            job_id: hook["build_id"].as_u64().unwrap_or(0),
+        }
+        .table_key();
+        let status = hook["build_status"].as_str().unwrap_or("?").to_owned();
+        if status == "pending" {
+            self.first_pending
+                .lock()
+                .unwrap()
+                .entry(job_key.clone())
+                .or_insert_with(Instant::now);
+        }
         let t = Instant::now();
-        let body = hook_body(&event);
         let w = &self.workers[worker];
+        let mut reply = 0;
         for attempt in 0.. {
             let request = api_request(
                 &[
                     ("content-type", "application/json"),
                     ("x-gitlab-event", "Job Hook"),
                     ("x-gitlab-token", WEBHOOK_TOKEN),
-                    ("idempotency-key", &event.delivery_id),
+                    ("idempotency-key", delivery_id),
                 ],
-                &body,
+                body,
             );
-            let status = w.webhook.handle(request).await.status_code;
-            if (200..300).contains(&status) {
+            reply = w.webhook.handle(request).await.status_code;
+            if (200..300).contains(&reply) {
                 break;
             }
-            assert!(
-                attempt < 20,
-                "GitLab gave up on {}: {status}",
-                event.delivery_id
-            );
+            assert!(attempt < 20, "GitLab gave up on {delivery_id}: {reply}");
             self.webhook_retries.fetch_add(1, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
         self.timed("webhook", t);
+        self.note(
+            &job_key,
+            format!("hook {status} (delivery {delivery_id}): webhook answered {reply}"),
+        );
         self.drain_bus(w).await;
     }
 
@@ -512,15 +576,18 @@ impl Chain {
         }
         self.timed("router", t);
         let t = Instant::now();
+        let event: JobEvent = serde_json::from_value(envelope.detail.clone()).unwrap();
+        let job_key = JobKey::of(&event).table_key();
         let Some(RouterOutcome::Started {
             workflow,
             started: Started::New,
-            ..
+            execution,
         }) = outcome
         else {
+            self.note(&job_key, format!("router: {outcome:?}"));
             return;
         };
-        let event: JobEvent = serde_json::from_value(envelope.detail.clone()).unwrap();
+        self.note(&job_key, format!("router: started {execution}"));
         let input = WorkflowInput {
             job_key: JobKey::of(&event).table_key(),
             job: event,
@@ -562,7 +629,17 @@ impl Chain {
             .send()
             .await
             .unwrap();
-        if let Executor::Lambda { .. } = decision.decision.executor {
+        self.note(
+            &input.job_key,
+            format!(
+                "mapper: {} ({}: {})",
+                decision.decision.executor.kind(),
+                decision.decision.matched,
+                decision.decision.reason
+            ),
+        );
+        if let Executor::Lambda { arn } = &decision.decision.executor {
+            self.note(&input.job_key, format!("shell runner invoked: {arn}"));
             *self
                 .report
                 .lock()
@@ -582,7 +659,18 @@ impl Chain {
                 .await
             {
                 Ok(outcome) => {
-                    if let Provisioned::Launched { .. } = outcome {
+                    self.note(
+                        &input.job_key,
+                        format!(
+                            "ec2-provision: {}",
+                            serde_json::to_string(&outcome).unwrap()
+                        ),
+                    );
+                    if let Provisioned::Launched { instance_id, .. } = &outcome {
+                        self.instances
+                            .lock()
+                            .unwrap()
+                            .insert(instance_id.clone(), input.job_key.clone());
                         let started = self.first_pending.lock().unwrap()[&input.job_key];
                         let mut report = self.report.lock().unwrap();
                         *report.launches.entry(input.job_key.clone()).or_default() += 1;
@@ -605,6 +693,7 @@ impl Chain {
                     self.platform_retries.fetch_add(1, Ordering::SeqCst);
                 }
                 Err(e) => {
+                    self.note(&input.job_key, format!("ec2-provision failed: {e}"));
                     self.report
                         .lock()
                         .unwrap()
@@ -638,7 +727,13 @@ impl Chain {
             };
             for attempt in 0..4 {
                 match self.fleet.teardown(&teardown).await {
-                    Ok(_) => break,
+                    Ok(done) => {
+                        self.note(
+                            &input.job_key,
+                            format!("ec2-teardown: {}", serde_json::to_string(&done).unwrap()),
+                        );
+                        break;
+                    }
                     Err(e) => {
                         assert!(attempt < 3, "teardown failed four times: {e}");
                         self.platform_retries.fetch_add(1, Ordering::SeqCst);
@@ -659,6 +754,15 @@ impl Chain {
             .await;
     }
 
+    /// What is left of the stack's runners: instances, token parameters, GitLab runners.
+    pub async fn leftovers(&self) -> Leftovers {
+        Leftovers {
+            instances: self.fleet_stack.live_instances().await.len(),
+            token_parameters: self.fleet_stack.token_parameters().await.len(),
+            gitlab_runners: self.fleet_stack.gitlab.state().runners.len(),
+        }
+    }
+
     /// Two reaper passes with no grace (mark, then kill): what lost finished hooks left.
     async fn reap(&self) {
         let config = self.fleet_stack.config(&[
@@ -671,6 +775,18 @@ impl Chain {
         for _ in 0..3 {
             let report = reaper.reap(fleet::now_ms()).await.unwrap();
             reaped += report.killed.len();
+            for killed in &report.killed {
+                let job = self
+                    .instances
+                    .lock()
+                    .unwrap()
+                    .get(&killed.instance_id)
+                    .cloned();
+                self.note(
+                    job.as_deref().unwrap_or("(unknown job)"),
+                    format!("reaper: terminated {} ({})", killed.instance_id, killed.why),
+                );
+            }
         }
         self.report.lock().unwrap().reaped = reaped;
     }
