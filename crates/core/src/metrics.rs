@@ -8,6 +8,18 @@ pub const NAMESPACE: &str = "EphemeralRunners";
 
 /// One EMF line counting `value` of `metric` for `function`.
 pub fn emf_count(function: &str, metric: &str, value: u64, timestamp_ms: u64) -> String {
+    emf_value(function, metric, value, "Count", timestamp_ms)
+}
+
+/// One EMF line with `value` of `metric` in `unit` (a CloudWatch unit: `Count`,
+/// `Milliseconds`, ...) for `function`.
+pub fn emf_value(
+    function: &str,
+    metric: &str,
+    value: u64,
+    unit: &str,
+    timestamp_ms: u64,
+) -> String {
     let mut root = Map::new();
     root.insert(
         "_aws".into(),
@@ -16,7 +28,7 @@ pub fn emf_count(function: &str, metric: &str, value: u64, timestamp_ms: u64) ->
             "CloudWatchMetrics": [{
                 "Namespace": NAMESPACE,
                 "Dimensions": [["Function"]],
-                "Metrics": [{"Name": metric, "Unit": "Count"}],
+                "Metrics": [{"Name": metric, "Unit": unit}],
             }],
         }),
     );
@@ -40,5 +52,18 @@ mod tests {
             "HooksDeadLettered"
         );
         assert_eq!(v["_aws"]["Timestamp"], 42);
+        let latency: Value = serde_json::from_str(&emf_value(
+            "ec2-provision",
+            "HookToLaunch",
+            812,
+            "Milliseconds",
+            1,
+        ))
+        .unwrap();
+        assert_eq!(latency["HookToLaunch"], 812);
+        assert_eq!(
+            latency["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Unit"],
+            "Milliseconds"
+        );
     }
 }

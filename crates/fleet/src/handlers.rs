@@ -8,7 +8,7 @@ use ephemeral_core::fleet::{
 };
 use ephemeral_core::hook::JobEvent;
 use ephemeral_core::mapping::{Executor, MapperOutput};
-use ephemeral_core::metrics::emf_count;
+use ephemeral_core::metrics::{emf_count, emf_value};
 use ephemeral_core::secrets::Secret;
 use ephemeral_core::webhook::PortError;
 use ephemeral_gitlab::{GitLabClient, Registration, RetryPolicy};
@@ -166,6 +166,17 @@ impl Functions {
                     println!(
                         "{}",
                         emf_count("ec2-provision", "RunnersLaunched", 1, now_ms)
+                    );
+                    // From the webhook's receipt of the hook to the instance launched.
+                    println!(
+                        "{}",
+                        emf_value(
+                            "ec2-provision",
+                            "HookToLaunch",
+                            latency_ms,
+                            "Milliseconds",
+                            now_ms
+                        )
                     );
                     println!(
                         "{}",

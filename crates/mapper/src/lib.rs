@@ -234,7 +234,15 @@ impl<R: MappingRules, T: JobTags> Mapper<R, T> {
         tracing::info!(
             decision = output.decision.executor.kind(), matched = %output.decision.matched,
             reason = %output.decision.reason, project_id = job.project_id, pipeline_id = job.pipeline_id,
-            job_id = job.job_id, job_name = %job.job_name, "job mapped"
+            job_id = job.job_id, job_name = %job.job_name, delivery_id = %job.delivery_id, "job mapped"
+        );
+        let metric = match output.decision.executor.kind() {
+            "LAMBDA" => "RoutedToLambda",
+            _ => "RoutedToEc2",
+        };
+        println!(
+            "{}",
+            ephemeral_core::metrics::emf_count("mapper", metric, 1, job.received_at_ms)
         );
         Ok(output)
     }
