@@ -147,7 +147,9 @@ impl Functions {
             now_ms,
         )
         .await;
-        let latency_ms = now_ms.saturating_sub(job.received_at_ms);
+        // Measured after the step: the hook's receipt to the instance launched and its runner
+        // created (`now_ms` is when the step started).
+        let latency_ms = crate::now_ms().saturating_sub(job.received_at_ms);
         match &result {
             Ok(outcome) => {
                 tracing::info!(
@@ -222,6 +224,7 @@ impl Functions {
             ),
             Err(e) => tracing::error!(
                 project_id = job.project_id,
+                pipeline_id = job.pipeline_id,
                 job_id = job.job_id,
                 delivery_id = %job.delivery_id,
                 error = %e,
