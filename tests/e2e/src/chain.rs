@@ -485,7 +485,7 @@ impl Chain {
             &job_key,
             format!("hook {status} (delivery {delivery_id}): webhook answered {reply}"),
         );
-        self.drain_bus(w).await;
+        self.drain_bus(w, reply).await;
     }
 
     /// GitLab's `runner` of a finished job: the runner launched for it if it got one (our
@@ -525,35 +525,43 @@ impl Chain {
 
     /// Hands every event on the worker's bus to the router (Lambda retries it on an error),
     /// then runs the workflows it started.
-    async fn drain_bus(&self, w: &Worker) {
+    /// Hands the event a forwarded hook put on the worker's bus to the router (Lambda
+    /// retries it on an error), then runs the workflow it started. A 202 from the webhook
+    /// means exactly one event; any other answer, none (duplicate, not ours): no poll then.
+    async fn drain_bus(&self, w: &Worker, reply: i64) {
+        if reply != 202 {
+            return;
+        }
         let sqs = aws_sdk_sqs::Client::new(&self.sdk);
-        loop {
-            let t = Instant::now();
+        let t = Instant::now();
+        let message = loop {
             let out = sqs
                 .receive_message()
                 .queue_url(&w.stack.observer_queue_url)
-                .max_number_of_messages(10)
+                .max_number_of_messages(1)
                 .send()
                 .await
                 .unwrap();
-            let messages = out.messages();
-            if messages.is_empty() {
-                break;
+            if let Some(m) = out.messages().first() {
+                break m.clone();
             }
-            self.timed("bus", t);
-            for m in messages {
-                let envelope: EventBridgeEvent<serde_json::Value> =
-                    serde_json::from_str(m.body().unwrap()).unwrap();
-                if envelope.detail_type == "GitLab Job Event" {
-                    self.route(&envelope).await;
-                }
-                sqs.delete_message()
-                    .queue_url(&w.stack.observer_queue_url)
-                    .receipt_handle(m.receipt_handle().unwrap())
-                    .send()
-                    .await
-                    .unwrap();
-            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the forwarded hook's event never reached the bus's queue"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        sqs.delete_message()
+            .queue_url(&w.stack.observer_queue_url)
+            .receipt_handle(message.receipt_handle().unwrap())
+            .send()
+            .await
+            .unwrap();
+        self.timed("bus", t);
+        let envelope: EventBridgeEvent<serde_json::Value> =
+            serde_json::from_str(message.body().unwrap()).unwrap();
+        if envelope.detail_type == "GitLab Job Event" {
+            self.route(&envelope).await;
         }
     }
 
