@@ -24,6 +24,16 @@ impl ArtifactFile<'_> {
     pub fn path(&self) -> Option<PathBuf> {
         self.0.enclosed_name()
     }
+
+    /// FORK: the Unix permissions stored in the archive (to keep scripts executable).
+    pub fn unix_mode(&self) -> Option<u32> {
+        self.0.unix_mode()
+    }
+
+    /// FORK: whether this entry is a directory.
+    pub fn is_dir(&self) -> bool {
+        self.0.is_dir()
+    }
 }
 
 impl Read for ArtifactFile<'_> {

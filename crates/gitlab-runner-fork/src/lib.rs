@@ -16,7 +16,8 @@ pub mod uploader;
 pub use logging::GitlabLayer;
 use rand::distr::Alphanumeric;
 use rand::distr::SampleString;
-use runlist::JobRunList;
+// FORK: public, so that a runner can be built without the tracing layer.
+pub use runlist::JobRunList;
 use tokio::fs::File;
 use tokio::io::AsyncReadExt;
 use tokio_util::sync::CancellationToken;

@@ -106,6 +106,7 @@ where
     }
 }
 
+/// The jobs a runner is running, shared with the [`crate::GitlabLayer`] when there is one.
 pub struct JobRunList(RunList<u64, JobLog>);
 
 impl From<RunList<u64, JobLog>> for JobRunList {
