@@ -246,6 +246,7 @@ pub struct RunnerBuilder {
     metadata: ClientMetadata,
     status_poll: Option<Duration>,
     http_client: Option<reqwest::Client>,
+    first_trace: Option<Duration>,
 }
 
 impl RunnerBuilder {
@@ -291,7 +292,15 @@ impl RunnerBuilder {
             metadata: ClientMetadata::default(),
             status_poll: None,
             http_client: None,
+            first_trace: None,
         }
+    }
+
+    /// FORK: upload the first trace output this soon after the job starts (upstream: 3 s,
+    /// then GitLab's interval), so the job page shows that the job started.
+    pub fn first_trace_after(mut self, after: Duration) -> Self {
+        self.first_trace = Some(after);
+        self
     }
 
     /// FORK: ask GitLab for the job's status at least this often while the job runs, so that
@@ -424,6 +433,7 @@ impl RunnerBuilder {
             build_dir: self.build_dir,
             run_list: self.run_list,
             status_poll: self.status_poll,
+            first_trace: self.first_trace,
             job_deadline: None,
         }
     }
@@ -438,6 +448,7 @@ pub struct Runner {
     build_dir: PathBuf,
     run_list: RunList<u64, JobLog>,
     status_poll: Option<Duration>,
+    first_trace: Option<Duration>,
     job_deadline: Option<JobDeadline>,
 }
 
@@ -491,6 +502,7 @@ impl Runner {
                 response,
                 &mut self.run_list,
                 self.status_poll,
+                self.first_trace,
                 self.job_deadline.clone(),
             );
             tokio::spawn(

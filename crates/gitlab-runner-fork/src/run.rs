@@ -334,6 +334,7 @@ impl Run {
         response: JobResponse,
         run_list: &mut RunList<u64, JobLog>,
         status_poll: Option<Duration>,
+        first_trace: Option<Duration>,
         deadline: Option<JobDeadline>,
     ) -> Self {
         let response = Arc::new(response);
@@ -344,7 +345,15 @@ impl Run {
             client,
             response,
             log_offset: 0,
-            interval: Self::create_interval(now, Duration::from_secs(3)),
+            interval: match first_trace {
+                // FORK: first tick sooner, then every 3 s until GitLab says otherwise.
+                Some(first) => {
+                    let mut i = interval_at(now + first, Duration::from_secs(3));
+                    i.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                    i
+                }
+                None => Self::create_interval(now, Duration::from_secs(3)),
+            },
             last_alive: now,
             joblog,
             status_poll,

@@ -194,6 +194,7 @@ impl ShellRunner {
         .platform("linux")
         .architecture(std::env::consts::ARCH)
         .status_poll_interval(config.status_poll)
+        .first_trace_after(Duration::from_millis(250))
         .http_client(http)
         .build()
         .await;
