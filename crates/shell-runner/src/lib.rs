@@ -32,6 +32,9 @@ use crate::trace::Trace;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// Lambda's longest invocation.
+pub const LAMBDA_MAX: Duration = Duration::from_secs(900);
+
 /// What the provision state machine sends (`StartShellRunner`): the job whose hook started
 /// this invocation. GitLab hands us whichever pending job fits the runner, not necessarily
 /// this one; the payload is for the logs.
@@ -309,7 +312,10 @@ pub async fn lambda_handler(
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64);
-    let remaining = Duration::from_millis(event.context.deadline.saturating_sub(now_ms));
+    // Lambda allows 15 minutes at most; a larger value (a local tool's context) is capped
+    // rather than overflowing the clock.
+    let remaining =
+        Duration::from_millis(event.context.deadline.saturating_sub(now_ms)).min(LAMBDA_MAX);
     runner
         .handle(&event.payload, Instant::now() + remaining)
         .await
@@ -921,4 +927,66 @@ pub fn new_system_id() -> String {
         let _ = f.read_exact(&mut random);
     }
     shell::system_id(&random)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_event_is_an_invocation() {
+        let sample = include_str!("../../../events/shell-runner/invocation.json");
+        let invocation: Invocation = serde_json::from_str(sample).unwrap();
+        assert_eq!(invocation.job_key, "project#380#job#1977");
+        assert_eq!(invocation.job.job_id, 1977);
+    }
+
+    #[test]
+    fn configuration_errors_name_the_variable_and_defaults_apply() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let err =
+            Config::from_lookup(env(&[("GITLAB_URL", "https://gitlab.example.com")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "configuration: RUNNER_TOKEN_PARAMETER is not set"
+        );
+        let err = Config::from_lookup(env(&[
+            ("GITLAB_URL", "https://gitlab.example.com"),
+            ("RUNNER_TOKEN_PARAMETER", "/runners/shell"),
+            ("STATUS_POLL_SECONDS", "soon"),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("STATUS_POLL_SECONDS=`soon`"),
+            "{err}"
+        );
+        let config = Config::from_lookup(env(&[
+            ("GITLAB_URL", "https://gitlab.example.com"),
+            ("RUNNER_TOKEN_PARAMETER", "/runners/shell"),
+        ]))
+        .unwrap();
+        assert_eq!(config.root, PathBuf::from("/tmp/shell-runner"));
+        assert_eq!(config.status_poll, Duration::from_secs(2));
+        assert_eq!(config.margins, Margins::default());
+        assert!(config.inherit_env.contains(&"PATH".to_owned()));
+        assert!(
+            !config
+                .inherit_env
+                .iter()
+                .any(|k| k.starts_with("AWS_SECRET"))
+        );
+    }
+
+    #[test]
+    fn the_runner_token_is_never_printed() {
+        let token = RunnerToken("glrt-secret".into());
+        assert!(!format!("{token:?}").contains("glrt-secret"));
+    }
 }

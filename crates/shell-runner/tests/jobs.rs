@@ -419,3 +419,27 @@ async fn no_pending_job_is_a_normal_outcome() {
         Outcome::NoJob { .. }
     ));
 }
+
+#[tokio::test]
+async fn a_refused_runner_token_is_an_error_that_does_not_show_the_token() {
+    let mock = gitlab_runner_mock::GitlabRunnerMock::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let runner = shell_runner::ShellRunner::new(
+        config(&mock, root.path()),
+        shell_runner::RunnerToken("glrt-not-the-right-one".into()),
+        shell_runner::new_system_id(),
+    )
+    .await;
+    let payload = serde_json::from_value(payload(1)).unwrap();
+    let mut context = lambda_runtime::Context::default();
+    context.deadline = u64::MAX;
+    // Lambda retries an invocation that errs: GitLab may be briefly unreachable.
+    let err =
+        shell_runner::lambda_handler(&runner, lambda_runtime::LambdaEvent::new(payload, context))
+            .await
+            .unwrap_err()
+            .to_string();
+    assert!(err.contains("requesting a job from GitLab"), "{err}");
+    assert!(err.contains("403"), "{err}");
+    assert!(!err.contains("glrt-not-the-right-one"), "{err}");
+}
