@@ -41,7 +41,11 @@ fn git(dir: &std::path::Path, args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
-async fn measure(with_git: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+async fn measure(
+    with_git: bool,
+    script: &str,
+    jobs: usize,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
     let s = setup().await;
     let repo = tempfile::tempdir().unwrap();
     let mut sha = String::new();
@@ -58,8 +62,8 @@ async fn measure(with_git: bool) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec
     let url = format!("file://{}", repo.path().display());
     let (mut first_local, mut first_gitlab, mut overhead, mut total, mut git_ms) =
         (vec![], vec![], vec![], vec![], vec![]);
-    for i in 0..JOBS {
-        let job = job(&s.mock, &format!("bench {i}"), &["true"], &[], 600, |b| {
+    for i in 0..jobs {
+        let job = job(&s.mock, &format!("bench {i}"), &[script], &[], 600, |b| {
             if with_git {
                 b.add_variable("GIT_STRATEGY".into(), "fetch".into(), true, false);
                 b.add_variable("CI_REPOSITORY_URL".into(), url.clone(), true, false);
@@ -99,15 +103,22 @@ fn main() {
         .build()
         .unwrap();
     println!("shell-runner, {JOBS} jobs per case (script `true`), gitlab-runner-mock on loopback");
-    let (first_local, first_gitlab, overhead, total, _) = rt.block_on(measure(false));
+    let (first_local, first_gitlab, overhead, total, _) = rt.block_on(measure(false, "true", JOBS));
     stats("invocation -> first trace byte (runner)", first_local);
-    stats("invocation -> first trace byte (at GitLab)", first_gitlab);
+    stats(
+        "first trace byte at GitLab (job ends at once)",
+        first_gitlab,
+    );
     stats("runner overhead per job, excluding script", overhead);
     stats("whole invocation, no git", total);
-    let (_, _, overhead, total, git_ms) = rt.block_on(measure(true));
+    let (_, _, overhead, total, git_ms) = rt.block_on(measure(true, "true", JOBS));
     stats("git checkout (file://, 20 files, depth 1)", git_ms);
     stats("runner overhead per job, excl. script and git", overhead);
     stats("whole invocation, with git", total);
+    // A job that is still running when its first output exists: the output reaches GitLab
+    // with the first scheduled upload, not with the final one.
+    let (_, first_gitlab, _, _, _) = rt.block_on(measure(false, "echo started; sleep 1", 5));
+    stats("first trace byte at GitLab, job running 1 s", first_gitlab);
 
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
     for path in [
