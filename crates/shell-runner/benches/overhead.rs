@@ -121,13 +121,19 @@ fn main() {
     stats("first trace byte at GitLab, job running 1 s", first_gitlab);
 
     let target = std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into());
-    for path in [
-        format!("{target}/release/shell-runner"),
-        format!("{target}/lambda/shell-runner/bootstrap"),
+    for (path, build) in [
+        (
+            format!("{target}/release/shell-runner"),
+            "cargo build --release -p shell-runner",
+        ),
+        (
+            format!("{target}/lambda/shell-runner/bootstrap"),
+            "cargo lambda build --release --arm64 --bin shell-runner",
+        ),
     ] {
         match std::fs::metadata(&path) {
             Ok(m) => println!("binary {path}: {:.2} MB", m.len() as f64 / 1_000_000.0),
-            Err(_) => println!("binary {path}: not built (cargo build --release -p shell-runner)"),
+            Err(_) => println!("binary {path}: not built ({build})"),
         }
     }
 }
