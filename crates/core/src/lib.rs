@@ -10,6 +10,7 @@ pub mod jobs;
 pub mod mapping;
 pub mod metrics;
 pub mod secrets;
+pub mod shell;
 pub mod testing;
 pub mod webhook;
 

@@ -1,0 +1,992 @@
+//! The in-Lambda shell runner: an invocation asks GitLab for one job (with the runner token
+//! shared by every invocation) and runs it with bash in the Lambda sandbox. The job protocol
+//! is `gitlab_runner`'s (a fork of collabora's crate, see `crates/gitlab-runner-fork/FORK.md`);
+//! every decision (time budget, masking, scripts, environment, checkout, failure reasons) is
+//! `ephemeral_core::shell`'s. This crate carries them out: directories, processes, git, files.
+
+pub mod process;
+pub mod trace;
+
+use std::borrow::Cow;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ephemeral_core::hook::JobEvent;
+use ephemeral_core::shell::{
+    self, Checkout, JobVariable, Margins, Masker, RunnerSide, ScriptBudget, failure_reason,
+};
+use gitlab_runner::job::Job;
+use gitlab_runner::{
+    CancellableJobHandler, JobDeadline, JobFailure, JobResult, JobRunList, Phase, Runner,
+    RunnerBuilder, UploadableFile,
+};
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+use tokio_util::compat::{Compat, TokioAsyncReadCompatExt};
+use tokio_util::sync::CancellationToken;
+use url::Url;
+
+use crate::process::Ended;
+use crate::trace::Trace;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// Lambda's longest invocation.
+pub const LAMBDA_MAX: Duration = Duration::from_secs(900);
+
+/// What the provision state machine sends (`StartShellRunner`): the job whose hook started
+/// this invocation. GitLab hands us whichever pending job fits the runner, not necessarily
+/// this one; the payload is for the logs.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Invocation {
+    pub job_key: String,
+    pub job: JobEvent,
+}
+
+/// What an invocation did. Returned to Lambda (async invokes drop it; the log keeps it).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum Outcome {
+    /// GitLab had no job for this runner: another invocation took it, or it was canceled.
+    /// Normal with at-least-once delivery.
+    NoJob {
+        requests: u32,
+        waited_ms: u64,
+    },
+    Ran(JobReport),
+}
+
+/// How the job's script ended and what it cost, as seen by this runner.
+#[derive(Debug, Clone, Serialize, PartialEq, Default)]
+pub struct JobReport {
+    pub job_id: u64,
+    /// `success`, `failed` or `canceled`: the script's result (an artifact upload failure
+    /// after a successful script is reported to GitLab as failed, not here).
+    pub result: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failure_reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// From the start of the invocation to the first byte handed to the trace uploader.
+    pub first_trace_ms: Option<u64>,
+    /// Runner work before the script: directories, variables, checkout, dependencies.
+    pub prepare_ms: u64,
+    /// Of which git took this long.
+    pub git_ms: u64,
+    /// The script and after_script themselves.
+    pub steps_ms: u64,
+}
+
+/// Configuration read once per cold start. Errors name the variable.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub gitlab_url: Url,
+    /// Name of the SSM parameter with the runner authentication token (`glrt-...`).
+    pub token_parameter: String,
+    /// Where jobs run; emptied before and after every invocation.
+    pub root: PathBuf,
+    /// How long to keep asking GitLab for a job before "no job" (Lambda delivers the invoke
+    /// right after the hook; GitLab may take a moment to make the job pending for us).
+    pub request_wait: Duration,
+    pub request_every: Duration,
+    pub margins: Margins,
+    /// Cancel detection: ask GitLab for the job's status at least this often.
+    pub status_poll: Duration,
+    /// Variables of the function's environment passed to jobs (not the AWS credentials).
+    pub inherit_env: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShellRunnerError {
+    #[error("configuration: {0}")]
+    Config(String),
+    /// GitLab could not be asked for a job: Lambda retries the invocation.
+    #[error("requesting a job from GitLab: {0}")]
+    Request(String),
+    #[error("preparing {path}: {error}")]
+    Io { path: String, error: std::io::Error },
+}
+
+const DEFAULT_INHERIT: &str = "PATH,LANG,LC_ALL,TZ,LD_LIBRARY_PATH,AWS_REGION,AWS_DEFAULT_REGION";
+
+impl Config {
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ShellRunnerError> {
+        let value = |name: &str| {
+            get(name)
+                .map(|v| v.trim().to_owned())
+                .filter(|v| !v.is_empty())
+        };
+        let required = |name: &str| {
+            value(name).ok_or_else(|| ShellRunnerError::Config(format!("{name} is not set")))
+        };
+        let seconds = |name: &str, default: u64| -> Result<Duration, ShellRunnerError> {
+            match value(name) {
+                None => Ok(Duration::from_secs(default)),
+                Some(v) => v.parse::<u64>().map(Duration::from_secs).map_err(|_| {
+                    ShellRunnerError::Config(format!("{name}=`{v}` is not a whole number"))
+                }),
+            }
+        };
+        let url = required("GITLAB_URL")?;
+        let gitlab_url = Url::parse(&url)
+            .map_err(|e| ShellRunnerError::Config(format!("GITLAB_URL `{url}`: {e}")))?;
+        Ok(Self {
+            gitlab_url,
+            token_parameter: required("RUNNER_TOKEN_PARAMETER")?,
+            root: value("SHELL_RUNNER_ROOT")
+                .unwrap_or_else(|| "/tmp/shell-runner".into())
+                .into(),
+            request_wait: seconds("REQUEST_WAIT_SECONDS", 10)?,
+            request_every: Duration::from_secs(2),
+            margins: Margins {
+                reserve: seconds("DEADLINE_RESERVE_SECONDS", 60)?,
+                report: seconds("DEADLINE_REPORT_SECONDS", 10)?,
+            },
+            status_poll: seconds("STATUS_POLL_SECONDS", 2)?,
+            inherit_env: value("INHERIT_ENV")
+                .unwrap_or_else(|| DEFAULT_INHERIT.into())
+                .split(',')
+                .map(|s| s.trim().to_owned())
+                .filter(|s| !s.is_empty())
+                .collect(),
+        })
+    }
+
+    pub fn from_env() -> Result<Self, ShellRunnerError> {
+        Self::from_lookup(|k| std::env::var(k).ok())
+    }
+}
+
+/// The runner authentication token. Never printed.
+pub struct RunnerToken(pub String);
+
+impl std::fmt::Debug for RunnerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RunnerToken(<redacted>)")
+    }
+}
+
+/// One per execution environment: built at cold start, reused by every warm invocation.
+pub struct ShellRunner {
+    config: Arc<Config>,
+    system_id: String,
+    builds: PathBuf,
+    /// Lambda runs one invocation at a time per environment; the lock makes that explicit.
+    runner: tokio::sync::Mutex<Runner>,
+}
+
+impl ShellRunner {
+    /// `system_id`: `r_` + 12 characters ([`shell::system_id`]), stable for the environment,
+    /// so that each warm environment is one runner manager in GitLab.
+    pub async fn new(config: Config, token: RunnerToken, system_id: String) -> Self {
+        let builds = config.root.join("builds");
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(10))
+            .read_timeout(Duration::from_secs(60))
+            .build()
+            .unwrap_or_default();
+        let runner = RunnerBuilder::new(
+            config.gitlab_url.clone(),
+            token.0,
+            builds.clone(),
+            JobRunList::new(),
+        )
+        .system_id(system_id.clone())
+        .version(format!("ephemeral-shell-runner {VERSION}"))
+        .platform("linux")
+        .architecture(std::env::consts::ARCH)
+        .status_poll_interval(config.status_poll)
+        .first_trace_after(Duration::from_millis(250))
+        .http_client(http)
+        .build()
+        .await;
+        Self {
+            config: Arc::new(config),
+            system_id,
+            builds,
+            runner: tokio::sync::Mutex::new(runner),
+        }
+    }
+
+    pub fn system_id(&self) -> &str {
+        &self.system_id
+    }
+
+    /// Asks for a job, runs it to the end, and leaves the environment clean. `deadline` is
+    /// when Lambda stops this invocation.
+    pub async fn handle(
+        &self,
+        invocation: &Invocation,
+        deadline: Instant,
+    ) -> Result<Outcome, ShellRunnerError> {
+        let started = Instant::now();
+        let mut runner = self.runner.lock().await;
+        self.reset_builds().await?;
+        // A previous invocation that Lambda killed may have left processes behind.
+        process::kill_marked_prefix(&self.system_id).await;
+
+        let report = Arc::new(Mutex::new(None::<JobReport>));
+        let context = Arc::new(JobContext {
+            config: self.config.clone(),
+            system_id: self.system_id.clone(),
+            invoked_at: started,
+            lambda_deadline: deadline,
+            hard_deadline: deadline
+                .checked_sub(self.config.margins.report)
+                .unwrap_or(started),
+            report: report.clone(),
+        });
+        runner.set_job_deadline(Some(JobDeadline {
+            at: context.hard_deadline,
+            message: shell::deadline_message(),
+        }));
+
+        let mut requests = 0;
+        let got = loop {
+            requests += 1;
+            let ctx = context.clone();
+            let got = runner
+                .request_job(move |job| ShellJob::start(job, ctx))
+                .await
+                .map_err(|e| ShellRunnerError::Request(e.to_string()))?;
+            if got || started.elapsed() + self.config.request_every > self.config.request_wait {
+                break got;
+            }
+            tokio::time::sleep(self.config.request_every).await;
+        };
+        if !got {
+            let waited_ms = started.elapsed().as_millis() as u64;
+            tracing::info!(
+                job_key = %invocation.job_key,
+                requests,
+                waited_ms,
+                "no job for this runner: another invocation took it, or it is no longer pending"
+            );
+            return Ok(Outcome::NoJob {
+                requests,
+                waited_ms,
+            });
+        }
+        runner.drain().await;
+        self.reset_builds().await?;
+        let report = report
+            .lock()
+            .expect("report lock")
+            .take()
+            .unwrap_or_default();
+        tracing::info!(
+            job_key = %invocation.job_key,
+            job_id = report.job_id,
+            result = %report.result,
+            failure_reason = report.failure_reason.as_deref(),
+            exit_code = report.exit_code,
+            prepare_ms = report.prepare_ms,
+            git_ms = report.git_ms,
+            steps_ms = report.steps_ms,
+            "job finished"
+        );
+        Ok(Outcome::Ran(report))
+    }
+
+    /// Nothing of a previous job survives: its directory tree goes, whatever is in it.
+    async fn reset_builds(&self) -> Result<(), ShellRunnerError> {
+        let io = |error| ShellRunnerError::Io {
+            path: self.builds.display().to_string(),
+            error,
+        };
+        match tokio::fs::remove_dir_all(&self.builds).await {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io(e)),
+        }
+        tokio::fs::create_dir_all(&self.builds).await.map_err(io)
+    }
+}
+
+/// The Lambda entry point, exactly as `main` registers it.
+pub async fn lambda_handler(
+    runner: &ShellRunner,
+    event: lambda_runtime::LambdaEvent<Invocation>,
+) -> Result<Outcome, lambda_runtime::Error> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    // Lambda allows 15 minutes at most; a larger value (a local tool's context) is capped
+    // rather than overflowing the clock.
+    let remaining =
+        Duration::from_millis(event.context.deadline.saturating_sub(now_ms)).min(LAMBDA_MAX);
+    runner
+        .handle(&event.payload, Instant::now() + remaining)
+        .await
+        .map_err(lambda_runtime::Error::from)
+}
+
+/// What every job of one invocation shares.
+struct JobContext {
+    config: Arc<Config>,
+    system_id: String,
+    invoked_at: Instant,
+    lambda_deadline: Instant,
+    hard_deadline: Instant,
+    report: Arc<Mutex<Option<JobReport>>>,
+}
+
+/// One job: its directories, environment, trace, and how it went.
+struct ShellJob {
+    job: Arc<Job>,
+    ctx: Arc<JobContext>,
+    trace: Arc<Trace>,
+    marker: String,
+    variables: Vec<JobVariable>,
+    runner_side: RunnerSide,
+    project_dir: PathBuf,
+    checkout: Option<Checkout>,
+    started: Instant,
+    prepare: Duration,
+    git: Duration,
+    steps: Duration,
+    failure: Option<JobFailure>,
+    canceled: bool,
+    script_failed: bool,
+    files: Option<Vec<ProjectFile>>,
+}
+
+fn lambda_remaining(ctx: &JobContext) -> Duration {
+    ctx.lambda_deadline
+        .saturating_duration_since(Instant::now())
+}
+
+impl ShellJob {
+    async fn start(job: Job, ctx: Arc<JobContext>) -> Result<Self, ()> {
+        let started = Instant::now();
+        let job = Arc::new(job);
+        let variables: Vec<JobVariable> = job
+            .variables()
+            .map(|v| JobVariable {
+                key: v.key().to_owned(),
+                value: v.value().to_owned(),
+                masked: v.masked(),
+                file: v.file(),
+            })
+            .collect();
+        let lookup = |k: &str| {
+            variables
+                .iter()
+                .find(|v| v.key == k)
+                .map(|v| v.value.clone())
+        };
+        let checkout = shell::checkout_plan(lookup, job.token());
+        let mut secrets: Vec<String> = shell::secrets_to_mask(&variables, job.token())
+            .map(str::to_owned)
+            .collect();
+        if let Ok(Some(Checkout {
+            auth_header: Some(h),
+            ..
+        })) = &checkout
+        {
+            secrets.push(h.clone());
+        }
+        let trace = Arc::new(Trace::new(job.clone(), Masker::new(&secrets)));
+        trace.line(&format!(
+            "Running with ephemeral-runners shell-runner {VERSION} on AWS Lambda (system id {})",
+            ctx.system_id
+        ));
+
+        let builds_dir = job.build_dir().to_path_buf();
+        let project_dir = builds_dir.join(shell::project_dir_name(
+            lookup("CI_PROJECT_PATH").as_deref(),
+        ));
+        let home = builds_dir.join(".home");
+        let tmp = builds_dir.join(".tmp");
+        let files = builds_dir.join(".files");
+        for dir in [&project_dir, &home, &tmp, &files] {
+            if let Err(e) = tokio::fs::create_dir_all(dir).await {
+                trace.line(&format!("ERROR: creating {}: {e}", dir.display()));
+                return Err(());
+            }
+        }
+        let inherited = ctx
+            .config
+            .inherit_env
+            .iter()
+            .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+            .collect();
+        let runner_side = RunnerSide {
+            builds_dir: builds_dir.display().to_string(),
+            project_dir: project_dir.display().to_string(),
+            home_dir: home.display().to_string(),
+            tmp_dir: tmp.display().to_string(),
+            files_dir: files.display().to_string(),
+            job_timeout: job.timeout(),
+            runner_version: VERSION.to_owned(),
+            arch: format!("linux/{}", std::env::consts::ARCH),
+            inherited,
+        };
+        // File-type variables: written once, owner-only, under the job's directory.
+        for (name, contents) in shell::step_environment(&variables, &runner_side, None).files {
+            let path = files.join(name);
+            let written = async {
+                tokio::fs::write(&path, contents).await?;
+                use std::os::unix::fs::PermissionsExt;
+                tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).await
+            };
+            if let Err(e) = written.await {
+                trace.line(&format!("ERROR: writing a file variable: {e}"));
+                return Err(());
+            }
+        }
+        let mut this = Self {
+            marker: format!("{}-{}", ctx.system_id, job.id()),
+            job,
+            ctx,
+            trace,
+            variables,
+            runner_side,
+            project_dir,
+            checkout: None,
+            started,
+            prepare: Duration::ZERO,
+            git: Duration::ZERO,
+            steps: Duration::ZERO,
+            failure: None,
+            canceled: false,
+            script_failed: false,
+            files: None,
+        };
+        match checkout {
+            Ok(plan) => this.checkout = plan,
+            Err(e) => {
+                // Reported when the script step starts, so the job fails with a reason.
+                this.trace.line(&format!("ERROR: {e}"));
+                this.failure = Some(JobFailure::new(failure_reason::RUNNER_SYSTEM_FAILURE));
+            }
+        }
+        Ok(this)
+    }
+
+    fn fail(&mut self, reason: &str, exit_code: Option<i32>) -> JobResult {
+        self.script_failed = true;
+        self.failure = Some(JobFailure {
+            reason: reason.to_owned(),
+            exit_code,
+        });
+        Err(())
+    }
+
+    /// The result of a command that did not succeed, as a job failure.
+    fn ended_badly(&mut self, ended: Ended, budget: Option<ScriptBudget>) -> JobResult {
+        match ended {
+            Ended::Exited(0) => Ok(()),
+            Ended::Exited(code) => {
+                self.trace.line(&format!(
+                    "\x1b[31;1mERROR: Job failed: exit code {code}\x1b[0;m"
+                ));
+                self.fail(failure_reason::SCRIPT_FAILURE, Some(code))
+            }
+            Ended::Signaled(sig) => {
+                self.trace.line(&format!(
+                    "\x1b[31;1mERROR: Job failed: killed by signal {sig}\x1b[0;m"
+                ));
+                self.fail(failure_reason::SCRIPT_FAILURE, Some(128 + sig))
+            }
+            Ended::TimedOut => {
+                if let Some(budget) = budget {
+                    self.trace.line(shell::timeout_message(budget).trim_end());
+                }
+                self.fail(failure_reason::JOB_EXECUTION_TIMEOUT, None)
+            }
+            Ended::Canceled => {
+                self.canceled = true;
+                self.script_failed = true;
+                self.trace
+                    .line("\nERROR: Job was canceled; its processes were killed");
+                Err(())
+            }
+        }
+    }
+
+    async fn run_git(
+        &mut self,
+        checkout: &Checkout,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<(), Ended> {
+        let mut env = self.runner_side.inherited.clone();
+        env.push(("HOME".into(), self.runner_side.home_dir.clone()));
+        env.push(("GIT_TERMINAL_PROMPT".into(), "0".into()));
+        env.push(("GIT_CONFIG_NOSYSTEM".into(), "1".into()));
+        if let Some(header) = &checkout.auth_header {
+            // Through the environment: not in argv, not in .git/config.
+            env.push(("GIT_CONFIG_COUNT".into(), "1".into()));
+            env.push(("GIT_CONFIG_KEY_0".into(), "http.extraHeader".into()));
+            env.push(("GIT_CONFIG_VALUE_0".into(), header.clone()));
+        }
+        match checkout.depth {
+            Some(d) => self
+                .trace
+                .line(&format!("Fetching changes with git depth set to {d}...")),
+            None => self.trace.line("Fetching changes..."),
+        }
+        self.trace.line(&format!(
+            "Checking out {} from {}...",
+            &checkout.sha[..checkout.sha.len().min(8)],
+            checkout.url
+        ));
+        for args in shell::checkout_commands(checkout) {
+            let ended = process::run(
+                "git",
+                &args,
+                &self.project_dir,
+                &env,
+                &self.marker,
+                deadline,
+                cancel,
+                &self.trace,
+            )
+            .await;
+            self.trace.flush();
+            match ended {
+                Ok(Ended::Exited(0)) => {}
+                Ok(other) => return Err(other),
+                Err(e) => {
+                    self.trace.line(&format!(
+                        "ERROR: cannot run git ({e}); jobs that need git use the container image \
+                         (see the shell-runner README)"
+                    ));
+                    return Err(Ended::Exited(-1));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn download_dependencies(
+        &mut self,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<(), Ended> {
+        let job = self.job.clone();
+        for dep in job.dependencies() {
+            if dep.artifact_filename().is_none() {
+                continue;
+            }
+            self.trace.line(&format!(
+                "Downloading artifacts for {} ({})...",
+                dep.name(),
+                dep.id()
+            ));
+            let downloaded = tokio::select! {
+                r = dep.download() => r,
+                _ = tokio::time::sleep_until(deadline) => return Err(Ended::TimedOut),
+                _ = cancel.cancelled() => return Err(Ended::Canceled),
+            };
+            let artifact = match downloaded {
+                Ok(Some(a)) => a,
+                Ok(None) => continue,
+                Err(e) => {
+                    self.trace.line(&format!(
+                        "ERROR: downloading artifacts of {}: {e}",
+                        dep.name()
+                    ));
+                    return Err(Ended::Exited(-1));
+                }
+            };
+            let dir = self.project_dir.clone();
+            let extracted = tokio::task::spawn_blocking(move || extract(artifact, &dir)).await;
+            match extracted {
+                Ok(Ok(n)) => self.trace.line(&format!("Extracted {n} files")),
+                Ok(Err(e)) => {
+                    self.trace.line(&format!(
+                        "ERROR: extracting artifacts of {}: {e}",
+                        dep.name()
+                    ));
+                    return Err(Ended::Exited(-1));
+                }
+                Err(e) => {
+                    self.trace
+                        .line(&format!("ERROR: extracting artifacts: {e}"));
+                    return Err(Ended::Exited(-1));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn run_script(
+        &mut self,
+        name: &str,
+        commands: &[String],
+        env: Vec<(String, String)>,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> std::io::Result<Ended> {
+        let path = Path::new(&self.runner_side.tmp_dir).join(format!("{name}.sh"));
+        tokio::fs::write(&path, shell::step_script(commands)).await?;
+        let args = vec![
+            "--noprofile".to_owned(),
+            "--norc".to_owned(),
+            path.display().to_string(),
+        ];
+        let ended = process::run(
+            "bash",
+            &args,
+            &self.project_dir,
+            &env,
+            &self.marker,
+            deadline,
+            cancel,
+            &self.trace,
+        )
+        .await;
+        self.trace.flush();
+        ended
+    }
+
+    async fn script_step(&mut self, script: &[String], cancel: &CancellationToken) -> JobResult {
+        if self.failure.is_some() {
+            self.script_failed = true;
+            return Err(());
+        }
+        let budget = shell::script_budget(
+            self.job.timeout(),
+            lambda_remaining(&self.ctx),
+            self.ctx.config.margins,
+        );
+        let deadline = Instant::now() + budget.limit;
+
+        if let Some(checkout) = self.checkout.clone() {
+            let git_started = Instant::now();
+            let fetched = self.run_git(&checkout, deadline, cancel).await;
+            self.git = git_started.elapsed();
+            if let Err(ended) = fetched {
+                return match ended {
+                    Ended::TimedOut | Ended::Canceled => self.ended_badly(ended, Some(budget)),
+                    _ => self.fail(failure_reason::SCRIPT_FAILURE, None),
+                };
+            }
+        } else {
+            self.trace.line("Skipping git checkout (GIT_STRATEGY=none)");
+        }
+        if let Err(ended) = self.download_dependencies(deadline, cancel).await {
+            return match ended {
+                Ended::TimedOut | Ended::Canceled => self.ended_badly(ended, Some(budget)),
+                _ => self.fail(failure_reason::MISSING_DEPENDENCY_FAILURE, None),
+            };
+        }
+
+        let env = shell::step_environment(&self.variables, &self.runner_side, None).vars;
+        self.prepare = self.started.elapsed();
+        let steps_started = Instant::now();
+        let ended = self
+            .run_script("script", script, env, deadline, cancel)
+            .await;
+        self.steps += steps_started.elapsed();
+        match ended {
+            Ok(ended) => self.ended_badly(ended, Some(budget)),
+            Err(e) => {
+                self.trace.line(&format!("ERROR: cannot run bash: {e}"));
+                self.fail(failure_reason::RUNNER_SYSTEM_FAILURE, None)
+            }
+        }
+    }
+
+    async fn after_script_step(&mut self, script: &[String], cancel: &CancellationToken) {
+        self.trace.line("\x1b[36;1mRunning after_script\x1b[0;m");
+        let status = if self.canceled {
+            "canceled"
+        } else if self.script_failed {
+            "failed"
+        } else {
+            "success"
+        };
+        let env = shell::step_environment(&self.variables, &self.runner_side, Some(status)).vars;
+        let limit =
+            shell::after_script_budget(lambda_remaining(&self.ctx), self.ctx.config.margins);
+        let started = Instant::now();
+        let ended = self
+            .run_script("after_script", script, env, Instant::now() + limit, cancel)
+            .await;
+        self.steps += started.elapsed();
+        match ended {
+            Ok(Ended::Exited(0)) => {}
+            Ok(Ended::TimedOut) => self.trace.line(&format!(
+                "WARNING: after_script timed out after {}",
+                shell::format_duration(limit)
+            )),
+            Ok(Ended::Canceled) => self.canceled = true,
+            // GitLab ignores after_script's result; so do we, but say it.
+            Ok(other) => self
+                .trace
+                .line(&format!("WARNING: after_script failed: {other:?}")),
+            Err(e) => self.trace.line(&format!("WARNING: cannot run bash: {e}")),
+        }
+    }
+
+    /// Every regular file of the project directory, relative to it, once.
+    async fn project_files(&mut self) -> Vec<ProjectFile> {
+        if let Some(files) = &self.files {
+            return files.clone();
+        }
+        self.trace.line("Uploading artifacts...");
+        let wants_untracked = self.job.artifacts().any(|a| a.untracked());
+        let untracked = if wants_untracked && self.checkout.is_some() {
+            git_untracked(&self.project_dir, &self.runner_side.inherited).await
+        } else {
+            Vec::new()
+        };
+        let dir = self.project_dir.clone();
+        let files = tokio::task::spawn_blocking(move || walk(&dir))
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(rel, abs)| ProjectFile {
+                untracked: untracked.contains(&rel),
+                rel,
+                abs,
+            })
+            .collect::<Vec<_>>();
+        self.files = Some(files.clone());
+        files
+    }
+}
+
+#[async_trait::async_trait]
+impl CancellableJobHandler<ProjectFile> for ShellJob {
+    async fn step(
+        &mut self,
+        script: &[String],
+        phase: Phase,
+        cancel_token: &CancellationToken,
+    ) -> JobResult {
+        match phase {
+            Phase::Script => self.script_step(script, cancel_token).await,
+            Phase::AfterScript => {
+                self.after_script_step(script, cancel_token).await;
+                Ok(())
+            }
+        }
+    }
+
+    async fn get_uploadable_files(
+        &mut self,
+    ) -> Result<Box<dyn Iterator<Item = ProjectFile> + Send>, ()> {
+        Ok(Box::new(self.project_files().await.into_iter()))
+    }
+
+    fn failure(&self) -> Option<JobFailure> {
+        self.failure.clone()
+    }
+
+    async fn cleanup(&mut self) {
+        process::kill_marked(&self.marker).await;
+        self.trace.flush();
+        let hard_deadline_hit = Instant::now() >= self.ctx.hard_deadline;
+        let (result, failure) = if self.canceled && !hard_deadline_hit {
+            ("canceled", None)
+        } else if self.canceled {
+            (
+                "failed",
+                Some(JobFailure::new(failure_reason::JOB_EXECUTION_TIMEOUT)),
+            )
+        } else if self.script_failed {
+            ("failed", self.failure.clone())
+        } else {
+            ("success", None)
+        };
+        let report = JobReport {
+            job_id: self.job.id(),
+            result: result.to_owned(),
+            failure_reason: failure.as_ref().map(|f| f.reason.clone()),
+            exit_code: failure.as_ref().and_then(|f| f.exit_code),
+            first_trace_ms: self
+                .trace
+                .first_write()
+                .map(|t| t.saturating_duration_since(self.ctx.invoked_at).as_millis() as u64),
+            prepare_ms: self.prepare.as_millis() as u64,
+            git_ms: self.git.as_millis() as u64,
+            steps_ms: self.steps.as_millis() as u64,
+        };
+        *self.ctx.report.lock().expect("report lock") = Some(report);
+    }
+}
+
+/// A file of the project directory that an artifact may include.
+#[derive(Debug, Clone)]
+pub struct ProjectFile {
+    rel: String,
+    abs: PathBuf,
+    untracked: bool,
+}
+
+#[async_trait::async_trait]
+impl UploadableFile for ProjectFile {
+    type Data<'a> = Compat<tokio::fs::File>;
+
+    fn get_path(&self) -> Cow<'_, str> {
+        Cow::Borrowed(&self.rel)
+    }
+
+    async fn get_data(&self) -> Result<Self::Data<'_>, ()> {
+        tokio::fs::File::open(&self.abs)
+            .await
+            .map(|f| f.compat())
+            .map_err(|e| tracing::warn!(error = %e, "cannot open an artifact file"))
+    }
+
+    fn untracked(&self) -> bool {
+        self.untracked
+    }
+}
+
+/// Regular files under `root` (symlinks are not followed), as (relative, absolute) paths.
+fn walk(root: &Path) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            let path = entry.path();
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file()
+                && let Ok(rel) = path.strip_prefix(root)
+                && let Some(rel) = rel.to_str()
+            {
+                out.push((rel.to_owned(), path.clone()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// Files git does not track, ignored ones included (GitLab's `untracked: true` ignores
+/// `.gitignore`).
+async fn git_untracked(project_dir: &Path, inherited: &[(String, String)]) -> Vec<String> {
+    let out = tokio::process::Command::new("git")
+        .args(["ls-files", "-z", "--others"])
+        .current_dir(project_dir)
+        .env_clear()
+        .envs(inherited.iter().map(|(k, v)| (k, v)))
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output()
+        .await;
+    match out {
+        Ok(o) if o.status.success() => o
+            .stdout
+            .split(|b| *b == 0)
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| std::str::from_utf8(s).ok().map(str::to_owned))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Extracts an artifact into `dir`; paths that would leave `dir` are skipped (the archive's
+/// safe path check). Returns how many files were written.
+fn extract(mut artifact: gitlab_runner::artifact::Artifact, dir: &Path) -> std::io::Result<usize> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut written = 0;
+    for i in 0..artifact.len() {
+        let Some(mut file) = artifact.by_index(i) else {
+            continue;
+        };
+        let Some(rel) = file.path() else {
+            continue;
+        };
+        let target = dir.join(rel);
+        if file.is_dir() {
+            std::fs::create_dir_all(&target)?;
+            continue;
+        }
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        let mut out = std::fs::File::create(&target)?;
+        std::io::copy(&mut file, &mut out)?;
+        if let Some(mode) = file.unix_mode() {
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode & 0o777))?;
+        }
+        written += 1;
+    }
+    Ok(written)
+}
+
+/// A fresh `system_id` for this execution environment, from the kernel's randomness.
+pub fn new_system_id() -> String {
+    let mut random = [0u8; 12];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut random);
+    }
+    shell::system_id(&random)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sample_event_is_an_invocation() {
+        let sample = include_str!("../../../events/shell-runner/invocation.json");
+        let invocation: Invocation = serde_json::from_str(sample).unwrap();
+        assert_eq!(invocation.job_key, "project#380#job#1977");
+        assert_eq!(invocation.job.job_id, 1977);
+    }
+
+    #[test]
+    fn configuration_errors_name_the_variable_and_defaults_apply() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let err =
+            Config::from_lookup(env(&[("GITLAB_URL", "https://gitlab.example.com")])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "configuration: RUNNER_TOKEN_PARAMETER is not set"
+        );
+        let err = Config::from_lookup(env(&[
+            ("GITLAB_URL", "https://gitlab.example.com"),
+            ("RUNNER_TOKEN_PARAMETER", "/runners/shell"),
+            ("STATUS_POLL_SECONDS", "soon"),
+        ]))
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("STATUS_POLL_SECONDS=`soon`"),
+            "{err}"
+        );
+        let config = Config::from_lookup(env(&[
+            ("GITLAB_URL", "https://gitlab.example.com"),
+            ("RUNNER_TOKEN_PARAMETER", "/runners/shell"),
+        ]))
+        .unwrap();
+        assert_eq!(config.root, PathBuf::from("/tmp/shell-runner"));
+        assert_eq!(config.status_poll, Duration::from_secs(2));
+        assert_eq!(config.margins, Margins::default());
+        assert!(config.inherit_env.contains(&"PATH".to_owned()));
+        assert!(
+            !config
+                .inherit_env
+                .iter()
+                .any(|k| k.starts_with("AWS_SECRET"))
+        );
+    }
+
+    #[test]
+    fn the_runner_token_is_never_printed() {
+        let token = RunnerToken("glrt-secret".into());
+        assert!(!format!("{token:?}").contains("glrt-secret"));
+    }
+}
