@@ -211,8 +211,14 @@ def main():
         if args.check:
             chain.append("--check")
         env = {**os.environ, "MOTO_ENDPOINT": endpoint, "RUST_LOG": "error"}
-        if subprocess.run(chain, env=env, stdin=subprocess.DEVNULL).returncode != 0:
-            failures.append("whole chain: see above")
+        # The functions' metric lines (EMF JSON on stdout) go to a log file; the trace is shown.
+        with open(logs / "chain-metrics.log", "w") as metrics:
+            run = subprocess.Popen(chain, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+            for line in run.stdout:
+                (metrics if line.startswith("{") else sys.stdout).write(line)
+            if run.wait() != 0:
+                failures.append("whole chain: see above")
+        print(f"(metric lines: {logs / 'chain-metrics.log'})")
     if failures:
         print("\nCHECK FAILED:\n  " + "\n  ".join(failures))
         return 1

@@ -30,9 +30,11 @@ use router::Router;
 use router::aws::{DynamoJobStore, StepFunctions};
 use webhook::AwsWebhook;
 
-use crate::fleet_stack::{FleetStack, fleet_stack};
+use crate::fleet_stack::{FleetStack, fleet_stack_in};
 use crate::loopback::FaultProxy;
-use crate::{WebhookStack, api_request, create_table, create_webhook_stack, fixture, sdk_config};
+use crate::{
+    WebhookStack, api_request, create_table, create_webhook_stack, fixture, sdk_config_at,
+};
 
 pub const SHELL_RUNNER_ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:shell-runner";
 /// The runner id GitLab reports for jobs the shell runner ran (a shared runner, not ours).
@@ -255,18 +257,40 @@ impl Chain {
         self.trace.lock().unwrap().clone()
     }
 
+    /// A workflow task with the retries its definition declares.
+    async fn retried<T, E, F, Fut>(&self, task: &str, attempts: u32, mut call: F) -> T
+    where
+        E: std::fmt::Debug,
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        for attempt in 1.. {
+            match call().await {
+                Ok(v) => return v,
+                Err(e) => {
+                    assert!(attempt < attempts, "{task} failed {attempts} times: {e:?}");
+                    self.platform_retries.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        unreachable!()
+    }
+
     fn timed(&self, stage: &'static str, since: Instant) {
         *self.stage_time.lock().unwrap().entry(stage).or_default() += since.elapsed();
     }
 
     pub async fn new(options: ChainOptions) -> Self {
-        let sdk = sdk_config();
-        let fleet_stack = fleet_stack().await;
+        // A moto server of its own: moto is the bottleneck and uses one core, so two chains
+        // (the tests run in parallel) each get one instead of sharing one.
+        let endpoint = crate::start_private_moto();
+        let sdk = sdk_config_at(&endpoint);
+        let fleet_stack = fleet_stack_in(sdk.clone()).await;
         let proxy = (options.throttle_percent > 0).then(|| {
             let percent = options.throttle_percent;
             let counter = AtomicU64::new(0);
             FaultProxy::start(
-                crate::moto_endpoint(),
+                &endpoint,
                 Box::new(move |request| {
                     // Deterministic spread: the n-th call fails when its hash falls in the share.
                     let n = counter.fetch_add(1, Ordering::SeqCst);
@@ -624,19 +648,20 @@ impl Chain {
             }
         }
         let decision = decision.unwrap();
-        self.functions_dynamo
-            .update_item()
-            .table_name(&self.fleet_stack.jobs_table)
-            .key("job_key", AttributeValue::S(input.job_key.clone()))
-            .update_expression("SET route_type = :t, route_matched = :m")
-            .expression_attribute_values(
-                ":t",
-                AttributeValue::S(decision.decision.executor.kind().into()),
-            )
-            .expression_attribute_values(":m", AttributeValue::S(decision.decision.matched.clone()))
-            .send()
-            .await
-            .unwrap();
+        // RecordRoute: a Step Functions DynamoDB task, retried 5 times on throttling.
+        let kind = decision.decision.executor.kind();
+        let matched = decision.decision.matched.clone();
+        self.retried("RecordRoute", 5, || {
+            self.functions_dynamo
+                .update_item()
+                .table_name(&self.fleet_stack.jobs_table)
+                .key("job_key", AttributeValue::S(input.job_key.clone()))
+                .update_expression("SET route_type = :t, route_matched = :m")
+                .expression_attribute_values(":t", AttributeValue::S(kind.into()))
+                .expression_attribute_values(":m", AttributeValue::S(matched.clone()))
+                .send()
+        })
+        .await;
         self.note(
             &input.job_key,
             format!(
@@ -716,15 +741,17 @@ impl Chain {
     /// `statemachine/teardown.asl.json`: LookUpJob, TearDownRunners when the job went to EC2
     /// or a runner ran it (retried), MarkCleaned.
     async fn teardown_workflow(&self, input: WorkflowInput) {
+        // LookUpJob: retried 5 times on throttling, like the definition's task.
         let item = self
-            .functions_dynamo
-            .get_item()
-            .table_name(&self.fleet_stack.jobs_table)
-            .key("job_key", AttributeValue::S(input.job_key.clone()))
-            .consistent_read(true)
-            .send()
+            .retried("LookUpJob", 5, || {
+                self.functions_dynamo
+                    .get_item()
+                    .table_name(&self.fleet_stack.jobs_table)
+                    .key("job_key", AttributeValue::S(input.job_key.clone()))
+                    .consistent_read(true)
+                    .send()
+            })
             .await
-            .unwrap()
             .item
             .unwrap_or_default();
         let ec2 = item.get("route_type") == Some(&AttributeValue::S("EC2".into()));
@@ -749,17 +776,34 @@ impl Chain {
                 }
             }
         }
-        let _ = self
-            .functions_dynamo
-            .update_item()
-            .table_name(&self.fleet_stack.jobs_table)
-            .key("job_key", AttributeValue::S(input.job_key))
-            .update_expression("SET phase = :p, phase_rank = :r")
-            .condition_expression("phase_rank < :r")
-            .expression_attribute_values(":p", AttributeValue::S("cleaned".into()))
-            .expression_attribute_values(":r", AttributeValue::N("5".into()))
-            .send()
-            .await;
+        // MarkCleaned: a failed condition means already cleaned (AlreadyCleaned); throttling
+        // is retried 5 times.
+        for attempt in 0..5 {
+            let result = self
+                .functions_dynamo
+                .update_item()
+                .table_name(&self.fleet_stack.jobs_table)
+                .key("job_key", AttributeValue::S(input.job_key.clone()))
+                .update_expression("SET phase = :p, phase_rank = :r")
+                .condition_expression("phase_rank < :r")
+                .expression_attribute_values(":p", AttributeValue::S("cleaned".into()))
+                .expression_attribute_values(":r", AttributeValue::N("5".into()))
+                .send()
+                .await;
+            match result {
+                Ok(_) => break,
+                Err(e)
+                    if e.as_service_error()
+                        .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+                {
+                    break;
+                }
+                Err(e) => {
+                    assert!(attempt < 4, "MarkCleaned failed five times: {e:?}");
+                    self.platform_retries.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
     }
 
     /// What is left of the stack's runners: instances, token parameters, GitLab runners.

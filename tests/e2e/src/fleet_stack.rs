@@ -68,7 +68,11 @@ pub struct FleetStack {
 /// What the template creates for the EC2 runners: the jobs and runners tables, the GitLab
 /// token parameter, two subnets; plus a GitLab stand-in.
 pub async fn fleet_stack() -> FleetStack {
-    let sdk = sdk_config();
+    fleet_stack_in(sdk_config()).await
+}
+
+/// The same in the moto server `sdk` points at.
+pub async fn fleet_stack_in(sdk: aws_config::SdkConfig) -> FleetStack {
     let ec2 = aws_sdk_ec2::Client::new(&sdk);
     let ssm = aws_sdk_ssm::Client::new(&sdk);
     let name = unique("fleet");

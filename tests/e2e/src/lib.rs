@@ -54,7 +54,8 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start_private_moto() -> String {
+/// A moto server of this process's own, stopped when the process exits.
+pub fn start_private_moto() -> String {
     let port = free_port();
     let moto = tool("moto_server");
     // `read` returns when our end of the pipe closes, i.e. when this process exits, however it
@@ -111,10 +112,15 @@ pub fn moto_endpoint() -> &'static str {
 
 /// SDK configuration for moto: dummy credentials, us-east-1, loopback endpoint.
 pub fn sdk_config() -> SdkConfig {
+    sdk_config_at(moto_endpoint())
+}
+
+/// The same for the moto server at `endpoint`.
+pub fn sdk_config_at(endpoint: &str) -> SdkConfig {
     SdkConfig::builder()
         .behavior_version(BehaviorVersion::latest())
         .region(Region::new("us-east-1"))
-        .endpoint_url(moto_endpoint())
+        .endpoint_url(endpoint)
         .credentials_provider(aws_sdk_dynamodb::config::SharedCredentialsProvider::new(
             aws_sdk_dynamodb::config::Credentials::new("testing", "testing", None, None, "moto"),
         ))
