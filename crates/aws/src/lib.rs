@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use aws_sdk_dynamodb::types::AttributeValue;
+use ephemeral_core::secrets::Secret;
 use ephemeral_core::webhook::PortError;
 use serde_json::{Map, Number, Value};
 
@@ -35,6 +36,24 @@ where
         "{what}: {}",
         aws_sdk_dynamodb::error::DisplayErrorContext(e)
     ))
+}
+
+/// A SecureString parameter's value (trimmed), read at cold start by the functions that need
+/// a token. The error names the parameter, never a value; an empty value is an error.
+pub async fn read_secret(ssm: &aws_sdk_ssm::Client, name: &str) -> Result<Secret, PortError> {
+    let out = ssm
+        .get_parameter()
+        .name(name)
+        .with_decryption(true)
+        .send()
+        .await
+        .map_err(|e| port_error(&format!("reading SSM parameter {name}"), e))?;
+    out.parameter()
+        .and_then(|p| p.value())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(Secret::new)
+        .ok_or_else(|| PortError(format!("SSM parameter {name} has no value")))
 }
 
 /// A DynamoDB attribute as JSON: S as string, N as number (string if it does not fit), BOOL,

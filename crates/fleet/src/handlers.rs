@@ -9,7 +9,6 @@ use ephemeral_core::fleet::{
 use ephemeral_core::hook::JobEvent;
 use ephemeral_core::mapping::{Executor, MapperOutput};
 use ephemeral_core::metrics::{emf_count, emf_value};
-use ephemeral_core::secrets::Secret;
 use ephemeral_core::webhook::PortError;
 use ephemeral_gitlab::{GitLabClient, Registration, RetryPolicy};
 use serde::Deserialize;
@@ -61,20 +60,6 @@ pub enum HandlerError {
     NotAnEc2Route { job_id: u64, kind: &'static str },
 }
 
-async fn read_secret(ssm: &aws_sdk_ssm::Client, name: &str) -> Result<Secret, PortError> {
-    let out = ssm
-        .get_parameter()
-        .name(name)
-        .with_decryption(true)
-        .send()
-        .await
-        .map_err(|e| ephemeral_aws::port_error(&format!("SSM GetParameter {name}"), e))?;
-    out.parameter()
-        .and_then(|p| p.value())
-        .map(|v| Secret::new(v.trim()))
-        .ok_or_else(|| PortError(format!("SSM parameter {name} has no value")))
-}
-
 impl Functions {
     /// Builds the clients and reads the GitLab token(s) from SSM.
     pub async fn new(config: &FleetConfig, sdk: &SdkConfig) -> Result<Self, PortError> {
@@ -87,9 +72,12 @@ impl Functions {
         retry: RetryPolicy,
     ) -> Result<Self, PortError> {
         let ssm = aws_sdk_ssm::Client::new(sdk);
-        let api_token = read_secret(&ssm, &config.gitlab_api_token_parameter).await?;
+        let api_token =
+            ephemeral_aws::read_secret(&ssm, &config.gitlab_api_token_parameter).await?;
         let registration = match &config.registration_token_parameter {
-            Some(name) => Registration::RegistrationToken(read_secret(&ssm, name).await?),
+            Some(name) => {
+                Registration::RegistrationToken(ephemeral_aws::read_secret(&ssm, name).await?)
+            }
             None => Registration::CreateRunnerToken(api_token.clone()),
         };
         Ok(Self {

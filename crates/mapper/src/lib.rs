@@ -141,27 +141,7 @@ impl TokenSource {
 
     async fn get(&self) -> Result<&Secret, PortError> {
         self.value
-            .get_or_try_init(|| async {
-                let out = self
-                    .ssm
-                    .get_parameter()
-                    .name(&self.parameter)
-                    .with_decryption(true)
-                    .send()
-                    .await
-                    .map_err(|e| {
-                        port_error(
-                            &format!("reading the GitLab API token parameter {}", self.parameter),
-                            e,
-                        )
-                    })?;
-                out.parameter()
-                    .and_then(|p| p.value())
-                    .map(Secret::new)
-                    .ok_or_else(|| {
-                        PortError(format!("SSM parameter {} has no value", self.parameter))
-                    })
-            })
+            .get_or_try_init(|| ephemeral_aws::read_secret(&self.ssm, &self.parameter))
             .await
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ephemeral_core::hook::JobEvent;
+pub use ephemeral_core::secrets::Secret;
 use ephemeral_core::shell::{
     self, Checkout, JobVariable, Margins, Masker, RunnerSide, ScriptBudget, failure_reason,
 };
@@ -158,15 +159,6 @@ impl Config {
     }
 }
 
-/// The runner authentication token. Never printed.
-pub struct RunnerToken(pub String);
-
-impl std::fmt::Debug for RunnerToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("RunnerToken(<redacted>)")
-    }
-}
-
 /// One per execution environment: built at cold start, reused by every warm invocation.
 pub struct ShellRunner {
     config: Arc<Config>,
@@ -179,7 +171,7 @@ pub struct ShellRunner {
 impl ShellRunner {
     /// `system_id`: `r_` + 12 characters ([`shell::system_id`]), stable for the environment,
     /// so that each warm environment is one runner manager in GitLab.
-    pub async fn new(config: Config, token: RunnerToken, system_id: String) -> Self {
+    pub async fn new(config: Config, token: Secret, system_id: String) -> Self {
         let builds = config.root.join("builds");
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -188,7 +180,7 @@ impl ShellRunner {
             .unwrap_or_default();
         let runner = RunnerBuilder::new(
             config.gitlab_url.clone(),
-            token.0,
+            token.expose().to_owned(),
             builds.clone(),
             JobRunList::new(),
         )
@@ -986,7 +978,7 @@ mod tests {
 
     #[test]
     fn the_runner_token_is_never_printed() {
-        let token = RunnerToken("glrt-secret".into());
+        let token = Secret::new("glrt-secret");
         assert!(!format!("{token:?}").contains("glrt-secret"));
     }
 }

@@ -426,7 +426,7 @@ async fn a_refused_runner_token_is_an_error_that_does_not_show_the_token() {
     let root = tempfile::tempdir().unwrap();
     let runner = shell_runner::ShellRunner::new(
         config(&mock, root.path()),
-        shell_runner::RunnerToken("glrt-not-the-right-one".into()),
+        ephemeral_core::secrets::Secret::new("glrt-not-the-right-one"),
         shell_runner::new_system_id(),
     )
     .await;

@@ -6,13 +6,14 @@
 use std::path::Path;
 use std::time::Duration;
 
+use ephemeral_core::secrets::Secret;
 use ephemeral_core::shell::Margins;
 use gitlab_runner_mock::{
     GitlabRunnerMock, MockJob, MockJobBuilder, MockJobStepName, MockJobStepWhen,
 };
 use lambda_runtime::{Context, LambdaEvent};
 use serde_json::json;
-use shell_runner::{Config, Invocation, Outcome, RunnerToken, ShellRunner, lambda_handler};
+use shell_runner::{Config, Invocation, Outcome, ShellRunner, lambda_handler};
 
 pub struct Setup {
     pub mock: GitlabRunnerMock,
@@ -46,7 +47,7 @@ pub async fn setup_with(adjust: impl FnOnce(&mut Config)) -> Setup {
     adjust(&mut config);
     let runner = ShellRunner::new(
         config,
-        RunnerToken(mock.runner_token().to_owned()),
+        Secret::new(mock.runner_token()),
         shell_runner::new_system_id(),
     )
     .await;
