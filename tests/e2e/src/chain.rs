@@ -429,7 +429,7 @@ impl Chain {
             .into_iter()
             .enumerate()
             .map(|(i, shard)| self.deliver_all(i, shard));
-        futures_join_all(runs).await;
+        futures_util::future::join_all(runs).await;
         let elapsed = started.elapsed();
         self.reap().await;
         let mut report = std::mem::take(&mut *self.report.lock().unwrap());
@@ -591,30 +591,22 @@ impl Chain {
 
     async fn route(&self, envelope: &EventBridgeEvent<serde_json::Value>) {
         let t = Instant::now();
-        let mut outcome = None;
         // Lambda's asynchronous invoke: the event, then up to two retries; the template
         // files a still failing event in the router's dead-letter queue (a loss here).
-        for attempt in 0..3 {
-            match self.router.handle(envelope, fleet::now_ms()).await {
-                Ok(o) => {
-                    outcome = Some(o);
-                    break;
-                }
-                Err(e) => {
-                    assert!(attempt < 2, "router failed three times: {e}");
-                    self.platform_retries.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }
+        let outcome = self
+            .retried("router", 3, || {
+                self.router.handle(envelope, fleet::now_ms())
+            })
+            .await;
         self.timed("router", t);
         let t = Instant::now();
         let event: JobEvent = serde_json::from_value(envelope.detail.clone()).unwrap();
         let job_key = JobKey::of(&event).table_key();
-        let Some(RouterOutcome::Started {
+        let RouterOutcome::Started {
             workflow,
             started: Started::New,
             execution,
-        }) = outcome
+        } = outcome
         else {
             self.note(&job_key, format!("router: {outcome:?}"));
             return;
@@ -634,20 +626,9 @@ impl Chain {
     /// `statemachine/provision.asl.json`: MapJob (retried), RecordRoute, then the shell-runner
     /// invoke or ProvisionEc2Runner (retried on the error types the definition names).
     async fn provision_workflow(&self, input: WorkflowInput) {
-        let mut decision = None;
-        for attempt in 0..4 {
-            match self.mapper.handle(&input).await {
-                Ok(d) => {
-                    decision = Some(d);
-                    break;
-                }
-                Err(e) => {
-                    assert!(attempt < 3, "mapper failed four times: {e}");
-                    self.platform_retries.fetch_add(1, Ordering::SeqCst);
-                }
-            }
-        }
-        let decision = decision.unwrap();
+        let decision = self
+            .retried("MapJob", 4, || self.mapper.handle(&input))
+            .await;
         // RecordRoute: a Step Functions DynamoDB task, retried 5 times on throttling.
         let kind = decision.decision.executor.kind();
         let matched = decision.decision.matched.clone();
@@ -760,25 +741,17 @@ impl Chain {
                 job_key: input.job_key.clone(),
                 job: input.job.clone(),
             };
-            for attempt in 0..4 {
-                match self.fleet.teardown(&teardown).await {
-                    Ok(done) => {
-                        self.note(
-                            &input.job_key,
-                            format!("ec2-teardown: {}", serde_json::to_string(&done).unwrap()),
-                        );
-                        break;
-                    }
-                    Err(e) => {
-                        assert!(attempt < 3, "teardown failed four times: {e}");
-                        self.platform_retries.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
-            }
+            let done = self
+                .retried("TearDownRunners", 4, || self.fleet.teardown(&teardown))
+                .await;
+            self.note(
+                &input.job_key,
+                format!("ec2-teardown: {}", serde_json::to_string(&done).unwrap()),
+            );
         }
         // MarkCleaned: a failed condition means already cleaned (AlreadyCleaned); throttling
         // is retried 5 times.
-        for attempt in 0..5 {
+        self.retried("MarkCleaned", 5, || async {
             let result = self
                 .functions_dynamo
                 .update_item()
@@ -791,19 +764,16 @@ impl Chain {
                 .send()
                 .await;
             match result {
-                Ok(_) => break,
                 Err(e)
                     if e.as_service_error()
                         .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
                 {
-                    break;
+                    Ok(())
                 }
-                Err(e) => {
-                    assert!(attempt < 4, "MarkCleaned failed five times: {e:?}");
-                    self.platform_retries.fetch_add(1, Ordering::SeqCst);
-                }
+                other => other.map(|_| ()),
             }
-        }
+        })
+        .await;
     }
 
     /// What is left of the stack's runners: instances, token parameters, GitLab runners.
@@ -842,25 +812,4 @@ impl Chain {
         }
         self.report.lock().unwrap().reaped = reaped;
     }
-}
-
-/// Runs futures concurrently on the current task (no extra crate for `join_all`).
-async fn futures_join_all<F: std::future::Future<Output = ()>>(futures: impl Iterator<Item = F>) {
-    let mut running: Vec<Option<std::pin::Pin<Box<F>>>> =
-        futures.map(|f| Some(Box::pin(f))).collect();
-    std::future::poll_fn(|cx| {
-        for slot in running.iter_mut() {
-            if let Some(f) = slot
-                && f.as_mut().poll(cx).is_ready()
-            {
-                *slot = None;
-            }
-        }
-        if running.iter().all(Option::is_none) {
-            std::task::Poll::Ready(())
-        } else {
-            std::task::Poll::Pending
-        }
-    })
-    .await;
 }

@@ -424,7 +424,6 @@ pub struct GitLabStandIn {
 
 impl GitLabStandIn {
     pub fn start(token: &str, tags: Vec<(u64, Vec<&str>)>, failing: Vec<u64>) -> Self {
-        use std::io::{BufRead as _, BufReader, Write as _};
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = std::sync::Arc::new(AtomicU32::new(0));
@@ -436,48 +435,27 @@ impl GitLabStandIn {
             .collect();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
-                let Ok(mut stream) = stream else { continue };
+                let Ok(stream) = stream else { continue };
                 counter.fetch_add(1, Ordering::SeqCst);
-                let mut reader = BufReader::new(stream.try_clone().unwrap());
-                let mut request_line = String::new();
-                let _ = reader.read_line(&mut request_line);
-                let mut authorized = false;
-                loop {
-                    let mut line = String::new();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
-                        break;
-                    }
-                    if let Some((name, value)) = line.split_once(':')
-                        && name.eq_ignore_ascii_case("private-token")
-                        && value.trim() == token
-                    {
-                        authorized = true;
-                    }
-                }
-                let job_id: Option<u64> = request_line
-                    .split_whitespace()
-                    .nth(1)
-                    .and_then(|path| path.rsplit('/').next())
+                let Some(request) = loopback::read_request(&stream) else {
+                    continue;
+                };
+                let authorized = request.header("private-token") == Some(token.as_str());
+                let job_id: Option<u64> = request
+                    .path()
+                    .rsplit('/')
+                    .next()
                     .and_then(|id| id.parse().ok());
                 let (status, body) = match job_id {
-                    _ if !authorized => (
-                        "401 Unauthorized",
-                        r#"{"message":"401 Unauthorized"}"#.to_owned(),
-                    ),
-                    Some(id) if failing.contains(&id) => {
-                        ("500 Internal Server Error", "{}".to_owned())
-                    }
+                    _ if !authorized => (401, r#"{"message":"401 Unauthorized"}"#.to_owned()),
+                    Some(id) if failing.contains(&id) => (500, "{}".to_owned()),
                     Some(id) if tags.contains_key(&id) => (
-                        "200 OK",
+                        200,
                         serde_json::json!({"id": id, "tag_list": tags[&id]}).to_string(),
                     ),
-                    _ => ("404 Not Found", r#"{"message":"404 Not found"}"#.to_owned()),
+                    _ => (404, r#"{"message":"404 Not found"}"#.to_owned()),
                 };
-                let _ = write!(
-                    stream,
-                    "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
+                loopback::respond(&stream, status, "application/json", &body);
             }
         });
         Self { url, requests }

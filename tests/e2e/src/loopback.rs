@@ -32,7 +32,7 @@ impl Request {
     }
 }
 
-fn read_request(stream: &TcpStream) -> Option<Request> {
+pub fn read_request(stream: &TcpStream) -> Option<Request> {
     let mut reader = BufReader::new(stream.try_clone().ok()?);
     let mut line = String::new();
     reader.read_line(&mut line).ok()?;
@@ -64,14 +64,18 @@ fn read_request(stream: &TcpStream) -> Option<Request> {
     })
 }
 
-fn respond(mut stream: &TcpStream, status: u16, content_type: &str, body: &str) {
+pub fn respond(mut stream: &TcpStream, status: u16, content_type: &str, body: &str) {
     let reason = match status {
         200 => "OK",
         201 => "Created",
         204 => "No Content",
         400 => "Bad Request",
+        401 => "Unauthorized",
         404 => "Not Found",
         410 => "Gone",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
         _ => "Status",
     };
     let _ = write!(
