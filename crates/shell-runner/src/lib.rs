@@ -774,13 +774,15 @@ impl CancellableJobHandler<ProjectFile> for ShellJob {
         process::kill_marked(&self.marker).await;
         self.trace.flush();
         let hard_deadline_hit = Instant::now() >= self.ctx.hard_deadline;
-        let (result, failure) = if self.canceled && !hard_deadline_hit {
-            ("canceled", None)
-        } else if self.canceled {
+        // The hard deadline fails the job in GitLab whatever phase it stopped, even before
+        // the script started (the fork then runs no step, so `canceled` stays false).
+        let (result, failure) = if hard_deadline_hit {
             (
                 "failed",
                 Some(JobFailure::new(failure_reason::JOB_EXECUTION_TIMEOUT)),
             )
+        } else if self.canceled {
+            ("canceled", None)
         } else if self.script_failed {
             ("failed", self.failure.clone())
         } else {

@@ -178,6 +178,27 @@ async fn lambda_time_left_limits_the_script_when_shorter_than_the_job_timeout() 
 }
 
 #[tokio::test]
+async fn less_lambda_time_than_the_reporting_margin_fails_the_job_before_its_script() {
+    // 5 s left, 10 s needed to report: the hard deadline has passed when the job arrives.
+    // GitLab hears failed, and so does the function's own answer (it once said success).
+    let s = setup().await;
+    // Outside the builds directory, which is emptied after every job.
+    let witness = s.root.path().join("ran-anyway");
+    let script = format!("touch '{}'", witness.display());
+    let job = job(&s.mock, "late", &[script.as_str()], &[], 600, |_| {});
+    let report = ran(invoke(&s.runner, job.id(), Duration::from_secs(5)).await);
+
+    assert_eq!(job.state(), MockJobState::Failed);
+    assert_eq!(report.result, "failed");
+    assert_eq!(
+        report.failure_reason.as_deref(),
+        Some("job_execution_timeout")
+    );
+    assert!(log(&job).contains("about to end"), "{}", log(&job));
+    assert!(!witness.exists(), "the script ran");
+}
+
+#[tokio::test]
 async fn cancel_of_a_silent_job_is_noticed_within_5_s_and_kills_it() {
     let s = setup().await;
     let job = job(&s.mock, "silent", &["sleep 7301"], &[], 600, |_| {});
