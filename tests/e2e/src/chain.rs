@@ -39,7 +39,7 @@ use crate::{
 pub const SHELL_RUNNER_ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:shell-runner";
 /// The runner id GitLab reports for jobs the shell runner ran (a shared runner, not ours).
 pub const SHELL_RUNNER_ID: u64 = 1;
-const WEBHOOK_TOKEN: &str = "chain-secret-token";
+pub const WEBHOOK_TOKEN: &str = "chain-secret-token";
 
 #[derive(Debug, Clone)]
 pub struct ChainOptions {
@@ -195,6 +195,86 @@ pub fn hook_body(event: &JobEvent) -> String {
     hook.to_string()
 }
 
+/// The hooks of a run: each job's pending and finished hooks delivered 1-5 times, shuffled;
+/// some jobs' finished hooks lost. `docker-build` jobs go to EC2 (the default route),
+/// `unit-test` jobs to the shell runner.
+pub fn hooks_of(o: &ChainOptions) -> Vec<JobEvent> {
+    let mut rng = XorShift(o.seed ^ 0xA5A5);
+    let lost: BTreeSet<u64> = (1..=o.jobs)
+        .filter(|_| (rng.next_u64() % 100) < o.lost_finish_percent)
+        .collect();
+    let project = 7000 + o.seed;
+    redelivered_job_events(o.seed, project, o.jobs, false)
+        .into_iter()
+        .filter(|e| !(e.status.is_finished() && lost.contains(&e.job_id)))
+        .map(|mut e| {
+            e.job_name = if e.job_id % 100 < o.ec2_percent {
+                "docker-build".into()
+            } else {
+                "unit-test".into()
+            };
+            e
+        })
+        .collect()
+}
+
+/// The mapping table with the chain's one rule: `unit-test` jobs run in the shell runner.
+pub async fn create_mappings(sdk: &SdkConfig) -> String {
+    let mappings = create_table(sdk, "mappings", "pk", Some("sk")).await;
+    aws_sdk_dynamodb::Client::new(sdk)
+        .put_item()
+        .table_name(&mappings)
+        .item("pk", AttributeValue::S("job#unit-test".into()))
+        .item("sk", AttributeValue::S("tags#".into()))
+        .item("type", AttributeValue::S("LAMBDA".into()))
+        .item("arn", AttributeValue::S(SHELL_RUNNER_ARN.into()))
+        .send()
+        .await
+        .unwrap();
+    mappings
+}
+
+/// The provision and teardown state machines, for the router to start (moto cannot run our
+/// functions from them; the driver runs their steps): (provision ARN, teardown ARN).
+pub async fn create_workflows(sdk: &SdkConfig) -> (String, String) {
+    let definition = r#"{"StartAt":"Run","States":{"Run":{"Type":"Succeed"}}}"#;
+    (
+        crate::create_state_machine(sdk, "provision", definition).await,
+        crate::create_state_machine(sdk, "teardown", definition).await,
+    )
+}
+
+/// GitLab's `runner` of a finished job: the runner launched for it if it got one (our
+/// per-job runners take their own job here), the shared shell runner for LAMBDA jobs that ran
+/// there (`on_shell`), none otherwise (finished before any runner took it).
+pub async fn runner_that_ran(
+    sdk: &SdkConfig,
+    jobs_table: &str,
+    on_shell: bool,
+    event: &JobEvent,
+) -> Option<ephemeral_core::RunnerRef> {
+    let item = aws_sdk_dynamodb::Client::new(sdk)
+        .get_item()
+        .table_name(jobs_table)
+        .key("job_key", AttributeValue::S(JobKey::of(event).table_key()))
+        .consistent_read(true)
+        .send()
+        .await
+        .unwrap()
+        .item
+        .unwrap_or_default();
+    let id = match item.get("launched_runner_id") {
+        Some(AttributeValue::N(id)) => id.parse().ok(),
+        _ if on_shell => Some(SHELL_RUNNER_ID),
+        _ => None,
+    }?;
+    Some(ephemeral_core::RunnerRef {
+        id,
+        description: None,
+        tags: vec![],
+    })
+}
+
 struct Worker {
     stack: WebhookStack,
     webhook: AwsWebhook,
@@ -304,20 +384,8 @@ impl Chain {
             None => sdk.clone(),
         };
         fleet_stack.gitlab.state().failure_percent = options.gitlab_failure_percent;
-        let mappings = create_table(&sdk, "mappings", "pk", Some("sk")).await;
-        aws_sdk_dynamodb::Client::new(&sdk)
-            .put_item()
-            .table_name(&mappings)
-            .item("pk", AttributeValue::S("job#unit-test".into()))
-            .item("sk", AttributeValue::S("tags#".into()))
-            .item("type", AttributeValue::S("LAMBDA".into()))
-            .item("arn", AttributeValue::S(SHELL_RUNNER_ARN.into()))
-            .send()
-            .await
-            .unwrap();
-        let definition = r#"{"StartAt":"Run","States":{"Run":{"Type":"Succeed"}}}"#;
-        let provision_arn = crate::create_state_machine(&sdk, "provision", definition).await;
-        let teardown_arn = crate::create_state_machine(&sdk, "teardown", definition).await;
+        let mappings = create_mappings(&sdk).await;
+        let (provision_arn, teardown_arn) = create_workflows(&sdk).await;
         let mut workers = Vec::new();
         for _ in 0..options.workers {
             let stack = create_webhook_stack(
@@ -376,27 +444,8 @@ impl Chain {
         }
     }
 
-    /// The hooks of a run: each job's pending and finished hooks delivered 1-5 times,
-    /// shuffled; some jobs' finished hooks lost.
     pub fn hooks(&self) -> Vec<JobEvent> {
-        let o = &self.options;
-        let mut rng = XorShift(o.seed ^ 0xA5A5);
-        let lost: BTreeSet<u64> = (1..=o.jobs)
-            .filter(|_| (rng.next_u64() % 100) < o.lost_finish_percent)
-            .collect();
-        let project = 7000 + o.seed;
-        redelivered_job_events(o.seed, project, o.jobs, false)
-            .into_iter()
-            .filter(|e| !(e.status.is_finished() && lost.contains(&e.job_id)))
-            .map(|mut e| {
-                e.job_name = if e.job_id % 100 < o.ec2_percent {
-                    "docker-build".into()
-                } else {
-                    "unit-test".into()
-                };
-                e
-            })
-            .collect()
+        hooks_of(&self.options)
     }
 
     pub async fn run(&self) -> ChainReport {
@@ -512,39 +561,15 @@ impl Chain {
         self.drain_bus(w, reply).await;
     }
 
-    /// GitLab's `runner` of a finished job: the runner launched for it if it got one (our
-    /// per-job runners take their own job here), the shared shell runner for LAMBDA jobs
-    /// that ran, none otherwise (finished before any runner took it).
     async fn runner_that_ran(&self, event: &JobEvent) -> Option<ephemeral_core::RunnerRef> {
-        let key = JobKey::of(event);
-        let item = aws_sdk_dynamodb::Client::new(&self.sdk)
-            .get_item()
-            .table_name(&self.fleet_stack.jobs_table)
-            .key("job_key", AttributeValue::S(key.table_key()))
-            .consistent_read(true)
-            .send()
-            .await
+        let key = JobKey::of(event).table_key();
+        let on_shell = self
+            .report
+            .lock()
             .unwrap()
-            .item
-            .unwrap_or_default();
-        let id = match item.get("launched_runner_id") {
-            Some(AttributeValue::N(id)) => id.parse().ok(),
-            _ if self
-                .report
-                .lock()
-                .unwrap()
-                .shell_invocations
-                .contains_key(&key.table_key()) =>
-            {
-                Some(SHELL_RUNNER_ID)
-            }
-            _ => None,
-        }?;
-        Some(ephemeral_core::RunnerRef {
-            id,
-            description: None,
-            tags: vec![],
-        })
+            .shell_invocations
+            .contains_key(&key);
+        runner_that_ran(&self.sdk, &self.fleet_stack.jobs_table, on_shell, event).await
     }
 
     /// Hands every event on the worker's bus to the router (Lambda retries it on an error),

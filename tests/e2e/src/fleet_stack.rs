@@ -133,8 +133,14 @@ fn rand_offset() -> u64 {
 
 impl FleetStack {
     pub fn config(&self, extra: &[(&str, &str)]) -> FleetConfig {
+        let vars: std::collections::HashMap<String, String> = self.env(extra).into_iter().collect();
+        FleetConfig::from_lookup(|k| vars.get(k).cloned()).unwrap()
+    }
+
+    /// The EC2 functions' environment, as the template sets it, with `extra` on top.
+    pub fn env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
         let subnets = self.subnets.join(",");
-        let mut vars: std::collections::HashMap<&str, String> = [
+        let mut vars: std::collections::BTreeMap<&str, String> = [
             ("GITLAB_URL", self.gitlab.url.clone()),
             ("STACK_NAME", self.name.clone()),
             ("TOKEN_PARAMETER_PREFIX", self.prefix.clone()),
@@ -159,7 +165,7 @@ impl FleetStack {
         for (k, v) in extra {
             vars.insert(k, (*v).to_owned());
         }
-        FleetConfig::from_lookup(|k| vars.get(k).cloned()).unwrap()
+        vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
     }
 
     pub async fn functions(&self, config: &FleetConfig) -> Functions {

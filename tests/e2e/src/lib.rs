@@ -6,7 +6,9 @@
 
 pub mod chain;
 pub mod fleet_stack;
+pub mod lambda_process;
 pub mod loopback;
+pub mod process_chain;
 
 use std::io::Read as _;
 use std::net::TcpListener;
@@ -46,7 +48,7 @@ pub fn tool(name: &str) -> PathBuf {
     candidate
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

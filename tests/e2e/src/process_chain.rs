@@ -1,0 +1,594 @@
+//! The whole chain with every function as its own built binary, run as Lambda runs it (see
+//! [`crate::lambda_process`]): webhook, router, mapper, ec2-provision, ec2-teardown, reaper
+//! and shell-runner each in one warm execution environment, against moto, the GitLab runner
+//! API stand-in and `gitlab-runner-mock`. What it adds to the in-process chain
+//! ([`crate::chain`]): each binary starts from its own environment variables and handles its
+//! typed events through `lambda_runtime`, and each function's memory is its own.
+//!
+//! A job's life in three rounds, each stage's input being the previous stage's real output:
+//! 1. every pending hook (1-5 copies each, shuffled) -> webhook -> bus -> router -> the
+//!    provision executions it started -> mapper -> ec2-provision, or the shell runner (which
+//!    takes a job from `gitlab-runner-mock` and runs it in bash);
+//! 2. the finished hooks that are not lost, naming the runner that ran the job -> webhook ->
+//!    bus -> router -> the teardown executions -> ec2-teardown where the definition calls it;
+//! 3. the reaper, three passes with no grace: what the lost finished hooks left.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use aws_config::SdkConfig;
+use aws_sdk_dynamodb::types::AttributeValue;
+use ephemeral_core::hook::JobEvent;
+use ephemeral_core::jobs::JobKey;
+use gitlab_runner_mock::{
+    GitlabRunnerMock, MockJob, MockJobState, MockJobStepName, MockJobStepWhen,
+};
+
+use crate::chain::{
+    ChainOptions, Leftovers, WEBHOOK_TOKEN, create_mappings, create_workflows, hook_body, hooks_of,
+    runner_that_ran,
+};
+use crate::fleet_stack::{FleetStack, fleet_stack_in};
+use crate::lambda_process::{Answer, LambdaProcess, Memory};
+use crate::{WebhookStack, api_request, bus_events, create_webhook_stack, sdk_config_at};
+
+/// One function's execution environment after the run.
+#[derive(Debug, Clone)]
+pub struct FunctionReport {
+    pub name: &'static str,
+    pub invocations: usize,
+    /// Invokes answered with a function error (each retried as the platform would).
+    pub errors: usize,
+    pub after_init: Memory,
+    pub after_run: Memory,
+    pub invoke_ms_p50: f64,
+    pub invoke_ms_p99: f64,
+}
+
+#[derive(Debug, Default)]
+pub struct ProcessChainReport {
+    pub hooks: usize,
+    pub functions: Vec<FunctionReport>,
+    /// Per EC2 job: launches reported by ec2-provision.
+    pub launches: BTreeMap<String, u32>,
+    pub expected_ec2: BTreeSet<String>,
+    /// Per LAMBDA job: shell-runner invocations.
+    pub shell_invocations: BTreeMap<String, u32>,
+    pub expected_lambda: BTreeSet<String>,
+    /// Jobs `gitlab-runner-mock` saw end in success (the shell runner ran their script).
+    pub shell_jobs_succeeded: usize,
+    pub shell_jobs_enqueued: usize,
+    /// EC2 jobs whose finished hooks were all lost: the reaper's to clean up.
+    pub lost_finish_ec2: BTreeSet<String>,
+    pub reaped: usize,
+    pub leftovers: Option<Leftovers>,
+}
+
+impl ProcessChainReport {
+    pub fn function(&self, name: &str) -> &FunctionReport {
+        self.functions.iter().find(|f| f.name == name).unwrap()
+    }
+
+    /// One line per function: invocations, errors, RSS after init and at peak, invoke times.
+    pub fn table(&self) -> String {
+        let mut out = format!(
+            "{:<14} {:>7} {:>6} {:>15} {:>14} {:>13} {:>13}\n",
+            "function",
+            "invokes",
+            "errors",
+            "RSS init (MiB)",
+            "peak RSS (MiB)",
+            "invoke p50 ms",
+            "invoke p99 ms"
+        );
+        for f in &self.functions {
+            out += &format!(
+                "{:<14} {:>7} {:>6} {:>15.1} {:>14.1} {:>13.1} {:>13.1}\n",
+                f.name,
+                f.invocations,
+                f.errors,
+                f.after_init.rss_kib as f64 / 1024.0,
+                f.after_run.peak_rss_kib as f64 / 1024.0,
+                f.invoke_ms_p50,
+                f.invoke_ms_p99,
+            );
+        }
+        out
+    }
+}
+
+struct Stack {
+    sdk: SdkConfig,
+    fleet: FleetStack,
+    webhook: WebhookStack,
+    mappings: String,
+    provision_arn: String,
+    teardown_arn: String,
+    gitlab: GitlabRunnerMock,
+    shell_token_parameter: String,
+    shell_root: PathBuf,
+    logs: PathBuf,
+    bin_dir: PathBuf,
+}
+
+const AWS_ENV: [(&str, &str); 4] = [
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_ACCESS_KEY_ID", "testing"),
+    ("AWS_SECRET_ACCESS_KEY", "testing"),
+    // The functions log at INFO in Lambda; the same here (to their log file).
+    ("AWS_LAMBDA_LOG_LEVEL", "info"),
+];
+
+impl Stack {
+    /// `name`'s binary with `env` and the template's `Timeout` for it (in seconds).
+    async fn start_function(
+        &self,
+        name: &str,
+        timeout_s: u64,
+        env: Vec<(String, String)>,
+        endpoint: &str,
+    ) -> LambdaProcess {
+        let mut full: Vec<(String, String)> = AWS_ENV
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        full.push(("AWS_ENDPOINT_URL".into(), endpoint.to_owned()));
+        full.extend(env);
+        LambdaProcess::start(
+            name,
+            &self.bin_dir.join(name),
+            Duration::from_secs(timeout_s),
+            &full,
+            &self.logs,
+        )
+        .await
+    }
+}
+
+fn pairs(p: &[(&str, &str)]) -> Vec<(String, String)> {
+    p.iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+/// Runs the three rounds for `options.jobs` jobs (`workers` and the fault options are not
+/// used: one environment per function, no proxy), with the binaries in `bin_dir` (see
+/// [`crate::lambda_process::function_bin_dir`]); function logs go to `logs`.
+pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> ProcessChainReport {
+    let endpoint = crate::start_private_moto();
+    let sdk = sdk_config_at(&endpoint);
+    let fleet = fleet_stack_in(sdk.clone()).await;
+    let webhook = create_webhook_stack(
+        &sdk,
+        WEBHOOK_TOKEN,
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    )
+    .await;
+    let mappings = create_mappings(&sdk).await;
+    let (provision_arn, teardown_arn) = create_workflows(&sdk).await;
+    let gitlab = GitlabRunnerMock::start().await;
+    let shell_token_parameter = format!("/{}/shell-runner-token", fleet.name);
+    aws_sdk_ssm::Client::new(&sdk)
+        .put_parameter()
+        .name(&shell_token_parameter)
+        .value(gitlab.runner_token())
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    let shell_root = logs.join("shell-runner-root");
+    let _ = std::fs::remove_dir_all(&shell_root);
+    std::fs::create_dir_all(&shell_root).unwrap();
+    let stack = Stack {
+        sdk,
+        fleet,
+        webhook,
+        mappings,
+        provision_arn,
+        teardown_arn,
+        gitlab,
+        shell_token_parameter,
+        shell_root,
+        logs: logs.to_path_buf(),
+        bin_dir: bin_dir.to_path_buf(),
+    };
+    let mut f = start_all(&stack, &endpoint).await;
+
+    let hooks = hooks_of(options);
+    let mut report = ProcessChainReport {
+        hooks: hooks.len(),
+        ..Default::default()
+    };
+    for e in &hooks {
+        let key = JobKey::of(e).table_key();
+        if e.job_name == "docker-build" {
+            report.expected_ec2.insert(key);
+        } else {
+            report.expected_lambda.insert(key);
+        }
+    }
+    let (pending, finished): (Vec<JobEvent>, Vec<JobEvent>) =
+        hooks.into_iter().partition(|e| !e.status.is_finished());
+    let finishing: BTreeSet<String> = finished.iter().map(|e| JobKey::of(e).table_key()).collect();
+    report.lost_finish_ec2 = report
+        .expected_ec2
+        .difference(&finishing)
+        .cloned()
+        .collect();
+
+    // Round 1: pending hooks to runners.
+    let forwarded = deliver(&mut f.webhook, &pending).await;
+    route(&stack, &mut f.router, forwarded).await;
+    let mut shell_jobs = Vec::new();
+    for input in new_executions(&stack.sdk, &stack.provision_arn, &mut HashSet::new()).await {
+        let decision = with_retries(&mut f.mapper, &input, 4, |_| true).await;
+        let job_key = input["job_key"].as_str().unwrap().to_owned();
+        // CheckDecision and RecordRoute read the answer's `type`.
+        let kind = decision["type"]
+            .as_str()
+            .expect("the mapper answers a type");
+        record_route(&stack, &job_key, kind).await;
+        if kind == "LAMBDA" {
+            // StartShellRunner: the invoke wakes the runner; the job comes from GitLab.
+            shell_jobs.push(enqueue_shell_job(&stack.gitlab, &job_key));
+            let answer = with_retries(&mut f.shell_runner, &input, 1, |_| false).await;
+            assert_eq!(answer["outcome"], "ran", "shell runner: {answer}");
+            *report.shell_invocations.entry(job_key).or_default() += 1;
+            continue;
+        }
+        let state = serde_json::json!({"job_key": job_key, "job": input["job"], "mapped": {"decision": decision}});
+        let outcome = with_retries(&mut f.provision, &state, 4, |e| {
+            matches!(
+                e["errorType"].as_str(),
+                Some(
+                    "Ec2Unavailable"
+                        | "ProvisionStepFailed"
+                        | "DependencyFailed"
+                        | "GitLabRunnerNotCreated"
+                )
+            )
+        })
+        .await;
+        if outcome["outcome"] == "launched" {
+            *report.launches.entry(job_key).or_default() += 1;
+        }
+    }
+    report.shell_jobs_enqueued = shell_jobs.len();
+    report.shell_jobs_succeeded = shell_jobs
+        .iter()
+        .filter(|j| j.state() == MockJobState::Success)
+        .count();
+
+    // Round 2: the finished hooks that arrive, each naming the runner that ran its job.
+    let mut finished_hooks = Vec::new();
+    for mut e in finished {
+        let on_shell = report
+            .shell_invocations
+            .contains_key(&JobKey::of(&e).table_key());
+        e.runner = runner_that_ran(&stack.sdk, &stack.fleet.jobs_table, on_shell, &e).await;
+        finished_hooks.push(e);
+    }
+    let forwarded = deliver(&mut f.webhook, &finished_hooks).await;
+    route(&stack, &mut f.router, forwarded).await;
+    for input in new_executions(&stack.sdk, &stack.teardown_arn, &mut HashSet::new()).await {
+        // LookUpJob, then TearDownRunners when the job went to EC2 or a runner ran it.
+        let job_key = input["job_key"].as_str().unwrap();
+        let route = aws_sdk_dynamodb::Client::new(&stack.sdk)
+            .get_item()
+            .table_name(&stack.fleet.jobs_table)
+            .key("job_key", AttributeValue::S(job_key.into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+            .and_then(|i| i.get("route_type").cloned());
+        let ec2 = route == Some(AttributeValue::S("EC2".into()));
+        if ec2 || !input["job"]["runner"].is_null() {
+            with_retries(&mut f.teardown, &input, 4, |e| {
+                matches!(
+                    e["errorType"].as_str(),
+                    Some("TeardownStepFailed" | "DependencyFailed")
+                )
+            })
+            .await;
+        }
+    }
+
+    // Round 3: the reaper, as its schedule would run it (three passes: mark, then kill).
+    let scheduled = serde_json::json!({
+        "version": "0", "id": "reaper-tick", "detail-type": "Scheduled Event",
+        "source": "aws.events", "account": "123456789012", "time": "2026-11-24T00:00:00Z",
+        "region": "us-east-1", "resources": [], "detail": {}
+    });
+    for _ in 0..3 {
+        let answer = f.reaper.invoke(&scheduled).await.ok();
+        report.reaped += answer["killed"].as_array().map_or(0, Vec::len);
+    }
+    report.leftovers = Some(Leftovers {
+        instances: stack.fleet.live_instances().await.len(),
+        token_parameters: stack.fleet.token_parameters().await.len(),
+        gitlab_runners: stack.fleet.gitlab.state().runners.len(),
+    });
+    report.functions = f.reports();
+    report
+}
+
+struct Functions {
+    webhook: LambdaProcess,
+    router: LambdaProcess,
+    mapper: LambdaProcess,
+    provision: LambdaProcess,
+    shell_runner: LambdaProcess,
+    teardown: LambdaProcess,
+    reaper: LambdaProcess,
+}
+
+impl Functions {
+    fn reports(&self) -> Vec<FunctionReport> {
+        [
+            ("webhook", &self.webhook),
+            ("router", &self.router),
+            ("mapper", &self.mapper),
+            ("ec2-provision", &self.provision),
+            ("shell-runner", &self.shell_runner),
+            ("ec2-teardown", &self.teardown),
+            ("reaper", &self.reaper),
+        ]
+        .into_iter()
+        .map(|(name, p)| {
+            let mut times: Vec<f64> = p
+                .invoke_times
+                .iter()
+                .map(|t| t.as_secs_f64() * 1000.0)
+                .collect();
+            times.sort_by(f64::total_cmp);
+            let pct = |q: f64| {
+                if times.is_empty() {
+                    0.0
+                } else {
+                    times[((times.len() - 1) as f64 * q).round() as usize]
+                }
+            };
+            FunctionReport {
+                name,
+                invocations: p.invoke_times.len(),
+                errors: p.errors,
+                after_init: p.after_init,
+                after_run: p.memory(),
+                invoke_ms_p50: pct(0.5),
+                invoke_ms_p99: pct(0.99),
+            }
+        })
+        .collect()
+    }
+}
+
+/// Each function with the environment the template gives it.
+async fn start_all(stack: &Stack, endpoint: &str) -> Functions {
+    let w = &stack.webhook;
+    let webhook = stack
+        .start_function(
+            "webhook",
+            9,
+            pairs(&[
+                ("EVENT_BUS_NAME", &w.bus),
+                ("DEDUP_TABLE_NAME", &w.table),
+                ("SECRET_TOKEN_PARAMETER", &w.token_parameter),
+                ("SIGNING_TOKEN_PARAMETER", &w.signing_parameter),
+                ("AUTH_MODE", "either"),
+            ]),
+            endpoint,
+        )
+        .await;
+    let router = stack
+        .start_function(
+            "router",
+            30,
+            pairs(&[
+                ("JOBS_TABLE_NAME", &stack.fleet.jobs_table),
+                ("PROVISION_STATE_MACHINE_ARN", &stack.provision_arn),
+                ("TEARDOWN_STATE_MACHINE_ARN", &stack.teardown_arn),
+            ]),
+            endpoint,
+        )
+        .await;
+    let mapper = stack
+        .start_function(
+            "mapper",
+            30,
+            pairs(&[
+                ("MAPPING_TABLE_NAME", &stack.mappings),
+                ("DEFAULT_EXECUTOR", "EC2"),
+            ]),
+            endpoint,
+        )
+        .await;
+    let provision = stack
+        .start_function("ec2-provision", 120, stack.fleet.env(&[]), endpoint)
+        .await;
+    let gitlab_url = stack.gitlab.uri().to_string();
+    let shell_runner = stack
+        .start_function(
+            "shell-runner",
+            900,
+            pairs(&[
+                ("GITLAB_URL", gitlab_url.trim_end_matches('/')),
+                ("RUNNER_TOKEN_PARAMETER", &stack.shell_token_parameter),
+                ("SHELL_RUNNER_ROOT", stack.shell_root.to_str().unwrap()),
+                // The job is queued before the invoke: one request finds it.
+                ("REQUEST_WAIT_SECONDS", "0"),
+            ]),
+            endpoint,
+        )
+        .await;
+    let teardown = stack
+        .start_function("ec2-teardown", 120, stack.fleet.env(&[]), endpoint)
+        .await;
+    let reaper = stack
+        .start_function(
+            "reaper",
+            300,
+            stack.fleet.env(&[
+                ("RUNNER_WAIT_TIMEOUT_SECONDS", "0"),
+                ("RUNNER_BOOT_GRACE_SECONDS", "0"),
+                ("ORPHAN_GRACE_SECONDS", "0"),
+            ]),
+            endpoint,
+        )
+        .await;
+    Functions {
+        webhook,
+        router,
+        mapper,
+        provision,
+        shell_runner,
+        teardown,
+        reaper,
+    }
+}
+
+/// Invokes until the answer is not a retryable error, at most `attempts` times; any other
+/// error fails the run with the function's own message.
+async fn with_retries(
+    process: &mut LambdaProcess,
+    payload: &serde_json::Value,
+    attempts: u32,
+    retryable: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    for attempt in 1.. {
+        match process.invoke(payload).await {
+            Answer::Ok(v) => return v,
+            Answer::Error(e) => {
+                process.errors += 1;
+                assert!(
+                    attempt < attempts && retryable(&e),
+                    "{} failed (attempt {attempt} of {attempts}): {e}",
+                    process.name
+                );
+            }
+        }
+    }
+    unreachable!()
+}
+
+/// Each hook as GitLab sends it (again after a 5xx, as GitLab does); answers how many were
+/// forwarded (202: exactly one event each on the bus).
+async fn deliver(webhook: &mut LambdaProcess, hooks: &[JobEvent]) -> usize {
+    let mut forwarded = 0;
+    for e in hooks {
+        let request = api_request(
+            &[
+                ("content-type", "application/json"),
+                ("x-gitlab-event", "Job Hook"),
+                ("x-gitlab-token", WEBHOOK_TOKEN),
+                ("idempotency-key", &e.delivery_id),
+            ],
+            &hook_body(e),
+        );
+        let payload = serde_json::to_value(&request).unwrap();
+        let mut attempts = 0;
+        let status = loop {
+            attempts += 1;
+            let answer = webhook.invoke(&payload).await.ok();
+            let status = answer["statusCode"].as_i64().unwrap();
+            if status < 500 || attempts == 5 {
+                break status;
+            }
+        };
+        assert!(
+            status == 202 || status == 200,
+            "the webhook answered {status} to {}",
+            e.delivery_id
+        );
+        if status == 202 {
+            forwarded += 1;
+        }
+    }
+    forwarded
+}
+
+/// Every job event on the bus goes to the router (up to 3 attempts: Lambda's asynchronous
+/// invoke and its two retries).
+async fn route(stack: &Stack, router: &mut LambdaProcess, forwarded: usize) {
+    let envelopes = bus_events(
+        &stack.sdk,
+        &stack.webhook,
+        forwarded,
+        Duration::from_secs(60),
+    )
+    .await;
+    assert_eq!(envelopes.len(), forwarded, "events on the bus");
+    for envelope in envelopes {
+        if envelope["detail-type"] == "GitLab Job Event" {
+            with_retries(router, &envelope, 3, |_| true).await;
+        }
+    }
+}
+
+/// The inputs of the state machine's executions not in `seen`, in start order.
+async fn new_executions(
+    sdk: &SdkConfig,
+    state_machine_arn: &str,
+    seen: &mut HashSet<String>,
+) -> Vec<serde_json::Value> {
+    let sfn = aws_sdk_sfn::Client::new(sdk);
+    let mut executions = Vec::new();
+    let mut pages = sfn
+        .list_executions()
+        .state_machine_arn(state_machine_arn)
+        .into_paginator()
+        .items()
+        .send();
+    while let Some(e) = pages.next().await {
+        let e = e.unwrap();
+        if seen.insert(e.execution_arn().to_owned()) {
+            executions.push((e.start_date().secs(), e.execution_arn().to_owned()));
+        }
+    }
+    executions.sort();
+    let mut inputs = Vec::new();
+    for (_, arn) in executions {
+        let described = sfn
+            .describe_execution()
+            .execution_arn(arn)
+            .send()
+            .await
+            .unwrap();
+        inputs.push(serde_json::from_str(described.input().unwrap()).unwrap());
+    }
+    inputs
+}
+
+/// RecordRoute: the provision definition's DynamoDB task after MapJob.
+async fn record_route(stack: &Stack, job_key: &str, kind: &str) {
+    aws_sdk_dynamodb::Client::new(&stack.sdk)
+        .update_item()
+        .table_name(&stack.fleet.jobs_table)
+        .key("job_key", AttributeValue::S(job_key.into()))
+        .update_expression("SET route_type = :t")
+        .expression_attribute_values(":t", AttributeValue::S(kind.into()))
+        .send()
+        .await
+        .unwrap();
+}
+
+/// A job in GitLab for the shell runner to take: a script that says which job it is.
+fn enqueue_shell_job(gitlab: &GitlabRunnerMock, job_key: &str) -> MockJob {
+    let mut b = gitlab.job_builder(job_key.to_owned());
+    b.add_step(
+        MockJobStepName::Script,
+        vec![
+            format!("echo 'running {job_key}'"),
+            "test -d \"$CI_PROJECT_DIR\"".into(),
+        ],
+        600,
+        MockJobStepWhen::OnSuccess,
+        false,
+    );
+    b.add_variable("GIT_STRATEGY".into(), "none".into(), true, false);
+    let job = b.build();
+    gitlab.enqueue_job(job.clone());
+    job
+}
