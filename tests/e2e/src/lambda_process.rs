@@ -125,6 +125,7 @@ impl Answer {
 
 pub struct LambdaProcess {
     pub name: String,
+    pub binary: PathBuf,
     pub log: PathBuf,
     api: RuntimeApi,
     function: Guarded,
@@ -183,6 +184,7 @@ impl LambdaProcess {
         let function = Guarded::start(binary, &full_env, &log);
         let process = Self {
             name: name.into(),
+            binary: binary.to_path_buf(),
             log,
             api,
             function,

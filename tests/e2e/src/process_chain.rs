@@ -44,6 +44,8 @@ pub struct FunctionReport {
     pub after_run: Memory,
     pub invoke_ms_p50: f64,
     pub invoke_ms_p99: f64,
+    /// Size of the binary that ran.
+    pub binary_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -73,18 +75,19 @@ impl ProcessChainReport {
     /// One line per function: invocations, errors, RSS after init and at peak, invoke times.
     pub fn table(&self) -> String {
         let mut out = format!(
-            "{:<14} {:>7} {:>6} {:>15} {:>14} {:>13} {:>13}\n",
+            "{:<14} {:>7} {:>6} {:>15} {:>14} {:>13} {:>13} {:>12}\n",
             "function",
             "invokes",
             "errors",
             "RSS init (MiB)",
             "peak RSS (MiB)",
             "invoke p50 ms",
-            "invoke p99 ms"
+            "invoke p99 ms",
+            "binary (MB)"
         );
         for f in &self.functions {
             out += &format!(
-                "{:<14} {:>7} {:>6} {:>15.1} {:>14.1} {:>13.1} {:>13.1}\n",
+                "{:<14} {:>7} {:>6} {:>15.1} {:>14.1} {:>13.1} {:>13.1} {:>12.2}\n",
                 f.name,
                 f.invocations,
                 f.errors,
@@ -92,6 +95,7 @@ impl ProcessChainReport {
                 f.after_run.peak_rss_kib as f64 / 1024.0,
                 f.invoke_ms_p50,
                 f.invoke_ms_p99,
+                f.binary_bytes as f64 / 1e6,
             );
         }
         out
@@ -359,6 +363,7 @@ impl Functions {
                 after_run: p.memory(),
                 invoke_ms_p50: pct(0.5),
                 invoke_ms_p99: pct(0.99),
+                binary_bytes: std::fs::metadata(&p.binary).map_or(0, |m| m.len()),
             }
         })
         .collect()
