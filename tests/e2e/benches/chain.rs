@@ -28,8 +28,11 @@ fn main() {
             let jobs = options.jobs;
             let report = Chain::new(options).await.run().await;
             println!("chain, {jobs} jobs, {name}: {}", report.summary());
-            let ok = report.launches.len() == report.expected_ec2.len()
-                && report.launches.values().all(|n| *n == 1)
+            let ok = report.instances_per_job.len() == report.expected_ec2.len()
+                && report
+                    .expected_ec2
+                    .iter()
+                    .all(|k| report.instances_per_job.get(k) == Some(&1))
                 && report.live_instances_after_reaper == 0
                 && report.gitlab_runners_after_reaper == 0;
             println!(

@@ -213,6 +213,39 @@ impl FleetStack {
             .unwrap_or_default()
     }
 
+    /// Per job (its table key, from the instance's tags): how many instances the stack ever
+    /// launched for it, in any state. EC2's own record, whatever the functions answered.
+    pub async fn instances_per_job(&self) -> std::collections::BTreeMap<String, u32> {
+        let mut per_job = std::collections::BTreeMap::new();
+        let mut pages = self
+            .ec2
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("tag:ephemeral-runners:managed-by")
+                    .values(&self.name)
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            for instance in page
+                .unwrap()
+                .reservations()
+                .iter()
+                .flat_map(|r| r.instances())
+            {
+                let id = |key| tag(instance, key).and_then(|v| v.parse().ok()).unwrap_or(0);
+                let key = JobKey {
+                    project_id: id("ephemeral-runners:project-id"),
+                    job_id: id("ephemeral-runners:job-id"),
+                };
+                *per_job.entry(key.table_key()).or_default() += 1;
+            }
+        }
+        per_job
+    }
+
     /// The stack's instances that still run (or are starting).
     pub async fn live_instances(&self) -> Vec<aws_sdk_ec2::types::Instance> {
         let out = self

@@ -5,24 +5,46 @@
 //! the reaper. The numbers (hooks/s, hook-to-launch latency) are printed here and measured
 //! by `cargo bench -p e2e-tests --bench chain`.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use e2e_tests::chain::{Chain, ChainOptions, ChainReport};
 
-fn assert_exactly_once_and_nothing_left(report: &ChainReport) {
+fn assert_exactly_once_and_nothing_left(chain: &Chain, report: &ChainReport) {
     println!("{}", report.summary());
+    // What happened to any job whose instances differ from one per expected EC2 job.
+    let expected_instances: BTreeMap<String, u32> =
+        report.expected_ec2.iter().map(|k| (k.clone(), 1)).collect();
+    if report.instances_per_job != expected_instances {
+        let trace = chain.trace();
+        let keys: BTreeSet<&String> = expected_instances
+            .keys()
+            .chain(report.instances_per_job.keys())
+            .filter(|k| report.instances_per_job.get(*k) != expected_instances.get(*k))
+            .collect();
+        for key in keys {
+            println!(
+                "{key}: {:?} instances, expected {:?}",
+                report.instances_per_job.get(key),
+                expected_instances.get(key)
+            );
+            for (at, what) in trace.get(key).into_iter().flatten() {
+                println!("  {:>10.1} ms  {what}", at.as_secs_f64() * 1000.0);
+            }
+        }
+    }
     assert!(
         report.provision_failures.is_empty(),
         "{:?}",
         report.provision_failures
     );
     assert!(!report.expected_ec2.is_empty() && !report.expected_lambda.is_empty());
-    let launched: std::collections::BTreeSet<_> = report.launches.keys().cloned().collect();
     assert_eq!(
-        launched, report.expected_ec2,
-        "one launch per EC2 job pending before it finished"
+        report.instances_per_job, expected_instances,
+        "one instance in EC2 per EC2 job pending before it finished, none for any other"
     );
     assert!(
         report.launches.values().all(|n| *n == 1),
-        "a job launched twice"
+        "a job answered launched twice"
     );
     let invoked: std::collections::BTreeSet<_> = report.shell_invocations.keys().cloned().collect();
     assert_eq!(
@@ -51,7 +73,8 @@ fn assert_exactly_once_and_nothing_left(report: &ChainReport) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousand_redelivered_shuffled_jobs_get_one_runner_each_and_leave_nothing() {
     let chain = Chain::new(ChainOptions::default()).await;
-    assert_exactly_once_and_nothing_left(&chain.run().await);
+    let report = chain.run().await;
+    assert_exactly_once_and_nothing_left(&chain, &report);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,5 +96,5 @@ async fn the_same_under_aws_throttling_and_gitlab_502s() {
     .await;
     let report = chain.run().await;
     assert!(report.faults_injected > 100, "{}", report.summary());
-    assert_exactly_once_and_nothing_left(&report);
+    assert_exactly_once_and_nothing_left(&chain, &report);
 }
