@@ -88,9 +88,11 @@ pub struct ChainReport {
     pub expected_lambda: BTreeSet<String>,
     /// Per job: `launched` answers from ec2-provision.
     pub launches: BTreeMap<String, u32>,
-    /// Per job: instances EC2 holds for it, in any state (the exactly-once check: a retried
-    /// step that launched before failing answers `already_provisioned` the next time).
+    /// Per job: instances EC2 holds for it that got a runner, in any state (the exactly-once
+    /// check: a retried step that launched before failing answers `already_provisioned`).
     pub instances_per_job: BTreeMap<String, u32>,
+    /// Instances launched by a step that failed before giving them a runner, and removed by it.
+    pub instances_without_runner: u32,
     /// `already_provisioned` answers: a retry or a repeated start found the job's runner.
     pub already_provisioned: u32,
     pub shell_invocations: BTreeMap<String, u32>,
@@ -124,7 +126,7 @@ impl ChainReport {
 
     pub fn summary(&self) -> String {
         format!(
-            "{} hooks in {:.1} s = {:.1} hooks/s (time per stage: {:?}); launches {} (expected {}; instances in EC2 {}, already provisioned {}), shell-runner invocations {} (expected {}); hook-to-launch p50 {} ms, p99 {} ms; retries: webhook {}, platform {}; faults injected {}; reaped {}; left after the reaper: {} instances, {} token parameters, {} GitLab runners; peak RSS {} MiB",
+            "{} hooks in {:.1} s = {:.1} hooks/s (time per stage: {:?}); launches {} (expected {}; instances with a runner in EC2 {}, without {}; already provisioned {}), shell-runner invocations {} (expected {}); hook-to-launch p50 {} ms, p99 {} ms; retries: webhook {}, platform {}; faults injected {}; reaped {}; left after the reaper: {} instances, {} token parameters, {} GitLab runners; peak RSS {} MiB",
             self.hooks,
             self.elapsed.as_secs_f64(),
             self.events_per_second(),
@@ -132,6 +134,7 @@ impl ChainReport {
             self.launches.values().sum::<u32>(),
             self.expected_ec2.len(),
             self.instances_per_job.values().sum::<u32>(),
+            self.instances_without_runner,
             self.already_provisioned,
             self.shell_invocations.values().sum::<u32>(),
             self.expected_lambda.len(),
@@ -497,7 +500,8 @@ impl Chain {
         report.live_instances_after_reaper = self.fleet_stack.live_instances().await.len();
         report.token_parameters_after_reaper = self.fleet_stack.token_parameters().await.len();
         report.gitlab_runners_after_reaper = self.fleet_stack.gitlab.state().runners.len();
-        report.instances_per_job = self.fleet_stack.instances_per_job().await;
+        (report.instances_per_job, report.instances_without_runner) =
+            self.fleet_stack.runner_instances_per_job().await;
         report.peak_rss_kib = peak_rss_kib();
         report.stage_time = std::mem::take(&mut *self.stage_time.lock().unwrap());
         report

@@ -214,9 +214,12 @@ impl FleetStack {
     }
 
     /// Per job (its table key, from the instance's tags): how many instances the stack ever
-    /// launched for it, in any state. EC2's own record, whatever the functions answered.
-    pub async fn instances_per_job(&self) -> std::collections::BTreeMap<String, u32> {
+    /// gave a runner (the `runner-id` tag, the step's commit mark), in any state; and how many
+    /// instances were launched but never got one (a step that failed midway and removed what
+    /// it made). EC2's own record, whatever the functions answered.
+    pub async fn runner_instances_per_job(&self) -> (std::collections::BTreeMap<String, u32>, u32) {
         let mut per_job = std::collections::BTreeMap::new();
+        let mut without_runner = 0;
         let mut pages = self
             .ec2
             .describe_instances()
@@ -235,6 +238,10 @@ impl FleetStack {
                 .iter()
                 .flat_map(|r| r.instances())
             {
+                if tag(instance, "ephemeral-runners:runner-id").is_none() {
+                    without_runner += 1;
+                    continue;
+                }
                 let id = |key| tag(instance, key).and_then(|v| v.parse().ok()).unwrap_or(0);
                 let key = JobKey {
                     project_id: id("ephemeral-runners:project-id"),
@@ -243,7 +250,7 @@ impl FleetStack {
                 *per_job.entry(key.table_key()).or_default() += 1;
             }
         }
-        per_job
+        (per_job, without_runner)
     }
 
     /// The stack's instances that still run (or are starting).

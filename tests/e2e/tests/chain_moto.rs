@@ -40,7 +40,7 @@ fn assert_exactly_once_and_nothing_left(chain: &Chain, report: &ChainReport) {
     assert!(!report.expected_ec2.is_empty() && !report.expected_lambda.is_empty());
     assert_eq!(
         report.instances_per_job, expected_instances,
-        "one instance in EC2 per EC2 job pending before it finished, none for any other"
+        "one instance with a runner per EC2 job pending before it finished, none for any other"
     );
     assert!(
         report.launches.values().all(|n| *n == 1),

@@ -169,6 +169,65 @@ async fn provision_then_teardown_leaves_nothing_and_no_token_leaks() {
 }
 
 #[tokio::test]
+async fn a_step_that_launched_and_then_failed_is_retried_to_already_provisioned() {
+    // Recording the runner on the job's item is throttled on all three of the SDK's
+    // attempts: the step fails after the instance, the runner and the token exist. The
+    // workflow's retry must find them, record them, and launch nothing more.
+    let stack = fleet_stack().await;
+    let refused = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counter = refused.clone();
+    let proxy = FaultProxy::start(
+        moto_endpoint(),
+        Box::new(move |request| {
+            // record_running's update (note_runner's sets launched_runner_id too, not phase).
+            let record = request
+                .body_text()
+                .contains("SET phase = :phase, phase_rank = :rank, launched_runner_id");
+            (record && counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) < 3).then(|| {
+                (
+                    400,
+                    r#"{"__type":"ThrottlingException","message":"Rate exceeded (fault proxy)"}"#
+                        .to_owned(),
+                )
+            })
+        }),
+    );
+    let sdk = stack.sdk.to_builder().endpoint_url(&proxy.url).build();
+    let functions = stack.functions_at(&stack.config(&[]), &sdk).await;
+    let job = job_event(42, 4301, "build", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    let input = provision_input(&job, ec2_route()).0;
+
+    let failed = functions.provision(&input, now_ms()).await.unwrap_err();
+    assert_eq!(refused.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert!(
+        matches!(
+            failed.error_type(),
+            "ProvisionStepFailed" | "DependencyFailed"
+        ),
+        "{}: {failed}: the workflow must retry it",
+        failed.error_type()
+    );
+    let retried = functions.provision(&input, now_ms()).await.unwrap();
+    let Provisioned::AlreadyProvisioned {
+        instance_id,
+        runner_id,
+    } = &retried
+    else {
+        panic!("expected already_provisioned, got {retried:?}");
+    };
+    assert_eq!(stack.live_instances().await.len(), 1);
+    assert_eq!(stack.gitlab.state().runners.len(), 1);
+    let item = stack.job_item(&job).await;
+    assert_eq!(item["phase"], AttributeValue::S("running".into()));
+    assert_eq!(
+        item["launched_runner_id"],
+        AttributeValue::N(runner_id.to_string())
+    );
+    assert_eq!(item["instance_id"], AttributeValue::S(instance_id.clone()));
+}
+
+#[tokio::test]
 async fn spot_capacity_error_falls_back_to_on_demand() {
     let stack = fleet_stack().await;
     // EC2 answers InsufficientInstanceCapacity to every spot launch. (Real EC2 sends it as a
