@@ -177,15 +177,41 @@ impl std::fmt::Display for Leftovers {
 
 /// Peak resident set of this process (`VmHWM`), KiB.
 pub fn peak_rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|n| n.parse().ok())
-        })
-        .unwrap_or(0)
+    crate::lambda_process::memory_of(std::process::id()).peak_rss_kib
+}
+
+/// The API Gateway request GitLab's delivery of `body` becomes, with the chain's token.
+pub fn hook_request(
+    delivery_id: &str,
+    body: &str,
+) -> aws_lambda_events::apigw::ApiGatewayV2httpRequest {
+    api_request(
+        &[
+            ("content-type", "application/json"),
+            ("x-gitlab-event", "Job Hook"),
+            ("x-gitlab-token", WEBHOOK_TOKEN),
+            ("idempotency-key", delivery_id),
+        ],
+        body,
+    )
+}
+
+/// RecordRoute, the provision definition's DynamoDB task after MapJob: the route on the
+/// job's item, where the teardown workflow's LookUpJob reads it.
+pub fn record_route(
+    dynamo: &aws_sdk_dynamodb::Client,
+    jobs_table: &str,
+    job_key: &str,
+    kind: &str,
+    matched: &str,
+) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
+    dynamo
+        .update_item()
+        .table_name(jobs_table)
+        .key("job_key", AttributeValue::S(job_key.into()))
+        .update_expression("SET route_type = :t, route_matched = :m")
+        .expression_attribute_values(":t", AttributeValue::S(kind.into()))
+        .expression_attribute_values(":m", AttributeValue::S(matched.into()))
 }
 
 /// The job hook GitLab would send (a real GitLab 18 payload with this job's fields).
@@ -259,22 +285,11 @@ pub async fn create_workflows(sdk: &SdkConfig) -> (String, String) {
 /// per-job runners take their own job here), the shared shell runner for LAMBDA jobs that ran
 /// there (`on_shell`), none otherwise (finished before any runner took it).
 pub async fn runner_that_ran(
-    sdk: &SdkConfig,
-    jobs_table: &str,
+    fleet: &FleetStack,
     on_shell: bool,
     event: &JobEvent,
 ) -> Option<ephemeral_core::RunnerRef> {
-    let item = aws_sdk_dynamodb::Client::new(sdk)
-        .get_item()
-        .table_name(jobs_table)
-        .key("job_key", AttributeValue::S(JobKey::of(event).table_key()))
-        .consistent_read(true)
-        .send()
-        .await
-        .unwrap()
-        .item
-        .unwrap_or_default();
-    let id = match item.get("launched_runner_id") {
+    let id = match fleet.job_item(event).await.get("launched_runner_id") {
         Some(AttributeValue::N(id)) => id.parse().ok(),
         _ if on_shell => Some(SHELL_RUNNER_ID),
         _ => None,
@@ -549,16 +564,11 @@ impl Chain {
         let w = &self.workers[worker];
         let mut reply = 0;
         for attempt in 0.. {
-            let request = api_request(
-                &[
-                    ("content-type", "application/json"),
-                    ("x-gitlab-event", "Job Hook"),
-                    ("x-gitlab-token", WEBHOOK_TOKEN),
-                    ("idempotency-key", delivery_id),
-                ],
-                body,
-            );
-            reply = w.webhook.handle(request).await.status_code;
+            reply = w
+                .webhook
+                .handle(hook_request(delivery_id, body))
+                .await
+                .status_code;
             if (200..300).contains(&reply) {
                 break;
             }
@@ -582,7 +592,7 @@ impl Chain {
             .unwrap()
             .shell_invocations
             .contains_key(&key);
-        runner_that_ran(&self.sdk, &self.fleet_stack.jobs_table, on_shell, event).await
+        runner_that_ran(&self.fleet_stack, on_shell, event).await
     }
 
     /// Hands every event on the worker's bus to the router (Lambda retries it on an error),
@@ -671,14 +681,14 @@ impl Chain {
         let kind = decision.decision.executor.kind();
         let matched = decision.decision.matched.clone();
         self.retried("RecordRoute", 5, || {
-            self.functions_dynamo
-                .update_item()
-                .table_name(&self.fleet_stack.jobs_table)
-                .key("job_key", AttributeValue::S(input.job_key.clone()))
-                .update_expression("SET route_type = :t, route_matched = :m")
-                .expression_attribute_values(":t", AttributeValue::S(kind.into()))
-                .expression_attribute_values(":m", AttributeValue::S(matched.clone()))
-                .send()
+            record_route(
+                &self.functions_dynamo,
+                &self.fleet_stack.jobs_table,
+                &input.job_key,
+                kind,
+                &matched,
+            )
+            .send()
         })
         .await;
         self.note(

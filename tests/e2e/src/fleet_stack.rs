@@ -206,6 +206,7 @@ impl FleetStack {
             .get_item()
             .table_name(&self.jobs_table)
             .key("job_key", AttributeValue::S(JobKey::of(job).table_key()))
+            .consistent_read(true)
             .send()
             .await
             .unwrap()

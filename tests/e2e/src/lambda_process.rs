@@ -241,14 +241,6 @@ impl LambdaProcess {
     pub fn memory(&self) -> Memory {
         memory_of(self.function.pid)
     }
-
-    pub fn pid(&self) -> u32 {
-        self.function.pid
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
 }
 
 fn tail(path: &Path) -> String {

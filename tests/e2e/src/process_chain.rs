@@ -13,7 +13,7 @@
 //!    bus -> router -> the teardown executions -> ec2-teardown where the definition calls it;
 //! 3. the reaper, three passes with no grace: what the lost finished hooks left.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -26,12 +26,12 @@ use gitlab_runner_mock::{
 };
 
 use crate::chain::{
-    ChainOptions, Leftovers, WEBHOOK_TOKEN, create_mappings, create_workflows, hook_body, hooks_of,
-    runner_that_ran,
+    ChainOptions, Leftovers, WEBHOOK_TOKEN, create_mappings, create_workflows, hook_body,
+    hook_request, hooks_of, record_route, runner_that_ran,
 };
 use crate::fleet_stack::{FleetStack, fleet_stack_in};
 use crate::lambda_process::{Answer, LambdaProcess, Memory};
-use crate::{WebhookStack, api_request, bus_events, create_webhook_stack, sdk_config_at};
+use crate::{WebhookStack, bus_events, create_webhook_stack, sdk_config_at};
 
 /// One function's execution environment after the run.
 #[derive(Debug, Clone)]
@@ -68,10 +68,6 @@ pub struct ProcessChainReport {
 }
 
 impl ProcessChainReport {
-    pub fn function(&self, name: &str) -> &FunctionReport {
-        self.functions.iter().find(|f| f.name == name).unwrap()
-    }
-
     /// One line per function: invocations, errors, RSS after init and at peak, invoke times.
     pub fn table(&self) -> String {
         let mut out = format!(
@@ -225,14 +221,24 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
     let forwarded = deliver(&mut f.webhook, &pending).await;
     route(&stack, &mut f.router, forwarded).await;
     let mut shell_jobs = Vec::new();
-    for input in new_executions(&stack.sdk, &stack.provision_arn, &mut HashSet::new()).await {
+    for input in executions(&stack.sdk, &stack.provision_arn).await {
         let decision = with_retries(&mut f.mapper, &input, 4, |_| true).await;
         let job_key = input["job_key"].as_str().unwrap().to_owned();
         // CheckDecision and RecordRoute read the answer's `type`.
         let kind = decision["type"]
             .as_str()
             .expect("the mapper answers a type");
-        record_route(&stack, &job_key, kind).await;
+        let matched = decision["matched"].as_str().unwrap_or_default();
+        record_route(
+            &aws_sdk_dynamodb::Client::new(&stack.sdk),
+            &stack.fleet.jobs_table,
+            &job_key,
+            kind,
+            matched,
+        )
+        .send()
+        .await
+        .unwrap();
         if kind == "LAMBDA" {
             // StartShellRunner: the invoke wakes the runner; the job comes from GitLab.
             shell_jobs.push(enqueue_shell_job(&stack.gitlab, &job_key));
@@ -270,25 +276,16 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
         let on_shell = report
             .shell_invocations
             .contains_key(&JobKey::of(&e).table_key());
-        e.runner = runner_that_ran(&stack.sdk, &stack.fleet.jobs_table, on_shell, &e).await;
+        e.runner = runner_that_ran(&stack.fleet, on_shell, &e).await;
         finished_hooks.push(e);
     }
     let forwarded = deliver(&mut f.webhook, &finished_hooks).await;
     route(&stack, &mut f.router, forwarded).await;
-    for input in new_executions(&stack.sdk, &stack.teardown_arn, &mut HashSet::new()).await {
+    for input in executions(&stack.sdk, &stack.teardown_arn).await {
         // LookUpJob, then TearDownRunners when the job went to EC2 or a runner ran it.
-        let job_key = input["job_key"].as_str().unwrap();
-        let route = aws_sdk_dynamodb::Client::new(&stack.sdk)
-            .get_item()
-            .table_name(&stack.fleet.jobs_table)
-            .key("job_key", AttributeValue::S(job_key.into()))
-            .consistent_read(true)
-            .send()
-            .await
-            .unwrap()
-            .item
-            .and_then(|i| i.get("route_type").cloned());
-        let ec2 = route == Some(AttributeValue::S("EC2".into()));
+        let job: JobEvent = serde_json::from_value(input["job"].clone()).unwrap();
+        let item = stack.fleet.job_item(&job).await;
+        let ec2 = item.get("route_type") == Some(&AttributeValue::S("EC2".into()));
         if ec2 || !input["job"]["runner"].is_null() {
             with_retries(&mut f.teardown, &input, 4, |e| {
                 matches!(
@@ -483,16 +480,7 @@ async fn with_retries(
 async fn deliver(webhook: &mut LambdaProcess, hooks: &[JobEvent]) -> usize {
     let mut forwarded = 0;
     for e in hooks {
-        let request = api_request(
-            &[
-                ("content-type", "application/json"),
-                ("x-gitlab-event", "Job Hook"),
-                ("x-gitlab-token", WEBHOOK_TOKEN),
-                ("idempotency-key", &e.delivery_id),
-            ],
-            &hook_body(e),
-        );
-        let payload = serde_json::to_value(&request).unwrap();
+        let payload = serde_json::to_value(hook_request(&e.delivery_id, &hook_body(e))).unwrap();
         let mut attempts = 0;
         let status = loop {
             attempts += 1;
@@ -532,12 +520,8 @@ async fn route(stack: &Stack, router: &mut LambdaProcess, forwarded: usize) {
     }
 }
 
-/// The inputs of the state machine's executions not in `seen`, in start order.
-async fn new_executions(
-    sdk: &SdkConfig,
-    state_machine_arn: &str,
-    seen: &mut HashSet<String>,
-) -> Vec<serde_json::Value> {
+/// The inputs of the state machine's executions, in start order.
+async fn executions(sdk: &SdkConfig, state_machine_arn: &str) -> Vec<serde_json::Value> {
     let sfn = aws_sdk_sfn::Client::new(sdk);
     let mut executions = Vec::new();
     let mut pages = sfn
@@ -548,9 +532,7 @@ async fn new_executions(
         .send();
     while let Some(e) = pages.next().await {
         let e = e.unwrap();
-        if seen.insert(e.execution_arn().to_owned()) {
-            executions.push((e.start_date().secs(), e.execution_arn().to_owned()));
-        }
+        executions.push((e.start_date().secs(), e.execution_arn().to_owned()));
     }
     executions.sort();
     let mut inputs = Vec::new();
@@ -564,19 +546,6 @@ async fn new_executions(
         inputs.push(serde_json::from_str(described.input().unwrap()).unwrap());
     }
     inputs
-}
-
-/// RecordRoute: the provision definition's DynamoDB task after MapJob.
-async fn record_route(stack: &Stack, job_key: &str, kind: &str) {
-    aws_sdk_dynamodb::Client::new(&stack.sdk)
-        .update_item()
-        .table_name(&stack.fleet.jobs_table)
-        .key("job_key", AttributeValue::S(job_key.into()))
-        .update_expression("SET route_type = :t")
-        .expression_attribute_values(":t", AttributeValue::S(kind.into()))
-        .send()
-        .await
-        .unwrap();
 }
 
 /// A job in GitLab for the shell runner to take: a script that says which job it is.
