@@ -9,6 +9,7 @@ pub mod hook;
 pub mod jobs;
 pub mod mapping;
 pub mod metrics;
+pub mod reconcile;
 pub mod secrets;
 pub mod shell;
 pub mod testing;

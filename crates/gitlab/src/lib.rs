@@ -14,6 +14,9 @@ use serde::Deserialize;
 
 pub use ephemeral_core::secrets::Secret;
 
+mod jobs;
+pub use jobs::{GitLabJob, JobPipeline, JobRunner, Listing, RequestBudget};
+
 /// How runners are created.
 #[derive(Debug, Clone)]
 pub enum Registration {
@@ -75,6 +78,8 @@ pub enum GitLabError {
         status: u16,
         message: String,
         attempts: u32,
+        /// GitLab's `Retry-After` on a 429: the next attempt waits at least this long.
+        retry_after: Option<Duration>,
     },
     #[error("{endpoint}: {message}{}", attempts_note(*.attempts))]
     Transport {
@@ -100,6 +105,7 @@ fn refused(endpoint: &str, status: u16, body: &str) -> GitLabError {
             status,
             message: message_of(body),
             attempts: 1,
+            retry_after: None,
         },
     }
 }
@@ -119,6 +125,14 @@ impl GitLabError {
             Self::Transport { .. } => true,
             Self::Status { status, .. } => *status == 429 || *status >= 500,
             _ => false,
+        }
+    }
+
+    /// How long GitLab asked us to wait (`Retry-After`), if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Self::Status { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 
@@ -154,6 +168,13 @@ pub struct GitLabClient {
     http: reqwest::Client,
     base_url: String,
     retry: RetryPolicy,
+}
+
+/// One HTTP answer: status, body, and GitLab's `x-next-page` (absent on the last page).
+struct Answer {
+    status: u16,
+    body: String,
+    next_page: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -220,6 +241,17 @@ impl GitLabClient {
         endpoint: &str,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<(u16, String), GitLabError> {
+        let answer = self.send_for_answer(endpoint, build).await?;
+        Ok((answer.status, answer.body))
+    }
+
+    /// [`Self::send`], with the headers a paginated list needs. A 429's `Retry-After` (in
+    /// seconds, at most `max_delay` x 10) stretches the wait before the next attempt.
+    async fn send_for_answer(
+        &self,
+        endpoint: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<Answer, GitLabError> {
         let attempt = || async {
             let response = build().send().await.map_err(|e| GitLabError::Transport {
                 endpoint: endpoint.to_owned(),
@@ -228,6 +260,15 @@ impl GitLabClient {
                 attempts: 1,
             })?;
             let status = response.status().as_u16();
+            let header = |name: &str| {
+                response
+                    .headers()
+                    .get(name)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+            };
+            let retry_after = header("retry-after").map(Duration::from_secs);
+            let next_page = header("x-next-page");
             let body = response.text().await.unwrap_or_default();
             if status == 429 || status >= 500 {
                 return Err(GitLabError::Status {
@@ -235,10 +276,16 @@ impl GitLabClient {
                     status,
                     message: message_of(&body),
                     attempts: 1,
+                    retry_after: retry_after.filter(|_| status == 429),
                 });
             }
-            Ok((status, body))
+            Ok(Answer {
+                status,
+                body,
+                next_page,
+            })
         };
+        let longest_wait = self.retry.max_delay * 10;
         let mut attempts = 0u32;
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.retry.min_delay)
@@ -251,6 +298,12 @@ impl GitLabClient {
         })
         .retry(backoff)
         .when(GitLabError::is_transient)
+        .adjust(|e, planned| {
+            planned.map(|d| {
+                e.retry_after()
+                    .map_or(d, |asked| asked.min(longest_wait).max(d))
+            })
+        })
         .await
         .map_err(|e| e.with_attempts(attempts))
     }

@@ -1,0 +1,646 @@
+//! The reconciler's decisions: GitLab's list of pending jobs is the truth, hooks are hints.
+//!
+//! Each pass (on a schedule, one at a time) the adapter lists the jobs GitLab has pending for
+//! the scopes the stack serves, reads what the jobs table holds about each and which runners
+//! of ours are still alive, and asks [`plan_pass`] what to do. A job that has waited longer
+//! than the grace, and that no live runner of ours can take, is provisioned again under a new
+//! attempt number: the lost hook, the failed provision, the runner that expired or was taken
+//! by another job, the runner created without the job's tags all end here. Attempts back off
+//! and stop at a limit, which is recorded.
+//!
+//! Runners are matched to jobs the way GitLab hands jobs out: a runner takes any pending job
+//! its scope and tags allow, so a job counts as covered only if a live idle runner is left
+//! for it after older jobs took theirs.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::jobs::{JobKey, JobPhase};
+
+/// One job GitLab lists as pending (`GET /projects/:id/jobs?scope[]=pending`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingJob {
+    pub key: JobKey,
+    pub name: String,
+    pub tags: Vec<String>,
+    /// How long it has been pending, by GitLab's clock (`queued_duration`).
+    pub pending_for_ms: u64,
+}
+
+/// What the jobs table holds about a job, as far as the reconciler cares.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobRecord {
+    pub phase: Option<JobPhase>,
+    /// The last provision attempt (1 = the router's, from the pending hook).
+    pub attempt: u32,
+    /// When the last attempt was started (by the router or a reconciler pass).
+    pub attempt_started_at_ms: Option<u64>,
+    /// `provision_error` recorded by the provision workflow's last attempt.
+    pub provision_error: Option<String>,
+    /// The runner the last attempt created, if any.
+    pub runner_id: Option<u64>,
+    /// Set when the reconciler stopped trying.
+    pub gave_up: bool,
+}
+
+/// A runner of ours that GitLab may still hand a job to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveRunner {
+    pub runner_id: u64,
+    /// The job it was created for.
+    pub made_for: JobKey,
+    /// `Some(project)` for a project runner: it takes only that project's jobs.
+    pub project_scope: Option<u64>,
+    pub tags: Vec<String>,
+    pub run_untagged: bool,
+    /// When it gives up waiting and its instance shuts down.
+    pub expires_at_ms: u64,
+}
+
+impl LiveRunner {
+    /// Whether GitLab would hand `job` to this runner.
+    pub fn can_take(&self, job: &PendingJob) -> bool {
+        let scope_ok = self.project_scope.is_none_or(|p| p == job.key.project_id);
+        let tags_ok = if job.tags.is_empty() {
+            self.run_untagged
+        } else {
+            job.tags.iter().all(|t| self.tags.contains(t))
+        };
+        scope_ok && tags_ok
+    }
+}
+
+/// Why a pending job gets another attempt; recorded on the job's item and counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reason {
+    /// We never acted on it: its pending hook was lost (or never authentic).
+    LostHook,
+    /// The last attempt failed (capacity, GitLab, configuration) and recorded why.
+    ProvisionFailed,
+    /// The last attempt's runner is gone (it waited and shut down, or another job took it).
+    RunnerGone,
+    /// The last attempt created a runner without the job's tags, which GitLab never hands
+    /// a tagged job to.
+    RunnerCannotTakeIt,
+    /// An attempt was started long ago and left neither a runner nor an error.
+    AttemptStalled,
+    /// We hold it as finished, but GitLab lists it pending (a forged or reordered finish).
+    MarkedFinished,
+}
+
+impl Reason {
+    pub const ALL: [Reason; 6] = [
+        Self::LostHook,
+        Self::ProvisionFailed,
+        Self::RunnerGone,
+        Self::RunnerCannotTakeIt,
+        Self::AttemptStalled,
+        Self::MarkedFinished,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::LostHook => "lost_hook",
+            Self::ProvisionFailed => "provision_failed",
+            Self::RunnerGone => "runner_gone",
+            Self::RunnerCannotTakeIt => "runner_cannot_take_it",
+            Self::AttemptStalled => "attempt_stalled",
+            Self::MarkedFinished => "marked_finished",
+        }
+    }
+}
+
+/// What one pass does about one pending job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Pending for less than the grace: the hook path may still be at work.
+    TooYoung,
+    /// A live runner of ours is left for it (`runner_id`).
+    Covered { runner_id: u64 },
+    /// Start attempt `attempt`, for `reason`.
+    Provision { attempt: u32, reason: Reason },
+    /// The next attempt is allowed from `not_before_ms` (backoff).
+    BackingOff { reason: Reason, not_before_ms: u64 },
+    /// The attempt limit is reached: record it once, then leave the job to GitLab.
+    GiveUp { attempts: u32, reason: Reason },
+    /// Already given up on.
+    GivenUp,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileSettings {
+    /// How long a job may be pending before the reconciler acts (the hook path's time).
+    pub grace_ms: u64,
+    /// Attempts in all, the router's included.
+    pub max_attempts: u32,
+    /// Wait before attempt 2; doubled for each later one, up to `backoff_max_ms`.
+    pub backoff_base_ms: u64,
+    pub backoff_max_ms: u64,
+    /// An attempt with neither a runner nor an error after this long has stalled.
+    pub attempt_timeout_ms: u64,
+}
+
+impl Default for ReconcileSettings {
+    fn default() -> Self {
+        Self {
+            grace_ms: 60_000,
+            max_attempts: 5,
+            backoff_base_ms: 60_000,
+            backoff_max_ms: 15 * 60_000,
+            attempt_timeout_ms: 10 * 60_000,
+        }
+    }
+}
+
+impl ReconcileSettings {
+    /// How long after attempt `attempt` started the next one may start.
+    pub fn backoff_after(&self, attempt: u32) -> u64 {
+        let doublings = attempt.saturating_sub(1).min(20);
+        self.backoff_base_ms
+            .saturating_mul(1 << doublings)
+            .min(self.backoff_max_ms)
+    }
+}
+
+/// Decisions for every pending job of one pass, oldest first.
+pub fn plan_pass(
+    pending: &[PendingJob],
+    records: &HashMap<JobKey, JobRecord>,
+    runners: &[LiveRunner],
+    settings: &ReconcileSettings,
+    now_ms: u64,
+) -> Vec<(JobKey, Decision)> {
+    let live: Vec<&LiveRunner> = runners
+        .iter()
+        .filter(|r| r.expires_at_ms > now_ms)
+        .collect();
+    let coverage = assign_runners(pending, &live);
+    let mut jobs: Vec<&PendingJob> = pending.iter().collect();
+    jobs.sort_by_key(|j| std::cmp::Reverse(j.pending_for_ms));
+    jobs.into_iter()
+        .map(|job| {
+            let decision = match coverage.get(&job.key) {
+                Some(&runner_id) => Decision::Covered { runner_id },
+                None => decide_uncovered(job, records.get(&job.key), &live, settings, now_ms),
+            };
+            (job.key, decision)
+        })
+        .collect()
+}
+
+/// Which live runner is left for which pending job: first each job keeps the runner made
+/// for it (if that runner can take it), then the oldest jobs take the remaining runners.
+fn assign_runners(pending: &[PendingJob], live: &[&LiveRunner]) -> HashMap<JobKey, u64> {
+    let mut taken: HashSet<u64> = HashSet::new();
+    let mut coverage = HashMap::new();
+    for job in pending {
+        if let Some(own) = live
+            .iter()
+            .find(|r| r.made_for == job.key && r.can_take(job))
+        {
+            taken.insert(own.runner_id);
+            coverage.insert(job.key, own.runner_id);
+        }
+    }
+    let mut oldest_first: Vec<&PendingJob> = pending
+        .iter()
+        .filter(|j| !coverage.contains_key(&j.key))
+        .collect();
+    oldest_first.sort_by_key(|j| std::cmp::Reverse(j.pending_for_ms));
+    for job in oldest_first {
+        if let Some(other) = live
+            .iter()
+            .find(|r| !taken.contains(&r.runner_id) && r.can_take(job))
+        {
+            taken.insert(other.runner_id);
+            coverage.insert(job.key, other.runner_id);
+        }
+    }
+    coverage
+}
+
+fn decide_uncovered(
+    job: &PendingJob,
+    record: Option<&JobRecord>,
+    live: &[&LiveRunner],
+    settings: &ReconcileSettings,
+    now_ms: u64,
+) -> Decision {
+    if job.pending_for_ms < settings.grace_ms {
+        return Decision::TooYoung;
+    }
+    let Some(record) = record else {
+        return Decision::Provision {
+            attempt: 1,
+            reason: Reason::LostHook,
+        };
+    };
+    if record.gave_up {
+        return Decision::GivenUp;
+    }
+    let reason = match why_uncovered(job, record, live, settings, now_ms) {
+        Some(reason) => reason,
+        // The attempt in flight is young: let it finish.
+        None => return Decision::TooYoung,
+    };
+    if record.attempt >= settings.max_attempts {
+        return Decision::GiveUp {
+            attempts: record.attempt,
+            reason,
+        };
+    }
+    let not_before_ms = record.attempt_started_at_ms.map_or(0, |at| {
+        at.saturating_add(settings.backoff_after(record.attempt))
+    });
+    if reason != Reason::LostHook && now_ms < not_before_ms {
+        return Decision::BackingOff {
+            reason,
+            not_before_ms,
+        };
+    }
+    Decision::Provision {
+        attempt: record.attempt + 1,
+        reason,
+    }
+}
+
+/// Why a job with an item has no runner left; `None` while its attempt may still deliver.
+fn why_uncovered(
+    job: &PendingJob,
+    record: &JobRecord,
+    live: &[&LiveRunner],
+    settings: &ReconcileSettings,
+    now_ms: u64,
+) -> Option<Reason> {
+    match record.phase {
+        None | Some(JobPhase::Seen) => return Some(Reason::LostHook),
+        Some(JobPhase::Finished | JobPhase::Cleaned) => return Some(Reason::MarkedFinished),
+        Some(JobPhase::Provisioning | JobPhase::Running) => {}
+    }
+    if record.provision_error.is_some() {
+        return Some(Reason::ProvisionFailed);
+    }
+    if let Some(runner_id) = record.runner_id {
+        return Some(match live.iter().find(|r| r.runner_id == runner_id) {
+            Some(runner) if !runner.can_take(job) => Reason::RunnerCannotTakeIt,
+            // Alive and able, but left to an older job: it is as good as gone for this one.
+            _ => Reason::RunnerGone,
+        });
+    }
+    let started = record.attempt_started_at_ms.unwrap_or(0);
+    (now_ms.saturating_sub(started) >= settings.attempt_timeout_ms)
+        .then_some(Reason::AttemptStalled)
+}
+
+/// Whether a job we still hold as live must be torn down: GitLab reports it finished, so its
+/// finished hook was lost. Only GitLab's word counts here.
+pub fn finished_hook_lost(phase: Option<JobPhase>, gitlab_status: &crate::JobStatus) -> bool {
+    matches!(phase, Some(JobPhase::Provisioning | JobPhase::Running)) && gitlab_status.is_finished()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: u64 = 60_000;
+
+    fn key(job_id: u64) -> JobKey {
+        JobKey {
+            project_id: 7,
+            job_id,
+        }
+    }
+
+    fn pending(job_id: u64, tags: &[&str], pending_for_ms: u64) -> PendingJob {
+        PendingJob {
+            key: key(job_id),
+            name: format!("job-{job_id}"),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            pending_for_ms,
+        }
+    }
+
+    fn runner(runner_id: u64, made_for: u64, tags: &[&str], expires_at_ms: u64) -> LiveRunner {
+        LiveRunner {
+            runner_id,
+            made_for: key(made_for),
+            project_scope: Some(7),
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+            run_untagged: tags.is_empty(),
+            expires_at_ms,
+        }
+    }
+
+    fn provisioning(attempt: u32, started_at_ms: u64) -> JobRecord {
+        JobRecord {
+            phase: Some(JobPhase::Provisioning),
+            attempt,
+            attempt_started_at_ms: Some(started_at_ms),
+            ..JobRecord::default()
+        }
+    }
+
+    fn plan(
+        jobs: &[PendingJob],
+        records: &[(u64, JobRecord)],
+        runners: &[LiveRunner],
+        now_ms: u64,
+    ) -> Vec<(u64, Decision)> {
+        let records = records
+            .iter()
+            .map(|(id, r)| (key(*id), r.clone()))
+            .collect();
+        plan_pass(
+            jobs,
+            &records,
+            runners,
+            &ReconcileSettings::default(),
+            now_ms,
+        )
+        .into_iter()
+        .map(|(k, d)| (k.job_id, d))
+        .collect()
+    }
+
+    #[test]
+    fn a_lost_hook_is_provisioned_after_the_grace_only() {
+        let now = 100 * MIN;
+        let young = plan(&[pending(1, &[], 59_000)], &[], &[], now);
+        assert_eq!(young, [(1, Decision::TooYoung)]);
+        let old = plan(&[pending(1, &[], 61_000)], &[], &[], now);
+        assert_eq!(
+            old,
+            [(
+                1,
+                Decision::Provision {
+                    attempt: 1,
+                    reason: Reason::LostHook
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn a_job_keeps_its_own_live_runner() {
+        let now = 100 * MIN;
+        let d = plan(
+            &[pending(1, &["docker"], 5 * MIN)],
+            &[(
+                1,
+                JobRecord {
+                    runner_id: Some(11),
+                    ..provisioning(1, now - 5 * MIN)
+                },
+            )],
+            &[runner(11, 1, &["docker"], now + MIN)],
+            now,
+        );
+        assert_eq!(d, [(1, Decision::Covered { runner_id: 11 })]);
+    }
+
+    #[test]
+    fn an_expired_runner_does_not_cover_and_the_job_gets_attempt_two() {
+        let now = 100 * MIN;
+        let d = plan(
+            &[pending(1, &[], 20 * MIN)],
+            &[(
+                1,
+                JobRecord {
+                    runner_id: Some(11),
+                    ..provisioning(1, now - 20 * MIN)
+                },
+            )],
+            &[runner(11, 1, &[], now - 1)],
+            now,
+        );
+        assert_eq!(
+            d,
+            [(
+                1,
+                Decision::Provision {
+                    attempt: 2,
+                    reason: Reason::RunnerGone
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn a_runner_taken_by_another_job_leaves_the_younger_job_uncovered() {
+        // GitLab gave job 2's runner 12 to another job, which ran and took it away. One live
+        // runner left for two pending jobs with the same tags: the job it was made for keeps
+        // it, and the other (older, and starved) is provisioned again.
+        let now = 100 * MIN;
+        let d = plan(
+            &[pending(1, &["t"], 3 * MIN), pending(2, &["t"], 10 * MIN)],
+            &[
+                (
+                    1,
+                    JobRecord {
+                        runner_id: Some(11),
+                        ..provisioning(1, now - 3 * MIN)
+                    },
+                ),
+                (
+                    2,
+                    JobRecord {
+                        runner_id: Some(12),
+                        ..provisioning(1, now - 10 * MIN)
+                    },
+                ),
+            ],
+            &[runner(11, 1, &["t"], now + 5 * MIN)],
+            now,
+        );
+        assert_eq!(
+            d,
+            [
+                (
+                    2,
+                    Decision::Provision {
+                        attempt: 2,
+                        reason: Reason::RunnerGone
+                    }
+                ),
+                (1, Decision::Covered { runner_id: 11 }),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_idle_runner_made_for_a_finished_job_covers_the_oldest_matching_job() {
+        let now = 100 * MIN;
+        let d = plan(
+            &[pending(2, &["t"], 4 * MIN), pending(3, &["t"], 9 * MIN)],
+            &[],
+            &[runner(11, 1, &["t"], now + 5 * MIN)],
+            now,
+        );
+        assert_eq!(
+            d,
+            [
+                (3, Decision::Covered { runner_id: 11 }),
+                (
+                    2,
+                    Decision::Provision {
+                        attempt: 1,
+                        reason: Reason::LostHook
+                    }
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_untagged_runner_never_covers_a_tagged_job() {
+        let now = 100 * MIN;
+        let d = plan(
+            &[pending(1, &["docker"], 5 * MIN)],
+            &[(
+                1,
+                JobRecord {
+                    runner_id: Some(11),
+                    ..provisioning(1, now - 5 * MIN)
+                },
+            )],
+            &[runner(11, 1, &[], now + 5 * MIN)],
+            now,
+        );
+        assert_eq!(
+            d,
+            [(
+                1,
+                Decision::Provision {
+                    attempt: 2,
+                    reason: Reason::RunnerCannotTakeIt
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn failed_provisions_back_off_doubling_then_give_up() {
+        let settings = ReconcileSettings::default();
+        let failed = |attempt, started| JobRecord {
+            provision_error: Some("NoCapacity".into()),
+            ..provisioning(attempt, started)
+        };
+        let start = 100 * MIN;
+        let job = [pending(1, &[], 30 * MIN)];
+        // Attempt 1 failed at `start`: attempt 2 waits one base backoff.
+        assert_eq!(
+            plan(&job, &[(1, failed(1, start))], &[], start + MIN - 1),
+            [(
+                1,
+                Decision::BackingOff {
+                    reason: Reason::ProvisionFailed,
+                    not_before_ms: start + MIN
+                }
+            )]
+        );
+        assert_eq!(
+            plan(&job, &[(1, failed(1, start))], &[], start + MIN),
+            [(
+                1,
+                Decision::Provision {
+                    attempt: 2,
+                    reason: Reason::ProvisionFailed
+                }
+            )]
+        );
+        // After attempt 3 the wait has doubled twice; the cap holds.
+        assert_eq!(settings.backoff_after(3), 4 * MIN);
+        assert_eq!(settings.backoff_after(30), settings.backoff_max_ms);
+        assert_eq!(
+            plan(&job, &[(1, failed(5, start))], &[], start + 60 * MIN),
+            [(
+                1,
+                Decision::GiveUp {
+                    attempts: 5,
+                    reason: Reason::ProvisionFailed
+                }
+            )]
+        );
+        let given_up = JobRecord {
+            gave_up: true,
+            ..failed(5, start)
+        };
+        assert_eq!(
+            plan(&job, &[(1, given_up)], &[], start),
+            [(1, Decision::GivenUp)]
+        );
+    }
+
+    #[test]
+    fn an_attempt_in_flight_is_left_alone_until_it_stalls() {
+        let now = 100 * MIN;
+        let job = [pending(1, &[], 20 * MIN)];
+        assert_eq!(
+            plan(&job, &[(1, provisioning(1, now - 2 * MIN))], &[], now),
+            [(1, Decision::TooYoung)]
+        );
+        assert_eq!(
+            plan(&job, &[(1, provisioning(1, now - 10 * MIN))], &[], now),
+            [(
+                1,
+                Decision::Provision {
+                    attempt: 2,
+                    reason: Reason::AttemptStalled
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn a_job_marked_finished_but_pending_in_gitlab_is_provisioned_again() {
+        let now = 100 * MIN;
+        let record = JobRecord {
+            phase: Some(JobPhase::Finished),
+            attempt: 1,
+            attempt_started_at_ms: Some(now - 10 * MIN),
+            ..JobRecord::default()
+        };
+        assert_eq!(
+            plan(&[pending(1, &[], 10 * MIN)], &[(1, record)], &[], now),
+            [(
+                1,
+                Decision::Provision {
+                    attempt: 2,
+                    reason: Reason::MarkedFinished
+                }
+            )]
+        );
+    }
+
+    #[test]
+    fn only_gitlab_finished_jobs_we_hold_live_need_a_teardown() {
+        use crate::JobStatus;
+        assert!(finished_hook_lost(
+            Some(JobPhase::Running),
+            &JobStatus::Success
+        ));
+        assert!(finished_hook_lost(
+            Some(JobPhase::Provisioning),
+            &JobStatus::Canceled
+        ));
+        assert!(!finished_hook_lost(
+            Some(JobPhase::Running),
+            &JobStatus::Running
+        ));
+        assert!(!finished_hook_lost(
+            Some(JobPhase::Cleaned),
+            &JobStatus::Failed
+        ));
+        assert!(!finished_hook_lost(None, &JobStatus::Failed));
+    }
+
+    #[test]
+    fn reasons_have_stable_names() {
+        for reason in Reason::ALL {
+            let json = serde_json::to_string(&reason).unwrap();
+            assert_eq!(json, format!("\"{}\"", reason.as_str()));
+        }
+    }
+}
