@@ -7,23 +7,52 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use ephemeral_core::secrets::Secret;
 use ephemeral_core::webhook::PortError;
 use serde_json::{Map, Number, Value};
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::util::SubscriberInitExt as _;
 
-/// JSON log lines on stdout, at the level Lambda's advanced logging controls ask for
-/// (`AWS_LAMBDA_LOG_LEVEL`), else `RUST_LOG`, else INFO.
+/// JSON log lines on stdout (see [`json_subscriber`]), at the level Lambda's advanced logging
+/// controls ask for (`AWS_LAMBDA_LOG_LEVEL`), else `RUST_LOG`, else INFO.
 pub fn init_logging() {
     let level = std::env::var("AWS_LAMBDA_LOG_LEVEL")
         .or_else(|_| std::env::var("RUST_LOG"))
         .ok()
-        .and_then(|l| l.parse::<tracing::Level>().ok())
+        .and_then(|l| parse_level(&l))
         .unwrap_or(tracing::Level::INFO);
+    json_subscriber(level, std::io::stdout).init();
+}
+
+/// A level name as Lambda or `RUST_LOG` spells it. Lambda's FATAL has no tracing level: ERROR
+/// is the nearest (Lambda then drops what is not FATAL itself).
+fn parse_level(name: &str) -> Option<tracing::Level> {
+    if name.trim().eq_ignore_ascii_case("fatal") {
+        return Some(tracing::Level::ERROR);
+    }
+    name.trim().parse().ok()
+}
+
+/// The subscriber every function logs through, writing to `writer`: one JSON object a line,
+/// with `timestamp` (RFC 3339 in UTC, microseconds: `2026-11-23T19:00:00.123456Z`), `level`
+/// (TRACE, DEBUG, INFO, WARN or ERROR, names Lambda's log-level filtering knows), `message`
+/// and the event's fields at the top level.
+///
+/// The timestamp matters: with the JSON log format Lambda files a line without a valid RFC
+/// 3339 `timestamp` as INFO whatever its `level`, so at LogLevel WARN or ERROR it would drop
+/// our error lines.
+pub fn json_subscriber<W>(
+    level: tracing::Level,
+    writer: W,
+) -> impl tracing::Subscriber + Send + Sync
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
     tracing_subscriber::fmt()
         .json()
         .with_max_level(level)
         .with_target(false)
         .with_current_span(false)
         .flatten_event(true)
-        .without_time()
-        .init();
+        .with_writer(writer)
+        .finish()
 }
 
 /// An SDK error as a [`PortError`]: the service's code and message, which never include our
@@ -119,6 +148,22 @@ pub fn json_to_item(item: &Map<String, Value>) -> HashMap<String, AttributeValue
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn levels_parse_as_lambda_and_rust_log_spell_them() {
+        use tracing::Level;
+        for (name, level) in [
+            ("TRACE", Level::TRACE),
+            ("debug", Level::DEBUG),
+            ("INFO", Level::INFO),
+            ("WARN", Level::WARN),
+            ("ERROR", Level::ERROR),
+            ("FATAL", Level::ERROR),
+        ] {
+            assert_eq!(parse_level(name), Some(level), "{name}");
+        }
+        assert_eq!(parse_level("info,aws=warn"), None);
+    }
 
     #[test]
     fn items_round_trip_through_json() {

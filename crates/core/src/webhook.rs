@@ -94,6 +94,21 @@ impl Assessment {
     }
 }
 
+/// EventBridge refuses a PutEvents entry of 256 KiB or more, its size being the UTF-8 bytes of
+/// its Source, DetailType, Detail, EventBusName and Resources, plus 14 for Time ("Calculating
+/// PutEvents event entry size", Amazon EventBridge User Guide; "The maximum size for a
+/// PutEvents event entry is 256 KB", PutEvents API reference).
+pub const PUT_EVENTS_ENTRY_MAX_BYTES: usize = 256 * 1024;
+
+/// What an entry keeps for everything but its Detail: the source and detail-type (under 50
+/// bytes), the bus name or ARN (at most 1,600 characters), a time (14); the rest is margin.
+pub const ENTRY_FIELDS_ROOM_BYTES: usize = 4 * 1024;
+
+/// The most a [`DeadLetter`]'s Detail (its JSON as the sink sends it, `serde_json::to_string`)
+/// may take, so that a dead letter always fits one PutEvents entry.
+pub const DEAD_LETTER_DETAIL_MAX_BYTES: usize =
+    PUT_EVENTS_ENTRY_MAX_BYTES - ENTRY_FIELDS_ROOM_BYTES;
+
 /// An authentic hook we could not use, kept so that nothing is lost silently. It goes on the
 /// bus with detail-type [`DEAD_LETTER_DETAIL_TYPE`]; a rule files it in the dead-letter queue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -106,6 +121,8 @@ pub struct DeadLetter {
     pub body_bytes: usize,
     /// SHA-256 of the whole body, hex: tells apart two bodies that share a truncated prefix.
     pub body_sha256: String,
+    /// `body` holds less than the whole body: cut at `DeadLetterBodyBytes`, or shorter so that
+    /// the letter fits one event ([`DEAD_LETTER_DETAIL_MAX_BYTES`]).
     pub body_truncated: bool,
     /// `utf8` (body is the text) or `base64` (body was not UTF-8).
     pub body_encoding: String,
@@ -120,30 +137,78 @@ impl DeadLetter {
         cap: usize,
         received_at_ms: u64,
     ) -> Self {
-        let body = request.body;
-        let truncated = body.len() > cap;
-        let kept = &body[..body.len().min(cap)];
-        let (encoding, text) = match std::str::from_utf8(kept) {
-            Ok(text) => ("utf8", text.to_owned()),
-            // A cut through a multi-byte character is still text: keep the valid prefix.
-            Err(e) if truncated && e.error_len().is_none() => (
-                "utf8",
-                String::from_utf8_lossy(&kept[..e.valid_up_to()]).into_owned(),
-            ),
-            Err(_) => ("base64", BASE64.encode(kept)),
-        };
-        Self {
+        let mut letter = Self {
             delivery_id,
             received_at_ms,
             reason,
             gitlab_event: request.gitlab_event.map(str::to_owned),
-            body_bytes: body.len(),
-            body_sha256: hex(&Sha256::digest(body)),
-            body_truncated: truncated,
-            body_encoding: encoding.to_owned(),
-            body: text,
+            body_bytes: request.body.len(),
+            body_sha256: hex(&Sha256::digest(request.body)),
+            body_truncated: false,
+            body_encoding: String::new(),
+            body: String::new(),
+        };
+        letter.keep_body(request.body, cap, DEAD_LETTER_DETAIL_MAX_BYTES);
+        letter
+    }
+
+    /// Keeps the longest prefix of `body` that is at most `cap` bytes and leaves the letter's
+    /// JSON within `budget` bytes: text cut on a character boundary, else base64 of whole
+    /// 3-byte groups. One serialization measures the rest of the letter; the body's escaped
+    /// length is counted as it is cut, so the cost is linear in the body.
+    /// The event's `Detail` as it goes on the bus: the serialization [`Self::new`] sized the
+    /// kept body for, so the entry fits one PutEvents entry.
+    pub fn detail(&self) -> Result<String, serde_json::Error> {
+        serde_json::to_string(self)
+    }
+
+    fn keep_body(&mut self, body: &[u8], cap: usize, budget: usize) {
+        let capped = &body[..body.len().min(cap)];
+        let text = match std::str::from_utf8(capped) {
+            Ok(text) => Some(text),
+            // A cut through a multi-byte character is still text: keep the valid prefix.
+            Err(e) if capped.len() < body.len() && e.error_len().is_none() => {
+                std::str::from_utf8(&capped[..e.valid_up_to()]).ok()
+            }
+            Err(_) => None,
+        };
+        self.body_encoding = if text.is_some() { "utf8" } else { "base64" }.to_owned();
+        // Measured with an empty body (its quotes counted) and `false`, the longer boolean.
+        self.body.clear();
+        self.body_truncated = false;
+        let room = budget.saturating_sub(serde_json::to_vec(self).map_or(usize::MAX, |j| j.len()));
+        let kept = match text {
+            Some(text) => {
+                let end = json_escaped_prefix_len(text, room);
+                self.body = text[..end].to_owned();
+                end
+            }
+            None => {
+                let end = capped.len().min(room / 4 * 3);
+                self.body = BASE64.encode(&capped[..end]);
+                end
+            }
+        };
+        self.body_truncated = kept < body.len();
+    }
+}
+
+/// The length of the longest prefix of `text` (on a character boundary) that takes at most
+/// `room` bytes inside a JSON string as serde_json writes it: `\"`, `\\` and `\b \t \n \f \r`
+/// take 2 bytes, other control characters 6 (`\u0001`), anything else its UTF-8 length.
+fn json_escaped_prefix_len(text: &str, room: usize) -> usize {
+    let mut used = 0;
+    for (at, c) in text.char_indices() {
+        used += match c {
+            '"' | '\\' | '\u{8}' | '\t' | '\n' | '\u{c}' | '\r' => 2,
+            c if c < ' ' => 6,
+            c => c.len_utf8(),
+        };
+        if used > room {
+            return at;
         }
     }
+    text.len()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -597,5 +662,173 @@ mod tests {
             run(deliver(&a, &ledger, &sink, settings, 150)),
             Outcome::Forwarded
         );
+    }
+
+    /// DeadLetterBodyBytes' maximum (template.yaml).
+    const MAX_CAP: usize = 131072;
+    /// The longest bus name or ARN a PutEvents entry accepts.
+    const LONGEST_BUS: usize = 1600;
+
+    /// Bodies whose JSON escaping grows most, each DeadLetterBodyBytes' maximum long (or more).
+    /// Whether the budget (not the cap) must cut each is the third value.
+    fn worst_bodies() -> Vec<(&'static str, Vec<u8>, bool)> {
+        let fill = |unit: &str, len: usize| -> Vec<u8> {
+            let mut s = unit.repeat(len / unit.len() + 1);
+            let mut cut = len;
+            while !s.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            s.truncate(cut);
+            while s.len() < len {
+                s.push('\u{1}');
+            }
+            s.into_bytes()
+        };
+        let mut not_utf8 = fill("\u{1}\"\\", MAX_CAP);
+        not_utf8[0] = 0xff;
+        vec![
+            ("\\u0001 x 131072", fill("\u{1}", MAX_CAP), true),
+            ("quotes x 131072", fill("\"", MAX_CAP), true),
+            ("backslashes x 131072", fill("\\", MAX_CAP), true),
+            (
+                "mixed 131072",
+                fill("\u{1f}\"\\\n\u{7f}é€😀", MAX_CAP),
+                false,
+            ),
+            (
+                "\\u0001 x 1 MiB (over the cap)",
+                fill("\u{1}", 1024 * 1024),
+                true,
+            ),
+            // 131072 bytes take 174764 in base64: the cap cuts, the letter fits.
+            ("not UTF-8 131072", not_utf8, false),
+        ]
+    }
+
+    /// What the letter keeps of `body`, as raw bytes (decoding base64).
+    fn kept_bytes(letter: &DeadLetter) -> Vec<u8> {
+        match letter.body_encoding.as_str() {
+            "utf8" => letter.body.as_bytes().to_vec(),
+            _ => BASE64.decode(&letter.body).unwrap(),
+        }
+    }
+
+    /// The letter tells the truth about the body: whole size and digest, a prefix kept, and
+    /// `body_truncated` exactly when the prefix is not all of it.
+    fn assert_truthful(name: &str, letter: &DeadLetter, body: &[u8], cap: usize) {
+        let kept = kept_bytes(letter);
+        assert_eq!(letter.body_bytes, body.len(), "{name}");
+        assert_eq!(letter.body_sha256, hex(&Sha256::digest(body)), "{name}");
+        assert!(kept.len() <= cap && body.starts_with(&kept), "{name}");
+        assert_eq!(letter.body_truncated, kept.len() < body.len(), "{name}");
+    }
+
+    #[test]
+    fn dead_letter_of_escaped_characters_fits_one_putevents_entry() {
+        let p = WebhookPolicy {
+            dead_letter_body_bytes: MAX_CAP,
+            ..policy()
+        };
+        for (name, body, budget_cuts) in worst_bodies() {
+            let letter = match assess(&request(&body), &p, &secrets(), 0) {
+                Assessment::Unusable { dead_letter, .. } => dead_letter,
+                other => panic!("{name}: {other:?}"),
+            };
+            // The Detail exactly as the EventBridge sink serializes it, and the whole entry
+            // with the longest bus ARN and a time.
+            let detail = serde_json::to_string(&letter).unwrap();
+            let entry = EVENT_SOURCE.len()
+                + DEAD_LETTER_DETAIL_TYPE.len()
+                + detail.len()
+                + LONGEST_BUS
+                + 14;
+            assert!(
+                detail.len() <= DEAD_LETTER_DETAIL_MAX_BYTES,
+                "{name}: detail {}",
+                detail.len()
+            );
+            assert!(entry < PUT_EVENTS_ENTRY_MAX_BYTES, "{name}: entry {entry}");
+            assert_truthful(name, &letter, &body, MAX_CAP);
+            let kept = kept_bytes(&letter).len();
+            if budget_cuts {
+                // No more than the next character (at most 6 bytes escaped, one more for
+                // `true` measured as `false`) is given away.
+                assert!(
+                    detail.len() + 7 > DEAD_LETTER_DETAIL_MAX_BYTES,
+                    "{name}: detail {} keeps {kept} bytes",
+                    detail.len()
+                );
+            } else {
+                assert_eq!(kept, MAX_CAP, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn dead_letter_within_budget_is_kept_whole() {
+        let body = b"{\"build_id\": \"\\u0001\"}\n\x01";
+        match assess(&request(body), &policy(), &secrets(), 0) {
+            Assessment::Unusable { dead_letter, .. } => {
+                assert_eq!(dead_letter.body.as_bytes(), body);
+                assert!(!dead_letter.body_truncated);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    proptest::proptest! {
+        /// For any body, cap and budget (small, so that the budget cuts): the letter's JSON
+        /// fits the budget whenever its fields without a body do, the escaped length counted
+        /// while cutting is serde_json's, and the letter is truthful.
+        #[test]
+        fn kept_body_fits_the_budget_and_is_truthful(
+            body in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::sample::select(b"\x01\x08\t\n\x1f\"\\ax\x7f".to_vec()),
+                    proptest::num::u8::ANY,
+                ],
+                0..400,
+            ),
+            text in "[\u{1}\"\\\\a\u{e9}\u{20ac}\u{1f600}\n]{0,200}",
+            use_text in proptest::bool::ANY,
+            cap in 0usize..500,
+            extra in 0usize..600,
+        ) {
+            let body = if use_text { text.into_bytes() } else { body };
+            let mut letter = DeadLetter::new(&request(&body), "id".into(), "why".into(), 0, 0);
+            letter.body_truncated = false;
+            let budget = serde_json::to_string(&letter).unwrap().len() + extra;
+            letter.keep_body(&body, cap, budget);
+            let json = serde_json::to_string(&letter).unwrap();
+            // The room the body had: the budget less the letter without its body (base64
+            // makes that 2 bytes longer than the letter `budget` was derived from).
+            let without_body = DeadLetter { body: String::new(), body_truncated: false, ..letter.clone() };
+            let fixed = serde_json::to_string(&without_body).unwrap().len();
+            let room = budget.saturating_sub(fixed);
+            if fixed <= budget {
+                proptest::prop_assert!(json.len() <= budget, "{} > {budget}", json.len());
+            } else {
+                proptest::prop_assert!(letter.body.is_empty());
+            }
+            assert_truthful("proptest", &letter, &body, cap);
+            let kept = kept_bytes(&letter).len();
+            if letter.body_encoding == "utf8" {
+                let counted = json_escaped_prefix_len(&letter.body, usize::MAX);
+                let escaped = serde_json::to_string(&letter.body).unwrap().len() - 2;
+                proptest::prop_assert_eq!(counted, letter.body.len());
+                proptest::prop_assert!(escaped <= room);
+                // Maximal: stopped at the cap, the end, or where the next character would not fit.
+                if kept < body.len().min(cap) && std::str::from_utf8(&body[..kept]).is_ok() {
+                    let next = std::str::from_utf8(&body[kept..body.len().min(cap)])
+                        .map_or(None, |rest| rest.chars().next());
+                    if let Some(c) = next {
+                        let c_escaped = serde_json::to_string(&c.to_string()).unwrap().len() - 2;
+                        proptest::prop_assert!(escaped + c_escaped > room);
+                    }
+                }
+            } else {
+                proptest::prop_assert!(kept == body.len().min(cap) || kept + 3 > room / 4 * 3);
+            }
+        }
     }
 }

@@ -261,7 +261,8 @@ impl EventSink for EventBridgeSink {
     }
 
     async fn put_dead_letter(&self, letter: &DeadLetter) -> Result<(), PortError> {
-        let detail = serde_json::to_string(letter)
+        let detail = letter
+            .detail()
             .map_err(|e| PortError(format!("serializing the dead letter: {e}")))?;
         self.put(DEAD_LETTER_DETAIL_TYPE, detail).await
     }

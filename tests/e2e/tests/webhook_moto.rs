@@ -240,3 +240,61 @@ async fn either_mode_works_with_only_the_token_parameter_created() {
         503
     );
 }
+
+/// A hook body whose JSON escaping grows most (each U+0001 takes 6 bytes in the dead letter's
+/// JSON), at DeadLetterBodyBytes' maximum: the dead letter must still fit one PutEvents entry
+/// (moto does not enforce the 256 KiB limit, so the size the adapter sent is checked), arrive,
+/// and the hook be answered 2xx. Before the cap was on the serialized entry, this letter's
+/// Detail was 786,804 bytes: moto took it, EventBridge refuses it, and the hook got 503.
+#[tokio::test]
+async fn dead_letter_of_a_body_that_escaping_triples_fits_one_entry() {
+    use ephemeral_core::webhook::{
+        DEAD_LETTER_DETAIL_MAX_BYTES, DEAD_LETTER_DETAIL_TYPE, EVENT_SOURCE,
+        PUT_EVENTS_ENTRY_MAX_BYTES,
+    };
+    const MAX_CAP: usize = 131_072;
+    let sdk = sdk_config();
+    let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
+    let mut config = webhook_config(&stack, "token");
+    config.policy.dead_letter_body_bytes = MAX_CAP;
+    let webhook = AwsWebhook::from_config(config, &sdk);
+    let body = "\u{1}".repeat(MAX_CAP);
+    // No delivery header: the delivery id is the digest of the whole body.
+    let headers = [
+        ("X-Gitlab-Token", "new-token"),
+        ("X-Gitlab-Event", "Job Hook"),
+    ];
+
+    let r = webhook.handle(api_request(&headers, &body)).await;
+    assert_eq!(r.status_code, 202, "{}", body_text(&r));
+    assert!(body_text(&r).contains("dead letter"), "{}", body_text(&r));
+
+    let events = bus_events(&sdk, &stack, 1, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 1, "the dead letter arrives once");
+    assert_eq!(events[0]["detail-type"], DEAD_LETTER_DETAIL_TYPE);
+    let letter = &events[0]["detail"];
+    // The Detail as the adapter serialized it (serde_json; key order does not change the
+    // length), and the entry it made with the source, detail-type and bus name.
+    let detail = serde_json::to_string(letter).unwrap();
+    let entry = EVENT_SOURCE.len() + DEAD_LETTER_DETAIL_TYPE.len() + stack.bus.len() + detail.len();
+    assert!(
+        detail.len() <= DEAD_LETTER_DETAIL_MAX_BYTES,
+        "detail {}",
+        detail.len()
+    );
+    assert!(entry < PUT_EVENTS_ENTRY_MAX_BYTES, "entry {entry}");
+    // Truthful about what was cut: the whole size and digest, a prefix of the body kept.
+    assert_eq!(letter["body_bytes"], MAX_CAP);
+    assert_eq!(letter["body_truncated"], true);
+    assert_eq!(letter["body_encoding"], "utf8");
+    let kept = letter["body"].as_str().unwrap();
+    assert!(
+        kept.len() > 40_000 && body.starts_with(kept),
+        "{}",
+        kept.len()
+    );
+    assert_eq!(
+        letter["delivery_id"].as_str().unwrap(),
+        format!("sha256:{}", letter["body_sha256"].as_str().unwrap())
+    );
+}
