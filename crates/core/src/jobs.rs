@@ -60,7 +60,7 @@ impl JobPhase {
 
 /// Identifies a job across GitLab instances' projects: job ids are global in one GitLab, but
 /// the project id makes keys self-describing and lets an operator find a project's jobs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct JobKey {
     pub project_id: u64,
     pub job_id: u64,

@@ -16,16 +16,66 @@ use std::collections::{HashMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::{JobKey, JobPhase};
+use crate::JobStatus;
+use crate::hook::{JOB_EVENT_SCHEMA, JobEvent};
+use crate::jobs::{JobKey, JobPhase, Workflow};
+
+mod pass;
+pub use pass::{PassReport, PendingListing, ReconcilePorts, reconcile_pass};
 
 /// One job GitLab lists as pending (`GET /projects/:id/jobs?scope[]=pending`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PendingJob {
     pub key: JobKey,
     pub name: String,
+    pub stage: Option<String>,
     pub tags: Vec<String>,
+    pub pipeline_id: Option<u64>,
+    pub git_ref: Option<String>,
     /// How long it has been pending, by GitLab's clock (`queued_duration`).
     pub pending_for_ms: u64,
+}
+
+impl PendingJob {
+    /// The workflow input's job, as the webhook would have slimmed its pending hook. The
+    /// delivery id names the attempt: a pass's start is told apart from a hook's in logs.
+    pub fn to_event(&self, attempt: u32, now_ms: u64) -> JobEvent {
+        JobEvent {
+            schema: JOB_EVENT_SCHEMA,
+            delivery_id: format!("reconciler:{}", provision_execution_name(self.key, attempt)),
+            received_at_ms: now_ms,
+            job_id: self.key.job_id,
+            job_name: self.name.clone(),
+            stage: self.stage.clone(),
+            status: JobStatus::Pending,
+            failure_reason: None,
+            allow_failure: None,
+            retries: 0,
+            project_id: self.key.project_id,
+            project_path: None,
+            pipeline_id: self.pipeline_id,
+            git_ref: self.git_ref.clone(),
+            tag: None,
+            sha: None,
+            runner: None,
+            created_at: None,
+            started_at: None,
+            finished_at: None,
+            duration_s: None,
+            queued_duration_s: Some(self.pending_for_ms as f64 / 1000.0),
+        }
+    }
+}
+
+/// The provision workflow's execution name for an attempt: the router's own for attempt 1
+/// (so a late hook and a pass that found its job first start one execution), then `-a<N>`.
+pub fn provision_execution_name(key: JobKey, attempt: u32) -> String {
+    let first = key.execution_name(Workflow::Provision);
+    if attempt <= 1 {
+        first
+    } else {
+        format!("{first}-a{attempt}")
+    }
 }
 
 /// What the jobs table holds about a job, as far as the reconciler cares.
@@ -72,7 +122,7 @@ impl LiveRunner {
 }
 
 /// Why a pending job gets another attempt; recorded on the job's item and counted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Reason {
     /// We never acted on it: its pending hook was lost (or never authentic).
@@ -296,7 +346,7 @@ fn why_uncovered(
 
 /// Whether a job we still hold as live must be torn down: GitLab reports it finished, so its
 /// finished hook was lost. Only GitLab's word counts here.
-pub fn finished_hook_lost(phase: Option<JobPhase>, gitlab_status: &crate::JobStatus) -> bool {
+pub fn finished_hook_lost(phase: Option<JobPhase>, gitlab_status: &JobStatus) -> bool {
     matches!(phase, Some(JobPhase::Provisioning | JobPhase::Running)) && gitlab_status.is_finished()
 }
 
@@ -319,6 +369,7 @@ mod tests {
             name: format!("job-{job_id}"),
             tags: tags.iter().map(|t| (*t).to_owned()).collect(),
             pending_for_ms,
+            ..PendingJob::default()
         }
     }
 
@@ -634,6 +685,22 @@ mod tests {
             &JobStatus::Failed
         ));
         assert!(!finished_hook_lost(None, &JobStatus::Failed));
+    }
+
+    #[test]
+    fn attempt_execution_names_are_distinct_and_valid() {
+        let big = JobKey {
+            project_id: u64::MAX,
+            job_id: u64::MAX,
+        };
+        assert_eq!(provision_execution_name(key(3), 1), "p7-j3-provision");
+        assert_eq!(provision_execution_name(key(3), 2), "p7-j3-provision-a2");
+        let name = provision_execution_name(big, u32::MAX);
+        assert!(name.len() <= 80, "{name}");
+        let event = pending(3, &["t"], 90_000).to_event(2, 1_000);
+        assert_eq!(event.delivery_id, "reconciler:p7-j3-provision-a2");
+        assert_eq!(event.status, JobStatus::Pending);
+        assert!(event.runner.is_none());
     }
 
     #[test]
