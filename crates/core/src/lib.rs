@@ -7,6 +7,7 @@ pub mod ec2;
 pub mod fleet;
 pub mod hook;
 pub mod jobs;
+pub mod jobs_table;
 pub mod mapping;
 pub mod metrics;
 pub mod reconcile;

@@ -1,0 +1,144 @@
+//! The jobs table's contract, owned here and nowhere else: its key, every attribute name,
+//! the phase ranks and the condition expressions that keep phases moving forward and
+//! attempts unique. The router, the EC2 functions, the reconciler and the state machines'
+//! DynamoDB tasks all write this table; the adapters build their requests from these names,
+//! and a contract test reads `statemachine/*.asl.json` to check the names and ranks the
+//! definitions spell out.
+
+use serde_json::Value;
+
+use crate::jobs::{JobKey, JobPhase};
+use crate::reconcile::JobRecord;
+
+/// The partition key: `project#<id>#job#<id>` ([`JobKey::table_key`]).
+pub const KEY: &str = "job_key";
+
+/// Attribute names, grouped by who writes them.
+pub mod attr {
+    // The router (from hooks) and the EC2 provision step (Running).
+    pub const PHASE: &str = "phase";
+    pub const PHASE_RANK: &str = "phase_rank";
+    pub const LAST_STATUS: &str = "last_status";
+    pub const PROJECT_ID: &str = "project_id";
+    pub const PROJECT_PATH: &str = "project_path";
+    pub const JOB_ID: &str = "job_id";
+    pub const JOB_NAME: &str = "job_name";
+    pub const UPDATED_AT_MS: &str = "updated_at_ms";
+    /// DynamoDB TTL, in seconds.
+    pub const EXPIRES_AT: &str = "expires_at";
+    /// The runner that ran the job, from the hook: teardown follows it.
+    pub const RUNNER_ID: &str = "runner_id";
+    // The provision workflow.
+    pub const ROUTE_TYPE: &str = "route_type";
+    pub const ROUTE_MATCHED: &str = "route_matched";
+    pub const PROVISION_ERROR: &str = "provision_error";
+    pub const PROVISION_CAUSE: &str = "provision_cause";
+    // The EC2 provision step.
+    pub const LAUNCHED_RUNNER_ID: &str = "launched_runner_id";
+    pub const INSTANCE_ID: &str = "instance_id";
+    // The teardown workflow.
+    pub const TEARDOWN_ERROR: &str = "teardown_error";
+    pub const TEARDOWN_CAUSE: &str = "teardown_cause";
+    // The reconciler.
+    pub const ATTEMPT: &str = "attempt";
+    pub const ATTEMPT_STARTED_AT_MS: &str = "attempt_started_at_ms";
+    pub const RECONCILE_REASON: &str = "reconcile_reason";
+    pub const GAVE_UP_AT_MS: &str = "gave_up_at_ms";
+}
+
+/// Moves a job's phase forward only: written with `:rank` = the target's rank.
+pub const ADVANCE_CONDITION: &str = "attribute_not_exists(phase_rank) OR phase_rank < :rank";
+
+/// Claims attempt `:attempt` once. An item without `attempt` had the router's start as
+/// attempt 1 if its phase reached provisioning (`:provisioning` is that rank), else none;
+/// with `attempt`, only a higher one may be claimed. `:one` is 1.
+pub const CLAIM_ATTEMPT_CONDITION: &str = "(attribute_not_exists(attempt) AND (attribute_not_exists(phase_rank) OR phase_rank < :provisioning OR :attempt > :one)) OR attempt < :attempt";
+
+/// What the reconciler reads of an item (given as JSON, the way `ephemeral_aws::item_to_json`
+/// turns a DynamoDB item into one: numbers as numbers or numeric strings).
+pub fn record_of(item: &Value) -> JobRecord {
+    let number = |name: &str| -> Option<u64> {
+        match item.get(name)? {
+            Value::Number(n) => n.as_u64(),
+            Value::String(s) => s.parse().ok(),
+            _ => None,
+        }
+    };
+    let text = |name: &str| item.get(name).and_then(Value::as_str).map(str::to_owned);
+    let phase = number(attr::PHASE_RANK)
+        .and_then(|r| u8::try_from(r).ok())
+        .and_then(JobPhase::from_rank);
+    JobRecord {
+        phase,
+        // An item the router wrote before any pass acted: its start was attempt 1.
+        attempt: number(attr::ATTEMPT)
+            .and_then(|a| u32::try_from(a).ok())
+            .unwrap_or(u32::from(phase.is_some_and(|p| p >= JobPhase::Provisioning))),
+        attempt_started_at_ms: number(attr::ATTEMPT_STARTED_AT_MS).or(number(attr::UPDATED_AT_MS)),
+        provision_error: text(attr::PROVISION_ERROR),
+        runner_id: number(attr::LAUNCHED_RUNNER_ID),
+        gave_up: item.get(attr::GAVE_UP_AT_MS).is_some(),
+    }
+}
+
+/// The key of an item, parsed back (`project#<id>#job#<id>`).
+pub fn key_of(table_key: &str) -> Option<JobKey> {
+    let rest = table_key.strip_prefix("project#")?;
+    let (project, job) = rest.split_once("#job#")?;
+    Some(JobKey {
+        project_id: project.parse().ok()?,
+        job_id: job.parse().ok()?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn keys_round_trip() {
+        let key = JobKey {
+            project_id: 7,
+            job_id: 1001,
+        };
+        assert_eq!(key_of(&key.table_key()), Some(key));
+        assert_eq!(key_of("project#x#job#1"), None);
+        assert_eq!(key_of("job#1"), None);
+    }
+
+    #[test]
+    fn a_router_item_reads_as_attempt_one_started_when_it_was_written() {
+        let record = record_of(&json!({
+            "job_key": "project#7#job#1", "phase": "provisioning", "phase_rank": 2,
+            "updated_at_ms": 1000, "provision_error": "NoCapacity"
+        }));
+        assert_eq!(record.phase, Some(JobPhase::Provisioning));
+        assert_eq!(record.attempt, 1);
+        assert_eq!(record.attempt_started_at_ms, Some(1000));
+        assert_eq!(record.provision_error.as_deref(), Some("NoCapacity"));
+        assert!(!record.gave_up);
+    }
+
+    #[test]
+    fn a_seen_item_has_had_no_attempt_and_reconciler_fields_win() {
+        let seen = record_of(&json!({"phase_rank": "1", "updated_at_ms": "5"}));
+        assert_eq!((seen.phase, seen.attempt), (Some(JobPhase::Seen), 0));
+        let retried = record_of(&json!({
+            "phase_rank": 3, "attempt": 3, "attempt_started_at_ms": 9000, "updated_at_ms": 1,
+            "launched_runner_id": 44, "gave_up_at_ms": 10
+        }));
+        assert_eq!(retried.attempt, 3);
+        assert_eq!(retried.attempt_started_at_ms, Some(9000));
+        assert_eq!(retried.runner_id, Some(44));
+        assert!(retried.gave_up);
+    }
+
+    #[test]
+    fn the_conditions_name_the_owned_attributes() {
+        assert!(ADVANCE_CONDITION.contains(attr::PHASE_RANK));
+        assert!(CLAIM_ATTEMPT_CONDITION.contains(attr::ATTEMPT));
+        assert!(CLAIM_ATTEMPT_CONDITION.contains(attr::PHASE_RANK));
+    }
+}
