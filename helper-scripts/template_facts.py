@@ -75,6 +75,9 @@ UNUSED_HANDLER_PERMISSIONS: dict[str, dict[str, list[str]]] = {
         "Layers": ["lambda:GetLayerVersion"],
         "CapacityProviderConfig": ["lambda:PassCapacityProvider"],
     },
+    "AWS::Lambda::EventSourceMapping": {
+        "KmsKeyArn": ["kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKey"],
+    },
     "AWS::Logs::LogGroup": {
         # Not IAM actions of a log group's own: delivery to Firehose, and an S3 REST verb
         # the schema lists for data protection reports.
@@ -317,3 +320,81 @@ FULLEST_CONFIGURATION = {
     "DefaultLambdaArn": "arn:aws:lambda:us-east-1:123456789012:function:shell-runner",
     "RunnerFunctionArns": "arn:aws:lambda:us-east-1:123456789012:function:shell-runner-big",
 }
+
+
+# ---------------------------------------------------------------------------------------
+# Values as CloudFormation would resolve them for one parameter set (enough for IAM
+# resources and environment variables: Ref, Fn::Sub, Fn::If, Fn::Join, conditions).
+# ---------------------------------------------------------------------------------------
+
+PSEUDO = {
+    "AWS::Partition": "aws",
+    "AWS::Region": "us-east-1",
+    "AWS::AccountId": "123456789012",
+    "AWS::StackName": "ephemeral-runners",
+    "AWS::URLSuffix": "amazonaws.com",
+}
+
+
+def condition_holds(name: str, cfn: dict[str, Any], values: dict[str, str]) -> bool:
+    return bool(resolve(cfn["Conditions"][name], cfn, values))
+
+
+def resolve(expr: Any, cfn: dict[str, Any], values: dict[str, str]) -> Any:
+    """`expr` resolved for `values` (parameters; defaults and pseudo parameters filled in).
+    A GetAtt stays as `<Resource.Attribute>`."""
+    r = lambda e: resolve(e, cfn, values)  # noqa: E731
+    if isinstance(expr, list):
+        return [r(e) for e in expr]
+    if not isinstance(expr, dict):
+        return expr
+    if len(expr) != 1:
+        return {k: r(v) for k, v in expr.items()}
+    (function, args), = expr.items()
+    if function == "Ref":
+        if args in PSEUDO:
+            return PSEUDO[args]
+        if args in cfn.get("Parameters", {}):
+            return parameter_value(cfn, values, args)
+        return f"<{args}>"
+    if function == "Fn::GetAtt":
+        return f"<{'.'.join(args) if isinstance(args, list) else args}>"
+    if function == "Fn::If":
+        name, yes, no = args
+        return r(yes) if condition_holds(name, cfn, values) else r(no)
+    if function == "Condition":
+        return condition_holds(args, cfn, values)
+    if function == "Fn::Equals":
+        a, b = (r(x) for x in args)
+        return a == b
+    if function == "Fn::Not":
+        return not r(args[0])
+    if function == "Fn::And":
+        return all(r(x) for x in args)
+    if function == "Fn::Or":
+        return any(r(x) for x in args)
+    if function == "Fn::Join":
+        separator, items = args
+        return separator.join(str(i) for i in r(items))
+    if function == "Fn::Sub":
+        text, extra = (args, {}) if isinstance(args, str) else (args[0], r(args[1]))
+
+        def one(match: re.Match[str]) -> str:
+            name = match.group(1)
+            if name in extra:
+                return str(extra[name])
+            value = r({"Ref": name}) if "." not in name else f"<{name}>"
+            return ",".join(value) if isinstance(value, list) else str(value)
+
+        return re.sub(r"\$\{([^}!]+)\}", one, text)
+    return {function: r(args)}
+
+
+def policy_statement(cfn: dict[str, Any], function: str, sid: str) -> dict[str, Any] | None:
+    """The statement `sid` among a translated function role's inline policies."""
+    role = cfn["Resources"][f"{function}Role"]
+    for policy in role["Properties"].get("Policies", []):
+        for statement in policy["PolicyDocument"]["Statement"]:
+            if isinstance(statement, dict) and statement.get("Sid") == sid:
+                return statement
+    return None

@@ -211,3 +211,32 @@ def test_ci_pipeline_and_its_docs_set_every_parameter(template):
     assert set(template["Parameters"]) - set(in_pipeline) == set()
     assert set(in_pipeline) - set(template["Parameters"]) == set()
     assert in_doc == in_pipeline
+
+
+# --- 7. every ssm: AMI the functions accept is readable by the provision role ----------------
+
+
+def public_ami_prefix() -> str:
+    source = (ROOT / "crates" / "core" / "src" / "ec2.rs").read_text()
+    match = re.search(r'PUBLIC_AMI_PARAMETER_PREFIX: &str = "([^"]+)"', source)
+    assert match, "ephemeral_core::ec2::PUBLIC_AMI_PARAMETER_PREFIX not found"
+    return match.group(1)
+
+
+@pytest.mark.parametrize("own_prefix", ["", "/golden-amis/"])
+def test_every_accepted_ami_parameter_is_readable(template, own_prefix):
+    """The functions accept ssm: names under the public prefix and AMI_PARAMETER_PREFIX (the
+    core's ami_parameter_prefixes); the role must read exactly those."""
+    values = {**facts.FULLEST_CONFIGURATION, "AmiParameterPrefix": own_prefix}
+    cfn = facts.translate(template, values)
+    function = cfn["Resources"]["Ec2ProvisionFunction"]["Properties"]
+    own = facts.resolve(function["Environment"]["Variables"]["AMI_PARAMETER_PREFIX"], cfn, values)
+    assert own == (own_prefix or "/ephemeral-runners/ephemeral-runners/amis/")
+    statement = facts.policy_statement(cfn, "Ec2ProvisionFunction", "ResolveAmiParameters")
+    resources = facts.resolve(statement["Resource"], cfn, values)
+    account_free = "arn:aws:ssm:us-east-1::parameter"
+    own_arn = "arn:aws:ssm:us-east-1:123456789012:parameter"
+    assert sorted(resources) == sorted(
+        [f"{account_free}{public_ami_prefix()}*", f"{own_arn}{own}*"]
+    ), resources
+    assert statement["Action"] == "ssm:GetParameter"

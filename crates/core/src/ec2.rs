@@ -4,7 +4,10 @@
 //! order to try subnets and markets and what a launch error means ([`classify_launch_error`]),
 //! the user-data (rendered from a template in the repo, refusing anything that looks like a
 //! secret: [`render_user_data`]), and what the reaper does with an instance ([`reap`]).
-//! The function crates that act on them are not built yet.
+//! Which `ssm:` AMI parameters the provision function may read is one rule here too
+//! ([`check_ami_readable`], over [`ami_parameter_prefixes`]); the template's IAM statement
+//! `ResolveAmiParameters` grants exactly those prefixes. The function crate `fleet` acts on
+//! all of it.
 
 use crate::hook::JobEvent;
 use crate::jobs::JobKey;
@@ -34,6 +37,60 @@ pub struct Ec2Defaults {
     pub stack: String,
     /// Extra tags for cost allocation, applied to every instance.
     pub cost_tags: Vec<(String, String)>,
+    /// The stack's own prefix of `ssm:` AMI parameters (ends with `/`): see
+    /// [`ami_parameter_prefixes`].
+    pub ami_parameter_prefix: String,
+}
+
+/// AWS's public parameters (`/aws/service/ami-amazon-linux-latest/...`, Ubuntu's, ...).
+pub const PUBLIC_AMI_PARAMETER_PREFIX: &str = "/aws/service/";
+
+/// The stack's own AMI parameters when the stack parameter `AmiParameterPrefix` is empty.
+pub fn default_ami_parameter_prefix(stack: &str) -> String {
+    format!("/ephemeral-runners/{stack}/amis/")
+}
+
+/// Every prefix under which an `ssm:` AMI parameter may be named: the public one and the
+/// stack's own (`own_prefix`, the env var `AMI_PARAMETER_PREFIX`). The provision role may read
+/// `ssm:GetParameter` under exactly these (template: `ResolveAmiParameters`).
+pub fn ami_parameter_prefixes(own_prefix: &str) -> [&str; 2] {
+    [PUBLIC_AMI_PARAMETER_PREFIX, own_prefix]
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "{source_name} names the AMI parameter `{parameter}`, which the provision function may not read (it reads only parameters under {}): put the AMI id in a String parameter under `{own_prefix}` (the stack parameter AmiParameterPrefix sets that prefix) and name it there, or give the AMI id itself (ami-...)",
+    ami_parameter_prefixes(own_prefix).map(|p| format!("`{p}`")).join(" and ")
+)]
+pub struct AmiNotReadable {
+    /// Where the AMI came from: the job's mapping item, or the stack's `DefaultAmi`.
+    pub source_name: &'static str,
+    pub parameter: String,
+    pub own_prefix: String,
+}
+
+/// Whether the provision function may read `ami` (an id needs no read; an `ssm:` name must be
+/// under one of [`ami_parameter_prefixes`]).
+pub fn check_ami_readable(
+    ami: &AmiRef,
+    own_prefix: &str,
+    source_name: &'static str,
+) -> Result<(), AmiNotReadable> {
+    match ami {
+        AmiRef::Id(_) => Ok(()),
+        AmiRef::SsmParameter(name)
+            if ami_parameter_prefixes(own_prefix)
+                .iter()
+                .any(|p| name.starts_with(p)) =>
+        {
+            Ok(())
+        }
+        AmiRef::SsmParameter(name) => Err(AmiNotReadable {
+            source_name,
+            parameter: name.clone(),
+            own_prefix: own_prefix.to_owned(),
+        }),
+    }
 }
 
 /// What to launch for one job.
@@ -56,6 +113,8 @@ pub struct LaunchPlan {
 pub enum PlanError {
     #[error("no subnet: set the stack's default subnets or the route's `subnets`")]
     NoSubnet,
+    #[error("{0}")]
+    AmiNotReadable(#[from] AmiNotReadable),
 }
 
 /// The order of launch attempts: each subnet with the preferred market, then, if that market
@@ -83,6 +142,17 @@ pub fn launch_plan(
     if subnets.is_empty() {
         return Err(PlanError::NoSubnet);
     }
+    let ami = match &route.ami {
+        Some(ami) => {
+            check_ami_readable(
+                ami,
+                &defaults.ami_parameter_prefix,
+                "the job's mapping item",
+            )?;
+            ami.clone()
+        }
+        None => defaults.ami.clone(),
+    };
     let key = JobKey::of(job);
     let mut tags = vec![
         (TAG_MANAGED_BY.to_owned(), defaults.stack.clone()),
@@ -99,7 +169,7 @@ pub fn launch_plan(
             .instance_type
             .clone()
             .unwrap_or_else(|| defaults.instance_type.clone()),
-        ami: route.ami.clone().unwrap_or_else(|| defaults.ami.clone()),
+        ami,
         executor: route.executor.unwrap_or(defaults.executor),
         attempts: attempts(subnets, route.market.unwrap_or(defaults.market)),
         tags,
@@ -115,11 +185,21 @@ pub fn launch_plan(
     })
 }
 
+/// EC2's answer to a spot launch in an account without the `AWSServiceRoleForEC2Spot`
+/// service-linked role, when the caller may not create it (a fresh account).
+pub const SPOT_ROLE_MISSING: &str = "AuthFailure.ServiceLinkedRoleCreationNotPermitted";
+
+/// What the operator does about [`SPOT_ROLE_MISSING`].
+pub const SPOT_ROLE_FIX: &str = "spot is refused for this account: it has no AWSServiceRoleForEC2Spot service-linked role and the provision role could not create it; the job was launched on demand. Create the role once per account (aws iam create-service-linked-role --aws-service-name spot.amazonaws.com), or deploy the current template, whose provision role may create it (iam:CreateServiceLinkedRole for spot.amazonaws.com only)";
+
 /// What a RunInstances error means for the next attempt.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LaunchFailure {
     /// No capacity or price for this market here: try the next subnet, then on-demand.
     Capacity,
+    /// Spot is refused for the whole account ([`SPOT_ROLE_MISSING`]): no other subnet will
+    /// take spot either; skip the remaining spot attempts and go on to the on-demand ones.
+    SpotRefused,
     /// This subnet cannot take it (full, or the type is not offered in its zone): next subnet.
     Subnet,
     /// AWS is throttling or failing: retry the same attempt with backoff.
@@ -138,6 +218,7 @@ pub fn classify_launch_error(code: &str) -> LaunchFailure {
         | "InsufficientHostCapacity"
         | "InsufficientReservedInstanceCapacity"
         | "UnfulfillableCapacity" => LaunchFailure::Capacity,
+        SPOT_ROLE_MISSING => LaunchFailure::SpotRefused,
         "InsufficientFreeAddressesInSubnet" | "Unsupported" | "InvalidSubnetID.NotFound" => {
             LaunchFailure::Subnet
         }
@@ -299,6 +380,7 @@ mod tests {
             executor: RunnerExecutor::Docker,
             stack: "ci-runners".into(),
             cost_tags: vec![("cost-center".into(), "ci".into())],
+            ami_parameter_prefix: default_ami_parameter_prefix("ci-runners"),
         }
     }
 
@@ -377,6 +459,64 @@ mod tests {
             classify_launch_error("InvalidAMIID.NotFound"),
             LaunchFailure::Fatal
         );
+        // A fresh account without the spot service-linked role: spot is out, on demand is not.
+        assert_eq!(
+            classify_launch_error("AuthFailure.ServiceLinkedRoleCreationNotPermitted"),
+            LaunchFailure::SpotRefused
+        );
+        assert!(
+            SPOT_ROLE_FIX
+                .contains("create-service-linked-role --aws-service-name spot.amazonaws.com")
+        );
+    }
+
+    #[test]
+    fn only_ami_parameters_under_the_allowed_prefixes_are_readable() {
+        let own = default_ami_parameter_prefix("ci-runners");
+        assert_eq!(own, "/ephemeral-runners/ci-runners/amis/");
+        assert_eq!(
+            ami_parameter_prefixes(&own),
+            ["/aws/service/", own.as_str()]
+        );
+        let ssm = |name: &str| AmiRef::SsmParameter(name.into());
+        let ok = |ami: &AmiRef| check_ami_readable(ami, &own, "DEFAULT_AMI").is_ok();
+        assert!(ok(&AmiRef::Id("ami-0123abcd".into())));
+        assert!(ok(&ssm(
+            "/aws/service/canonical/ubuntu/server/24.04/stable/current/arm64/hvm/ebs-gp3/ami-id"
+        )));
+        assert!(ok(&ssm("/ephemeral-runners/ci-runners/amis/builder")));
+        // Another stack's prefix, a look-alike without the slash, a name outside any prefix.
+        for name in [
+            "/ephemeral-runners/other/amis/builder",
+            "/ephemeral-runners/ci-runners/amis-old/builder",
+            "/golden/ami",
+            "golden-ami",
+        ] {
+            let e = check_ami_readable(&ssm(name), &own, "the job's mapping item").unwrap_err();
+            let text = e.to_string();
+            assert!(
+                text.starts_with("the job's mapping item names the AMI parameter"),
+                "{text}"
+            );
+            assert!(
+                text.contains("under `/ephemeral-runners/ci-runners/amis/`"),
+                "{text}"
+            );
+            assert!(text.contains("AmiParameterPrefix"), "{text}");
+        }
+        // A route's AMI is checked when the launch is planned: a clear configuration error.
+        let job = job_event(7, 99, "build", JobStatus::Pending);
+        let route = Ec2Settings {
+            ami: Some(ssm("/golden/ami")),
+            ..Default::default()
+        };
+        assert!(matches!(
+            launch_plan(&job, &route, &defaults(), None),
+            Err(PlanError::AmiNotReadable(e)) if e.parameter == "/golden/ami"
+        ));
+        let mut own_prefix = defaults();
+        own_prefix.ami_parameter_prefix = "/golden/".into();
+        assert!(launch_plan(&job, &route, &own_prefix, None).is_ok());
     }
 
     const TEMPLATE: &str = "#!/bin/bash\nurl={{GITLAB_URL}}\np={{TOKEN_PARAMETER_PREFIX}}\ne={{EXECUTOR}}\nw={{WAIT_TIMEOUT}}\nr={{REGION}}\n";

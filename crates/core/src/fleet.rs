@@ -24,9 +24,10 @@ use std::future::Future;
 use serde::Serialize;
 
 use crate::ec2::{
-    Ec2Defaults, InstanceFacts, LaunchFailure, PlanError, ReaperAction, ReaperSettings, TAG_JOB_ID,
-    TAG_PROJECT_ID, TAG_REAPER_BYPASS, TAG_REAPER_MARK, TAG_RUNNER_ID, UserDataError,
-    UserDataValues, classify_launch_error, launch_plan, reap, render_user_data,
+    Ec2Defaults, InstanceFacts, LaunchFailure, PlanError, ReaperAction, ReaperSettings,
+    SPOT_ROLE_FIX, SPOT_ROLE_MISSING, TAG_JOB_ID, TAG_PROJECT_ID, TAG_REAPER_BYPASS,
+    TAG_REAPER_MARK, TAG_RUNNER_ID, UserDataError, UserDataValues, classify_launch_error,
+    launch_plan, reap, render_user_data,
 };
 use crate::hook::JobEvent;
 use crate::jobs::{JobKey, JobPhase};
@@ -486,8 +487,12 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
     })
 }
 
+/// A launch: (instance id, subnet, market, the attempts that failed before it).
+type Launched = (String, String, Market, Vec<String>);
+
 /// Tries each (subnet, market) of the plan in turn: capacity errors move on (spot, then
-/// on-demand), configuration errors stop at once.
+/// on-demand), configuration errors stop at once. Spot refused for the whole account (no spot
+/// service-linked role) skips the remaining spot attempts: only on demand can work then.
 async fn launch<F: Fleet, V, A, L>(
     ports: &FleetPorts<F, V, A, L>,
     plan: &crate::ec2::LaunchPlan,
@@ -495,9 +500,13 @@ async fn launch<F: Fleet, V, A, L>(
     image_id: String,
     user_data: String,
     now_ms: u64,
-) -> Result<(String, String, Market, Vec<String>), ProvisionError> {
+) -> Result<Launched, ProvisionError> {
     let mut tried = Vec::new();
+    let mut spot_refused = false;
     for (n, (subnet, market)) in plan.attempts.iter().enumerate() {
+        if spot_refused && *market == Market::Spot {
+            continue;
+        }
         let request = LaunchRequest {
             instance_type: plan.instance_type.clone(),
             image_id: image_id.clone(),
@@ -512,6 +521,13 @@ async fn launch<F: Fleet, V, A, L>(
         match ports.fleet.launch(&request).await {
             Ok(id) => return Ok((id, subnet.clone(), *market, tried)),
             Err(error) => match classify_launch_error(&error.code) {
+                LaunchFailure::SpotRefused if *market == Market::Spot => {
+                    spot_refused = true;
+                    tried.push(format!(
+                        "{subnet} spot: {} (spot refused for this account: the remaining spot attempts were skipped)",
+                        error.code
+                    ));
+                }
                 LaunchFailure::Capacity | LaunchFailure::Subnet => {
                     tried.push(format!("{subnet} {}: {}", market_name(*market), error.code));
                 }
@@ -521,7 +537,7 @@ async fn launch<F: Fleet, V, A, L>(
                         error,
                     });
                 }
-                LaunchFailure::Fatal => {
+                LaunchFailure::Fatal | LaunchFailure::SpotRefused => {
                     return Err(ProvisionError::LaunchRefused {
                         instance_type: plan.instance_type.clone(),
                         subnet: subnet.clone(),
@@ -536,6 +552,22 @@ async fn launch<F: Fleet, V, A, L>(
         instance_type: plan.instance_type.clone(),
         tried,
     })
+}
+
+/// What the operator should hear about a launch that succeeded: the fix for a refusal that
+/// made it fall back (today only spot refused for the account; see [`SPOT_ROLE_FIX`]).
+pub fn launch_warnings(outcome: &Provisioned) -> Vec<&'static str> {
+    match outcome {
+        Provisioned::Launched {
+            failed_attempts, ..
+        } if failed_attempts
+            .iter()
+            .any(|a| a.contains(SPOT_ROLE_MISSING)) =>
+        {
+            vec![SPOT_ROLE_FIX]
+        }
+        _ => Vec::new(),
+    }
 }
 
 pub fn market_name(market: Market) -> &'static str {
@@ -588,6 +620,9 @@ pub struct TornDown {
     /// The runner that ran the job, when it is not one of ours (a shared runner).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub not_ours: Option<u64>,
+    /// Why nothing was looked at (EC2 runners not configured in this stack).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -724,6 +759,18 @@ pub struct ReapReport {
     pub orphan_runners: Vec<u64>,
     /// Failures; the pass goes on with the next item, and the next pass retries.
     pub errors: Vec<String>,
+    /// Why the pass did nothing: EC2 runners not configured, or another pass holds the lease.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
+}
+
+impl ReapReport {
+    pub fn skipped(why: String) -> Self {
+        Self {
+            skipped: Some(why),
+            ..Self::default()
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -876,4 +923,156 @@ async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ec2::{LaunchPlan, default_ami_parameter_prefix};
+    use crate::hook::JobStatus;
+    use crate::mapping::RunnerExecutor;
+    use crate::testing::{block_on, job_event};
+    use std::sync::Mutex;
+
+    /// EC2 that answers each launch with `answer(subnet, market)` and records the attempts.
+    struct ScriptedFleet {
+        answer: fn(&str, Market) -> Result<String, &'static str>,
+        attempts: Mutex<Vec<(String, Market)>>,
+    }
+
+    impl Fleet for ScriptedFleet {
+        async fn instances(&self, _: InstanceQuery) -> Result<Vec<Instance>, PortError> {
+            Ok(vec![])
+        }
+        async fn resolve_image(&self, _: &AmiRef) -> Result<String, PortError> {
+            Ok("ami-00000000".into())
+        }
+        async fn launch(&self, request: &LaunchRequest) -> Result<String, LaunchError> {
+            self.attempts
+                .lock()
+                .unwrap()
+                .push((request.subnet.clone(), request.market));
+            (self.answer)(&request.subnet, request.market).map_err(|code| LaunchError {
+                code: code.into(),
+                message: "scripted".into(),
+            })
+        }
+        async fn tag(&self, _: &str, _: &[(String, String)]) -> Result<(), PortError> {
+            Ok(())
+        }
+        async fn terminate(&self, _: &str) -> Result<(), PortError> {
+            Ok(())
+        }
+    }
+
+    fn plan(market: Market) -> LaunchPlan {
+        let defaults = Ec2Defaults {
+            instance_type: "t4g.medium".into(),
+            ami: AmiRef::Id("ami-00000000".into()),
+            market,
+            subnets: vec!["subnet-a".into(), "subnet-b".into()],
+            executor: RunnerExecutor::Docker,
+            stack: "ci".into(),
+            cost_tags: vec![],
+            ami_parameter_prefix: default_ami_parameter_prefix("ci"),
+        };
+        let job = job_event(1, 2, "build", JobStatus::Pending);
+        launch_plan(&job, &Ec2Settings::default(), &defaults, None).unwrap()
+    }
+
+    fn run(
+        answer: fn(&str, Market) -> Result<String, &'static str>,
+        market: Market,
+    ) -> (Result<Launched, ProvisionError>, Vec<(String, Market)>) {
+        let ports = FleetPorts {
+            fleet: ScriptedFleet {
+                answer,
+                attempts: Mutex::default(),
+            },
+            vault: (),
+            api: (),
+            ledger: (),
+        };
+        let key = JobKey {
+            project_id: 1,
+            job_id: 2,
+        };
+        let result = block_on(launch(
+            &ports,
+            &plan(market),
+            &key,
+            "ami-0".into(),
+            "#!".into(),
+            0,
+        ));
+        (result, ports.fleet.attempts.into_inner().unwrap())
+    }
+
+    #[test]
+    fn spot_refused_for_the_account_skips_the_other_spot_attempts_and_launches_on_demand() {
+        let (result, attempts) = run(
+            |_, market| match market {
+                Market::Spot => Err(SPOT_ROLE_MISSING),
+                Market::OnDemand => Ok("i-od".into()),
+            },
+            Market::Spot,
+        );
+        let (instance, subnet, market, failed) = result.unwrap();
+        assert_eq!(
+            (instance.as_str(), subnet.as_str(), market),
+            ("i-od", "subnet-a", Market::OnDemand)
+        );
+        // subnet-b on spot is never asked: the refusal is the account's, not the subnet's.
+        assert_eq!(
+            attempts,
+            [
+                ("subnet-a".into(), Market::Spot),
+                ("subnet-a".into(), Market::OnDemand)
+            ]
+        );
+        assert_eq!(failed.len(), 1, "{failed:?}");
+        assert!(
+            failed[0]
+                .starts_with("subnet-a spot: AuthFailure.ServiceLinkedRoleCreationNotPermitted")
+        );
+        let outcome = Provisioned::Launched {
+            instance_id: instance,
+            runner_id: 1,
+            subnet,
+            market,
+            failed_attempts: failed,
+        };
+        assert_eq!(launch_warnings(&outcome), [SPOT_ROLE_FIX]);
+    }
+
+    #[test]
+    fn capacity_moves_through_every_subnet_and_configuration_errors_stop() {
+        // No spot capacity anywhere: both subnets on spot, then on demand.
+        let (result, attempts) = run(
+            |subnet, market| match (subnet, market) {
+                (_, Market::Spot) => Err("InsufficientInstanceCapacity"),
+                ("subnet-a", _) => Err("InsufficientInstanceCapacity"),
+                _ => Ok("i-b".into()),
+            },
+            Market::Spot,
+        );
+        let (_, subnet, market, failed) = result.unwrap();
+        assert_eq!(
+            (subnet.as_str(), market, failed.len()),
+            ("subnet-b", Market::OnDemand, 3)
+        );
+        assert_eq!(attempts.len(), 4);
+        let outcome = Provisioned::AlreadyProvisioned {
+            instance_id: "i".into(),
+            runner_id: 1,
+        };
+        assert!(launch_warnings(&outcome).is_empty());
+        // A configuration error stops at the first attempt.
+        let (result, attempts) = run(|_, _| Err("InvalidAMIID.NotFound"), Market::Spot);
+        assert!(matches!(result, Err(ProvisionError::LaunchRefused { .. })));
+        assert_eq!(attempts.len(), 1);
+        // The spot refusal on an on-demand attempt is not a spot matter: it stops too.
+        let (result, _) = run(|_, _| Err(SPOT_ROLE_MISSING), Market::OnDemand);
+        assert!(matches!(result, Err(ProvisionError::LaunchRefused { .. })));
+    }
 }

@@ -73,7 +73,9 @@ pub fn record_of(item: &Value) -> JobRecord {
         // An item the router wrote before any pass acted: its start was attempt 1.
         attempt: number(attr::ATTEMPT)
             .and_then(|a| u32::try_from(a).ok())
-            .unwrap_or(u32::from(phase.is_some_and(|p| p >= JobPhase::Provisioning))),
+            .unwrap_or(u32::from(
+                phase.is_some_and(|p| p >= JobPhase::Provisioning),
+            )),
         attempt_started_at_ms: number(attr::ATTEMPT_STARTED_AT_MS).or(number(attr::UPDATED_AT_MS)),
         provision_error: text(attr::PROVISION_ERROR),
         runner_id: number(attr::LAUNCHED_RUNNER_ID),

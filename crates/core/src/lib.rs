@@ -8,6 +8,7 @@ pub mod fleet;
 pub mod hook;
 pub mod jobs;
 pub mod jobs_table;
+pub mod lease;
 pub mod mapping;
 pub mod metrics;
 pub mod reconcile;

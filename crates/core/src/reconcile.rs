@@ -121,6 +121,29 @@ impl LiveRunner {
     }
 }
 
+/// A registered runner of ours as a pass can know it: made for `made_for`, waiting for a job
+/// until `waits_ms` after it was created. It was created with its job's tags, which GitLab's
+/// listing gives while that job is pending; otherwise none are known and it is taken to
+/// cover no other job (a pass then provisions rather than leave a job waiting on a guess).
+pub fn runner_as_seen(
+    runner_id: u64,
+    made_for: JobKey,
+    created_at_ms: u64,
+    waits_ms: u64,
+    project_scoped: bool,
+    pending: &[PendingJob],
+) -> LiveRunner {
+    let own_job = pending.iter().find(|j| j.key == made_for);
+    LiveRunner {
+        runner_id,
+        made_for,
+        project_scope: project_scoped.then_some(made_for.project_id),
+        tags: own_job.map(|j| j.tags.clone()).unwrap_or_default(),
+        run_untagged: own_job.is_some_and(|j| j.tags.is_empty()),
+        expires_at_ms: created_at_ms.saturating_add(waits_ms),
+    }
+}
+
 /// Why a pending job gets another attempt; recorded on the job's item and counted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -701,6 +724,19 @@ mod tests {
         assert_eq!(event.delivery_id, "reconciler:p7-j3-provision-a2");
         assert_eq!(event.status, JobStatus::Pending);
         assert!(event.runner.is_none());
+    }
+
+    #[test]
+    fn a_runner_is_seen_with_its_pending_job_tags_or_covers_nothing_else() {
+        let listed = [pending(1, &["docker"], MIN)];
+        let own = runner_as_seen(11, key(1), 1_000, 900_000, true, &listed);
+        assert_eq!(own.tags, ["docker"]);
+        assert!(!own.run_untagged);
+        assert_eq!(own.expires_at_ms, 901_000);
+        assert!(own.can_take(&listed[0]));
+        let orphan = runner_as_seen(12, key(9), 1_000, 900_000, true, &listed);
+        assert!(!orphan.can_take(&pending(2, &[], MIN)));
+        assert!(!orphan.can_take(&pending(2, &["docker"], MIN)));
     }
 
     #[test]

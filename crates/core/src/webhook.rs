@@ -1,12 +1,16 @@
 //! What the webhook does with one HTTP request: authenticate, classify, dedupe, forward.
 //!
 //! [`assess`] is pure and synchronous (it is what the benchmark measures); [`deliver`] acts on
-//! an assessment through two small ports, [`DeliveryLedger`] and [`EventSink`], whose
-//! production implementations live in the webhook function crate.
+//! an assessment through three small ports, [`DeliveryLedger`], [`EventSink`] and
+//! [`FallbackQueue`], whose production implementations live in the webhook function crate.
+//! [`drain`] is the intake drainer's half: a hook kept on the fallback queue goes through the
+//! same [`forward`] (claim, publish, mark) as one straight from GitLab.
 //!
-//! Reply policy, shaped by GitLab: it disables hooks that keep failing and treats 4xx as
-//! misconfiguration, so only failed authentication gets 4xx (401); anything authentic that we
-//! ignore or cannot use gets 2xx; our own failures get 5xx so that GitLab retries.
+//! Reply policy, shaped by GitLab: it never redelivers a hook it got a 5xx (or no answer) for,
+//! disables hooks that keep failing, and treats 4xx as misconfiguration. So only failed
+//! authentication gets 4xx (401); an authentic hook gets 2xx whenever something durable took
+//! it (the bus, or the fallback queue when the delivery table or the bus fails); 5xx only when
+//! nothing did, or when the secrets cannot be read and nothing can be authenticated.
 
 use std::future::Future;
 
@@ -377,7 +381,7 @@ pub trait DeliveryLedger {
         delivery_id: &str,
         now_ms: u64,
     ) -> impl Future<Output = Result<(), PortError>> + Send;
-    /// Publishing failed: drop the claim so GitLab's retry can forward it.
+    /// Publishing failed: drop the claim so that the drainer (or a resend) can forward it.
     fn release(&self, delivery_id: &str) -> impl Future<Output = Result<(), PortError>> + Send;
 }
 
@@ -388,6 +392,59 @@ pub trait EventSink {
         &self,
         letter: &DeadLetter,
     ) -> impl Future<Output = Result<(), PortError>> + Send;
+}
+
+/// The durable place an authentic hook goes when the delivery table or the bus fails (an SQS
+/// queue in production), so that a 2xx never loses it. The intake drainer forwards it later.
+pub trait FallbackQueue {
+    fn keep(&self, hook: &QueuedHook) -> impl Future<Output = Result<(), PortError>> + Send;
+}
+
+/// SQS refuses a message body over 256 KiB (262,144 bytes, "Amazon SQS message quotas").
+pub const FALLBACK_MESSAGE_MAX_BYTES: usize = 256 * 1024;
+
+/// What the webhook would have published, as it waits on the fallback queue: already slimmed
+/// (no personal data, no token), so the queue holds nothing the bus would not.
+///
+/// The message is `{"kind":"job_event"|"dead_letter","detail":{...}}`, the `detail` being the
+/// bus event's Detail. The largest dead letter ([`DEAD_LETTER_DETAIL_MAX_BYTES`]) and this
+/// wrapper stay under [`FALLBACK_MESSAGE_MAX_BYTES`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
+pub enum QueuedHook {
+    JobEvent(Box<JobEvent>),
+    DeadLetter(Box<DeadLetter>),
+}
+
+impl QueuedHook {
+    /// The message body the queue holds.
+    pub fn to_message(&self) -> Result<String, PortError> {
+        serde_json::to_string(self)
+            .map_err(|e| PortError(format!("serializing the hook for the fallback queue: {e}")))
+    }
+
+    /// A message body back; the error says what is wrong with it (it was not written by this
+    /// version of the webhook, or not by the webhook at all).
+    pub fn from_message(body: &str) -> Result<Self, String> {
+        serde_json::from_str(body).map_err(|e| {
+            format!("not a hook the webhook queued (expected {{\"kind\":\"job_event\"|\"dead_letter\",\"detail\":...}}): {e}")
+        })
+    }
+
+    pub fn delivery_id(&self) -> &str {
+        match self {
+            Self::JobEvent(event) => &event.delivery_id,
+            Self::DeadLetter(letter) => &letter.delivery_id,
+        }
+    }
+
+    /// The job event, for log lines keyed by project, pipeline and job.
+    pub fn job_event(&self) -> Option<&JobEvent> {
+        match self {
+            Self::JobEvent(event) => Some(event),
+            Self::DeadLetter(_) => None,
+        }
+    }
 }
 
 /// EventBridge `source` of everything the webhook publishes.
@@ -407,7 +464,9 @@ pub struct DedupSettings {
 impl Default for DedupSettings {
     fn default() -> Self {
         Self {
-            // GitLab retries for far less than this; three days also covers a replay by hand.
+            // Covers a resend by hand and every retry of the fallback queue; a hook redriven
+            // from the drainer's dead-letter queue later than this may publish twice, which
+            // the router absorbs (a job's phase only moves forward).
             ttl_seconds: 3 * 24 * 3600,
             // Longer than the function's timeout, so a live invocation is never overtaken.
             lease_ms: 60_000,
@@ -423,10 +482,27 @@ pub enum Outcome {
     DeadLettered(String),
     Forwarded,
     Duplicate,
-    /// The same delivery is being forwarded by another invocation; answer 5xx so that, should
-    /// that invocation fail, GitLab's retry is not lost behind our 2xx.
+    /// The same delivery is claimed by another invocation that is forwarding it right now.
+    /// Answered 2xx: that invocation either publishes it, or falls back to the queue, or (if
+    /// it dies between claim and publish) leaves a pending job that the reconciler, which
+    /// lists GitLab's pending jobs, provisions. A 5xx here would gain nothing (GitLab does not
+    /// redeliver it) and count towards disabling the hook.
     InFlight,
-    /// Our failure (bus or table unavailable): 5xx so that GitLab retries.
+    /// The delivery table or the bus failed (the reason says which and why); the job event is
+    /// on the fallback queue, and the intake drainer forwards it through the usual dedup.
+    Queued(String),
+    /// Authentic but unusable, and the bus refused the dead letter: it is on the fallback
+    /// queue, and the drainer puts it on the bus (then the dead-letter queue) later.
+    DeadLetterQueued {
+        reason: String,
+        failure: String,
+    },
+    /// No secrets could be loaded (SSM unavailable or the parameters missing, and none cached):
+    /// nothing can be authenticated, so nothing is kept (an unauthenticated body must not reach
+    /// the queue). 5xx: it is our failure, not the sender's.
+    SecretsUnavailable(String),
+    /// Nothing durable took an authentic hook: the bus or the table failed, and so did the
+    /// fallback queue. The only 5xx for an authentic hook; GitLab will not send it again.
     Failed(String),
 }
 
@@ -444,12 +520,24 @@ impl Outcome {
             Self::Forwarded => (202, "accepted".into()),
             Self::Duplicate => (200, "duplicate delivery, already accepted".into()),
             Self::InFlight => (
+                200,
+                "duplicate delivery, being accepted by a concurrent request".into(),
+            ),
+            Self::Queued(_) => (
+                202,
+                "accepted and queued: forwarded once the bus and delivery table recover".into(),
+            ),
+            Self::DeadLetterQueued { reason, .. } => (
+                202,
+                format!("not usable, queued for the operator as a dead letter: {reason}"),
+            ),
+            Self::SecretsUnavailable(_) => (
                 503,
-                "this delivery is being processed by another request; retry later".into(),
+                "not kept: webhook secrets unavailable, cannot authenticate; resend this hook once the service recovers".into(),
             ),
             Self::Failed(_) => (
                 503,
-                "temporarily unable to accept the hook; retry later".into(),
+                "not kept: bus, delivery table and fallback queue unavailable; resend this hook once the service recovers".into(),
             ),
         }
     }
@@ -463,17 +551,27 @@ impl Outcome {
             Self::Forwarded => "forwarded",
             Self::Duplicate => "duplicate",
             Self::InFlight => "in_flight",
+            Self::Queued(_) => "queued",
+            Self::DeadLetterQueued { .. } => "dead_letter_queued",
+            Self::SecretsUnavailable(_) => "secrets_unavailable",
             Self::Failed(_) => "failed",
         }
+    }
+
+    /// The hook went to the fallback queue (the `IntakeFallbacks` metric).
+    pub fn fell_back(&self) -> bool {
+        matches!(self, Self::Queued(_) | Self::DeadLetterQueued { .. })
     }
 }
 
 /// Acts on an assessment: dead letters go to the sink; accepted events are claimed in the
-/// ledger, published, then marked forwarded. Every step is safe to repeat.
-pub async fn deliver<L: DeliveryLedger, S: EventSink>(
+/// ledger, published, then marked forwarded ([`forward`]). When the ledger or the sink fails,
+/// the hook goes to the fallback queue instead. Every step is safe to repeat.
+pub async fn deliver<L: DeliveryLedger, S: EventSink, Q: FallbackQueue>(
     assessment: &Assessment,
     ledger: &L,
     sink: &S,
+    fallback: &Q,
     dedup: DedupSettings,
     now_ms: u64,
 ) -> Outcome {
@@ -482,38 +580,139 @@ pub async fn deliver<L: DeliveryLedger, S: EventSink>(
         Assessment::Ignored { reason, .. } => Outcome::Ignored(reason.clone()),
         // Dead letters are not deduplicated: two copies of a broken body in the queue cost
         // nothing, while a dedup record without a letter would lose it.
-        Assessment::Unusable { dead_letter, .. } => match sink.put_dead_letter(dead_letter).await {
-            Ok(()) => Outcome::DeadLettered(dead_letter.reason.clone()),
-            Err(e) => Outcome::Failed(format!("could not keep the dead letter: {e}")),
-        },
-        Assessment::Accepted { event, .. } => {
-            let claim = DeliveryClaim {
-                delivery_id: &event.delivery_id,
-                now_ms,
-                lease_until_ms: now_ms.saturating_add(dedup.lease_ms),
-                expires_at_s: now_ms / 1000 + dedup.ttl_seconds,
-                job_id: event.job_id,
-                project_id: event.project_id,
-                status: event.status.as_str(),
+        Assessment::Unusable { dead_letter, .. } => {
+            let reason = dead_letter.reason.clone();
+            let Err(e) = sink.put_dead_letter(dead_letter).await else {
+                return Outcome::DeadLettered(reason);
             };
-            match ledger.claim(&claim).await {
-                Err(e) => Outcome::Failed(format!("could not record the delivery: {e}")),
-                Ok(Claim::Forwarded) => Outcome::Duplicate,
-                Ok(Claim::InFlight) => Outcome::InFlight,
-                Ok(Claim::New) => match sink.put_job_event(event).await {
-                    Ok(()) => {
-                        // The event is out; if marking fails the claim expires after its lease
-                        // and a later redelivery may publish again, which the router absorbs.
-                        let _ = ledger.mark_forwarded(&event.delivery_id, now_ms).await;
-                        Outcome::Forwarded
-                    }
-                    Err(e) => {
-                        let _ = ledger.release(&event.delivery_id).await;
-                        Outcome::Failed(format!("could not publish the event: {e}"))
-                    }
-                },
+            let failure = format!("could not keep the dead letter on the bus: {e}");
+            match fallback
+                .keep(&QueuedHook::DeadLetter(dead_letter.clone()))
+                .await
+            {
+                Ok(()) => Outcome::DeadLetterQueued { reason, failure },
+                Err(q) => Outcome::Failed(format!("{failure}; fallback queue: {q}")),
             }
         }
+        Assessment::Accepted { event, .. } => {
+            match forward(event, ledger, sink, dedup, now_ms).await {
+                Forward::Forwarded => Outcome::Forwarded,
+                Forward::Duplicate => Outcome::Duplicate,
+                Forward::InFlight => Outcome::InFlight,
+                Forward::Failed(failure) => {
+                    match fallback.keep(&QueuedHook::JobEvent(event.clone())).await {
+                        Ok(()) => Outcome::Queued(failure),
+                        Err(q) => Outcome::Failed(format!("{failure}; fallback queue: {q}")),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What [`forward`] came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forward {
+    /// Published (and marked forwarded, or about to expire into a harmless re-publish).
+    Forwarded,
+    /// Already forwarded: nothing published.
+    Duplicate,
+    /// Another invocation holds the claim: nothing published by this one.
+    InFlight,
+    /// The ledger or the sink failed; the claim (if taken) is released for the next attempt.
+    Failed(String),
+}
+
+/// Claims the delivery in the ledger, publishes the event, marks it forwarded: the one path
+/// an event takes to the bus, from the webhook and from the drainer alike, so a hook replayed
+/// from the fallback queue is deduplicated like any other.
+pub async fn forward<L: DeliveryLedger, S: EventSink>(
+    event: &JobEvent,
+    ledger: &L,
+    sink: &S,
+    dedup: DedupSettings,
+    now_ms: u64,
+) -> Forward {
+    let claim = DeliveryClaim {
+        delivery_id: &event.delivery_id,
+        now_ms,
+        lease_until_ms: now_ms.saturating_add(dedup.lease_ms),
+        expires_at_s: now_ms / 1000 + dedup.ttl_seconds,
+        job_id: event.job_id,
+        project_id: event.project_id,
+        status: event.status.as_str(),
+    };
+    match ledger.claim(&claim).await {
+        Err(e) => Forward::Failed(format!("could not record the delivery: {e}")),
+        Ok(Claim::Forwarded) => Forward::Duplicate,
+        Ok(Claim::InFlight) => Forward::InFlight,
+        Ok(Claim::New) => match sink.put_job_event(event).await {
+            Ok(()) => {
+                // The event is out; if marking fails the claim expires after its lease and a
+                // later redelivery may publish again, which the router absorbs.
+                let _ = ledger.mark_forwarded(&event.delivery_id, now_ms).await;
+                Forward::Forwarded
+            }
+            Err(e) => {
+                // Released so that the drainer (or a resend) can claim it at once; if the
+                // release fails too, the claim's lease runs out first.
+                let _ = ledger.release(&event.delivery_id).await;
+                Forward::Failed(format!("could not publish the event: {e}"))
+            }
+        },
+    }
+}
+
+/// What the intake drainer did with one message of the fallback queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drained {
+    Forwarded,
+    /// Already forwarded (by the webhook for a resent hook, or by an earlier drain whose
+    /// delete did not reach SQS): nothing published.
+    Duplicate,
+    DeadLettered,
+    /// Not done: the message stays on the queue, SQS hands it out again after its visibility
+    /// timeout, and after the redrive policy's maxReceiveCount files it in the drainer's
+    /// dead-letter queue.
+    Retry(String),
+}
+
+impl Drained {
+    /// Stable short name for logs and metrics.
+    pub fn decision(&self) -> &'static str {
+        match self {
+            Self::Forwarded => "forwarded",
+            Self::Duplicate => "duplicate",
+            Self::DeadLettered => "dead_lettered",
+            Self::Retry(_) => "retry",
+        }
+    }
+}
+
+/// Forwards a hook the webhook kept on the fallback queue, through [`forward`] like any other.
+pub async fn drain<L: DeliveryLedger, S: EventSink>(
+    hook: &QueuedHook,
+    ledger: &L,
+    sink: &S,
+    dedup: DedupSettings,
+    now_ms: u64,
+) -> Drained {
+    match hook {
+        QueuedHook::DeadLetter(letter) => match sink.put_dead_letter(letter).await {
+            Ok(()) => Drained::DeadLettered,
+            Err(e) => Drained::Retry(format!("could not keep the dead letter on the bus: {e}")),
+        },
+        QueuedHook::JobEvent(event) => match forward(event, ledger, sink, dedup, now_ms).await {
+            Forward::Forwarded => Drained::Forwarded,
+            Forward::Duplicate => Drained::Duplicate,
+            // The holder forwards it (the next try is a duplicate) or died, or is the webhook
+            // whose release failed (the lease runs out before the queue's visibility timeout
+            // does, and the next try forwards). Either way: later, not now.
+            Forward::InFlight => Drained::Retry(
+                "the delivery is claimed by another invocation; retried after its lease".into(),
+            ),
+            Forward::Failed(failure) => Drained::Retry(failure),
+        },
     }
 }
 
@@ -612,32 +811,401 @@ mod tests {
         crate::testing::block_on(f)
     }
 
+    /// The fallback queue over a `Vec`; `down` makes every `keep` fail (and counts it).
+    #[derive(Default)]
+    struct TestQueue {
+        kept: std::sync::Mutex<Vec<QueuedHook>>,
+        down: std::sync::atomic::AtomicBool,
+        refused: std::sync::atomic::AtomicUsize,
+    }
+
+    impl TestQueue {
+        fn down() -> Self {
+            let q = Self::default();
+            q.down.store(true, std::sync::atomic::Ordering::SeqCst);
+            q
+        }
+        fn kept(&self) -> Vec<QueuedHook> {
+            self.kept.lock().unwrap().clone()
+        }
+        fn refused(&self) -> usize {
+            self.refused.load(std::sync::atomic::Ordering::SeqCst)
+        }
+    }
+
+    impl FallbackQueue for TestQueue {
+        async fn keep(&self, hook: &QueuedHook) -> Result<(), PortError> {
+            if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+                self.refused
+                    .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                return Err(PortError("queue down".into()));
+            }
+            // What goes on the queue is the message text: keep what comes back out of it.
+            let text = hook.to_message()?;
+            self.kept
+                .lock()
+                .unwrap()
+                .push(QueuedHook::from_message(&text).unwrap());
+            Ok(())
+        }
+    }
+
+    /// A ledger whose every call fails, counting them.
+    #[derive(Default)]
+    struct DownLedger(std::sync::atomic::AtomicUsize);
+
+    impl DownLedger {
+        fn fail(&self) -> Result<(), PortError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Err(PortError("table down".into()))
+        }
+    }
+
+    impl DeliveryLedger for DownLedger {
+        async fn claim(&self, _: &DeliveryClaim<'_>) -> Result<Claim, PortError> {
+            self.fail().map(|()| Claim::New)
+        }
+        async fn mark_forwarded(&self, _: &str, _: u64) -> Result<(), PortError> {
+            self.fail()
+        }
+        async fn release(&self, _: &str) -> Result<(), PortError> {
+            self.fail()
+        }
+    }
+
+    const DEDUP: DedupSettings = DedupSettings {
+        ttl_seconds: 3600,
+        lease_ms: 60_000,
+    };
+
     #[test]
     fn second_delivery_is_a_duplicate_and_publishes_nothing() {
         let (ledger, sink) = (InMemoryLedger::default(), RecordingSink::default());
+        let queue = TestQueue::default();
         let a = assess(&request(BODY), &policy(), &secrets(), 1_000);
-        let first = run(deliver(&a, &ledger, &sink, DedupSettings::default(), 1_000));
-        let second = run(deliver(&a, &ledger, &sink, DedupSettings::default(), 2_000));
+        let first = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 1_000));
+        let second = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 2_000));
         assert_eq!((first, second), (Outcome::Forwarded, Outcome::Duplicate));
+        assert_eq!(sink.job_events().len(), 1);
+        assert!(queue.kept().is_empty());
+    }
+
+    #[test]
+    fn failed_publish_is_queued_then_drained_once() {
+        let (ledger, sink) = (InMemoryLedger::default(), RecordingSink::default());
+        let queue = TestQueue::default();
+        let a = assess(&request(BODY), &policy(), &secrets(), 1_000);
+        sink.fail_next_puts(1);
+        let first = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 1_000));
+        assert!(matches!(&first, Outcome::Queued(why) if why.contains("could not publish")));
+        assert_eq!(first.reply().0, 202);
+        assert!(first.fell_back());
+        assert!(sink.job_events().is_empty(), "the bus refused it");
+        let kept = queue.kept();
+        let Assessment::Accepted { event, .. } = &a else {
+            panic!("{a:?}")
+        };
+        assert_eq!(kept, vec![QueuedHook::JobEvent(event.clone())]);
+        // The claim was released: the drainer claims it at once, forwards, and a second
+        // delivery of the same message is a duplicate.
+        assert_eq!(
+            run(drain(&kept[0], &ledger, &sink, DEDUP, 2_000)),
+            Drained::Forwarded
+        );
+        assert_eq!(
+            run(drain(&kept[0], &ledger, &sink, DEDUP, 3_000)),
+            Drained::Duplicate
+        );
+        assert_eq!(sink.job_events(), vec![(**event).clone()]);
+        // GitLab (or a person) resends the hook: a duplicate too.
+        assert_eq!(
+            run(deliver(&a, &ledger, &sink, &queue, DEDUP, 4_000)),
+            Outcome::Duplicate
+        );
+    }
+
+    #[test]
+    fn failed_ledger_is_queued_and_drained_when_it_recovers() {
+        let (down, sink, queue) = (
+            DownLedger::default(),
+            RecordingSink::default(),
+            TestQueue::default(),
+        );
+        let a = assess(&request(BODY), &policy(), &secrets(), 1_000);
+        let outcome = run(deliver(&a, &down, &sink, &queue, DEDUP, 1_000));
+        assert!(
+            matches!(&outcome, Outcome::Queued(why) if why.contains("could not record the delivery: table down")),
+            "{outcome:?}"
+        );
+        assert_eq!(down.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert!(sink.job_events().is_empty(), "nothing published unclaimed");
+        // While the table is down the drainer retries; once it is back, it forwards.
+        let kept = queue.kept();
+        assert_eq!(kept.len(), 1);
+        assert!(matches!(
+            run(drain(&kept[0], &down, &sink, DEDUP, 2_000)),
+            Drained::Retry(why) if why.contains("table down")
+        ));
+        let ledger = InMemoryLedger::default();
+        assert_eq!(
+            run(drain(&kept[0], &ledger, &sink, DEDUP, 3_000)),
+            Drained::Forwarded
+        );
         assert_eq!(sink.job_events().len(), 1);
     }
 
     #[test]
-    fn failed_publish_releases_the_claim_so_a_retry_forwards() {
-        let (ledger, sink) = (InMemoryLedger::default(), RecordingSink::default());
+    fn nothing_durable_is_the_only_5xx_for_an_authentic_hook() {
+        let (down, sink, queue) = (
+            DownLedger::default(),
+            RecordingSink::default(),
+            TestQueue::down(),
+        );
         let a = assess(&request(BODY), &policy(), &secrets(), 1_000);
+        let outcome = run(deliver(&a, &down, &sink, &queue, DEDUP, 1_000));
+        assert!(
+            matches!(&outcome, Outcome::Failed(why) if why.contains("table down") && why.contains("queue down")),
+            "{outcome:?}"
+        );
+        assert_eq!(queue.refused(), 1);
+        assert!(!outcome.fell_back());
+        let (status, body) = outcome.reply();
+        assert_eq!(status, 503);
+        assert!(body.starts_with("not kept"), "{body}");
+
+        // The same with the bus down instead of the table: the claim is released too, so a
+        // resend is not answered "in flight".
+        let ledger = InMemoryLedger::default();
         sink.fail_next_puts(1);
-        let first = run(deliver(&a, &ledger, &sink, DedupSettings::default(), 1_000));
-        assert!(matches!(first, Outcome::Failed(_)));
-        assert_eq!(first.reply().0, 503);
-        let retry = run(deliver(&a, &ledger, &sink, DedupSettings::default(), 2_000));
-        assert_eq!(retry, Outcome::Forwarded);
+        let outcome = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 1_000));
+        assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
+        assert_eq!(queue.refused(), 2);
+        assert_eq!(
+            run(deliver(
+                &a,
+                &ledger,
+                &sink,
+                &TestQueue::default(),
+                DEDUP,
+                2_000
+            )),
+            Outcome::Forwarded
+        );
+    }
+
+    #[test]
+    fn dead_letter_the_bus_refuses_is_queued_then_drained() {
+        let (ledger, sink, queue) = (
+            InMemoryLedger::default(),
+            RecordingSink::default(),
+            TestQueue::default(),
+        );
+        let a = assess(&request(b"{not json"), &policy(), &secrets(), 1_000);
+        sink.fail_next_puts(1);
+        let outcome = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 1_000));
+        let Outcome::DeadLetterQueued { reason, failure } = &outcome else {
+            panic!("{outcome:?}")
+        };
+        assert!(reason.contains("not a Job Hook"), "{reason}");
+        assert!(failure.contains("injected failure"), "{failure}");
+        let (status, body) = outcome.reply();
+        assert_eq!(status, 202);
+        assert_eq!(
+            body,
+            format!("not usable, queued for the operator as a dead letter: {reason}")
+        );
+        let kept = queue.kept();
+        assert!(matches!(&kept[..], [QueuedHook::DeadLetter(l)] if &l.reason == reason));
+        assert_eq!(
+            run(drain(&kept[0], &ledger, &sink, DEDUP, 2_000)),
+            Drained::DeadLettered
+        );
+        assert_eq!(sink.dead_letters().len(), 1);
+
+        // Bus and queue both down: 503.
+        sink.fail_next_puts(1);
+        let outcome = run(deliver(
+            &a,
+            &ledger,
+            &sink,
+            &TestQueue::down(),
+            DEDUP,
+            3_000,
+        ));
+        assert!(matches!(&outcome, Outcome::Failed(why) if why.contains("queue down")));
+    }
+
+    #[test]
+    fn a_concurrent_duplicate_is_2xx_and_the_drainer_retries_it() {
+        let (ledger, sink, queue) = (
+            InMemoryLedger::default(),
+            RecordingSink::default(),
+            TestQueue::default(),
+        );
+        let a = assess(&request(BODY), &policy(), &secrets(), 0);
+        // Another invocation holds the claim (it is between claim and publish).
+        let claim = DeliveryClaim {
+            delivery_id: "idem-1",
+            now_ms: 0,
+            lease_until_ms: 60_000,
+            expires_at_s: 1000,
+            job_id: 7,
+            project_id: 3,
+            status: "pending",
+        };
+        assert_eq!(run(ledger.claim(&claim)), Ok(Claim::New));
+        let outcome = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 10));
+        assert_eq!(outcome, Outcome::InFlight);
+        assert_eq!(outcome.reply().0, 200);
+        assert!(sink.job_events().is_empty() && queue.kept().is_empty());
+        // The drainer holding a message of that delivery tries again later.
+        let Assessment::Accepted { event, .. } = &a else {
+            panic!()
+        };
+        let hook = QueuedHook::JobEvent(event.clone());
+        assert!(matches!(
+            run(drain(&hook, &ledger, &sink, DEDUP, 20)),
+            Drained::Retry(why) if why.contains("claimed by another invocation")
+        ));
+        // After the lease (the holder died), it forwards.
+        assert_eq!(
+            run(drain(&hook, &ledger, &sink, DEDUP, 60_001)),
+            Drained::Forwarded
+        );
+    }
+
+    #[test]
+    fn drainer_retries_when_the_bus_fails_and_forwards_on_the_next_try() {
+        let (ledger, sink) = (InMemoryLedger::default(), RecordingSink::default());
+        let a = assess(&request(BODY), &policy(), &secrets(), 0);
+        let Assessment::Accepted { event, .. } = &a else {
+            panic!()
+        };
+        let hook = QueuedHook::JobEvent(event.clone());
+        sink.fail_next_puts(1);
+        assert!(matches!(
+            run(drain(&hook, &ledger, &sink, DEDUP, 1)),
+            Drained::Retry(why) if why.contains("could not publish")
+        ));
+        // Released, so the next receive need not wait for the lease.
+        assert_eq!(
+            run(drain(&hook, &ledger, &sink, DEDUP, 2)),
+            Drained::Forwarded
+        );
         assert_eq!(sink.job_events().len(), 1);
+    }
+
+    /// Every outcome's reply, as the README's table states it.
+    #[test]
+    fn every_outcome_has_its_documented_reply() {
+        let cases = [
+            (
+                Outcome::Unauthorized(AuthFailure::TokenMismatch),
+                401,
+                "unauthorized",
+            ),
+            (Outcome::Ignored("why".into()), 202, "ignored: why"),
+            (
+                Outcome::DeadLettered("why".into()),
+                202,
+                "not usable, kept for the operator as a dead letter: why",
+            ),
+            (Outcome::Forwarded, 202, "accepted"),
+            (
+                Outcome::Duplicate,
+                200,
+                "duplicate delivery, already accepted",
+            ),
+            (
+                Outcome::InFlight,
+                200,
+                "duplicate delivery, being accepted by a concurrent request",
+            ),
+            (
+                Outcome::Queued("bus down".into()),
+                202,
+                "accepted and queued: forwarded once the bus and delivery table recover",
+            ),
+            (
+                Outcome::DeadLetterQueued {
+                    reason: "why".into(),
+                    failure: "bus down".into(),
+                },
+                202,
+                "not usable, queued for the operator as a dead letter: why",
+            ),
+            (
+                Outcome::SecretsUnavailable("ssm down".into()),
+                503,
+                "not kept: webhook secrets unavailable, cannot authenticate; resend this hook once the service recovers",
+            ),
+            (
+                Outcome::Failed("all down".into()),
+                503,
+                "not kept: bus, delivery table and fallback queue unavailable; resend this hook once the service recovers",
+            ),
+        ];
+        for (outcome, status, body) in cases {
+            assert_eq!(outcome.reply(), (status, body.to_owned()), "{outcome:?}");
+            // Our failures' details go to the log, never to the sender.
+            assert!(!outcome.reply().1.contains("down"), "{outcome:?}");
+            assert_eq!(
+                outcome.fell_back(),
+                matches!(outcome.decision(), "queued" | "dead_letter_queued")
+            );
+        }
+    }
+
+    #[test]
+    fn queued_message_is_the_bus_detail_with_its_kind() {
+        let a = assess(&request(BODY), &policy(), &secrets(), 5);
+        let Assessment::Accepted { event, .. } = &a else {
+            panic!()
+        };
+        let hook = QueuedHook::JobEvent(event.clone());
+        let message: serde_json::Value = serde_json::from_str(&hook.to_message().unwrap()).unwrap();
+        assert_eq!(message["kind"], "job_event");
+        assert_eq!(message["detail"], serde_json::to_value(&**event).unwrap());
+        assert_eq!(hook.delivery_id(), "idem-1");
+        assert_eq!(hook.job_event().map(|e| e.job_id), Some(7));
+        let err = QueuedHook::from_message(r#"{"kind":"push"}"#).unwrap_err();
+        assert!(err.starts_with("not a hook the webhook queued"), "{err}");
+    }
+
+    #[test]
+    fn largest_dead_letter_fits_one_fallback_message() {
+        let p = WebhookPolicy {
+            dead_letter_body_bytes: MAX_CAP,
+            ..policy()
+        };
+        for (name, body, _) in worst_bodies() {
+            let Assessment::Unusable { dead_letter, .. } =
+                assess(&request(&body), &p, &secrets(), 0)
+            else {
+                panic!("{name}")
+            };
+            let message = QueuedHook::DeadLetter(dead_letter.clone())
+                .to_message()
+                .unwrap();
+            assert!(
+                message.len() <= FALLBACK_MESSAGE_MAX_BYTES,
+                "{name}: {}",
+                message.len()
+            );
+            assert_eq!(
+                QueuedHook::from_message(&message).unwrap(),
+                QueuedHook::DeadLetter(dead_letter)
+            );
+        }
     }
 
     #[test]
     fn abandoned_claim_is_taken_over_after_its_lease() {
-        let (ledger, sink) = (InMemoryLedger::default(), RecordingSink::default());
+        let (ledger, sink, queue) = (
+            InMemoryLedger::default(),
+            RecordingSink::default(),
+            TestQueue::default(),
+        );
         let a = assess(&request(BODY), &policy(), &secrets(), 0);
         let settings = DedupSettings {
             lease_ms: 100,
@@ -655,11 +1223,11 @@ mod tests {
         };
         assert_eq!(run(ledger.claim(&claim)), Ok(Claim::New));
         assert_eq!(
-            run(deliver(&a, &ledger, &sink, settings, 50)),
+            run(deliver(&a, &ledger, &sink, &queue, settings, 50)),
             Outcome::InFlight
         );
         assert_eq!(
-            run(deliver(&a, &ledger, &sink, settings, 150)),
+            run(deliver(&a, &ledger, &sink, &queue, settings, 150)),
             Outcome::Forwarded
         );
     }

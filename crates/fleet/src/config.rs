@@ -1,7 +1,9 @@
 //! The three functions' configuration, from the environment the template sets. Every
 //! problem names the variable and what to put in it.
 
-use ephemeral_core::ec2::{Ec2Defaults, ReaperSettings};
+use ephemeral_core::ec2::{
+    Ec2Defaults, ReaperSettings, check_ami_readable, default_ami_parameter_prefix,
+};
 use ephemeral_core::fleet::FleetSettings;
 use ephemeral_core::mapping::{AmiRef, Market, RunnerExecutor};
 use ephemeral_gitlab::RunnerScope;
@@ -28,11 +30,26 @@ impl ScopeSetting {
     }
 }
 
+/// The three functions' configuration: EC2 runners set up, or not at all.
+#[derive(Debug, Clone)]
+pub enum FleetSetup {
+    Ec2(Box<FleetConfig>),
+    /// No runner token parameter (`RunnerApiTokenParameterName` empty): a stack that runs
+    /// jobs in Lambda only. The functions start without reading SSM; teardown and the reaper
+    /// have nothing to do, and provisioning fails with `Ec2NotConfigured`.
+    NotConfigured,
+}
+
+/// What to do when a job reaches EC2 in a stack without EC2 runners.
+pub const NOT_CONFIGURED: &str = "EC2 runners are not configured in this stack (the stack parameter RunnerApiTokenParameterName, env GITLAB_RUNNER_TOKEN_PARAMETER, is empty): to run jobs on EC2 set RunnerApiTokenParameterName (an SSM SecureString with a GitLab token with the create_runner and manage_runner scopes), GitLabUrl and SubnetIds; otherwise route the job to LAMBDA (a mapping item, or DefaultExecutor LAMBDA)";
+
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
     pub settings: FleetSettings,
     pub jobs_table_name: String,
     pub runners_table_name: String,
+    /// The reaper's lease (one pass at a time); only the reaper needs it.
+    pub leases_table_name: Option<String>,
     pub gitlab_api_token_parameter: String,
     /// Set: runners are created the legacy way (`POST /runners`) with this registration token.
     pub registration_token_parameter: Option<String>,
@@ -50,73 +67,126 @@ pub struct FleetConfig {
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
-impl FleetConfig {
+/// The environment, read the same way for every variable: trimmed, empty = unset.
+struct Env<G>(G);
+
+impl<G: Fn(&str) -> Option<String>> Env<G> {
+    fn value(&self, name: &str) -> Option<String> {
+        (self.0)(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn required(&self, name: &str, what: &str) -> Result<String, ConfigError> {
+        self.value(name)
+            .ok_or_else(|| ConfigError(format!("{name} is not set ({what})")))
+    }
+
+    fn seconds(&self, name: &str, default: u64) -> Result<u64, ConfigError> {
+        match self.value(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| ConfigError(format!("{name}=`{v}` is not a whole number of seconds"))),
+        }
+    }
+
+    fn list(&self, name: &str) -> Vec<String> {
+        self.value(name)
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_owned())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn choice<T: Copy>(
+        &self,
+        name: &str,
+        default: &str,
+        choices: &[(&str, T)],
+    ) -> Result<T, ConfigError> {
+        let v = self.value(name).unwrap_or_else(|| default.to_owned());
+        choices
+            .iter()
+            .find(|(text, _)| *text == v)
+            .map(|(_, choice)| *choice)
+            .ok_or_else(|| {
+                let names: Vec<_> = choices.iter().map(|(text, _)| *text).collect();
+                ConfigError(format!("{name}=`{v}`: use {}", names.join(" or ")))
+            })
+    }
+}
+
+impl FleetSetup {
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
+    /// EC2 runners are configured when the runner token parameter is set; from then on every
+    /// other EC2 setting they need is required, and a missing one is an error that names it.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let value = |name: &str| {
-            get(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
-        let required = |name: &str, what: &str| {
-            value(name).ok_or_else(|| ConfigError(format!("{name} is not set ({what})")))
-        };
-        let seconds = |name: &str, default: u64| -> Result<u64, ConfigError> {
-            match value(name) {
-                None => Ok(default),
-                Some(v) => v.parse().map_err(|_| {
-                    ConfigError(format!("{name}=`{v}` is not a whole number of seconds"))
-                }),
-            }
-        };
-        let list = |name: &str| -> Vec<String> {
-            value(name)
-                .map(|v| {
-                    v.split(',')
-                        .map(|s| s.trim().to_owned())
-                        .filter(|s| !s.is_empty())
-                        .collect()
-                })
-                .unwrap_or_default()
-        };
-        let ami = AmiRef::parse(&value("DEFAULT_AMI").unwrap_or_else(|| {
-            "ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64".into()
-        }))
-        .map_err(|e| ConfigError(format!("DEFAULT_AMI: {e}")))?;
-        let market = match value("DEFAULT_MARKET").as_deref().unwrap_or("spot") {
-            "spot" => Market::Spot,
-            "on-demand" => Market::OnDemand,
-            other => {
-                return Err(ConfigError(format!(
-                    "DEFAULT_MARKET=`{other}`: use spot or on-demand"
-                )));
-            }
-        };
-        let executor = match value("DEFAULT_RUNNER_EXECUTOR")
-            .as_deref()
-            .unwrap_or("docker")
-        {
-            "docker" => RunnerExecutor::Docker,
-            "shell" => RunnerExecutor::Shell,
-            other => {
-                return Err(ConfigError(format!(
-                    "DEFAULT_RUNNER_EXECUTOR=`{other}`: use docker or shell"
-                )));
-            }
-        };
-        let mut cost_tags = Vec::new();
-        for pair in list("COST_TAGS") {
-            let (k, v) = pair.split_once('=').ok_or_else(|| {
-                ConfigError(format!(
-                    "COST_TAGS: `{pair}` is not key=value (comma-separated)"
-                ))
-            })?;
-            cost_tags.push((k.trim().to_owned(), v.trim().to_owned()));
+        let env = Env(get);
+        if env.value("GITLAB_RUNNER_TOKEN_PARAMETER").is_some() {
+            return Ok(Self::Ec2(Box::new(FleetConfig::read(&env)?)));
         }
-        let runner_scope = match value("RUNNER_SCOPE").as_deref().unwrap_or("project") {
+        if env.value("GITLAB_REGISTRATION_TOKEN_PARAMETER").is_some() {
+            return Err(ConfigError(
+                "GITLAB_REGISTRATION_TOKEN_PARAMETER (RegistrationTokenParameterName) is set but GITLAB_RUNNER_TOKEN_PARAMETER (RunnerApiTokenParameterName) is not: EC2 runners also need the runner API token, to delete runners and ask whether they are busy; set RunnerApiTokenParameterName, or clear RegistrationTokenParameterName for a stack without EC2 runners".into(),
+            ));
+        }
+        Ok(Self::NotConfigured)
+    }
+}
+
+impl FleetConfig {
+    /// The configuration of a stack with EC2 runners; without them (no runner token
+    /// parameter) an error that says what to set. See [`FleetSetup`] for both.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        match FleetSetup::from_lookup(get)? {
+            FleetSetup::Ec2(config) => Ok(*config),
+            FleetSetup::NotConfigured => Err(ConfigError(NOT_CONFIGURED.into())),
+        }
+    }
+
+    /// The reaper's lease table, which the reaper cannot run without.
+    pub fn leases_table(&self) -> Result<&str, ConfigError> {
+        self.leases_table_name.as_deref().ok_or_else(|| {
+            ConfigError(
+                "LEASES_TABLE_NAME is not set (the table of the reaper's lease, which keeps its passes from overlapping: the template's LeasesTable)".into(),
+            )
+        })
+    }
+
+    fn read<G: Fn(&str) -> Option<String>>(env: &Env<G>) -> Result<Self, ConfigError> {
+        let max_job_timeout = env.seconds("MAX_JOB_TIMEOUT_SECONDS", 0)?;
+        Ok(Self {
+            settings: settings(env)?,
+            jobs_table_name: env.required("JOBS_TABLE_NAME", "the jobs table")?,
+            runners_table_name: env.required("RUNNERS_TABLE_NAME", "the runner registry table")?,
+            leases_table_name: env.value("LEASES_TABLE_NAME"),
+            gitlab_api_token_parameter: env.required(
+                "GITLAB_RUNNER_TOKEN_PARAMETER",
+                "the SSM SecureString holding a GitLab token with the create_runner and manage_runner scopes (or api)",
+            )?,
+            registration_token_parameter: env.value("GITLAB_REGISTRATION_TOKEN_PARAMETER"),
+            runner_scope: runner_scope(env)?,
+            security_group_ids: env.list("SECURITY_GROUP_IDS"),
+            instance_profile_arn: env.value("INSTANCE_PROFILE_ARN"),
+            instance_arn_prefix: env.required(
+                "INSTANCE_ARN_PREFIX",
+                "arn:<partition>:ec2:<region>:<account>:instance/",
+            )?,
+            max_job_timeout_seconds: (max_job_timeout > 0).then_some(max_job_timeout),
+        })
+    }
+}
+
+fn runner_scope<G: Fn(&str) -> Option<String>>(env: &Env<G>) -> Result<ScopeSetting, ConfigError> {
+    Ok(
+        match env.value("RUNNER_SCOPE").as_deref().unwrap_or("project") {
             "project" => ScopeSetting::JobProject,
             "instance" => ScopeSetting::Instance,
             other => match other.strip_prefix("group:").map(str::parse) {
@@ -127,63 +197,102 @@ impl FleetConfig {
                     )));
                 }
             },
-        };
-        let wait_timeout_seconds = seconds("RUNNER_WAIT_TIMEOUT_SECONDS", 600)?;
-        let max_lifetime_seconds = seconds("MAX_INSTANCE_LIFETIME_SECONDS", 4 * 3600)?;
-        let max_job_timeout = seconds("MAX_JOB_TIMEOUT_SECONDS", 0)?;
-        let gitlab_url = required(
-            "GITLAB_URL",
-            "the GitLab base URL, e.g. https://gitlab.example.com",
-        )?
-        .trim_end_matches('/')
-        .to_owned();
-        Ok(Self {
-            settings: FleetSettings {
-                defaults: Ec2Defaults {
-                    instance_type: value("DEFAULT_INSTANCE_TYPE").unwrap_or_else(|| "t4g.medium".into()),
-                    ami,
-                    market,
-                    subnets: list("SUBNET_IDS"),
-                    executor,
-                    stack: required("STACK_NAME", "the stack's name: the managed-by tag value")?,
-                    cost_tags,
-                },
-                user_data_template: USER_DATA_TEMPLATE.to_owned(),
-                gitlab_url,
-                token_parameter_prefix: required(
-                    "TOKEN_PARAMETER_PREFIX",
-                    "the SSM path under which runner tokens are put, e.g. /ephemeral-runners/<stack>/runner-tokens",
-                )?
-                .trim_end_matches('/')
-                .to_owned(),
-                wait_timeout_seconds,
-                region: required("AWS_REGION", "set by Lambda")?,
-                reaper: ReaperSettings {
-                    max_lifetime_ms: max_lifetime_seconds * 1000,
-                    // Boot, token pick-up and the runner's own wait for a job.
-                    idle_grace_ms: (wait_timeout_seconds
-                        + seconds("RUNNER_BOOT_GRACE_SECONDS", 300)?)
-                        * 1000,
-                },
-                orphan_grace_ms: seconds("ORPHAN_GRACE_SECONDS", 600)? * 1000,
-            },
-            jobs_table_name: required("JOBS_TABLE_NAME", "the jobs table")?,
-            runners_table_name: required("RUNNERS_TABLE_NAME", "the runner registry table")?,
-            gitlab_api_token_parameter: required(
-                "GITLAB_RUNNER_TOKEN_PARAMETER",
-                "the SSM SecureString holding a GitLab token with the create_runner and manage_runner scopes (or api)",
-            )?,
-            registration_token_parameter: value("GITLAB_REGISTRATION_TOKEN_PARAMETER"),
-            runner_scope,
-            security_group_ids: list("SECURITY_GROUP_IDS"),
-            instance_profile_arn: value("INSTANCE_PROFILE_ARN"),
-            instance_arn_prefix: required(
-                "INSTANCE_ARN_PREFIX",
-                "arn:<partition>:ec2:<region>:<account>:instance/",
-            )?,
-            max_job_timeout_seconds: (max_job_timeout > 0).then_some(max_job_timeout),
-        })
+        },
+    )
+}
+
+fn settings<G: Fn(&str) -> Option<String>>(env: &Env<G>) -> Result<FleetSettings, ConfigError> {
+    let wait_timeout_seconds = env.seconds("RUNNER_WAIT_TIMEOUT_SECONDS", 600)?;
+    let max_lifetime_seconds = env.seconds("MAX_INSTANCE_LIFETIME_SECONDS", 4 * 3600)?;
+    let gitlab_url = env.required(
+        "GITLAB_URL",
+        "EC2 runners are configured (GITLAB_RUNNER_TOKEN_PARAMETER is set) and register with GitLab: set the stack parameter GitLabUrl to the GitLab base URL, e.g. https://gitlab.example.com",
+    )?;
+    Ok(FleetSettings {
+        defaults: defaults(env)?,
+        user_data_template: USER_DATA_TEMPLATE.to_owned(),
+        gitlab_url: gitlab_url.trim_end_matches('/').to_owned(),
+        token_parameter_prefix: env
+            .required(
+                "TOKEN_PARAMETER_PREFIX",
+                "the SSM path under which runner tokens are put, e.g. /ephemeral-runners/<stack>/runner-tokens",
+            )?
+            .trim_end_matches('/')
+            .to_owned(),
+        wait_timeout_seconds,
+        region: env.required("AWS_REGION", "set by Lambda")?,
+        reaper: ReaperSettings {
+            max_lifetime_ms: max_lifetime_seconds * 1000,
+            // Boot, token pick-up and the runner's own wait for a job.
+            idle_grace_ms: (wait_timeout_seconds + env.seconds("RUNNER_BOOT_GRACE_SECONDS", 300)?)
+                * 1000,
+        },
+        orphan_grace_ms: env.seconds("ORPHAN_GRACE_SECONDS", 600)? * 1000,
+    })
+}
+
+fn defaults<G: Fn(&str) -> Option<String>>(env: &Env<G>) -> Result<Ec2Defaults, ConfigError> {
+    let stack = env.required("STACK_NAME", "the stack's name: the managed-by tag value")?;
+    let ami_parameter_prefix = ami_parameter_prefix(env, &stack)?;
+    let ami = AmiRef::parse(&env.value("DEFAULT_AMI").unwrap_or_else(|| {
+        "ssm:/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-arm64".into()
+    }))
+    .map_err(|e| ConfigError(format!("DEFAULT_AMI: {e}")))?;
+    check_ami_readable(
+        &ami,
+        &ami_parameter_prefix,
+        "the stack parameter DefaultAmi (DEFAULT_AMI)",
+    )
+    .map_err(|e| ConfigError(e.to_string()))?;
+    let mut cost_tags = Vec::new();
+    for pair in env.list("COST_TAGS") {
+        let (k, v) = pair.split_once('=').ok_or_else(|| {
+            ConfigError(format!(
+                "COST_TAGS: `{pair}` is not key=value (comma-separated)"
+            ))
+        })?;
+        cost_tags.push((k.trim().to_owned(), v.trim().to_owned()));
     }
+    Ok(Ec2Defaults {
+        instance_type: env
+            .value("DEFAULT_INSTANCE_TYPE")
+            .unwrap_or_else(|| "t4g.medium".into()),
+        ami,
+        market: env.choice(
+            "DEFAULT_MARKET",
+            "spot",
+            &[("spot", Market::Spot), ("on-demand", Market::OnDemand)],
+        )?,
+        subnets: env.list("SUBNET_IDS"),
+        executor: env.choice(
+            "DEFAULT_RUNNER_EXECUTOR",
+            "docker",
+            &[
+                ("docker", RunnerExecutor::Docker),
+                ("shell", RunnerExecutor::Shell),
+            ],
+        )?,
+        stack,
+        cost_tags,
+        ami_parameter_prefix,
+    })
+}
+
+/// `AMI_PARAMETER_PREFIX` (the template resolves an empty `AmiParameterPrefix` to the stack's
+/// default), always ending with `/` so that `/amis/` never admits `/amis-old/`.
+fn ami_parameter_prefix<G: Fn(&str) -> Option<String>>(
+    env: &Env<G>,
+    stack: &str,
+) -> Result<String, ConfigError> {
+    let Some(prefix) = env.value("AMI_PARAMETER_PREFIX") else {
+        return Ok(default_ami_parameter_prefix(stack));
+    };
+    if !prefix.starts_with('/') || prefix == "/" {
+        return Err(ConfigError(format!(
+            "AMI_PARAMETER_PREFIX=`{prefix}`: an SSM path such as /ephemeral-runners/{stack}/amis/ (the stack parameter AmiParameterPrefix)"
+        )));
+    }
+    Ok(format!("{}/", prefix.trim_end_matches('/')))
 }
 
 #[cfg(test)]
@@ -242,5 +351,111 @@ mod tests {
         assert!(e.to_string().contains("key=value"), "{e}");
         let e = FleetConfig::from_lookup(env(&[("STACK_NAME", " ")])).unwrap_err();
         assert!(e.to_string().contains("STACK_NAME is not set"), "{e}");
+    }
+
+    /// What the template gives the functions of a stack without EC2 settings
+    /// (RunnerApiTokenParameterName, GitLabUrl, SubnetIds empty: `!Ref` of "" is "").
+    fn lambda_only<'a>(extra: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        const EMPTY: [&str; 4] = [
+            "GITLAB_URL",
+            "GITLAB_RUNNER_TOKEN_PARAMETER",
+            "GITLAB_REGISTRATION_TOKEN_PARAMETER",
+            "SUBNET_IDS",
+        ];
+        let vars = env(extra);
+        move |k| {
+            let overridden = extra.iter().any(|(e, _)| *e == k);
+            if EMPTY.contains(&k) && !overridden {
+                Some(String::new())
+            } else {
+                vars(k)
+            }
+        }
+    }
+
+    #[test]
+    fn no_runner_token_parameter_means_ec2_is_not_configured() {
+        assert!(matches!(
+            FleetSetup::from_lookup(lambda_only(&[])).unwrap(),
+            FleetSetup::NotConfigured
+        ));
+        // Unconfigured, the other EC2 settings are not read: nothing in them can fail a start.
+        let odd = lambda_only(&[("DEFAULT_MARKET", "cheap"), ("STACK_NAME", "")]);
+        assert!(matches!(
+            FleetSetup::from_lookup(odd).unwrap(),
+            FleetSetup::NotConfigured
+        ));
+        // Callers that need EC2 hear what to set.
+        let e = FleetConfig::from_lookup(lambda_only(&[]))
+            .unwrap_err()
+            .to_string();
+        for name in ["RunnerApiTokenParameterName", "GitLabUrl", "SubnetIds"] {
+            assert!(e.contains(name), "{e}");
+        }
+        // A configured stack is one.
+        assert!(matches!(
+            FleetSetup::from_lookup(env(&[])).unwrap(),
+            FleetSetup::Ec2(_)
+        ));
+    }
+
+    #[test]
+    fn a_partial_ec2_configuration_is_an_error_that_names_what_is_missing() {
+        let e = FleetSetup::from_lookup(env(&[("GITLAB_URL", "")])).unwrap_err();
+        assert!(e.to_string().contains("GITLAB_URL is not set"), "{e}");
+        assert!(e.to_string().contains("GitLabUrl"), "{e}");
+        let e = FleetSetup::from_lookup(lambda_only(&[(
+            "GITLAB_REGISTRATION_TOKEN_PARAMETER",
+            "/er/ci/registration-token",
+        )]))
+        .unwrap_err();
+        assert!(e.to_string().contains("RunnerApiTokenParameterName"), "{e}");
+    }
+
+    #[test]
+    fn the_default_ami_must_be_readable_by_the_provision_role() {
+        // Default prefix: /ephemeral-runners/<stack>/amis/.
+        let c = FleetConfig::from_lookup(env(&[(
+            "DEFAULT_AMI",
+            "ssm:/ephemeral-runners/ci/amis/builder",
+        )]))
+        .unwrap();
+        assert_eq!(
+            c.settings.defaults.ami_parameter_prefix,
+            "/ephemeral-runners/ci/amis/"
+        );
+        let e = FleetConfig::from_lookup(env(&[("DEFAULT_AMI", "ssm:/golden/ami")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("DefaultAmi (DEFAULT_AMI) names the AMI parameter `/golden/ami`"),
+            "{e}"
+        );
+        assert!(e.contains("under `/ephemeral-runners/ci/amis/`"), "{e}");
+        // An own prefix (AmiParameterPrefix), with or without the trailing slash.
+        for prefix in ["/golden", "/golden/"] {
+            let c = FleetConfig::from_lookup(env(&[
+                ("DEFAULT_AMI", "ssm:/golden/ami"),
+                ("AMI_PARAMETER_PREFIX", prefix),
+            ]))
+            .unwrap();
+            assert_eq!(c.settings.defaults.ami_parameter_prefix, "/golden/");
+        }
+        let e = FleetConfig::from_lookup(env(&[("AMI_PARAMETER_PREFIX", "golden")])).unwrap_err();
+        assert!(
+            e.to_string().contains("AMI_PARAMETER_PREFIX=`golden`"),
+            "{e}"
+        );
+        // An AMI id needs no parameter.
+        FleetConfig::from_lookup(env(&[("DEFAULT_AMI", "ami-0123abcd")])).unwrap();
+    }
+
+    #[test]
+    fn the_reaper_needs_its_lease_table() {
+        let c = FleetConfig::from_lookup(env(&[])).unwrap();
+        let e = c.leases_table().unwrap_err();
+        assert!(e.to_string().contains("LEASES_TABLE_NAME"), "{e}");
+        let c = FleetConfig::from_lookup(env(&[("LEASES_TABLE_NAME", "leases")])).unwrap();
+        assert_eq!(c.leases_table().unwrap(), "leases");
     }
 }

@@ -4,9 +4,10 @@
 use aws_config::SdkConfig;
 use ephemeral_core::fleet::{
     FleetPorts, FleetSettings, ProvisionError, Provisioned, ReapReport, TeardownError, TornDown,
-    provision, reaper_pass, teardown,
+    launch_warnings, provision, reaper_pass, teardown,
 };
 use ephemeral_core::hook::JobEvent;
+use ephemeral_core::lease::{Lease, LeaseRun, REAPER_LEASE, with_lease};
 use ephemeral_core::mapping::{Executor, MapperOutput};
 use ephemeral_core::metrics::{emf_count, emf_value};
 use ephemeral_core::webhook::PortError;
@@ -14,8 +15,9 @@ use ephemeral_gitlab::{GitLabClient, Registration, RetryPolicy};
 use serde::Deserialize;
 
 use crate::aws::{DynamoRunnerLedger, Ec2Fleet, SsmTokenVault};
-use crate::config::FleetConfig;
+use crate::config::{ConfigError, FleetConfig, FleetSetup, NOT_CONFIGURED};
 use crate::gitlab::GitLabRunners;
+use crate::lease::DynamoLeases;
 
 /// The provision workflow's state when it reaches the EC2 branch: the router's input plus the
 /// mapper's answer at `mapped.decision`.
@@ -42,8 +44,33 @@ pub type Ports = FleetPorts<Ec2Fleet, SsmTokenVault, GitLabRunners, DynamoRunner
 
 /// Clients and settings, built once per cold start.
 pub struct Functions {
+    /// `None`: EC2 runners are not configured (a Lambda-only stack).
+    ec2: Option<Ec2Functions>,
+}
+
+/// The functions of a stack with EC2 runners.
+pub struct Ec2Functions {
     pub ports: Ports,
     pub settings: FleetSettings,
+    /// The reaper's lease table (the other functions do not get it).
+    pub leases: Option<DynamoLeases>,
+}
+
+/// The invocation, as the reaper's lease needs it: who holds it and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invocation {
+    pub request_id: String,
+    /// Ms since the epoch; Lambda stops the invocation then.
+    pub deadline_ms: u64,
+}
+
+impl Invocation {
+    pub fn of(context: &lambda_runtime::Context) -> Self {
+        Self {
+            request_id: context.request_id.clone(),
+            deadline_ms: context.deadline,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -54,16 +81,34 @@ pub enum HandlerError {
     Teardown(#[from] TeardownError),
     #[error("{0}")]
     Port(#[from] PortError),
+    #[error("{0}")]
+    Config(#[from] ConfigError),
     #[error(
         "the mapper routed job {job_id} to {kind}, not EC2: the provision workflow's ChooseExecutor should not have called this step"
     )]
     NotAnEc2Route { job_id: u64, kind: &'static str },
+    #[error("job {job_id} was routed to EC2 ({matched}), but {NOT_CONFIGURED}")]
+    Ec2NotConfigured { job_id: u64, matched: String },
 }
 
 impl Functions {
     /// Builds the clients and reads the GitLab token(s) from SSM.
     pub async fn new(config: &FleetConfig, sdk: &SdkConfig) -> Result<Self, PortError> {
         Self::with_retry(config, sdk, RetryPolicy::default()).await
+    }
+
+    /// As the environment says: with EC2 runners (clients built, tokens read), or without
+    /// (nothing read, nothing built).
+    pub async fn start(setup: &FleetSetup, sdk: &SdkConfig) -> Result<Self, PortError> {
+        match setup {
+            FleetSetup::Ec2(config) => Self::new(config, sdk).await,
+            FleetSetup::NotConfigured => Ok(Self::not_configured()),
+        }
+    }
+
+    /// A stack without EC2 runners: no client, no SSM read.
+    pub fn not_configured() -> Self {
+        Self { ec2: None }
     }
 
     pub async fn with_retry(
@@ -80,34 +125,43 @@ impl Functions {
             }
             None => Registration::CreateRunnerToken(api_token.clone()),
         };
-        Ok(Self {
-            ports: FleetPorts {
-                fleet: Ec2Fleet {
-                    ec2: aws_sdk_ec2::Client::new(sdk),
-                    ssm: ssm.clone(),
-                    stack: config.settings.defaults.stack.clone(),
-                    security_group_ids: config.security_group_ids.clone(),
-                    instance_profile_arn: config.instance_profile_arn.clone(),
-                },
-                vault: SsmTokenVault {
-                    ssm,
-                    prefix: config.settings.token_parameter_prefix.clone(),
-                    instance_arn_prefix: config.instance_arn_prefix.clone(),
-                },
-                api: GitLabRunners {
-                    client: GitLabClient::new(&config.settings.gitlab_url, retry),
-                    api_token,
-                    registration,
-                    scope: config.runner_scope.clone(),
-                    maximum_timeout_seconds: config.max_job_timeout_seconds,
-                },
-                ledger: DynamoRunnerLedger {
-                    client: aws_sdk_dynamodb::Client::new(sdk),
-                    jobs_table: config.jobs_table_name.clone(),
-                    runners_table: config.runners_table_name.clone(),
-                },
+        let dynamo = aws_sdk_dynamodb::Client::new(sdk);
+        let ports = FleetPorts {
+            fleet: Ec2Fleet {
+                ec2: aws_sdk_ec2::Client::new(sdk),
+                ssm: ssm.clone(),
+                stack: config.settings.defaults.stack.clone(),
+                security_group_ids: config.security_group_ids.clone(),
+                instance_profile_arn: config.instance_profile_arn.clone(),
             },
-            settings: config.settings.clone(),
+            vault: SsmTokenVault {
+                ssm,
+                prefix: config.settings.token_parameter_prefix.clone(),
+                instance_arn_prefix: config.instance_arn_prefix.clone(),
+            },
+            api: GitLabRunners {
+                client: GitLabClient::new(&config.settings.gitlab_url, retry),
+                api_token,
+                registration,
+                scope: config.runner_scope.clone(),
+                maximum_timeout_seconds: config.max_job_timeout_seconds,
+            },
+            ledger: DynamoRunnerLedger {
+                client: dynamo.clone(),
+                jobs_table: config.jobs_table_name.clone(),
+                runners_table: config.runners_table_name.clone(),
+            },
+        };
+        let leases = config.leases_table_name.clone().map(|table| DynamoLeases {
+            client: dynamo,
+            table,
+        });
+        Ok(Self {
+            ec2: Some(Ec2Functions {
+                ports,
+                settings: config.settings.clone(),
+                leases,
+            }),
         })
     }
 
@@ -126,80 +180,52 @@ impl Functions {
                 });
             }
         };
-        let result = provision(
-            &self.ports,
-            &self.settings,
-            job,
-            route,
-            input.mapped.decision.tags.as_deref(),
-            now_ms,
-        )
-        .await;
-        // Measured after the step: the hook's receipt to the instance launched and its runner
-        // created (`now_ms` is when the step started).
-        let latency_ms = crate::now_ms().saturating_sub(job.received_at_ms);
-        match &result {
-            Ok(outcome) => {
-                tracing::info!(
-                    project_id = job.project_id,
-                    pipeline_id = job.pipeline_id,
-                    job_id = job.job_id,
-                    delivery_id = %job.delivery_id,
-                    outcome = %serde_json::to_string(outcome).unwrap_or_default(),
-                    hook_to_launch_ms = latency_ms,
-                    "provisioned"
-                );
-                if let Provisioned::Launched {
-                    failed_attempts, ..
-                } = outcome
-                {
-                    println!(
-                        "{}",
-                        emf_count("ec2-provision", "RunnersLaunched", 1, now_ms)
-                    );
-                    // From the webhook's receipt of the hook to the instance launched.
-                    println!(
-                        "{}",
-                        emf_value(
-                            "ec2-provision",
-                            "HookToLaunch",
-                            latency_ms,
-                            "Milliseconds",
-                            now_ms
-                        )
-                    );
-                    println!(
-                        "{}",
-                        emf_count(
-                            "ec2-provision",
-                            "LaunchAttemptsFailed",
-                            failed_attempts.len() as u64,
-                            now_ms
-                        )
-                    );
-                }
-            }
-            Err(e) => {
-                tracing::error!(
-                    project_id = job.project_id,
-                    pipeline_id = job.pipeline_id,
-                    job_id = job.job_id,
-                    delivery_id = %job.delivery_id,
-                    error = %e,
-                    "provisioning failed"
-                );
-                println!(
-                    "{}",
-                    emf_count("ec2-provision", "LaunchFailures", 1, now_ms)
-                );
-            }
-        }
-        Ok(result?)
+        let result = match &self.ec2 {
+            Some(ec2) => provision(
+                &ec2.ports,
+                &ec2.settings,
+                job,
+                route,
+                input.mapped.decision.tags.as_deref(),
+                now_ms,
+            )
+            .await
+            .map_err(HandlerError::from),
+            // Not retried by the workflow: recorded on the job's item, like LaunchRefused.
+            None => Err(HandlerError::Ec2NotConfigured {
+                job_id: job.job_id,
+                matched: input.mapped.decision.decision.matched.clone(),
+            }),
+        };
+        log_provisioned(job, &result, now_ms);
+        result
     }
 
     pub async fn teardown(&self, input: &TeardownInput) -> Result<TornDown, HandlerError> {
         let job = &input.job;
-        let result = teardown(&self.ports, job).await;
+        // The teardown workflow calls this step for every job a runner ran, whatever its
+        // route: in a stack with EC2 runners, one of ours can take a job routed elsewhere (a
+        // runner takes any pending job its tags match), so the route cannot tell. Without
+        // EC2 runners no runner is ours, and there is nothing to look up.
+        let Some(ec2) = &self.ec2 else {
+            let done = TornDown {
+                skipped: Some(
+                    "EC2 runners are not configured in this stack: no runner of ours can have run the job".into(),
+                ),
+                ..TornDown::default()
+            };
+            tracing::info!(
+                project_id = job.project_id,
+                pipeline_id = job.pipeline_id,
+                job_id = job.job_id,
+                delivery_id = %job.delivery_id,
+                status = job.status.as_str(),
+                outcome = %serde_json::to_string(&done).unwrap_or_default(),
+                "torn down"
+            );
+            return Ok(done);
+        };
+        let result = teardown(&ec2.ports, job).await;
         match &result {
             Ok(done) => tracing::info!(
                 project_id = job.project_id,
@@ -222,35 +248,163 @@ impl Functions {
         Ok(result?)
     }
 
-    pub async fn reap(&self, now_ms: u64) -> Result<ReapReport, HandlerError> {
-        let report = reaper_pass(&self.ports, &self.settings, now_ms).await?;
-        for killed in &report.killed {
-            tracing::warn!(instance_id = %killed.instance_id, runner_id = killed.runner_id, why = killed.why, "reaped");
+    /// One reaper pass, only while holding the reaper's lease: a pass that finds it held by
+    /// another (still running) pass does nothing and succeeds.
+    pub async fn reap(
+        &self,
+        now_ms: u64,
+        invocation: &Invocation,
+    ) -> Result<ReapReport, HandlerError> {
+        let Some(ec2) = &self.ec2 else {
+            let report = ReapReport::skipped(
+                "EC2 runners are not configured in this stack: nothing to reap".into(),
+            );
+            log_reaped(&report, now_ms);
+            return Ok(report);
+        };
+        let leases = ec2.leases.as_ref().ok_or_else(|| {
+            ConfigError("LEASES_TABLE_NAME is not set: the reaper runs only under its lease".into())
+        })?;
+        let lease = Lease::until_deadline(
+            REAPER_LEASE,
+            &invocation.request_id,
+            now_ms,
+            invocation.deadline_ms,
+        );
+        let pass = || reaper_pass(&ec2.ports, &ec2.settings, now_ms);
+        let report = match with_lease(leases, &lease, now_ms, pass).await? {
+            LeaseRun::Held(held) => ReapReport::skipped(format!(
+                "another reaper pass holds the lease (request {}, until {} ms since the epoch)",
+                held.holder, held.expires_at_ms
+            )),
+            LeaseRun::Ran { output, released } => {
+                let mut report = output?;
+                if let Err(e) = released {
+                    report.errors.push(format!(
+                        "releasing the reaper lease: {e}; the next pass waits until it expires"
+                    ));
+                }
+                report
+            }
+        };
+        log_reaped(&report, now_ms);
+        Ok(report)
+    }
+}
+
+/// One log line (and the metrics) per provisioning, with the fix for a fallback if any.
+fn log_provisioned(job: &JobEvent, result: &Result<Provisioned, HandlerError>, now_ms: u64) {
+    // Measured after the step: the hook's receipt to the instance launched and its runner
+    // created (`now_ms` is when the step started).
+    let latency_ms = crate::now_ms().saturating_sub(job.received_at_ms);
+    let outcome = match result {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            tracing::error!(
+                project_id = job.project_id,
+                pipeline_id = job.pipeline_id,
+                job_id = job.job_id,
+                delivery_id = %job.delivery_id,
+                error_type = e.error_type(),
+                error = %e,
+                "provisioning failed"
+            );
+            println!(
+                "{}",
+                emf_count("ec2-provision", "LaunchFailures", 1, now_ms)
+            );
+            return;
         }
-        for error in &report.errors {
-            tracing::error!(error = %error, "reaper: will retry on the next pass");
-        }
-        tracing::info!(
-            instances = report.instances_seen,
-            killed = report.killed.len(),
-            marked = report.marked.len(),
-            stale_parameters = report.stale_parameters.len(),
-            orphan_runners = report.orphan_runners.len(),
-            errors = report.errors.len(),
-            "reaper pass"
+    };
+    for warning in launch_warnings(outcome) {
+        tracing::warn!(
+            project_id = job.project_id,
+            job_id = job.job_id,
+            delivery_id = %job.delivery_id,
+            "{warning}"
+        );
+    }
+    tracing::info!(
+        project_id = job.project_id,
+        pipeline_id = job.pipeline_id,
+        job_id = job.job_id,
+        delivery_id = %job.delivery_id,
+        outcome = %serde_json::to_string(outcome).unwrap_or_default(),
+        hook_to_launch_ms = latency_ms,
+        "provisioned"
+    );
+    if let Provisioned::Launched {
+        failed_attempts, ..
+    } = outcome
+    {
+        println!(
+            "{}",
+            emf_count("ec2-provision", "RunnersLaunched", 1, now_ms)
+        );
+        // From the webhook's receipt of the hook to the instance launched.
+        println!(
+            "{}",
+            emf_value(
+                "ec2-provision",
+                "HookToLaunch",
+                latency_ms,
+                "Milliseconds",
+                now_ms
+            )
         );
         println!(
             "{}",
             emf_count(
-                "reaper",
-                "InstancesReaped",
-                report.killed.len() as u64,
+                "ec2-provision",
+                "LaunchAttemptsFailed",
+                failed_attempts.len() as u64,
                 now_ms
             )
         );
-        Ok(report)
     }
 }
+
+fn log_reaped(report: &ReapReport, now_ms: u64) {
+    if let Some(why) = &report.skipped {
+        tracing::info!(skipped = %why, "reaper pass");
+        return;
+    }
+    for killed in &report.killed {
+        tracing::warn!(instance_id = %killed.instance_id, runner_id = killed.runner_id, why = killed.why, "reaped");
+    }
+    for error in &report.errors {
+        tracing::error!(error = %error, "reaper: will retry on the next pass");
+    }
+    tracing::info!(
+        instances = report.instances_seen,
+        killed = report.killed.len(),
+        marked = report.marked.len(),
+        stale_parameters = report.stale_parameters.len(),
+        orphan_runners = report.orphan_runners.len(),
+        errors = report.errors.len(),
+        "reaper pass"
+    );
+    println!(
+        "{}",
+        emf_count(
+            "reaper",
+            "InstancesReaped",
+            report.killed.len() as u64,
+            now_ms
+        )
+    );
+}
+
+/// The provision step's error types that the provision workflow retries
+/// (`statemachine/provision.asl.json`, state `ProvisionEc2Runner`): a later attempt can fix
+/// them. Every other one (`LaunchRefused`, `Ec2Misconfigured`, `Ec2NotConfigured`, ...) fails
+/// the step at once and is recorded on the job's item by the workflow's `Catch`.
+pub const PROVISION_RETRIED: [&str; 4] = [
+    "Ec2Unavailable",
+    "ProvisionStepFailed",
+    "DependencyFailed",
+    "GitLabRunnerNotCreated",
+];
 
 impl HandlerError {
     /// The `errorType` Step Functions sees: stable names a `Catch` or `Retry` can match.
@@ -266,7 +420,9 @@ impl HandlerError {
             Self::Provision(ProvisionError::Step { .. }) => "ProvisionStepFailed",
             Self::Teardown(_) => "TeardownStepFailed",
             Self::Port(_) => "DependencyFailed",
+            Self::Config(_) => "FleetMisconfigured",
             Self::NotAnEc2Route { .. } => "NotAnEc2Route",
+            Self::Ec2NotConfigured { .. } => "Ec2NotConfigured",
         }
     }
 }
@@ -276,6 +432,65 @@ impl From<HandlerError> for lambda_runtime::Diagnostic {
         Self {
             error_type: e.error_type().to_owned(),
             error_message: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The provision definition's `ProvisionEc2Runner` state, as the workflow runs it.
+    fn provision_state() -> serde_json::Value {
+        let definition: serde_json::Value =
+            serde_json::from_str(include_str!("../../../statemachine/provision.asl.json")).unwrap();
+        definition["States"]["ProvisionEc2Runner"].clone()
+    }
+
+    #[test]
+    fn the_workflow_retries_exactly_the_retryable_errors_and_records_the_rest() {
+        let state = provision_state();
+        let retried: Vec<&str> = state["Retry"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .flat_map(|r| r["ErrorEquals"].as_array().unwrap())
+            .filter_map(|e| e.as_str())
+            .filter(|e| !e.starts_with("Lambda."))
+            .collect();
+        assert_eq!(retried, PROVISION_RETRIED);
+        let not_configured = HandlerError::Ec2NotConfigured {
+            job_id: 1,
+            matched: "default".into(),
+        };
+        assert!(!retried.contains(&not_configured.error_type()));
+        // ...and caught: RecordFailure puts provision_error / provision_cause on the item.
+        let catch = &state["Catch"][0];
+        assert_eq!(catch["ErrorEquals"], serde_json::json!(["States.ALL"]));
+        assert_eq!(catch["Next"], "RecordFailure");
+    }
+
+    #[test]
+    fn not_configured_names_what_to_set() {
+        let e = HandlerError::Ec2NotConfigured {
+            job_id: 42,
+            matched: "default".into(),
+        };
+        let text = e.to_string();
+        assert_eq!(e.error_type(), "Ec2NotConfigured");
+        assert!(
+            text.starts_with(
+                "job 42 was routed to EC2 (default), but EC2 runners are not configured"
+            ),
+            "{text}"
+        );
+        for name in [
+            "RunnerApiTokenParameterName",
+            "GitLabUrl",
+            "SubnetIds",
+            "LAMBDA",
+        ] {
+            assert!(text.contains(name), "{text}");
         }
     }
 }

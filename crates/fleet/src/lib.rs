@@ -7,9 +7,10 @@ pub mod aws;
 pub mod config;
 pub mod gitlab;
 pub mod handlers;
+pub mod lease;
 
-pub use config::{ConfigError, FleetConfig};
-pub use handlers::{Functions, ProvisionInput, TeardownInput};
+pub use config::{ConfigError, FleetConfig, FleetSetup};
+pub use handlers::{Functions, Invocation, ProvisionInput, TeardownInput};
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

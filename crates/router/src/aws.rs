@@ -10,6 +10,7 @@ use ephemeral_core::hook::JobEvent;
 use ephemeral_core::jobs::{
     Advance, JobKey, JobPhase, JobStore, Started, Workflow, WorkflowInput, Workflows,
 };
+use ephemeral_core::jobs_table::{self, ADVANCE_CONDITION, attr};
 use ephemeral_core::webhook::PortError;
 
 /// One item per job, keyed `job_key`; `phase`/`phase_rank` only move up.
@@ -28,7 +29,7 @@ fn s(v: &str) -> AttributeValue {
 }
 
 fn phase_of(item: &HashMap<String, AttributeValue>) -> Option<JobPhase> {
-    match item.get("phase_rank") {
+    match item.get(attr::PHASE_RANK) {
         Some(AttributeValue::N(rank)) => rank.parse().ok().and_then(JobPhase::from_rank),
         _ => None,
     }
@@ -43,17 +44,25 @@ impl JobStore for DynamoJobStore {
         now_ms: u64,
     ) -> Result<Advance, PortError> {
         let table_key = key.table_key();
-        let mut update = String::from(
-            "SET phase = :phase, phase_rank = :rank, last_status = :status, project_id = :project, \
-             job_id = :job, job_name = :name, updated_at_ms = :now, expires_at = :expires",
+        let mut update = format!(
+            "SET {} = :phase, {} = :rank, {} = :status, {} = :project, {} = :job, {} = :name, \
+             {} = :now, {} = :expires",
+            attr::PHASE,
+            attr::PHASE_RANK,
+            attr::LAST_STATUS,
+            attr::PROJECT_ID,
+            attr::JOB_ID,
+            attr::JOB_NAME,
+            attr::UPDATED_AT_MS,
+            attr::EXPIRES_AT,
         );
         let mut request = self
             .client
             .update_item()
             .table_name(&self.table)
-            .key("job_key", s(&table_key))
+            .key(jobs_table::KEY, s(&table_key))
             // A lower phase may be overwritten; an equal or higher one never.
-            .condition_expression("attribute_not_exists(phase_rank) OR phase_rank < :rank")
+            .condition_expression(ADVANCE_CONDITION)
             .expression_attribute_values(":phase", s(to.as_str()))
             .expression_attribute_values(":rank", n(u64::from(to.rank())))
             .expression_attribute_values(":status", s(event.status.as_str()))
@@ -66,11 +75,11 @@ impl JobStore for DynamoJobStore {
             .return_values_on_condition_check_failure(ReturnValuesOnConditionCheckFailure::AllOld);
         if let Some(runner) = &event.runner {
             // The runner that ran the job: teardown follows it, not the job's own launch.
-            update.push_str(", runner_id = :runner");
+            update.push_str(&format!(", {} = :runner", attr::RUNNER_ID));
             request = request.expression_attribute_values(":runner", n(runner.id));
         }
         if let Some(path) = &event.project_path {
-            update.push_str(", project_path = :path");
+            update.push_str(&format!(", {} = :path", attr::PROJECT_PATH));
             request = request.expression_attribute_values(":path", s(path));
         }
         match request.update_expression(update).send().await {
@@ -87,7 +96,7 @@ impl JobStore for DynamoJobStore {
                         .client
                         .get_item()
                         .table_name(&self.table)
-                        .key("job_key", s(&table_key))
+                        .key(jobs_table::KEY, s(&table_key))
                         .consistent_read(true)
                         .send()
                         .await

@@ -38,6 +38,10 @@ fn main() {
             .env("AWS_SECRET_ACCESS_KEY", "bench")
             .env("EVENT_BUS_NAME", "bus")
             .env("DEDUP_TABLE_NAME", "table")
+            .env(
+                "FALLBACK_QUEUE_URL",
+                "https://sqs.us-east-1.amazonaws.com/123456789012/fallback",
+            )
             .env("SECRET_TOKEN_PARAMETER", "/bench/token")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

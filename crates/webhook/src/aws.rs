@@ -11,7 +11,7 @@ use ephemeral_core::hook::JobEvent;
 use ephemeral_core::secrets::SecretSource;
 use ephemeral_core::webhook::{
     Claim, DEAD_LETTER_DETAIL_TYPE, DeadLetter, DeliveryClaim, DeliveryLedger, EVENT_SOURCE,
-    EventSink, JOB_EVENT_DETAIL_TYPE, PortError,
+    EventSink, FallbackQueue, JOB_EVENT_DETAIL_TYPE, PortError, QueuedHook,
 };
 
 /// Reads the secret token and signing token parameters (SecureString) in one call.
@@ -206,7 +206,8 @@ impl DeliveryLedger for DynamoLedger {
                 Ok(())
             }
             Err(e) => {
-                // GitLab's retry is then answered 503 until the claim's lease runs out.
+                // The hook goes to the fallback queue anyway; the drainer's tries (and a resend)
+                // see the claim in flight until its lease runs out, then forward it.
                 let e = port_error("releasing the delivery claim", e);
                 tracing::warn!(delivery_id, error = %e, "could not release the claim; retries wait for its lease");
                 Err(e)
@@ -265,5 +266,26 @@ impl EventSink for EventBridgeSink {
             .detail()
             .map_err(|e| PortError(format!("serializing the dead letter: {e}")))?;
         self.put(DEAD_LETTER_DETAIL_TYPE, detail).await
+    }
+}
+
+/// The fallback queue (SQS, SSE on): the webhook's last resort for an authentic hook, drained
+/// by the intake drainer.
+#[derive(Debug, Clone)]
+pub struct SqsFallback {
+    pub client: aws_sdk_sqs::Client,
+    pub queue_url: String,
+}
+
+impl FallbackQueue for SqsFallback {
+    async fn keep(&self, hook: &QueuedHook) -> Result<(), PortError> {
+        self.client
+            .send_message()
+            .queue_url(&self.queue_url)
+            .message_body(hook.to_message()?)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| port_error("keeping the hook on the fallback queue", e))
     }
 }

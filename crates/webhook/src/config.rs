@@ -1,13 +1,32 @@
 //! Configuration read once at cold start from the function's environment (set by the SAM
-//! template). Every error names the variable and what to put in it.
+//! template). Every error names the variable and what to put in it. The variables are named
+//! once, in [`var`]; the webhook and the intake drainer read the ones they share by the same
+//! names, and a test checks that the template sets exactly these.
 
 use ephemeral_core::auth::AuthMode;
 use ephemeral_core::webhook::{DedupSettings, WebhookPolicy};
+
+/// The environment variables the template sets on the webhook and the intake drainer.
+pub mod var {
+    pub const EVENT_BUS_NAME: &str = "EVENT_BUS_NAME";
+    pub const DEDUP_TABLE_NAME: &str = "DEDUP_TABLE_NAME";
+    pub const DEDUP_TTL_SECONDS: &str = "DEDUP_TTL_SECONDS";
+    pub const FALLBACK_QUEUE_URL: &str = "FALLBACK_QUEUE_URL";
+    pub const SECRET_TOKEN_PARAMETER: &str = "SECRET_TOKEN_PARAMETER";
+    pub const SIGNING_TOKEN_PARAMETER: &str = "SIGNING_TOKEN_PARAMETER";
+    pub const AUTH_MODE: &str = "AUTH_MODE";
+    pub const MAX_BODY_BYTES: &str = "MAX_BODY_BYTES";
+    pub const DEAD_LETTER_BODY_BYTES: &str = "DEAD_LETTER_BODY_BYTES";
+    pub const SIGNATURE_TOLERANCE_SECONDS: &str = "SIGNATURE_TOLERANCE_SECONDS";
+    pub const SECRETS_TTL_SECONDS: &str = "SECRETS_TTL_SECONDS";
+}
 
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
     pub event_bus_name: String,
     pub dedup_table_name: String,
+    /// Where authentic hooks go when the table or the bus fails.
+    pub fallback_queue_url: String,
     pub secret_token_parameter: Option<String>,
     pub signing_token_parameter: Option<String>,
     pub secrets_ttl_seconds: u64,
@@ -15,84 +34,172 @@ pub struct WebhookConfig {
     pub dedup: DedupSettings,
 }
 
+/// The intake drainer's: the same table and bus as the webhook's, under the same names.
+#[derive(Debug, Clone)]
+pub struct DrainerConfig {
+    pub event_bus_name: String,
+    pub dedup_table_name: String,
+    pub dedup: DedupSettings,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("configuration: {0}")]
 pub struct ConfigError(String);
 
+/// The environment, read the same way for every variable: trimmed, empty = unset.
+struct Env<G>(G);
+
+impl<G: Fn(&str) -> Option<String>> Env<G> {
+    fn value(&self, name: &str) -> Option<String> {
+        (self.0)(name)
+            .map(|v| v.trim().to_owned())
+            .filter(|v| !v.is_empty())
+    }
+
+    fn required(&self, name: &str, what: &str) -> Result<String, ConfigError> {
+        self.value(name)
+            .ok_or_else(|| ConfigError(format!("{name} is not set ({what})")))
+    }
+
+    fn number(&self, name: &str, default: u64) -> Result<u64, ConfigError> {
+        match self.value(name) {
+            None => Ok(default),
+            Some(v) => v
+                .parse()
+                .map_err(|_| ConfigError(format!("{name}=`{v}` is not a whole number"))),
+        }
+    }
+
+    fn bus(&self) -> Result<String, ConfigError> {
+        self.required(var::EVENT_BUS_NAME, "the EventBridge bus job events go to")
+    }
+
+    fn table(&self) -> Result<String, ConfigError> {
+        self.required(var::DEDUP_TABLE_NAME, "the DynamoDB table of deliveries")
+    }
+
+    fn dedup(&self) -> Result<DedupSettings, ConfigError> {
+        let defaults = DedupSettings::default();
+        Ok(DedupSettings {
+            ttl_seconds: self.number(var::DEDUP_TTL_SECONDS, defaults.ttl_seconds)?,
+            lease_ms: defaults.lease_ms,
+        })
+    }
+}
+
 impl WebhookConfig {
+    /// Every variable the webhook reads.
+    pub const VARIABLES: &[&str] = &[
+        var::EVENT_BUS_NAME,
+        var::DEDUP_TABLE_NAME,
+        var::FALLBACK_QUEUE_URL,
+        var::SECRET_TOKEN_PARAMETER,
+        var::SIGNING_TOKEN_PARAMETER,
+        var::AUTH_MODE,
+        var::MAX_BODY_BYTES,
+        var::DEAD_LETTER_BODY_BYTES,
+        var::SIGNATURE_TOLERANCE_SECONDS,
+        var::SECRETS_TTL_SECONDS,
+        var::DEDUP_TTL_SECONDS,
+    ];
+
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|name| std::env::var(name).ok())
     }
 
     /// Same as [`Self::from_env`] over any lookup, so tests need not touch the process env.
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let non_empty = |name: &str| {
-            get(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
-        let required =
-            |name: &str| non_empty(name).ok_or_else(|| ConfigError(format!("{name} is not set")));
-        let number = |name: &str, default: u64| -> Result<u64, ConfigError> {
-            match non_empty(name) {
-                None => Ok(default),
-                Some(v) => v
-                    .parse()
-                    .map_err(|_| ConfigError(format!("{name}=`{v}` is not a whole number"))),
-            }
-        };
-
+        let env = Env(get);
         let defaults = WebhookPolicy::default();
-        let auth_mode: AuthMode = match non_empty("AUTH_MODE") {
+        let auth_mode: AuthMode = match env.value(var::AUTH_MODE) {
             None => defaults.auth_mode,
             Some(v) => v
                 .parse()
-                .map_err(|e| ConfigError(format!("AUTH_MODE: {e}")))?,
+                .map_err(|e| ConfigError(format!("{}: {e}", var::AUTH_MODE)))?,
         };
-        let secret_token_parameter = non_empty("SECRET_TOKEN_PARAMETER");
-        let signing_token_parameter = non_empty("SIGNING_TOKEN_PARAMETER");
-        if auth_mode.needs_tokens() && secret_token_parameter.is_none() {
-            return Err(ConfigError(format!(
-                "AUTH_MODE={auth_mode:?} needs SECRET_TOKEN_PARAMETER (the SSM parameter holding the X-Gitlab-Token secret)"
-            )));
-        }
-        if auth_mode.needs_signing_keys() && signing_token_parameter.is_none() {
-            return Err(ConfigError(format!(
-                "AUTH_MODE={auth_mode:?} needs SIGNING_TOKEN_PARAMETER (the SSM parameter holding the whsec_ signing token)"
-            )));
-        }
-        if secret_token_parameter.is_none() && signing_token_parameter.is_none() {
-            return Err(ConfigError(
-                "set SECRET_TOKEN_PARAMETER, SIGNING_TOKEN_PARAMETER, or both".into(),
-            ));
-        }
-
-        let dedup_defaults = DedupSettings::default();
-        let max_body_bytes = number("MAX_BODY_BYTES", defaults.max_body_bytes as u64)?;
-        let dead_letter_body_bytes = number(
-            "DEAD_LETTER_BODY_BYTES",
-            defaults.dead_letter_body_bytes as u64,
+        let secret_token_parameter = env.value(var::SECRET_TOKEN_PARAMETER);
+        let signing_token_parameter = env.value(var::SIGNING_TOKEN_PARAMETER);
+        check_secret_parameters(
+            auth_mode,
+            secret_token_parameter.is_some(),
+            signing_token_parameter.is_some(),
         )?;
+        let size = |name: &str, default: usize| -> Result<usize, ConfigError> {
+            let n = env.number(name, default as u64)?;
+            Ok(usize::try_from(n).unwrap_or(usize::MAX))
+        };
         Ok(Self {
-            event_bus_name: required("EVENT_BUS_NAME")?,
-            dedup_table_name: required("DEDUP_TABLE_NAME")?,
+            event_bus_name: env.bus()?,
+            dedup_table_name: env.table()?,
+            fallback_queue_url: env.required(
+                var::FALLBACK_QUEUE_URL,
+                "the URL of the SQS queue that keeps hooks while the table or the bus fails",
+            )?,
             secret_token_parameter,
             signing_token_parameter,
-            secrets_ttl_seconds: number("SECRETS_TTL_SECONDS", 300)?,
+            secrets_ttl_seconds: env.number(var::SECRETS_TTL_SECONDS, 300)?,
             policy: WebhookPolicy {
                 auth_mode,
-                signature_tolerance_seconds: number(
-                    "SIGNATURE_TOLERANCE_SECONDS",
+                signature_tolerance_seconds: env.number(
+                    var::SIGNATURE_TOLERANCE_SECONDS,
                     defaults.signature_tolerance_seconds,
                 )?,
-                max_body_bytes: usize::try_from(max_body_bytes).unwrap_or(usize::MAX),
-                dead_letter_body_bytes: usize::try_from(dead_letter_body_bytes)
-                    .unwrap_or(usize::MAX),
+                max_body_bytes: size(var::MAX_BODY_BYTES, defaults.max_body_bytes)?,
+                dead_letter_body_bytes: size(
+                    var::DEAD_LETTER_BODY_BYTES,
+                    defaults.dead_letter_body_bytes,
+                )?,
             },
-            dedup: DedupSettings {
-                ttl_seconds: number("DEDUP_TTL_SECONDS", dedup_defaults.ttl_seconds)?,
-                lease_ms: dedup_defaults.lease_ms,
-            },
+            dedup: env.dedup()?,
+        })
+    }
+}
+
+fn check_secret_parameters(
+    auth_mode: AuthMode,
+    has_token: bool,
+    has_signing: bool,
+) -> Result<(), ConfigError> {
+    if auth_mode.needs_tokens() && !has_token {
+        return Err(ConfigError(format!(
+            "AUTH_MODE={auth_mode:?} needs {} (the SSM parameter holding the X-Gitlab-Token secret)",
+            var::SECRET_TOKEN_PARAMETER
+        )));
+    }
+    if auth_mode.needs_signing_keys() && !has_signing {
+        return Err(ConfigError(format!(
+            "AUTH_MODE={auth_mode:?} needs {} (the SSM parameter holding the whsec_ signing token)",
+            var::SIGNING_TOKEN_PARAMETER
+        )));
+    }
+    if !has_token && !has_signing {
+        return Err(ConfigError(format!(
+            "set {}, {}, or both",
+            var::SECRET_TOKEN_PARAMETER,
+            var::SIGNING_TOKEN_PARAMETER
+        )));
+    }
+    Ok(())
+}
+
+impl DrainerConfig {
+    /// Every variable the intake drainer reads.
+    pub const VARIABLES: &[&str] = &[
+        var::EVENT_BUS_NAME,
+        var::DEDUP_TABLE_NAME,
+        var::DEDUP_TTL_SECONDS,
+    ];
+
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        let env = Env(get);
+        Ok(Self {
+            event_bus_name: env.bus()?,
+            dedup_table_name: env.table()?,
+            dedup: env.dedup()?,
         })
     }
 }
@@ -100,17 +207,28 @@ impl WebhookConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use std::collections::{BTreeSet, HashMap};
 
-    fn config(pairs: &[(&str, &str)]) -> Result<WebhookConfig, ConfigError> {
+    fn lookup(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
         let map: HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        WebhookConfig::from_lookup(|k| map.get(k).cloned())
+        move |k| map.get(k).cloned()
     }
 
-    const BASE: [(&str, &str); 2] = [("EVENT_BUS_NAME", "bus"), ("DEDUP_TABLE_NAME", "t")];
+    fn config(pairs: &[(&str, &str)]) -> Result<WebhookConfig, ConfigError> {
+        WebhookConfig::from_lookup(lookup(pairs))
+    }
+
+    const BASE: [(&str, &str); 3] = [
+        ("EVENT_BUS_NAME", "bus"),
+        ("DEDUP_TABLE_NAME", "t"),
+        (
+            "FALLBACK_QUEUE_URL",
+            "https://sqs.us-east-1.amazonaws.com/1/q",
+        ),
+    ];
 
     #[test]
     fn errors_name_the_variable() {
@@ -129,6 +247,18 @@ mod tests {
     }
 
     #[test]
+    fn the_fallback_queue_is_required() {
+        let err = config(&[
+            ("EVENT_BUS_NAME", "bus"),
+            ("DEDUP_TABLE_NAME", "t"),
+            ("SECRET_TOKEN_PARAMETER", "/p"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("FALLBACK_QUEUE_URL is not set"), "{err}");
+    }
+
+    #[test]
     fn defaults_apply() {
         let mut pairs = BASE.to_vec();
         pairs.push(("SECRET_TOKEN_PARAMETER", "/p"));
@@ -136,5 +266,54 @@ mod tests {
         assert_eq!(c.policy.auth_mode, AuthMode::Either);
         assert_eq!(c.policy.max_body_bytes, 1024 * 1024);
         assert_eq!(c.secrets_ttl_seconds, 300);
+        assert_eq!(c.fallback_queue_url, BASE[2].1);
+    }
+
+    #[test]
+    fn the_drainer_reads_the_webhooks_names() {
+        let c = DrainerConfig::from_lookup(lookup(&[
+            ("EVENT_BUS_NAME", "bus"),
+            ("DEDUP_TABLE_NAME", "t"),
+            ("DEDUP_TTL_SECONDS", "60"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            (c.event_bus_name.as_str(), c.dedup.ttl_seconds),
+            ("bus", 60)
+        );
+        let err = DrainerConfig::from_lookup(lookup(&[("EVENT_BUS_NAME", "bus")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("DEDUP_TABLE_NAME is not set"), "{err}");
+        for name in DrainerConfig::VARIABLES {
+            assert!(WebhookConfig::VARIABLES.contains(name), "{name}");
+        }
+    }
+
+    /// The environment template.yaml gives a function: its variable names.
+    fn template_variables(function: &str) -> BTreeSet<String> {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../template.yaml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let template: serde_norway::Value = serde_norway::from_str(&text).unwrap();
+        let variables = &template["Resources"][function]["Properties"]["Environment"]["Variables"];
+        variables
+            .as_mapping()
+            .unwrap_or_else(|| panic!("{function} has no Environment.Variables in template.yaml"))
+            .keys()
+            .map(|k| k.as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    /// A variable the template sets that no config reads is a setting that does nothing; one
+    /// a config reads that the template does not set is a default nobody chose.
+    #[test]
+    fn template_sets_exactly_the_variables_read() {
+        for (function, read) in [
+            ("WebhookFunction", WebhookConfig::VARIABLES),
+            ("IntakeDrainerFunction", DrainerConfig::VARIABLES),
+        ] {
+            let read: BTreeSet<String> = read.iter().map(|v| v.to_string()).collect();
+            assert_eq!(template_variables(function), read, "{function}");
+        }
     }
 }

@@ -1,12 +1,16 @@
 //! The webhook function: API Gateway HTTP API (payload v2) in, HTTP reply out, slim
-//! `JobEvent`s on the bus. Decisions are the core crate's; this crate translates and talks to
-//! AWS through the ports in [`aws`].
+//! `JobEvent`s on the bus (or on the fallback queue when the table or the bus fails).
+//! Decisions are the core crate's; this crate translates and talks to AWS through the ports
+//! in [`aws`]. The intake drainer ([`drainer`], binary `intake-drainer`) lives here too: it
+//! forwards what the fallback queue holds through the same adapters and the same dedup.
 
 pub mod aws;
 pub mod config;
+pub mod drainer;
+pub mod testing;
 
 use std::borrow::Cow;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
 use aws_lambda_events::encodings::Body;
@@ -16,25 +20,45 @@ use ephemeral_core::auth::Credentials;
 use ephemeral_core::metrics::emf_count;
 use ephemeral_core::secrets::{SecretCache, SecretSource};
 use ephemeral_core::webhook::{
-    Assessment, DedupSettings, DeliveryLedger, EventSink, HookRequest, Outcome, WebhookPolicy,
-    assess, deliver,
+    Assessment, DedupSettings, DeliveryLedger, EventSink, FallbackQueue, HookRequest, Outcome,
+    WebhookPolicy, assess, deliver,
 };
 use http::{HeaderMap, HeaderValue};
 
-use crate::aws::{DynamoLedger, EventBridgeSink, SsmSecrets};
+use crate::aws::{DynamoLedger, EventBridgeSink, SqsFallback, SsmSecrets};
 use crate::config::WebhookConfig;
 
 /// The function's state, built once per cold start.
-pub struct Webhook<L, S, C> {
+pub struct Webhook<L, S, Q, C> {
     pub policy: WebhookPolicy,
     pub dedup: DedupSettings,
     pub ledger: L,
     pub sink: S,
+    pub fallback: Q,
     pub secrets: SecretCache<C>,
 }
 
-/// The production wiring: DynamoDB dedup table, EventBridge bus, SSM secrets.
-pub type AwsWebhook = Webhook<DynamoLedger, EventBridgeSink, SsmSecrets>;
+/// The production wiring: DynamoDB dedup table, EventBridge bus, SQS fallback queue, SSM
+/// secrets.
+pub type AwsWebhook = Webhook<DynamoLedger, EventBridgeSink, SqsFallback, SsmSecrets>;
+
+/// Each dependency's time limit for one call, the SDK's retries included. The function has 9 s
+/// (template) and GitLab gives up after about 10: a table or bus that hangs instead of failing
+/// must still leave time to queue the hook and answer. At most secrets 2 + claim 1 + publish
+/// 1.5 + release 1 + queue 2.5 = 8 s.
+pub const SECRETS_TIMEOUT: Duration = Duration::from_secs(2);
+pub const LEDGER_TIMEOUT: Duration = Duration::from_millis(1000);
+pub const BUS_TIMEOUT: Duration = Duration::from_millis(1500);
+pub const QUEUE_TIMEOUT: Duration = Duration::from_millis(2500);
+
+/// `sdk` with an operation timeout of `limit` (connect timeout 1 s).
+pub fn with_timeout(sdk: &aws_config::SdkConfig, limit: Duration) -> aws_config::SdkConfig {
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .operation_timeout(limit)
+        .build();
+    sdk.to_builder().timeout_config(timeouts).build()
+}
 
 impl AwsWebhook {
     pub fn from_config(config: WebhookConfig, sdk: &aws_config::SdkConfig) -> Self {
@@ -43,16 +67,20 @@ impl AwsWebhook {
             policy: config.policy,
             dedup: config.dedup,
             ledger: DynamoLedger {
-                client: aws_sdk_dynamodb::Client::new(sdk),
+                client: aws_sdk_dynamodb::Client::new(&with_timeout(sdk, LEDGER_TIMEOUT)),
                 table: config.dedup_table_name,
             },
             sink: EventBridgeSink {
-                client: aws_sdk_eventbridge::Client::new(sdk),
+                client: aws_sdk_eventbridge::Client::new(&with_timeout(sdk, BUS_TIMEOUT)),
                 bus: config.event_bus_name,
+            },
+            fallback: SqsFallback {
+                client: aws_sdk_sqs::Client::new(&with_timeout(sdk, QUEUE_TIMEOUT)),
+                queue_url: config.fallback_queue_url,
             },
             secrets: SecretCache::new(
                 SsmSecrets {
-                    client: aws_sdk_ssm::Client::new(sdk),
+                    client: aws_sdk_ssm::Client::new(&with_timeout(sdk, SECRETS_TIMEOUT)),
                     token_parameter: config.secret_token_parameter,
                     signing_parameter: config.signing_token_parameter,
                     token_required: mode.needs_tokens(),
@@ -90,8 +118,10 @@ pub fn reply(status: u16, body: String) -> ApiGatewayV2httpResponse {
     response
 }
 
-/// CloudWatch metric name for an outcome: `Hooks` + the decision in CamelCase.
-fn metric_name(outcome: &Outcome) -> &'static str {
+/// CloudWatch metric name for an outcome: `Hooks` + the decision in CamelCase; a hook kept on
+/// the fallback queue counts as `IntakeFallbacks` (alarm on it: the table or the bus is
+/// failing), and every 5xx as `HooksFailed`.
+pub fn metric_name(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Unauthorized(_) => "HooksUnauthorized",
         Outcome::Ignored(_) => "HooksIgnored",
@@ -99,11 +129,18 @@ fn metric_name(outcome: &Outcome) -> &'static str {
         Outcome::Forwarded => "HooksForwarded",
         Outcome::Duplicate => "HooksDuplicate",
         Outcome::InFlight => "HooksInFlight",
-        Outcome::Failed(_) => "HooksFailed",
+        Outcome::Queued(_) | Outcome::DeadLetterQueued { .. } => "IntakeFallbacks",
+        Outcome::SecretsUnavailable(_) | Outcome::Failed(_) => "HooksFailed",
     }
 }
 
-impl<L: DeliveryLedger, S: EventSink, C: SecretSource> Webhook<L, S, C> {
+impl<L, S, Q, C> Webhook<L, S, Q, C>
+where
+    L: DeliveryLedger,
+    S: EventSink,
+    Q: FallbackQueue,
+    C: SecretSource,
+{
     pub async fn handle(&self, request: ApiGatewayV2httpRequest) -> ApiGatewayV2httpResponse {
         self.handle_at(request, now_ms()).await
     }
@@ -144,8 +181,10 @@ impl<L: DeliveryLedger, S: EventSink, C: SecretSource> Webhook<L, S, C> {
         };
 
         let outcome = match self.secrets.get(now_ms).await {
+            // Only when no secrets were ever loaded in this sandbox (a refresh that fails
+            // keeps the last ones): nothing is authentic yet, so nothing may be kept.
             Err(e) => {
-                let outcome = Outcome::Failed(format!("webhook secrets unavailable: {e}"));
+                let outcome = Outcome::SecretsUnavailable(format!("webhook secrets: {e}"));
                 log_outcome(None, &outcome);
                 outcome
             }
@@ -154,8 +193,15 @@ impl<L: DeliveryLedger, S: EventSink, C: SecretSource> Webhook<L, S, C> {
                     tracing::warn!(error = %e, "could not refresh webhook secrets; using the last ones loaded");
                 }
                 let assessment = assess(&hook_request, &self.policy, &lookup.secrets, now_ms);
-                let outcome =
-                    deliver(&assessment, &self.ledger, &self.sink, self.dedup, now_ms).await;
+                let outcome = deliver(
+                    &assessment,
+                    &self.ledger,
+                    &self.sink,
+                    &self.fallback,
+                    self.dedup,
+                    now_ms,
+                )
+                .await;
                 log_outcome(Some(&assessment), &outcome);
                 outcome
             }
@@ -187,7 +233,19 @@ fn log_outcome(assessment: Option<&Assessment>, outcome: &Outcome) {
         }
         Outcome::Failed(why) => tracing::error!(
             decision, reason = %why, delivery_id, project_id, pipeline_id, job_id, job_status,
-            "hook not accepted: our failure, GitLab will retry"
+            "authentic hook not kept: the table or the bus failed, and so did the fallback queue; GitLab does not resend it: resend it from the hook's Recent events once they recover"
+        ),
+        Outcome::SecretsUnavailable(why) => tracing::error!(
+            decision, reason = %why,
+            "hook not authenticated: no webhook secrets loaded; check the SSM parameters and the function's access to them"
+        ),
+        Outcome::Queued(why) => tracing::warn!(
+            decision, reason = %why, delivery_id, auth, project_id, pipeline_id, job_id, job_status,
+            "job hook kept on the fallback queue; the intake drainer forwards it"
+        ),
+        Outcome::DeadLetterQueued { reason, failure } => tracing::warn!(
+            decision, reason = %reason, failure = %failure, delivery_id, auth,
+            "authentic hook unusable: its dead letter is on the fallback queue; the intake drainer files it"
         ),
         Outcome::DeadLettered(why) => tracing::warn!(
             decision, reason = %why, delivery_id, auth, "authentic hook unusable: kept as a dead letter"

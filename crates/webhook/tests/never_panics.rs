@@ -1,5 +1,6 @@
 //! Whatever the bytes and headers, the handler neither panics nor answers 5xx (5xx is reserved
-//! for our own failures, and the in-memory ports here never fail).
+//! for our own failures, and the in-memory ports here never fail), and never keeps anything on
+//! the fallback queue (only a failing table or bus sends a hook there).
 
 use aws_lambda_events::apigw::ApiGatewayV2httpRequest;
 use base64::Engine as _;
@@ -10,12 +11,13 @@ use ephemeral_core::webhook::{DedupSettings, WebhookPolicy};
 use http::{HeaderName, HeaderValue};
 use proptest::prelude::*;
 use webhook::Webhook;
+use webhook::testing::MemoryQueue;
 
 const TOKEN: &str = "fuzz-token";
 const KEY: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const NOW_MS: u64 = 1_795_460_400_000;
 
-type Fuzzed = Webhook<InMemoryLedger, RecordingSink, StaticSecrets>;
+type Fuzzed = Webhook<InMemoryLedger, RecordingSink, MemoryQueue, StaticSecrets>;
 
 fn webhook(mode: AuthMode) -> Fuzzed {
     Webhook {
@@ -27,6 +29,7 @@ fn webhook(mode: AuthMode) -> Fuzzed {
         dedup: DedupSettings::default(),
         ledger: InMemoryLedger::default(),
         sink: RecordingSink::default(),
+        fallback: MemoryQueue::default(),
         secrets: SecretCache::new(
             StaticSecrets(WebhookSecrets {
                 tokens: WebhookSecrets::parse_tokens(TOKEN).unwrap(),
@@ -132,6 +135,7 @@ proptest! {
         let reply = block_on(hook.handle_at(request(&headers, &body, as_base64), NOW_MS));
         prop_assert!(reply.status_code < 500, "status {}", reply.status_code);
         prop_assert!([200, 202, 401].contains(&reply.status_code), "status {}", reply.status_code);
+        prop_assert!(hook.fallback.messages().is_empty());
     }
 }
 

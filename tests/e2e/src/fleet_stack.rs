@@ -12,7 +12,7 @@ use ephemeral_core::fleet::Provisioned;
 use ephemeral_core::hook::{JobEvent, JobStatus, RunnerRef};
 use ephemeral_core::jobs::JobKey;
 use ephemeral_gitlab::RetryPolicy;
-use fleet::{FleetConfig, Functions, ProvisionInput, TeardownInput};
+use fleet::{FleetConfig, FleetSetup, Functions, Invocation, ProvisionInput, TeardownInput};
 
 use crate::loopback::RunnerApiStandIn;
 use crate::{create_table, sdk_config, unique};
@@ -60,6 +60,7 @@ pub struct FleetStack {
     pub name: String,
     pub jobs_table: String,
     pub runners_table: String,
+    pub leases_table: String,
     pub prefix: String,
     pub subnets: Vec<String>,
     pub api_token_parameter: String,
@@ -115,6 +116,7 @@ pub async fn fleet_stack_in(sdk: aws_config::SdkConfig) -> FleetStack {
     FleetStack {
         jobs_table: create_table(&sdk, "jobs", "job_key", None).await,
         runners_table: create_table(&sdk, "runners", "runner_id", None).await,
+        leases_table: create_table(&sdk, "leases", "lease_name", None).await,
         gitlab: RunnerApiStandIn::start(API_TOKEN, first_id),
         prefix: format!("/{name}/runner-tokens"),
         subnets,
@@ -147,6 +149,7 @@ impl FleetStack {
             ("AWS_REGION", "us-east-1".into()),
             ("JOBS_TABLE_NAME", self.jobs_table.clone()),
             ("RUNNERS_TABLE_NAME", self.runners_table.clone()),
+            ("LEASES_TABLE_NAME", self.leases_table.clone()),
             (
                 "GITLAB_RUNNER_TOKEN_PARAMETER",
                 self.api_token_parameter.clone(),
@@ -166,6 +169,24 @@ impl FleetStack {
             vars.insert(k, (*v).to_owned());
         }
         vars.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+    }
+
+    /// The functions' environment in a stack without EC2 settings, as the template gives it:
+    /// RunnerApiTokenParameterName, RegistrationTokenParameterName, GitLabUrl and SubnetIds
+    /// empty, everything else as usual.
+    pub fn lambda_only_env(&self) -> Vec<(String, String)> {
+        self.env(&[
+            ("GITLAB_URL", ""),
+            ("GITLAB_RUNNER_TOKEN_PARAMETER", ""),
+            ("GITLAB_REGISTRATION_TOKEN_PARAMETER", ""),
+            ("SUBNET_IDS", ""),
+        ])
+    }
+
+    /// What the functions make of `env` (configured, or not).
+    pub fn setup_of(env: &[(String, String)]) -> FleetSetup {
+        let vars: std::collections::HashMap<_, _> = env.iter().cloned().collect();
+        FleetSetup::from_lookup(|k| vars.get(k).cloned()).unwrap()
     }
 
     pub async fn functions(&self, config: &FleetConfig) -> Functions {
@@ -326,6 +347,14 @@ impl FleetStack {
             !text.contains(API_TOKEN),
             "the GitLab API token leaked into {what}"
         );
+    }
+}
+
+/// An invocation of its own (a fresh request id) with the reaper's template timeout (300 s).
+pub fn invocation() -> Invocation {
+    Invocation {
+        request_id: unique("request"),
+        deadline_ms: fleet::now_ms() + 300_000,
     }
 }
 

@@ -147,6 +147,8 @@ pub struct WebhookStack {
     pub signing_parameter: String,
     /// Receives every event put on the bus (a rule with a catch-all pattern).
     pub observer_queue_url: String,
+    /// The intake fallback queue (the template's IntakeFallbackQueue).
+    pub fallback_queue_url: String,
 }
 
 pub async fn create_webhook_stack(
@@ -248,12 +250,22 @@ pub async fn create_webhook_stack(
         .await
         .unwrap();
 
+    let fallback_queue_url = sqs
+        .create_queue()
+        .queue_name(unique("intake-fallback"))
+        .send()
+        .await
+        .unwrap()
+        .queue_url
+        .unwrap();
+
     WebhookStack {
         bus,
         table,
         token_parameter,
         signing_parameter,
         observer_queue_url: queue_url,
+        fallback_queue_url,
     }
 }
 
@@ -308,6 +320,7 @@ pub fn webhook_config(stack: &WebhookStack, auth_mode: &str) -> webhook::config:
         ("SECRET_TOKEN_PARAMETER", stack.token_parameter.clone()),
         ("SIGNING_TOKEN_PARAMETER", stack.signing_parameter.clone()),
         ("AUTH_MODE", auth_mode.to_owned()),
+        ("FALLBACK_QUEUE_URL", stack.fallback_queue_url.clone()),
     ];
     webhook::config::WebhookConfig::from_lookup(|k| {
         pairs

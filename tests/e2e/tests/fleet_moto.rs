@@ -397,7 +397,7 @@ async fn reaper_removes_what_a_lost_finished_event_left_and_is_two_phase() {
     let reaper = stack
         .functions(&stack.config(&[("ORPHAN_GRACE_SECONDS", "0")]))
         .await;
-    let report = reaper.reap(now_ms()).await.unwrap();
+    let report = reaper.reap(now_ms(), &invocation()).await.unwrap();
     assert!(
         report.killed.is_empty() && report.marked.is_empty(),
         "{report:?}"
@@ -414,11 +414,11 @@ async fn reaper_removes_what_a_lost_finished_event_left_and_is_two_phase() {
         ("RUNNER_BOOT_GRACE_SECONDS", "0"),
     ]);
     let idle_reaper = stack.functions(&idle_config).await;
-    let report = idle_reaper.reap(now_ms()).await.unwrap();
+    let report = idle_reaper.reap(now_ms(), &invocation()).await.unwrap();
     assert_eq!(report.marked.len(), 1, "{report:?}");
     assert!(report.killed.is_empty());
     assert_eq!(stack.live_instances().await.len(), 1, "marked, not killed");
-    let report = idle_reaper.reap(now_ms()).await.unwrap();
+    let report = idle_reaper.reap(now_ms(), &invocation()).await.unwrap();
     assert_eq!(report.killed.len(), 1, "{report:?}");
     assert!(stack.live_instances().await.is_empty());
 
@@ -435,7 +435,7 @@ async fn reaper_removes_what_a_lost_finished_event_left_and_is_two_phase() {
     let old_reaper = stack
         .functions(&stack.config(&[("MAX_INSTANCE_LIFETIME_SECONDS", "0")]))
         .await;
-    let report = old_reaper.reap(now_ms()).await.unwrap();
+    let report = old_reaper.reap(now_ms(), &invocation()).await.unwrap();
     assert_eq!(report.killed.len(), 1, "{report:?}");
     assert!(stack.live_instances().await.is_empty());
     assert!(stack.token_parameters().await.is_empty());
@@ -475,7 +475,7 @@ async fn reaper_bypass_tag_keeps_an_instance() {
         .send()
         .await
         .unwrap();
-    let report = functions.reap(now_ms()).await.unwrap();
+    let report = functions.reap(now_ms(), &invocation()).await.unwrap();
     assert!(report.killed.is_empty(), "{report:?}");
     assert_eq!(stack.live_instances().await.len(), 1);
 }
@@ -557,4 +557,277 @@ async fn gitlab_failures_are_retried_then_fail_clearly_leaving_nothing() {
             .is_empty()
     );
     stack.assert_no_token_in("the log", &logs.text());
+}
+
+#[tokio::test]
+async fn spot_refused_for_the_account_falls_back_to_on_demand_with_a_warning() {
+    let (logs, _guard) = capture_logs();
+    let stack = fleet_stack().await;
+    // A fresh account: no AWSServiceRoleForEC2Spot, and the caller may not create it. EC2
+    // refuses every spot launch in every subnet with this code.
+    let proxy = FaultProxy::start(
+        moto_endpoint(),
+        Box::new(|request| {
+            let body = request.body_text();
+            (body.contains("Action=RunInstances")
+                && body.contains("InstanceMarketOptions.MarketType=spot"))
+            .then(|| {
+                (
+                    400,
+                    ec2_error(
+                        "AuthFailure.ServiceLinkedRoleCreationNotPermitted",
+                        "The provided credentials do not have permission to create the service-linked role for EC2 Spot Instances.",
+                    ),
+                )
+            })
+        }),
+    );
+    let sdk = stack.sdk.to_builder().endpoint_url(&proxy.url).build();
+    let functions = stack.functions_at(&stack.config(&[]), &sdk).await;
+    let job = job_event(48, 4801, "build", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+
+    let outcome = functions
+        .provision(&provision_input(&job, ec2_route()).0, now_ms())
+        .await
+        .expect("spot refused must fall back to on demand, not fail with LaunchRefused");
+    let Provisioned::Launched {
+        market,
+        subnet,
+        failed_attempts,
+        ..
+    } = &outcome
+    else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(*market, ephemeral_core::mapping::Market::OnDemand);
+    assert_eq!(subnet, &stack.subnets[0], "on demand in the first subnet");
+    assert_eq!(failed_attempts.len(), 1, "{failed_attempts:?}");
+    assert!(
+        failed_attempts[0].contains("spot: AuthFailure.ServiceLinkedRoleCreationNotPermitted"),
+        "{failed_attempts:?}"
+    );
+    // One refusal: the second subnet is not asked for spot (the refusal is the account's).
+    assert_eq!(proxy.fault_count(), 1);
+    let live = stack.live_instances().await;
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].instance_lifecycle(), None, "on demand");
+    // The operator is told how to fix it, at WARN.
+    let warning = logs
+        .text()
+        .lines()
+        .find(|l| l.contains("create-service-linked-role"))
+        .map(str::to_owned)
+        .expect("no warning with the fix");
+    assert!(warning.contains("\"level\":\"WARN\""), "{warning}");
+    assert!(
+        warning.contains("--aws-service-name spot.amazonaws.com"),
+        "{warning}"
+    );
+}
+
+#[tokio::test]
+async fn a_stack_without_ec2_settings_starts_without_ssm_and_its_teardown_and_reaper_touch_nothing()
+{
+    let stack = fleet_stack().await;
+    // Something of ours exists in EC2 (as if the stack had EC2 runners once): an instance past
+    // any lifetime, with its runner. Unconfigured functions must leave it alone.
+    let configured = stack.functions(&stack.config(&[])).await;
+    let job = job_event(49, 4901, "build", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    let (_, runner_id) = launched(
+        &configured
+            .provision(&provision_input(&job, ec2_route()).0, now_ms())
+            .await
+            .unwrap(),
+    );
+    let gitlab_calls = stack.gitlab.state().calls.len();
+
+    // Every AWS call of the unconfigured functions goes through this proxy, which counts.
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let proxy = FaultProxy::start(
+        moto_endpoint(),
+        Box::new(move |_| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            None
+        }),
+    );
+    let sdk = stack.sdk.to_builder().endpoint_url(&proxy.url).build();
+    let mut env = stack.lambda_only_env();
+    env.push(("MAX_INSTANCE_LIFETIME_SECONDS".into(), "0".into()));
+    let setup = FleetStack::setup_of(&env);
+    assert!(
+        matches!(setup, fleet::FleetSetup::NotConfigured),
+        "{setup:?}"
+    );
+    let (logs, guard) = capture_logs();
+    let functions = fleet::Functions::start(&setup, &sdk).await.unwrap();
+
+    let torn = functions
+        .teardown(&finished(&job, JobStatus::Success, Some(runner_id)))
+        .await
+        .unwrap();
+    assert!(torn.removed.is_empty() && torn.kept.is_empty(), "{torn:?}");
+    assert!(torn.skipped.as_deref().unwrap().contains("not configured"));
+    for _ in 0..2 {
+        let report = functions.reap(now_ms(), &invocation()).await.unwrap();
+        assert!(report.killed.is_empty() && report.errors.is_empty());
+        assert!(
+            report
+                .skipped
+                .as_deref()
+                .unwrap()
+                .contains("not configured")
+        );
+    }
+    let passes: Vec<_> = logs
+        .text()
+        .lines()
+        .filter(|l| l.contains("\"reaper pass\""))
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(passes.len(), 2, "one line per pass: {passes:?}");
+    assert!(passes.iter().all(|l| l.contains("\"level\":\"INFO\"")));
+    assert!(
+        !logs.text().contains("\"level\":\"ERROR\""),
+        "{}",
+        logs.text()
+    );
+    drop(guard);
+
+    // A job routed to EC2 anyway fails clearly, and the workflow records it (not retried).
+    let error = functions
+        .provision(&provision_input(&job, ec2_route()).0, now_ms())
+        .await
+        .unwrap_err();
+    assert_eq!(error.error_type(), "Ec2NotConfigured");
+    assert!(!fleet::handlers::PROVISION_RETRIED.contains(&error.error_type()));
+    assert!(
+        error.to_string().contains("RunnerApiTokenParameterName"),
+        "{error}"
+    );
+
+    assert_eq!(
+        calls.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "no AWS call"
+    );
+    assert_eq!(
+        stack.gitlab.state().calls.len(),
+        gitlab_calls,
+        "no GitLab call"
+    );
+    assert_eq!(
+        stack.live_instances().await.len(),
+        1,
+        "the instance is untouched"
+    );
+    assert!(stack.gitlab.state().runners.contains_key(&runner_id));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reaper_passes_act_once_under_the_lease() {
+    let stack = fleet_stack().await;
+    let provisioner = stack.functions(&stack.config(&[])).await;
+    let job = job_event(50, 5001, "long", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    launched(
+        &provisioner
+            .provision(&provision_input(&job, ec2_route()).0, now_ms())
+            .await
+            .unwrap(),
+    );
+    // Four schedules fire at once (EventBridge delivers at least once; a slow pass meets the
+    // next): each with its own invocation. Past the maximum lifetime, whoever acts kills.
+    let config = stack.config(&[("MAX_INSTANCE_LIFETIME_SECONDS", "0")]);
+    let mut reapers = Vec::new();
+    for _ in 0..4 {
+        reapers.push(stack.functions(&config).await);
+    }
+    let now = now_ms();
+    let reports = futures_util::future::join_all(
+        reapers
+            .iter()
+            .map(|r| async move { r.reap(now, &invocation()).await.unwrap() }),
+    )
+    .await;
+    let acted: Vec<_> = reports.iter().filter(|r| r.skipped.is_none()).collect();
+    let held = reports
+        .iter()
+        .filter(|r| {
+            r.skipped
+                .as_deref()
+                .is_some_and(|s| s.contains("another reaper pass holds the lease"))
+        })
+        .count();
+    assert_eq!((acted.len(), held), (1, 3), "{reports:?}");
+    assert_eq!(acted[0].killed.len(), 1, "{reports:?}");
+    assert!(stack.live_instances().await.is_empty());
+    // The acting pass gave the lease back: the next pass acts (nothing left to kill).
+    assert!(scan_items(&stack.sdk, &stack.leases_table).await.is_empty());
+    let next = reapers[0].reap(now_ms(), &invocation()).await.unwrap();
+    assert_eq!(next.skipped, None, "{next:?}");
+}
+
+#[tokio::test]
+async fn a_pass_waits_for_a_held_lease_and_takes_over_an_expired_one() {
+    use ephemeral_core::lease::{Lease, Leases, REAPER_LEASE};
+    let stack = fleet_stack().await;
+    let provisioner = stack.functions(&stack.config(&[])).await;
+    let job = job_event(51, 5101, "long", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    launched(
+        &provisioner
+            .provision(&provision_input(&job, ec2_route()).0, now_ms())
+            .await
+            .unwrap(),
+    );
+    let leases = fleet::lease::DynamoLeases {
+        client: aws_sdk_dynamodb::Client::new(&stack.sdk),
+        table: stack.leases_table.clone(),
+    };
+    let now = now_ms();
+    let other = |until| Lease {
+        name: REAPER_LEASE.into(),
+        holder: "request-of-a-running-pass".into(),
+        expires_at_ms: until,
+    };
+    assert_eq!(leases.take(&other(now + 60_000), now).await.unwrap(), None);
+    let reaper = stack
+        .functions(&stack.config(&[("MAX_INSTANCE_LIFETIME_SECONDS", "0")]))
+        .await;
+    let report = reaper.reap(now, &invocation()).await.unwrap();
+    assert!(
+        report
+            .skipped
+            .unwrap()
+            .contains("request-of-a-running-pass")
+    );
+    assert_eq!(
+        stack.live_instances().await.len(),
+        1,
+        "kept while the lease is held"
+    );
+
+    // That pass died: its lease ran out. The next pass takes over and acts.
+    leases
+        .release(REAPER_LEASE, "request-of-a-running-pass")
+        .await
+        .unwrap();
+    assert_eq!(
+        leases.take(&other(now - 1), now - 60_000).await.unwrap(),
+        None
+    );
+    // A stranger's release leaves someone else's hold alone.
+    leases.release(REAPER_LEASE, "a-stranger").await.unwrap();
+    assert_eq!(scan_items(&stack.sdk, &stack.leases_table).await.len(), 1);
+    let report = reaper.reap(now_ms(), &invocation()).await.unwrap();
+    assert_eq!(report.skipped, None, "{report:?}");
+    assert_eq!(report.killed.len(), 1);
+    assert!(stack.live_instances().await.is_empty());
+    assert!(
+        scan_items(&stack.sdk, &stack.leases_table).await.is_empty(),
+        "released"
+    );
 }

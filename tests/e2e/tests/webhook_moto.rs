@@ -1,11 +1,17 @@
 //! The webhook handler, invoked with API Gateway v2 payloads as Lambda would, against a real
-//! moto server through the real AWS SDK: SSM for secrets, DynamoDB for dedup, EventBridge out.
+//! moto server through the real AWS SDK: SSM for secrets, DynamoDB for dedup, EventBridge out,
+//! SQS for the intake fallback queue; and the intake drainer, given that queue's messages as
+//! an `SqsEvent`, forwarding them to the bus.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use aws_lambda_events::sqs::SqsEvent;
 use e2e_tests::*;
-use webhook::AwsWebhook;
-use webhook::config::WebhookConfig;
+use webhook::aws::{DynamoLedger, EventBridgeSink, SqsFallback};
+use webhook::config::{DrainerConfig, WebhookConfig};
+use webhook::drainer::{AwsDrainer, Drainer};
+use webhook::testing::Faulty;
+use webhook::{AwsWebhook, Webhook};
 
 const SIGNING: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
 const TOKENS: &str = "old-token\nnew-token";
@@ -169,40 +175,272 @@ async fn unusable_hook_is_dead_lettered_on_the_bus_and_answered_2xx() {
     );
 }
 
+/// The webhook as the template wires it, each port wrapped to count its calls and failures.
+type Counted = Webhook<
+    Faulty<DynamoLedger>,
+    Faulty<EventBridgeSink>,
+    Faulty<SqsFallback>,
+    webhook::aws::SsmSecrets,
+>;
+
+fn counted(config: WebhookConfig, sdk: &aws_config::SdkConfig) -> Counted {
+    let Webhook {
+        policy,
+        dedup,
+        ledger,
+        sink,
+        fallback,
+        secrets,
+    } = AwsWebhook::from_config(config, sdk);
+    Webhook {
+        policy,
+        dedup,
+        ledger: Faulty::new(ledger),
+        sink: Faulty::new(sink),
+        fallback: Faulty::new(fallback),
+        secrets,
+    }
+}
+
+/// The intake drainer for `stack`, from the environment the template gives it.
+fn drainer(
+    stack: &WebhookStack,
+    sdk: &aws_config::SdkConfig,
+) -> Drainer<DynamoLedger, Faulty<EventBridgeSink>> {
+    let env = [
+        ("EVENT_BUS_NAME", stack.bus.clone()),
+        ("DEDUP_TABLE_NAME", stack.table.clone()),
+    ];
+    let config = DrainerConfig::from_lookup(|k| {
+        env.iter()
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.clone())
+    })
+    .unwrap();
+    let Drainer {
+        ledger,
+        sink,
+        dedup,
+    } = AwsDrainer::from_config(config, sdk);
+    Drainer {
+        ledger,
+        sink: Faulty::new(sink),
+        dedup,
+    }
+}
+
+/// What the fallback queue holds, received as Lambda's event source mapping receives it and
+/// handed over the way Lambda hands it to the function: one `SqsEvent`.
+async fn fallback_batch(sdk: &aws_config::SdkConfig, stack: &WebhookStack) -> SqsEvent {
+    let sqs = aws_sdk_sqs::Client::new(sdk);
+    let out = sqs
+        .receive_message()
+        .queue_url(&stack.fallback_queue_url)
+        .max_number_of_messages(10)
+        .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
+        .send()
+        .await
+        .unwrap();
+    let queue_name = stack.fallback_queue_url.rsplit('/').next().unwrap();
+    let records: Vec<serde_json::Value> = out
+        .messages()
+        .iter()
+        .map(|m| {
+            let attributes: serde_json::Map<String, serde_json::Value> = m
+                .attributes()
+                .into_iter()
+                .flatten()
+                .map(|(k, v)| (k.as_str().to_owned(), v.clone().into()))
+                .collect();
+            serde_json::json!({
+                "messageId": m.message_id(), "receiptHandle": m.receipt_handle(),
+                "body": m.body(), "attributes": attributes, "messageAttributes": {},
+                "md5OfBody": m.md5_of_body(), "eventSource": "aws:sqs", "awsRegion": "us-east-1",
+                "eventSourceARN": format!("arn:aws:sqs:us-east-1:123456789012:{queue_name}"),
+            })
+        })
+        .collect();
+    serde_json::from_value(serde_json::json!({ "Records": records })).unwrap()
+}
+
+fn failed_ids(response: &aws_lambda_events::sqs::SqsBatchResponse) -> Vec<&str> {
+    response
+        .batch_item_failures
+        .iter()
+        .map(|f| f.item_identifier.as_str())
+        .collect()
+}
+
+/// A hook the webhook could not hand to `broken`'s dependency ends on the real fallback queue,
+/// answered 202; the drainer, given that SQS message as Lambda gives it, forwards it to the
+/// bus exactly once, and the same message delivered again is a duplicate. Returns what the
+/// webhook's ports counted.
+async fn queued_then_drained(broken: &str, tweak: impl FnOnce(&mut WebhookConfig)) -> Counted {
+    let sdk = sdk_config();
+    let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
+    let mut config = webhook_config(&stack, "token");
+    tweak(&mut config);
+    let webhook = counted(config, &sdk);
+    let delivery = unique("queued");
+    let headers = [
+        ("X-Gitlab-Token", "new-token"),
+        ("X-Gitlab-Event", "Job Hook"),
+        ("Idempotency-Key", delivery.as_str()),
+    ];
+    let body = fixture("go-gitlab-job.json");
+    let reply = webhook.handle(api_request(&headers, &body)).await;
+    assert_eq!(reply.status_code, 202, "{broken}: {}", body_text(&reply));
+    assert!(
+        body_text(&reply).starts_with("accepted and queued"),
+        "{}",
+        body_text(&reply)
+    );
+    assert_eq!(webhook.fallback.counts("keep").calls, 1);
+    assert!(
+        bus_events(&sdk, &stack, 0, Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "{broken}: nothing reached the bus"
+    );
+
+    let batch = fallback_batch(&sdk, &stack).await;
+    assert_eq!(
+        batch.records.len(),
+        1,
+        "{broken}: one message on the fallback queue"
+    );
+    let drainer = drainer(&stack, &sdk);
+    let response = drainer.handle(batch.clone()).await;
+    assert!(failed_ids(&response).is_empty(), "{broken}: {response:?}");
+    let events = bus_events(&sdk, &stack, 1, Duration::from_secs(10)).await;
+    assert_eq!(events.len(), 1, "{broken}: exactly one event: {events:#?}");
+    assert_eq!(events[0]["detail-type"], "GitLab Job Event");
+    assert_eq!(events[0]["detail"]["delivery_id"], delivery.as_str());
+    assert_eq!(events[0]["detail"]["job_id"], 3580121225u64);
+
+    // SQS delivers the same message again (its delete was lost, say): deduped.
+    let again = drainer.handle(batch).await;
+    assert!(failed_ids(&again).is_empty(), "{broken}: {again:?}");
+    assert_eq!(drainer.sink.counts("put_job_event").calls, 1, "{broken}");
+    assert!(
+        bus_events(&sdk, &stack, 0, Duration::from_millis(300))
+            .await
+            .is_empty(),
+        "{broken}: no second event"
+    );
+    let record = scan_items(&sdk, &stack.table).await;
+    assert_eq!(record.len(), 1);
+    assert_eq!(
+        record[0]["state"],
+        aws_sdk_dynamodb::types::AttributeValue::S("forwarded".into())
+    );
+    webhook
+}
+
 #[tokio::test]
-async fn our_failures_are_5xx_so_gitlab_retries_and_nothing_is_lost() {
+async fn a_failing_bus_queues_the_hook_and_the_drainer_forwards_it_once() {
+    // The bus does not exist (deleted, or EventBridge unavailable).
+    let webhook = queued_then_drained("bus", |c| c.event_bus_name = unique("missing-bus")).await;
+    let put = webhook.sink.counts("put_job_event");
+    assert_eq!((put.calls, put.errors), (1, 1), "PutEvents failed once");
+    // The claim taken before the bus failed was given back for the drainer.
+    assert_eq!(webhook.ledger.counts("release").calls, 1);
+}
+
+#[tokio::test]
+async fn a_failing_table_queues_the_hook_and_the_drainer_forwards_it_once() {
+    let webhook =
+        queued_then_drained("table", |c| c.dedup_table_name = unique("missing-table")).await;
+    let claim = webhook.ledger.counts("claim");
+    assert_eq!((claim.calls, claim.errors), (1, 1), "the claim failed once");
+    assert_eq!(webhook.sink.counts("put_job_event").calls, 0);
+}
+
+/// The bus does not answer at all: the SDK's operation timeout (not the function's) ends the
+/// wait, and there is time left to queue the hook and answer 2xx well before GitLab's 10 s.
+#[tokio::test]
+async fn a_bus_that_hangs_is_timed_out_and_the_hook_queued_in_time() {
+    let sdk = sdk_config();
+    let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
+    // Accepts connections and never answers.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let black_hole = format!("http://{}", listener.local_addr().unwrap());
+    let held = std::thread::spawn(move || listener.incoming().take(8).collect::<Vec<_>>());
+    let hanging = sdk.to_builder().endpoint_url(black_hole).build();
+    let mut webhook = counted(webhook_config(&stack, "token"), &sdk);
+    webhook.sink =
+        Faulty::new(AwsWebhook::from_config(webhook_config(&stack, "token"), &hanging).sink);
+
+    let headers = [
+        ("X-Gitlab-Token", "new-token"),
+        ("X-Gitlab-Event", "Job Hook"),
+        ("Idempotency-Key", "hangs"),
+    ];
+    let started = std::time::Instant::now();
+    let reply = webhook
+        .handle(api_request(&headers, &fixture("go-gitlab-job.json")))
+        .await;
+    let took = started.elapsed();
+    assert_eq!(reply.status_code, 202, "{}", body_text(&reply));
+    assert_eq!(webhook.sink.counts("put_job_event").errors, 1);
+    assert!(
+        took >= webhook::BUS_TIMEOUT,
+        "{took:?}: the bus was waited for"
+    );
+    assert!(
+        took < Duration::from_secs(9),
+        "{took:?}: answered within the function's timeout"
+    );
+    assert_eq!(fallback_batch(&sdk, &stack).await.records.len(), 1);
+    drop(held);
+}
+
+#[tokio::test]
+async fn only_nothing_durable_or_no_secrets_is_5xx() {
     let sdk = sdk_config();
     let stack = create_webhook_stack(&sdk, TOKENS, SIGNING).await;
     let body = fixture("go-gitlab-job.json");
     let headers = [
         ("X-Gitlab-Token", "new-token"),
         ("X-Gitlab-Event", "Job Hook"),
-        ("Idempotency-Key", "retry-me"),
+        ("Idempotency-Key", "lost"),
     ];
 
-    // The bus does not exist (deleted, or EventBridge unavailable): 503.
+    // The bus fails, and so does the fallback queue (it does not exist): nothing kept, 503.
+    let mut config = webhook_config(&stack, "token");
+    config.event_bus_name = unique("missing-bus");
+    config.fallback_queue_url = format!(
+        "{}/123456789012/{}",
+        moto_endpoint(),
+        unique("missing-queue")
+    );
+    let webhook = counted(config, &sdk);
+    let reply = webhook.handle(api_request(&headers, &body)).await;
+    assert_eq!(reply.status_code, 503);
+    assert!(
+        body_text(&reply).starts_with("not kept:"),
+        "{}",
+        body_text(&reply)
+    );
+    assert_eq!(webhook.sink.counts("put_job_event").errors, 1);
+    assert_eq!(webhook.fallback.counts("keep").errors, 1);
+
+    // The secret parameter does not exist: nothing can be authenticated, 503 (not 401, which
+    // GitLab takes for a misconfigured hook and disables until a person re-enables it).
     let (sdk, stack, h, b) = (&sdk, &stack, &headers[..], body.as_str());
-    let missing_bus = |c: &mut WebhookConfig| c.event_bus_name = unique("missing-bus");
-    assert_eq!(
-        status_with(sdk, stack, "token", missing_bus, h, b).await,
-        503
-    );
-    // The table does not exist: 503 as well.
-    let missing_table = |c: &mut WebhookConfig| c.dedup_table_name = unique("missing-table");
-    assert_eq!(
-        status_with(sdk, stack, "token", missing_table, h, b).await,
-        503
-    );
-    // The secret parameter does not exist: 503, not 401 (GitLab must not disable the hook).
     let missing_secret =
         |c: &mut WebhookConfig| c.secret_token_parameter = Some("/does/not/exist".into());
     assert_eq!(
         status_with(sdk, stack, "token", missing_secret, h, b).await,
         503
     );
+    assert!(
+        fallback_batch(sdk, stack).await.records.is_empty(),
+        "nothing unauthenticated kept"
+    );
 
-    // GitLab's retry reaches a healthy function: the claim made before the bus failure was
-    // released, so the event is forwarded now, exactly once.
+    // A resend once everything is back: the claim made before the bus failure was released,
+    // so the event is forwarded now, exactly once.
     assert_eq!(status_with(sdk, stack, "token", |_| {}, h, b).await, 202);
     let events = bus_events(sdk, stack, 1, Duration::from_secs(10)).await;
     assert_eq!(events.len(), 1);

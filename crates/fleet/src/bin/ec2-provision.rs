@@ -1,14 +1,16 @@
 //! Provision step of the provision workflow (EC2 branch): one GitLab runner on one EC2
 //! instance for one job.
-use fleet::{FleetConfig, Functions, ProvisionInput, now_ms};
+use fleet::{FleetSetup, Functions, ProvisionInput, now_ms};
 use lambda_runtime::{LambdaEvent, service_fn};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
     ephemeral_aws::init_logging();
-    let config = FleetConfig::from_env()?;
+    // Without EC2 runners (a Lambda-only stack) it starts without reading SSM and answers
+    // every job with Ec2NotConfigured.
+    let setup = FleetSetup::from_env()?;
     let sdk = aws_config::load_from_env().await;
-    let functions = &Functions::new(&config, &sdk).await?;
+    let functions = &Functions::start(&setup, &sdk).await?;
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<ProvisionInput>| async move {
             // An error fails the task: the workflow records it on the job's item.

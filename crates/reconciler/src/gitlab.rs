@@ -1,0 +1,95 @@
+//! GitLab's pending jobs over the stack's scopes, within the pass's request budget.
+
+use std::collections::BTreeSet;
+
+use ephemeral_core::jobs::JobKey;
+use ephemeral_core::reconcile::{PendingJob, PendingListing};
+use ephemeral_core::webhook::PortError;
+use ephemeral_gitlab::{GitLabClient, GitLabJob, RequestBudget, Secret};
+
+use crate::config::Scopes;
+
+pub struct GitLabPending {
+    pub client: GitLabClient,
+    pub token: Secret,
+}
+
+impl GitLabPending {
+    /// The projects to list: the configured ones, the groups' projects, and (when nothing is
+    /// configured) `seen`, the projects the jobs table holds.
+    pub async fn projects(
+        &self,
+        scopes: &Scopes,
+        seen: impl FnOnce() -> BTreeSet<u64>,
+        budget: &RequestBudget,
+    ) -> Result<(BTreeSet<u64>, bool), PortError> {
+        if scopes.is_empty() {
+            return Ok((seen(), true));
+        }
+        let mut projects: BTreeSet<u64> = scopes.project_ids.iter().copied().collect();
+        let mut complete = true;
+        for group in &scopes.group_ids {
+            let listing = self
+                .client
+                .group_project_ids(&self.token, *group, budget)
+                .await
+                .map_err(|e| PortError(format!("listing group {group}'s projects: {e}")))?;
+            complete &= listing.complete;
+            projects.extend(listing.items);
+        }
+        Ok((projects, complete))
+    }
+
+    /// Every pending job of `projects`, as far as the budget goes (a project GitLab refuses,
+    /// e.g. deleted or not readable with the token, is reported and skipped).
+    pub async fn pending(
+        &self,
+        projects: &BTreeSet<u64>,
+        budget: &RequestBudget,
+        problems: &mut Vec<String>,
+    ) -> PendingListing {
+        let mut listing = PendingListing {
+            jobs: Vec::new(),
+            complete: true,
+        };
+        for project in projects {
+            match self
+                .client
+                .pending_jobs(&self.token, *project, budget)
+                .await
+            {
+                Ok(page) => {
+                    listing.complete &= page.complete;
+                    listing
+                        .jobs
+                        .extend(page.items.iter().map(|job| pending_job(*project, job)));
+                }
+                Err(e) if e.is_transient() => {
+                    listing.complete = false;
+                    problems.push(format!("project {project}: {e}"));
+                }
+                Err(e) => problems.push(format!("project {project}: {e}")),
+            }
+        }
+        listing
+    }
+}
+
+fn pending_job(project_id: u64, job: &GitLabJob) -> PendingJob {
+    PendingJob {
+        key: JobKey {
+            project_id,
+            job_id: job.id,
+        },
+        name: job.name.clone(),
+        stage: job.stage.clone(),
+        tags: job.tag_list.clone(),
+        pipeline_id: job.pipeline.as_ref().map(|p| p.id),
+        git_ref: job.git_ref.clone(),
+        // GitLab's own measure of the wait; a job without one counts as just queued.
+        pending_for_ms: job
+            .queued_duration
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map_or(0, |s| (s * 1000.0) as u64),
+    }
+}

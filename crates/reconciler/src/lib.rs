@@ -1,0 +1,233 @@
+//! The reconciler function: every minute (one pass at a time), GitLab's list of pending jobs
+//! is held against the jobs table and our live runners, and every job left waiting with no
+//! runner that can take it is provisioned again (`ephemeral_core::reconcile` decides).
+
+pub mod aws;
+pub mod config;
+pub mod gitlab;
+
+use std::collections::HashMap;
+
+use ephemeral_core::fleet::RunnerLedger;
+use ephemeral_core::jobs::{JobKey, Started};
+use ephemeral_core::metrics::{emf_count, emf_value};
+use ephemeral_core::reconcile::{
+    JobRecord, LiveRunner, PassReport, PendingJob, PendingListing, Reason, ReconcilePorts,
+    ReconcileSettings, reconcile_pass, runner_as_seen,
+};
+use ephemeral_core::webhook::PortError;
+use ephemeral_gitlab::RequestBudget;
+use tokio::sync::Mutex;
+
+pub use config::{ConfigError, ReconcilerConfig, Scopes};
+
+/// The reconciler's lease in the leases table (the reaper has its own).
+pub use ephemeral_core::lease::RECONCILER_LEASE as LEASE_NAME;
+
+/// How long a runner of ours waits for a job after it is created (boot, then the runner's
+/// own wait): past it, it has shut down.
+#[derive(Debug, Clone, Copy)]
+pub struct RunnerLife {
+    pub waits_ms: u64,
+    pub project_scoped: bool,
+}
+
+pub struct Reconciler<L> {
+    pub gitlab: gitlab::GitLabPending,
+    pub jobs: aws::JobsTable,
+    pub runners: L,
+    pub workflow: aws::ProvisionWorkflow,
+    pub scopes: Scopes,
+    pub request_budget: u32,
+    pub runner_life: RunnerLife,
+    /// The pass's pending listing, kept to see runners with their jobs' tags.
+    listed: Mutex<Vec<PendingJob>>,
+}
+
+impl<L: RunnerLedger + Sync> Reconciler<L> {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        gitlab: gitlab::GitLabPending,
+        jobs: aws::JobsTable,
+        runners: L,
+        workflow: aws::ProvisionWorkflow,
+        scopes: Scopes,
+        request_budget: u32,
+        runner_life: RunnerLife,
+    ) -> Self {
+        Self {
+            gitlab,
+            jobs,
+            runners,
+            workflow,
+            scopes,
+            request_budget,
+            runner_life,
+            listed: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// One pass, logged with one line per action taken and one summary line, and its metrics.
+    pub async fn run(
+        &self,
+        settings: &ReconcileSettings,
+        now_ms: u64,
+    ) -> Result<PassReport, PortError> {
+        let report = reconcile_pass(self, settings, now_ms).await?;
+        for (reason, count) in &report.reconciled {
+            println!(
+                "{}",
+                emf_count(
+                    "reconciler",
+                    &format!("Reconciled_{}", reason.as_str()),
+                    u64::from(*count),
+                    now_ms
+                )
+            );
+        }
+        println!(
+            "{}",
+            emf_count(
+                "reconciler",
+                "JobsReconciled",
+                u64::from(report.reconciled_total()),
+                now_ms
+            )
+        );
+        println!(
+            "{}",
+            emf_count(
+                "reconciler",
+                "AttemptsGivenUp",
+                report.gave_up.len() as u64,
+                now_ms
+            )
+        );
+        println!(
+            "{}",
+            emf_value(
+                "reconciler",
+                "OldestPendingAge",
+                report.oldest_pending_ms,
+                "Milliseconds",
+                now_ms
+            )
+        );
+        for (key, attempts, reason) in &report.gave_up {
+            tracing::error!(
+                project_id = key.project_id,
+                job_id = key.job_id,
+                attempts,
+                reason = reason.as_str(),
+                "gave up provisioning the job: GitLab still lists it pending; see provision_error on its item"
+            );
+        }
+        for error in &report.errors {
+            tracing::error!(error = %error, "reconciler: will retry on the next pass");
+        }
+        tracing::info!(
+            pending = report.pending,
+            complete = report.listing_complete,
+            covered = report.covered,
+            too_young = report.too_young,
+            backing_off = report.backing_off,
+            reconciled = report.reconciled_total(),
+            gave_up = report.gave_up.len(),
+            lost_claims = report.lost_claims,
+            oldest_pending_ms = report.oldest_pending_ms,
+            errors = report.errors.len(),
+            "reconciler pass"
+        );
+        Ok(report)
+    }
+}
+
+impl<L: RunnerLedger + Sync> ReconcilePorts for Reconciler<L> {
+    async fn pending_jobs(&self) -> Result<PendingListing, PortError> {
+        let budget = RequestBudget::new(self.request_budget);
+        let seen = if self.scopes.is_empty() {
+            self.jobs.seen_projects().await?
+        } else {
+            Default::default()
+        };
+        let (projects, projects_complete) =
+            self.gitlab.projects(&self.scopes, || seen, &budget).await?;
+        let mut problems = Vec::new();
+        let mut listing = self.gitlab.pending(&projects, &budget, &mut problems).await;
+        listing.complete &= projects_complete;
+        for problem in &problems {
+            tracing::warn!(problem = %problem, "reconciler: could not list a project's pending jobs");
+        }
+        if !listing.complete {
+            tracing::warn!(
+                budget = self.request_budget,
+                "reconciler: the GitLab request budget ran out before every project was listed; the rest waits for the next pass (raise ReconcileRequestBudget)"
+            );
+        }
+        *self.listed.lock().await = listing.jobs.clone();
+        Ok(listing)
+    }
+
+    async fn records(&self, keys: &[JobKey]) -> Result<HashMap<JobKey, JobRecord>, PortError> {
+        self.jobs.records(keys).await
+    }
+
+    async fn live_runners(&self) -> Result<Vec<LiveRunner>, PortError> {
+        let listed = self.listed.lock().await;
+        let life = self.runner_life;
+        Ok(self
+            .runners
+            .runners()
+            .await?
+            .into_iter()
+            .map(|entry| {
+                let made_for = JobKey {
+                    project_id: entry.project_id,
+                    job_id: entry.job_id,
+                };
+                runner_as_seen(
+                    entry.runner_id,
+                    made_for,
+                    entry.created_at_ms,
+                    life.waits_ms,
+                    life.project_scoped,
+                    &listed,
+                )
+            })
+            .collect())
+    }
+
+    async fn claim_attempt(
+        &self,
+        key: JobKey,
+        attempt: u32,
+        reason: Reason,
+        now_ms: u64,
+    ) -> Result<bool, PortError> {
+        self.jobs.claim_attempt(key, attempt, reason, now_ms).await
+    }
+
+    async fn start_provision(
+        &self,
+        job: &PendingJob,
+        attempt: u32,
+        now_ms: u64,
+    ) -> Result<Started, PortError> {
+        let started = self.workflow.start(job, attempt, now_ms).await?;
+        tracing::info!(project_id = job.key.project_id, pipeline_id = job.pipeline_id, job_id = job.key.job_id,
+            attempt, pending_for_ms = job.pending_for_ms, started = ?started, "reconciler: provisioning again");
+        Ok(started)
+    }
+
+    async fn record_gave_up(
+        &self,
+        key: JobKey,
+        _attempts: u32,
+        reason: Reason,
+    ) -> Result<(), PortError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.jobs.record_gave_up(key, reason, now_ms).await
+    }
+}

@@ -1,0 +1,344 @@
+//! The reconciler against moto (jobs and runners tables, Step Functions) and a wiremock
+//! GitLab that lists pending jobs: each kind of gap a hook path can leave is closed by one
+//! new attempt, a job with a live runner of its own is left alone, a second pass starts
+//! nothing, and the router's late hook for a reconciled job joins the same execution.
+
+use std::collections::HashMap;
+
+use aws_lambda_events::eventbridge::EventBridgeEvent;
+use aws_sdk_dynamodb::types::AttributeValue;
+use e2e_tests::*;
+use ephemeral_core::fleet::{RunnerEntry, RunnerLedger};
+use ephemeral_core::hook::JobStatus;
+use ephemeral_core::jobs::{JobKey, ProvisionOn};
+use ephemeral_core::reconcile::{Reason, ReconcileSettings};
+use ephemeral_core::testing::job_event;
+use ephemeral_gitlab::{GitLabClient, RetryPolicy, Secret};
+use reconciler::aws::{JobsTable, ProvisionWorkflow};
+use reconciler::gitlab::GitLabPending;
+use reconciler::{Reconciler, RunnerLife, Scopes};
+use router::aws::{DynamoJobStore, StepFunctions};
+use serde_json::json;
+use wiremock::matchers::{method, path, query_param};
+use wiremock::{Mock, MockServer, ResponseTemplate};
+
+const PASS: &str = r#"{"StartAt":"Done","States":{"Done":{"Type":"Pass","End":true}}}"#;
+const PROJECT: u64 = 7;
+const MIN: u64 = 60_000;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn key(job_id: u64) -> JobKey {
+    JobKey {
+        project_id: PROJECT,
+        job_id,
+    }
+}
+
+/// GitLab lists these jobs of project 7 as pending: (id, seconds pending).
+async fn gitlab_with_pending(jobs: &[(u64, f64)]) -> MockServer {
+    let server = MockServer::start().await;
+    let body: Vec<_> = jobs
+        .iter()
+        .map(|(id, waited)| {
+            json!({
+                "id": id, "name": format!("build {id}"), "status": "pending", "stage": "build",
+                "tag_list": [], "ref": "main", "pipeline": {"id": 900, "project_id": PROJECT},
+                "queued_duration": waited, "runner": null
+            })
+        })
+        .collect();
+    Mock::given(method("GET"))
+        .and(path(format!("/api/v4/projects/{PROJECT}/jobs")))
+        .and(query_param("scope[]", "pending"))
+        .respond_with(ResponseTemplate::new(200).set_body_json(body))
+        .mount(&server)
+        .await;
+    server
+}
+
+struct Stack {
+    sdk: aws_config::SdkConfig,
+    jobs_table: String,
+    provision_arn: String,
+    ledger: fleet::aws::DynamoRunnerLedger,
+}
+
+async fn stack() -> Stack {
+    let sdk = sdk_config();
+    let jobs_table = create_table(&sdk, "jobs", "job_key", None).await;
+    let runners_table = create_table(&sdk, "runners", "runner_id", None).await;
+    let provision_arn = create_state_machine(&sdk, "provision", PASS).await;
+    let ledger = fleet::aws::DynamoRunnerLedger {
+        client: aws_sdk_dynamodb::Client::new(&sdk),
+        jobs_table: jobs_table.clone(),
+        runners_table,
+    };
+    Stack {
+        sdk,
+        jobs_table,
+        provision_arn,
+        ledger,
+    }
+}
+
+impl Stack {
+    fn reconciler(&self, gitlab: &MockServer) -> Reconciler<fleet::aws::DynamoRunnerLedger> {
+        Reconciler::new(
+            GitLabPending {
+                client: GitLabClient::new(&gitlab.uri(), RetryPolicy::default()),
+                token: Secret::new("glpat-read-api".to_owned()),
+            },
+            self.jobs(),
+            self.ledger.clone(),
+            ProvisionWorkflow {
+                client: aws_sdk_sfn::Client::new(&self.sdk),
+                arn: self.provision_arn.clone(),
+            },
+            Scopes {
+                project_ids: vec![PROJECT],
+                group_ids: vec![],
+            },
+            50,
+            RunnerLife {
+                waits_ms: 15 * MIN,
+                project_scoped: true,
+            },
+        )
+    }
+
+    fn jobs(&self) -> JobsTable {
+        JobsTable {
+            client: aws_sdk_dynamodb::Client::new(&self.sdk),
+            table: self.jobs_table.clone(),
+            ttl_seconds: 3600,
+        }
+    }
+
+    fn router(&self) -> router::Router<DynamoJobStore, StepFunctions> {
+        router::Router {
+            store: DynamoJobStore {
+                client: aws_sdk_dynamodb::Client::new(&self.sdk),
+                table: self.jobs_table.clone(),
+                ttl_seconds: 3600,
+            },
+            workflows: StepFunctions {
+                client: aws_sdk_sfn::Client::new(&self.sdk),
+                provision_arn: self.provision_arn.clone(),
+                teardown_arn: self.provision_arn.clone(),
+            },
+            provision_on: ProvisionOn::Pending,
+        }
+    }
+
+    /// An item as the router and the provision workflow leave it.
+    async fn put_job(&self, job_id: u64, attributes: &[(&str, AttributeValue)]) {
+        let mut item: HashMap<String, AttributeValue> = attributes
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.clone()))
+            .collect();
+        item.insert("job_key".into(), AttributeValue::S(key(job_id).table_key()));
+        item.insert("project_id".into(), AttributeValue::N(PROJECT.to_string()));
+        aws_sdk_dynamodb::Client::new(&self.sdk)
+            .put_item()
+            .table_name(&self.jobs_table)
+            .set_item(Some(item))
+            .send()
+            .await
+            .unwrap();
+    }
+
+    async fn item(&self, job_id: u64) -> HashMap<String, AttributeValue> {
+        aws_sdk_dynamodb::Client::new(&self.sdk)
+            .get_item()
+            .table_name(&self.jobs_table)
+            .key("job_key", AttributeValue::S(key(job_id).table_key()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+            .unwrap_or_default()
+    }
+}
+
+fn n(v: u64) -> AttributeValue {
+    AttributeValue::N(v.to_string())
+}
+fn s(v: &str) -> AttributeValue {
+    AttributeValue::S(v.to_owned())
+}
+
+#[tokio::test]
+async fn every_kind_of_gap_gets_one_new_attempt_and_a_covered_job_none() {
+    let st = stack().await;
+    let now = now_ms();
+    // 1: its pending hook was lost (no item). 2: provisioning failed (NoCapacity).
+    // 3: its runner is alive and waiting. 4: pending for 10 s only. 5: its runner expired.
+    st.put_job(
+        2,
+        &[
+            ("phase", s("provisioning")),
+            ("phase_rank", n(2)),
+            ("updated_at_ms", n(now - 10 * MIN)),
+            ("provision_error", s("NoCapacity")),
+            ("provision_cause", s("no spot or on-demand capacity")),
+        ],
+    )
+    .await;
+    st.put_job(
+        3,
+        &[
+            ("phase", s("running")),
+            ("phase_rank", n(3)),
+            ("updated_at_ms", n(now - 4 * MIN)),
+        ],
+    )
+    .await;
+    st.put_job(
+        5,
+        &[
+            ("phase", s("running")),
+            ("phase_rank", n(3)),
+            ("updated_at_ms", n(now - 60 * MIN)),
+        ],
+    )
+    .await;
+    for (runner_id, job_id, created) in [(33, 3, now - 4 * MIN), (55, 5, now - 60 * MIN)] {
+        st.ledger
+            .note_runner(&RunnerEntry {
+                runner_id,
+                project_id: PROJECT,
+                job_id,
+                instance_id: format!("i-{job_id}"),
+                created_at_ms: created,
+            })
+            .await
+            .unwrap();
+    }
+    let gitlab =
+        gitlab_with_pending(&[(1, 300.0), (2, 600.0), (3, 240.0), (4, 10.0), (5, 3600.0)]).await;
+    let reconciler = st.reconciler(&gitlab);
+    let settings = ReconcileSettings::default();
+
+    let first = reconciler.run(&settings, now).await.unwrap();
+    assert_eq!(first.pending, 5);
+    assert!(first.listing_complete);
+    assert_eq!((first.covered, first.too_young), (1, 1), "{first:?}");
+    assert_eq!(
+        first
+            .reconciled
+            .iter()
+            .map(|(r, n)| (*r, *n))
+            .collect::<Vec<_>>(),
+        [
+            (Reason::LostHook, 1),
+            (Reason::ProvisionFailed, 1),
+            (Reason::RunnerGone, 1)
+        ]
+    );
+    assert!(first.errors.is_empty(), "{:?}", first.errors);
+    assert_eq!(first.oldest_pending_ms, 3_600_000);
+    assert_eq!(
+        execution_names(&st.sdk, &st.provision_arn).await,
+        [
+            "p7-j1-provision",
+            "p7-j2-provision-a2",
+            "p7-j5-provision-a2"
+        ]
+    );
+    // The attempt, its reason, and a cleared error are on the items.
+    let two = st.item(2).await;
+    assert_eq!(two.get("attempt"), Some(&n(2)));
+    assert_eq!(two.get("reconcile_reason"), Some(&s("provision_failed")));
+    assert!(!two.contains_key("provision_error"));
+    let one = st.item(1).await;
+    assert_eq!(
+        one.get("phase_rank"),
+        Some(&n(2)),
+        "a lost hook's job reaches provisioning"
+    );
+
+    // A second pass at once: every attempt is in flight, nothing new starts.
+    let second = reconciler.run(&settings, now + 1000).await.unwrap();
+    assert_eq!(second.reconciled_total(), 0, "{second:?}");
+    assert_eq!(execution_names(&st.sdk, &st.provision_arn).await.len(), 3);
+
+    // The lost hook arrives after all: the router joins the reconciler's execution.
+    let late = job_event(PROJECT, 1, "build 1", JobStatus::Pending);
+    let envelope: EventBridgeEvent<serde_json::Value> = serde_json::from_value(json!({
+        "version": "0", "id": "e", "detail-type": "GitLab Job Event", "source": "ephemeral-runners.webhook",
+        "account": "123456789012", "time": "2026-12-01T10:00:00Z", "region": "us-east-1", "resources": [],
+        "detail": late,
+    }))
+    .unwrap();
+    st.router().handle(&envelope, now + 2000).await.unwrap();
+    assert_eq!(execution_names(&st.sdk, &st.provision_arn).await.len(), 3);
+}
+
+#[tokio::test]
+async fn an_attempt_is_claimed_once_against_dynamodb() {
+    let st = stack().await;
+    let jobs = st.jobs();
+    let now = now_ms();
+    // No item: attempt 1 may be claimed, once.
+    assert!(
+        jobs.claim_attempt(key(1), 1, Reason::LostHook, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !jobs
+            .claim_attempt(key(1), 1, Reason::LostHook, now)
+            .await
+            .unwrap()
+    );
+    // The router's item (its start was attempt 1): only attempt 2 on.
+    st.put_job(2, &[("phase", s("provisioning")), ("phase_rank", n(2))])
+        .await;
+    assert!(
+        !jobs
+            .claim_attempt(key(2), 1, Reason::AttemptStalled, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        jobs.claim_attempt(key(2), 2, Reason::AttemptStalled, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !jobs
+            .claim_attempt(key(2), 2, Reason::AttemptStalled, now)
+            .await
+            .unwrap()
+    );
+    assert!(
+        jobs.claim_attempt(key(2), 3, Reason::AttemptStalled, now)
+            .await
+            .unwrap()
+    );
+    // Seen (a created hook, say): no attempt yet, so attempt 1.
+    st.put_job(3, &[("phase", s("seen")), ("phase_rank", n(1))])
+        .await;
+    assert!(
+        jobs.claim_attempt(key(3), 1, Reason::LostHook, now)
+            .await
+            .unwrap()
+    );
+    assert_eq!(st.item(3).await.get("phase_rank"), Some(&n(2)));
+    // A finished job's phase never moves back.
+    st.put_job(4, &[("phase", s("finished")), ("phase_rank", n(4))])
+        .await;
+    assert!(
+        jobs.claim_attempt(key(4), 2, Reason::MarkedFinished, now)
+            .await
+            .unwrap()
+    );
+    assert_eq!(st.item(4).await.get("phase_rank"), Some(&n(4)));
+}
