@@ -53,8 +53,8 @@ impl<S: SecretSource> SecretCache<S> {
     }
 
     /// Cached secrets while fresh; otherwise a reload. A failed reload falls back to the last
-    /// good secrets (reported in `refresh_error`); with none, it is an error (a 5xx, since
-    /// GitLab should retry rather than disable the hook).
+    /// good secrets (reported in `refresh_error`); with none, it is an error (a 5xx: nothing can be
+    /// authenticated, so nothing is kept).
     pub async fn get(&self, now_ms: u64) -> Result<SecretsLookup, PortError> {
         let stale = {
             let state = self.state.lock().expect("secret cache lock");
