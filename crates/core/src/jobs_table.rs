@@ -46,6 +46,33 @@ pub mod attr {
     pub const GAVE_UP_AT_MS: &str = "gave_up_at_ms";
 }
 
+/// Every attribute a job's item may hold, the key included.
+pub const ALL: &[&str] = &[
+    KEY,
+    attr::PHASE,
+    attr::PHASE_RANK,
+    attr::LAST_STATUS,
+    attr::PROJECT_ID,
+    attr::PROJECT_PATH,
+    attr::JOB_ID,
+    attr::JOB_NAME,
+    attr::UPDATED_AT_MS,
+    attr::EXPIRES_AT,
+    attr::RUNNER_ID,
+    attr::ROUTE_TYPE,
+    attr::ROUTE_MATCHED,
+    attr::PROVISION_ERROR,
+    attr::PROVISION_CAUSE,
+    attr::LAUNCHED_RUNNER_ID,
+    attr::INSTANCE_ID,
+    attr::TEARDOWN_ERROR,
+    attr::TEARDOWN_CAUSE,
+    attr::ATTEMPT,
+    attr::ATTEMPT_STARTED_AT_MS,
+    attr::RECONCILE_REASON,
+    attr::GAVE_UP_AT_MS,
+];
+
 /// Moves a job's phase forward only: written with `:rank` = the target's rank.
 pub const ADVANCE_CONDITION: &str = "attribute_not_exists(phase_rank) OR phase_rank < :rank";
 

@@ -19,6 +19,7 @@ use ephemeral_core::fleet::{
     RunnerEntry, RunnerLedger, TokenVault,
 };
 use ephemeral_core::jobs::{JobKey, JobPhase};
+use ephemeral_core::jobs_table::{self, ADVANCE_CONDITION, attr};
 use ephemeral_core::mapping::{AmiRef, Market};
 use ephemeral_core::secrets::Secret;
 use ephemeral_core::webhook::PortError;
@@ -386,17 +387,17 @@ impl RunnerLedger for DynamoRunnerLedger {
             .client
             .get_item()
             .table_name(&self.jobs_table)
-            .key("job_key", s(&key.table_key()))
+            .key(jobs_table::KEY, s(&key.table_key()))
             .consistent_read(true)
             .send()
             .await
             .map_err(|e| port_error("DynamoDB GetItem (jobs)", e))?;
         Ok(out.item().map(|item| JobRecord {
-            phase: num(item, "phase_rank")
+            phase: num(item, attr::PHASE_RANK)
                 .and_then(|r| u8::try_from(r).ok())
                 .and_then(JobPhase::from_rank),
-            runner_id: num(item, "launched_runner_id"),
-            instance_id: text(item, "instance_id"),
+            runner_id: num(item, attr::LAUNCHED_RUNNER_ID),
+            instance_id: text(item, attr::INSTANCE_ID),
         }))
     }
 
@@ -420,8 +421,12 @@ impl RunnerLedger for DynamoRunnerLedger {
         self.client
             .update_item()
             .table_name(&self.jobs_table)
-            .key("job_key", s(&key.table_key()))
-            .update_expression("SET launched_runner_id = :runner, instance_id = :instance")
+            .key(jobs_table::KEY, s(&key.table_key()))
+            .update_expression(format!(
+                "SET {} = :runner, {} = :instance",
+                attr::LAUNCHED_RUNNER_ID,
+                attr::INSTANCE_ID
+            ))
             .expression_attribute_values(":runner", n(entry.runner_id))
             .expression_attribute_values(":instance", s(&entry.instance_id))
             .send()
@@ -441,11 +446,15 @@ impl RunnerLedger for DynamoRunnerLedger {
             .client
             .update_item()
             .table_name(&self.jobs_table)
-            .key("job_key", s(&key.table_key()))
-            .update_expression(
-                "SET phase = :phase, phase_rank = :rank, launched_runner_id = :runner, instance_id = :instance",
-            )
-            .condition_expression("attribute_not_exists(phase_rank) OR phase_rank < :rank")
+            .key(jobs_table::KEY, s(&key.table_key()))
+            .update_expression(format!(
+                "SET {} = :phase, {} = :rank, {} = :runner, {} = :instance",
+                attr::PHASE,
+                attr::PHASE_RANK,
+                attr::LAUNCHED_RUNNER_ID,
+                attr::INSTANCE_ID
+            ))
+            .condition_expression(ADVANCE_CONDITION)
             .expression_attribute_values(":phase", s(running.as_str()))
             .expression_attribute_values(":rank", n(u64::from(running.rank())))
             .expression_attribute_values(":runner", n(runner_id))
@@ -458,7 +467,7 @@ impl RunnerLedger for DynamoRunnerLedger {
             Err(e) => match e.into_service_error() {
                 aws_sdk_dynamodb::operation::update_item::UpdateItemError::ConditionalCheckFailedException(c) => {
                     // Already running (a repeat of this step) is fine; further is not.
-                    let rank = c.item().and_then(|i| num(i, "phase_rank"));
+                    let rank = c.item().and_then(|i| num(i, attr::PHASE_RANK));
                     Ok(rank == Some(u64::from(running.rank())))
                 }
                 other => Err(port_error("DynamoDB UpdateItem (jobs, running)", other)),
