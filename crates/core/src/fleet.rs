@@ -11,6 +11,10 @@
 //! - every removal treats "already gone" as done;
 //! - the runner registry ([`RunnerLedger`]) holds every runner we created until it is removed,
 //!   so nothing we made can be forgotten, even when its instance is long gone.
+//! - with caps (`MaxRunnerInstances`, `MaxRunnerInstancesPerProject`), an instance holds its
+//!   job's slot ([`crate::slots`]): taken once per job before the launch (a job over a cap
+//!   waits: [`Provisioned::WaitingForSlot`]), given back wherever the instance is removed
+//!   (failed launch or runner, teardown, reaper), and by the reaper when it leaked.
 //!
 //! Known window: if the provision function dies between storing the token and tagging the
 //! instance, the retry replaces the runner; had the instance already read the old token, that
@@ -24,7 +28,7 @@ use std::future::Future;
 use serde::Serialize;
 
 use crate::ec2::{
-    Ec2Defaults, InstanceFacts, LaunchFailure, PlanError, ReaperAction, ReaperSettings,
+    Ec2Defaults, InstanceFacts, LaunchFailure, LaunchPlan, PlanError, ReaperAction, ReaperSettings,
     SPOT_ROLE_FIX, SPOT_ROLE_MISSING, TAG_JOB_ID, TAG_PROJECT_ID, TAG_REAPER_BYPASS,
     TAG_REAPER_MARK, TAG_RUNNER_ID, UserDataError, UserDataValues, classify_launch_error,
     launch_plan, reap, render_user_data,
@@ -33,6 +37,7 @@ use crate::hook::JobEvent;
 use crate::jobs::{JobKey, JobPhase};
 use crate::mapping::{AmiRef, Ec2Settings, Market};
 use crate::secrets::Secret;
+use crate::slots::{CapReached, Capped, SlotClaim, SlotStore, claim_slot, leaked_slots};
 use crate::webhook::PortError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -207,6 +212,14 @@ pub trait RunnerLedger {
         runner_id: u64,
         instance_id: &str,
     ) -> impl Future<Output = Result<bool, PortError>> + Send;
+    /// Notes on the job's item that it waits for a slot of `cap` (a counter key), since the
+    /// first time it did. `false` when the job has finished (nothing is noted).
+    fn record_waiting(
+        &self,
+        key: JobKey,
+        cap: &str,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<bool, PortError>> + Send;
     fn runner(
         &self,
         runner_id: u64,
@@ -215,14 +228,44 @@ pub trait RunnerLedger {
     fn forget_runner(&self, runner_id: u64) -> impl Future<Output = Result<(), PortError>> + Send;
 }
 
-/// The four ports together.
+/// The four ports together, and the slots table when instances are capped.
 #[derive(Debug)]
-pub struct FleetPorts<F, V, A, L> {
+pub struct FleetPorts<F, V, A, L, S> {
     pub fleet: F,
     pub vault: V,
     pub api: A,
     pub ledger: L,
+    /// `None`: no cap (`MaxRunnerInstances` and `MaxRunnerInstancesPerProject` unset or 0).
+    pub slots: Option<Capped<S>>,
 }
+
+/// Gives back the slot of the job an instance was launched for (nothing without caps, or
+/// when it holds none).
+async fn give_back_slot<F, V, A, L, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    job: JobKey,
+) -> Result<(), PortError> {
+    match &ports.slots {
+        Some(slots) => slots.store.give_back(job, None).await.map(|_| ()),
+        None => Ok(()),
+    }
+}
+
+/// After a cleanup that terminated the job's own instance, gives its slot back too.
+async fn free_slot_after<F, V, A, L, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    job: JobKey,
+    cleanup: &mut Vec<(&'static str, Result<(), PortError>)>,
+) {
+    let terminated = cleanup
+        .iter()
+        .any(|(what, r)| *what == TERMINATING && r.is_ok());
+    if terminated && ports.slots.is_some() {
+        cleanup.push(("giving back its slot", give_back_slot(ports, job).await));
+    }
+}
+
+const TERMINATING: &str = "terminating the instance";
 
 /// Stack settings for the EC2 steps (template parameters).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -257,6 +300,9 @@ pub enum Provisioned {
     JobAlreadyFinished,
     /// The job finished while we provisioned: what we made was removed again.
     FinishedMeanwhile { instance_id: String, runner_id: u64 },
+    /// Every slot of a cap is taken: nothing launched, the job's item notes that it waits
+    /// (`waiting_for_slot_since_ms`), and the reconciler starts it when a slot frees.
+    WaitingForSlot { waiting_for: CapReached },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -288,6 +334,10 @@ pub enum ProvisionError {
     LaunchUnavailable { subnet: String, error: LaunchError },
     #[error("GitLab could not create the runner: {error}{cleanup}")]
     RunnerNotCreated { error: PortError, cleanup: String },
+    #[error(
+        "another run of this step took the job's runner instance slot {taken_ms_ago} ms ago and may be launching its instance; the step is retried and then finds that instance"
+    )]
+    SlotInFlight { taken_ms_ago: u64 },
     #[error("{what}: {error}{cleanup}")]
     Step {
         what: &'static str,
@@ -324,8 +374,8 @@ fn cleanup_note(results: &[(&str, Result<(), PortError>)]) -> String {
 /// Provisions one EC2 runner for `job`: instance first (it waits for its token), then the
 /// GitLab runner, its token into the instance's parameter, the `runner-id` tag, and the job's
 /// item. See the module documentation for why each step is safe to repeat.
-pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
-    ports: &FleetPorts<F, V, A, L>,
+pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
     settings: &FleetSettings,
     job: &JobEvent,
     route: &Ec2Settings,
@@ -373,24 +423,10 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
             plan.attempts[0].1,
             Vec::new(),
         ),
-        None => {
-            let user_data = render_user_data(
-                &settings.user_data_template,
-                &UserDataValues {
-                    gitlab_url: settings.gitlab_url.clone(),
-                    token_parameter_prefix: settings.token_parameter_prefix.clone(),
-                    executor: plan.executor,
-                    wait_timeout_seconds: settings.wait_timeout_seconds,
-                    region: settings.region.clone(),
-                },
-            )?;
-            let image_id = ports
-                .fleet
-                .resolve_image(&plan.ami)
-                .await
-                .map_err(step("resolving the AMI"))?;
-            launch(ports, &plan, &key, image_id, user_data, now_ms).await?
-        }
+        None => match launch_in_slot(ports, settings, &plan, key, now_ms).await? {
+            Ok(launched) => launched,
+            Err(waiting) => return Ok(waiting),
+        },
     };
 
     // A runner from an earlier attempt that never reached its instance (no runner-id tag):
@@ -414,10 +450,11 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
     let (runner_id, token) = match ports.api.create(&request).await {
         Ok(created) => created,
         Err(error) => {
-            let terminated = ports.fleet.terminate(&instance_id).await;
+            let mut cleanup = vec![(TERMINATING, ports.fleet.terminate(&instance_id).await)];
+            free_slot_after(ports, key, &mut cleanup).await;
             return Err(ProvisionError::RunnerNotCreated {
                 error,
-                cleanup: cleanup_note(&[("terminating the instance", terminated)]),
+                cleanup: cleanup_note(&cleanup),
             });
         }
     };
@@ -451,7 +488,8 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
     .await;
     drop(token);
     if let Err((what, error)) = delivered {
-        let cleanup = remove_runner(ports, runner_id, Some(&instance_id)).await;
+        let mut cleanup = remove_runner(ports, runner_id, Some(&instance_id)).await;
+        free_slot_after(ports, key, &mut cleanup).await;
         return Err(ProvisionError::Step {
             what,
             error,
@@ -465,7 +503,8 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
         .map_err(step("recording the runner on the job's item"))?;
     if !moved {
         // The job finished while we launched: its teardown may have found nothing yet.
-        let cleanup = remove_runner(ports, runner_id, Some(&instance_id)).await;
+        let mut cleanup = remove_runner(ports, runner_id, Some(&instance_id)).await;
+        free_slot_after(ports, key, &mut cleanup).await;
         if let Some((what, Err(error))) = cleanup.into_iter().find(|(_, r)| r.is_err()) {
             return Err(ProvisionError::Step {
                 what,
@@ -490,12 +529,71 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
 /// A launch: (instance id, subnet, market, the attempts that failed before it).
 type Launched = (String, String, Market, Vec<String>);
 
+/// A new instance for the job, in a slot: takes the job's slot first (without caps there is
+/// none to take) and gives it back when nothing was launched. `Ok(Err(outcome))` when no slot
+/// is free: the job's item notes that it waits, and nothing is launched.
+async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    settings: &FleetSettings,
+    plan: &LaunchPlan,
+    key: JobKey,
+    now_ms: u64,
+) -> Result<Result<Launched, Provisioned>, ProvisionError> {
+    if let Some(slots) = &ports.slots {
+        let claim = claim_slot(slots, key, now_ms)
+            .await
+            .map_err(step("taking a runner instance slot (the slots table)"))?;
+        if let SlotClaim::InFlight { taken_at_ms } = claim {
+            return Err(ProvisionError::SlotInFlight {
+                taken_ms_ago: now_ms.saturating_sub(taken_at_ms),
+            });
+        }
+        if let SlotClaim::Full(cap) = claim {
+            let noted = ports
+                .ledger
+                .record_waiting(key, &cap.counter(), now_ms)
+                .await
+                .map_err(step("noting on the job's item that it waits for a slot"))?;
+            return Ok(Err(if noted {
+                Provisioned::WaitingForSlot { waiting_for: cap }
+            } else {
+                Provisioned::JobAlreadyFinished
+            }));
+        }
+    }
+    let launched = async {
+        let user_data = render_user_data(
+            &settings.user_data_template,
+            &UserDataValues {
+                gitlab_url: settings.gitlab_url.clone(),
+                token_parameter_prefix: settings.token_parameter_prefix.clone(),
+                executor: plan.executor,
+                wait_timeout_seconds: settings.wait_timeout_seconds,
+                region: settings.region.clone(),
+            },
+        )?;
+        let image_id = ports
+            .fleet
+            .resolve_image(&plan.ami)
+            .await
+            .map_err(step("resolving the AMI"))?;
+        launch(ports, plan, &key, image_id, user_data, now_ms).await
+    }
+    .await;
+    if launched.is_err() {
+        // Nothing runs: the slot is free again. Should this fail, the reaper gives it back
+        // once it is older than ORPHAN_GRACE_SECONDS.
+        let _ = give_back_slot(ports, key).await;
+    }
+    Ok(Ok(launched?))
+}
+
 /// Tries each (subnet, market) of the plan in turn: capacity errors move on (spot, then
 /// on-demand), configuration errors stop at once. Spot refused for the whole account (no spot
 /// service-linked role) skips the remaining spot attempts: only on demand can work then.
-async fn launch<F: Fleet, V, A, L>(
-    ports: &FleetPorts<F, V, A, L>,
-    plan: &crate::ec2::LaunchPlan,
+async fn launch<F: Fleet, V, A, L, S>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    plan: &LaunchPlan,
     key: &JobKey,
     image_id: String,
     user_data: String,
@@ -580,17 +678,14 @@ pub fn market_name(market: Market) -> &'static str {
 /// Removes one runner and everything of it: the instance, the GitLab runner, the token
 /// parameter, the registry entry (last, so a failure leaves it for the reaper). Every step
 /// runs even if an earlier one failed; each result is reported.
-async fn remove_runner<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
-    ports: &FleetPorts<F, V, A, L>,
+async fn remove_runner<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S>(
+    ports: &FleetPorts<F, V, A, L, S>,
     runner_id: u64,
     instance_id: Option<&str>,
 ) -> Vec<(&'static str, Result<(), PortError>)> {
     let mut results = Vec::new();
     if let Some(instance_id) = instance_id {
-        results.push((
-            "terminating the instance",
-            ports.fleet.terminate(instance_id).await,
-        ));
+        results.push((TERMINATING, ports.fleet.terminate(instance_id).await));
     }
     results.push((
         "deleting the GitLab runner",
@@ -652,8 +747,8 @@ pub struct TeardownError {
 /// is ours), and the runner launched for it if that one is idle (it never got a job: the job
 /// was canceled, skipped, or taken by another runner). A runner launched for this job that is
 /// busy took another job; that job's teardown removes it.
-pub async fn teardown<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
-    ports: &FleetPorts<F, V, A, L>,
+pub async fn teardown<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
     job: &JobEvent,
 ) -> Result<TornDown, TeardownError> {
     let key = JobKey::of(job);
@@ -671,8 +766,8 @@ pub async fn teardown<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
             .await
             .map_err(fail("looking up the runner that ran the job", runner_id))?
         {
-            Some(instance_id) => {
-                finish_removal(ports, runner_id, instance_id.as_deref()).await?;
+            Some((instance_id, launched_for)) => {
+                finish_removal(ports, runner_id, instance_id.as_deref(), launched_for).await?;
                 out.removed.push(RemovedRunner {
                     runner_id,
                     instance_id,
@@ -689,7 +784,7 @@ pub async fn teardown<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
         .map_err(fail("reading the job's item", 0))?
         .unwrap_or_default();
     if let Some(own) = record.runner_id.filter(|id| Some(*id) != ran_on) {
-        let Some(instance_id) = locate(ports, own)
+        let Some((instance_id, launched_for)) = locate(ports, own)
             .await
             .map_err(fail("looking up the job's own runner", own))?
         else {
@@ -697,7 +792,7 @@ pub async fn teardown<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
         };
         match ports.api.busy(own).await {
             Ok(false) => {
-                finish_removal(ports, own, instance_id.as_deref()).await?;
+                finish_removal(ports, own, instance_id.as_deref(), launched_for).await?;
                 out.removed.push(RemovedRunner {
                     runner_id: own,
                     instance_id,
@@ -718,26 +813,40 @@ pub async fn teardown<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
     Ok(out)
 }
 
-/// Where one of our runners lives: `Some(instance)` if it is ours (registered, or on an
-/// instance tagged with it), `None` if not ours.
-async fn locate<F: Fleet, V, A, L: RunnerLedger>(
-    ports: &FleetPorts<F, V, A, L>,
+/// One of our runners: its instance, and the job that instance was launched for (whose slot
+/// it holds; a runner may have run another job).
+type Located = (Option<String>, Option<JobKey>);
+
+/// Where one of our runners lives: `Some` if it is ours (registered, or on an instance tagged
+/// with it), `None` if not ours.
+async fn locate<F: Fleet, V, A, L: RunnerLedger, S>(
+    ports: &FleetPorts<F, V, A, L, S>,
     runner_id: u64,
-) -> Result<Option<Option<String>>, PortError> {
+) -> Result<Option<Located>, PortError> {
     if let Some(entry) = ports.ledger.runner(runner_id).await? {
-        return Ok(Some(Some(entry.instance_id)));
+        let launched_for = JobKey {
+            project_id: entry.project_id,
+            job_id: entry.job_id,
+        };
+        return Ok(Some((Some(entry.instance_id), Some(launched_for))));
     }
     let tagged = ports
         .fleet
         .instances(InstanceQuery::Runner(runner_id))
         .await?;
-    Ok(tagged.into_iter().next().map(|i| Some(i.id)))
+    Ok(tagged.into_iter().next().map(|i| {
+        let launched_for = i.job_key();
+        (Some(i.id), launched_for)
+    }))
 }
 
-async fn finish_removal<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
-    ports: &FleetPorts<F, V, A, L>,
+/// Removes the runner and its instance, then gives back the slot of the job the instance was
+/// launched for.
+async fn finish_removal<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
     runner_id: u64,
     instance_id: Option<&str>,
+    launched_for: Option<JobKey>,
 ) -> Result<(), TeardownError> {
     for (what, result) in remove_runner(ports, runner_id, instance_id).await {
         result.map_err(|error| TeardownError {
@@ -745,6 +854,15 @@ async fn finish_removal<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
             runner_id,
             error,
         })?;
+    }
+    if let (Some(_), Some(job)) = (instance_id, launched_for) {
+        give_back_slot(ports, job)
+            .await
+            .map_err(|error| TeardownError {
+                what: "giving back the instance's slot (the slots table)",
+                runner_id,
+                error,
+            })?;
     }
     Ok(())
 }
@@ -757,6 +875,10 @@ pub struct ReapReport {
     pub marked: Vec<Reaped>,
     pub stale_parameters: Vec<String>,
     pub orphan_runners: Vec<u64>,
+    /// Slots given back because their job has no live instance (a leak: see
+    /// [`crate::slots`]): the jobs' table keys.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub leaked_slots: Vec<String>,
     /// Failures; the pass goes on with the next item, and the next pass retries.
     pub errors: Vec<String>,
     /// Why the pass did nothing: EC2 runners not configured, or another pass holds the lease.
@@ -782,8 +904,8 @@ pub struct Reaped {
 
 /// The reaper's pass: every live instance of the stack through [`reap`], then token
 /// parameters and registered runners whose instance is gone.
-pub async fn reaper_pass<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
-    ports: &FleetPorts<F, V, A, L>,
+pub async fn reaper_pass<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
     settings: &FleetSettings,
     now_ms: u64,
 ) -> Result<ReapReport, PortError> {
@@ -799,6 +921,15 @@ pub async fn reaper_pass<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>
         if let Err(e) = reap_instance(ports, settings, instance, now_ms, &mut report).await {
             report.errors.push(format!("instance {}: {e}", instance.id));
         }
+    }
+    if let Some(slots) = &ports.slots {
+        // Listed before the slots are read: see `leaked_slots`.
+        let live_jobs: HashSet<JobKey> = instances
+            .iter()
+            .filter(|i| i.state.is_live())
+            .filter_map(Instance::job_key)
+            .collect();
+        reap_slots(slots, &live_jobs, settings, now_ms, &mut report).await;
     }
 
     match ports.vault.list().await {
@@ -843,8 +974,41 @@ pub async fn reaper_pass<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>
     Ok(report)
 }
 
-async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
-    ports: &FleetPorts<F, V, A, L>,
+/// Gives back the slots whose job has no live instance (older than the orphan grace, which
+/// is longer than a provision can run).
+async fn reap_slots<S: SlotStore>(
+    slots: &Capped<S>,
+    live_jobs: &HashSet<JobKey>,
+    settings: &FleetSettings,
+    now_ms: u64,
+    report: &mut ReapReport,
+) {
+    let held = match slots.store.held().await {
+        Ok(held) => held,
+        Err(e) => {
+            report.errors.push(format!("listing the held slots: {e}"));
+            return;
+        }
+    };
+    for slot in leaked_slots(&held, live_jobs, now_ms, settings.orphan_grace_ms) {
+        match slots
+            .store
+            .give_back(slot.job, Some(slot.taken_at_ms))
+            .await
+        {
+            Ok(true) => report.leaked_slots.push(slot.job.table_key()),
+            // Taken again (a new attempt) or given back meanwhile: not a leak any more.
+            Ok(false) => {}
+            Err(e) => report.errors.push(format!(
+                "giving back the slot of {}: {e}",
+                slot.job.table_key()
+            )),
+        }
+    }
+}
+
+async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
     settings: &FleetSettings,
     instance: &Instance,
     now_ms: u64,
@@ -914,6 +1078,11 @@ async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger>(
             };
             if let Some((what, Err(e))) = results.into_iter().find(|(_, r)| r.is_err()) {
                 return Err(PortError(format!("{what}: {e}")));
+            }
+            if let Some(job) = instance.job_key() {
+                give_back_slot(ports, job)
+                    .await
+                    .map_err(|e| PortError(format!("giving back its slot: {e}")))?;
             }
             report.killed.push(Reaped {
                 instance_id: instance.id.clone(),
@@ -992,6 +1161,7 @@ mod tests {
             vault: (),
             api: (),
             ledger: (),
+            slots: None::<Capped<()>>,
         };
         let key = JobKey {
             project_id: 1,

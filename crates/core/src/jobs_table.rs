@@ -36,6 +36,12 @@ pub mod attr {
     // The EC2 provision step.
     pub const LAUNCHED_RUNNER_ID: &str = "launched_runner_id";
     pub const INSTANCE_ID: &str = "instance_id";
+    /// When the job first found no free slot (ms since the epoch; kept while it waits, removed
+    /// when its runner is recorded): the reconciler starts waiting jobs oldest first by it.
+    pub const WAITING_FOR_SLOT_SINCE_MS: &str = "waiting_for_slot_since_ms";
+    /// The counter of the cap it waits for: `global` or `project#<id>`
+    /// ([`crate::slots::CapReached::counter`]).
+    pub const WAITING_FOR_SLOT_CAP: &str = "waiting_for_slot_cap";
     // The teardown workflow.
     pub const TEARDOWN_ERROR: &str = "teardown_error";
     pub const TEARDOWN_CAUSE: &str = "teardown_cause";
@@ -44,6 +50,8 @@ pub mod attr {
     pub const ATTEMPT_STARTED_AT_MS: &str = "attempt_started_at_ms";
     pub const RECONCILE_REASON: &str = "reconcile_reason";
     pub const GAVE_UP_AT_MS: &str = "gave_up_at_ms";
+    /// Attempts that were starts from the slot queue (not counted toward the limit).
+    pub const SLOT_STARTS: &str = "slot_starts";
 }
 
 /// Every attribute a job's item may hold, the key included.
@@ -65,16 +73,23 @@ pub const ALL: &[&str] = &[
     attr::PROVISION_CAUSE,
     attr::LAUNCHED_RUNNER_ID,
     attr::INSTANCE_ID,
+    attr::WAITING_FOR_SLOT_SINCE_MS,
+    attr::WAITING_FOR_SLOT_CAP,
     attr::TEARDOWN_ERROR,
     attr::TEARDOWN_CAUSE,
     attr::ATTEMPT,
     attr::ATTEMPT_STARTED_AT_MS,
     attr::RECONCILE_REASON,
     attr::GAVE_UP_AT_MS,
+    attr::SLOT_STARTS,
 ];
 
 /// Moves a job's phase forward only: written with `:rank` = the target's rank.
 pub const ADVANCE_CONDITION: &str = "attribute_not_exists(phase_rank) OR phase_rank < :rank";
+
+/// Records a job as waiting for a slot only while it has not finished (`:finished` is that
+/// rank): a late provision never marks a finished job as waiting.
+pub const WAITING_CONDITION: &str = "attribute_not_exists(phase_rank) OR phase_rank < :finished";
 
 /// Claims attempt `:attempt` once. An item without `attempt` had the router's start as
 /// attempt 1 if its phase reached provisioning (`:provisioning` is that rank), else none;
@@ -107,6 +122,10 @@ pub fn record_of(item: &Value) -> JobRecord {
         provision_error: text(attr::PROVISION_ERROR),
         runner_id: number(attr::LAUNCHED_RUNNER_ID),
         gave_up: item.get(attr::GAVE_UP_AT_MS).is_some(),
+        waiting_for_slot_since_ms: number(attr::WAITING_FOR_SLOT_SINCE_MS),
+        slot_starts: number(attr::SLOT_STARTS)
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(0),
     }
 }
 
@@ -156,8 +175,11 @@ mod tests {
         assert_eq!((seen.phase, seen.attempt), (Some(JobPhase::Seen), 0));
         let retried = record_of(&json!({
             "phase_rank": 3, "attempt": 3, "attempt_started_at_ms": 9000, "updated_at_ms": 1,
-            "launched_runner_id": 44, "gave_up_at_ms": 10
+            "launched_runner_id": 44, "gave_up_at_ms": 10,
+            "waiting_for_slot_since_ms": 700, "slot_starts": 2
         }));
+        assert_eq!(retried.waiting_for_slot_since_ms, Some(700));
+        assert_eq!(retried.slot_starts, 2);
         assert_eq!(retried.attempt, 3);
         assert_eq!(retried.attempt_started_at_ms, Some(9000));
         assert_eq!(retried.runner_id, Some(44));

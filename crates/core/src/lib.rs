@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod reconcile;
 pub mod secrets;
 pub mod shell;
+pub mod slots;
 pub mod testing;
 pub mod webhook;
 

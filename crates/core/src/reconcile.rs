@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::JobStatus;
 use crate::hook::{JOB_EVENT_SCHEMA, JobEvent};
 use crate::jobs::{JobKey, JobPhase, Workflow};
+use crate::slots::{FreeSlots, WaitingJob, jobs_to_start};
 
 mod pass;
 pub use pass::{PassReport, PendingListing, ReconcilePorts, reconcile_pass};
@@ -92,6 +93,10 @@ pub struct JobRecord {
     pub runner_id: Option<u64>,
     /// Set when the reconciler stopped trying.
     pub gave_up: bool,
+    /// Since when the job waits for a slot under an instance cap (its first refusal).
+    pub waiting_for_slot_since_ms: Option<u64>,
+    /// Attempts that were starts from the slot queue: they do not count toward the limit.
+    pub slot_starts: u32,
 }
 
 /// A runner of ours that GitLab may still hand a job to.
@@ -161,16 +166,19 @@ pub enum Reason {
     AttemptStalled,
     /// We hold it as finished, but GitLab lists it pending (a forged or reordered finish).
     MarkedFinished,
+    /// It waited for a slot under an instance cap, and one is free now (oldest first).
+    WaitingForSlot,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 6] = [
+    pub const ALL: [Reason; 7] = [
         Self::LostHook,
         Self::ProvisionFailed,
         Self::RunnerGone,
         Self::RunnerCannotTakeIt,
         Self::AttemptStalled,
         Self::MarkedFinished,
+        Self::WaitingForSlot,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -181,6 +189,7 @@ impl Reason {
             Self::RunnerCannotTakeIt => "runner_cannot_take_it",
             Self::AttemptStalled => "attempt_stalled",
             Self::MarkedFinished => "marked_finished",
+            Self::WaitingForSlot => "waiting_for_slot",
         }
     }
 }
@@ -200,6 +209,8 @@ pub enum Decision {
     GiveUp { attempts: u32, reason: Reason },
     /// Already given up on.
     GivenUp,
+    /// Waits for a slot under an instance cap, and none is free for it this pass.
+    WaitingForSlot { since_ms: u64 },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,11 +248,13 @@ impl ReconcileSettings {
     }
 }
 
-/// Decisions for every pending job of one pass, oldest first.
+/// Decisions for every pending job of one pass, oldest first. Jobs waiting for a slot are
+/// started as far as `free` allows, oldest waiting first.
 pub fn plan_pass(
     pending: &[PendingJob],
     records: &HashMap<JobKey, JobRecord>,
     runners: &[LiveRunner],
+    free: &FreeSlots,
     settings: &ReconcileSettings,
     now_ms: u64,
 ) -> Vec<(JobKey, Decision)> {
@@ -252,7 +265,8 @@ pub fn plan_pass(
     let coverage = assign_runners(pending, &live);
     let mut jobs: Vec<&PendingJob> = pending.iter().collect();
     jobs.sort_by_key(|j| std::cmp::Reverse(j.pending_for_ms));
-    jobs.into_iter()
+    let mut decisions: Vec<(JobKey, Decision)> = jobs
+        .into_iter()
         .map(|job| {
             let decision = match coverage.get(&job.key) {
                 Some(&runner_id) => Decision::Covered { runner_id },
@@ -260,7 +274,36 @@ pub fn plan_pass(
             };
             (job.key, decision)
         })
-        .collect()
+        .collect();
+    start_waiting(&mut decisions, records, free);
+    decisions
+}
+
+/// Turns the oldest waiting jobs into starts, as many as the free slots allow.
+fn start_waiting(
+    decisions: &mut [(JobKey, Decision)],
+    records: &HashMap<JobKey, JobRecord>,
+    free: &FreeSlots,
+) {
+    let waiting: Vec<WaitingJob> = decisions
+        .iter()
+        .filter_map(|(job, d)| match d {
+            Decision::WaitingForSlot { since_ms } => Some(WaitingJob {
+                job: *job,
+                waiting_since_ms: *since_ms,
+            }),
+            _ => None,
+        })
+        .collect();
+    for job in jobs_to_start(&waiting, free) {
+        let attempt = records.get(&job).map_or(0, |r| r.attempt) + 1;
+        if let Some((_, decision)) = decisions.iter_mut().find(|(k, _)| *k == job) {
+            *decision = Decision::Provision {
+                attempt,
+                reason: Reason::WaitingForSlot,
+            };
+        }
+    }
 }
 
 /// Which live runner is left for which pending job: first each job keeps the runner made
@@ -313,12 +356,20 @@ fn decide_uncovered(
     if record.gave_up {
         return Decision::GivenUp;
     }
+    if let Some(since_ms) = record.waiting_for_slot_since_ms {
+        // Started from the queue moments ago: that start may still take the slot.
+        let restarted = record.attempt_started_at_ms.unwrap_or(0);
+        if restarted > since_ms && now_ms.saturating_sub(restarted) < settings.grace_ms {
+            return Decision::TooYoung;
+        }
+        return Decision::WaitingForSlot { since_ms };
+    }
     let reason = match why_uncovered(job, record, live, settings, now_ms) {
         Some(reason) => reason,
         // The attempt in flight is young: let it finish.
         None => return Decision::TooYoung,
     };
-    if record.attempt >= settings.max_attempts {
+    if record.attempt.saturating_sub(record.slot_starts) >= settings.max_attempts {
         return Decision::GiveUp {
             attempts: record.attempt,
             reason,
@@ -430,6 +481,7 @@ mod tests {
             jobs,
             &records,
             runners,
+            &FreeSlots::default(),
             &ReconcileSettings::default(),
             now_ms,
         )
@@ -737,6 +789,96 @@ mod tests {
         let orphan = runner_as_seen(12, key(9), 1_000, 900_000, true, &listed);
         assert!(!orphan.can_take(&pending(2, &[], MIN)));
         assert!(!orphan.can_take(&pending(2, &["docker"], MIN)));
+    }
+
+    #[test]
+    fn waiting_jobs_start_oldest_first_as_slots_free_and_do_not_use_up_attempts() {
+        let now = 100 * MIN;
+        let waiting = |since, attempt, slot_starts| JobRecord {
+            waiting_for_slot_since_ms: Some(since),
+            slot_starts,
+            ..provisioning(attempt, since)
+        };
+        let jobs = [
+            pending(1, &[], 9 * MIN),
+            pending(2, &[], 8 * MIN),
+            pending(3, &[], 7 * MIN),
+        ];
+        let records: HashMap<JobKey, JobRecord> = [
+            (key(1), waiting(now - 5 * MIN, 1, 0)),
+            // Started from the queue four times already: still not given up on.
+            (key(2), waiting(now - 6 * MIN, 5, 4)),
+            (key(3), waiting(now - 2 * MIN, 1, 0)),
+        ]
+        .into();
+        let free = FreeSlots {
+            global: Some(2),
+            ..FreeSlots::default()
+        };
+        let d = plan_pass(
+            &jobs,
+            &records,
+            &[],
+            &free,
+            &ReconcileSettings::default(),
+            now,
+        );
+        assert_eq!(
+            d,
+            [
+                (
+                    key(1),
+                    Decision::Provision {
+                        attempt: 2,
+                        reason: Reason::WaitingForSlot
+                    }
+                ),
+                (
+                    key(2),
+                    Decision::Provision {
+                        attempt: 6,
+                        reason: Reason::WaitingForSlot
+                    }
+                ),
+                (
+                    key(3),
+                    Decision::WaitingForSlot {
+                        since_ms: now - 2 * MIN
+                    }
+                ),
+            ]
+        );
+        let none_free = FreeSlots {
+            global: Some(0),
+            ..FreeSlots::default()
+        };
+        let d = plan_pass(
+            &jobs,
+            &records,
+            &[],
+            &none_free,
+            &ReconcileSettings::default(),
+            now,
+        );
+        assert!(
+            d.iter()
+                .all(|(_, d)| matches!(d, Decision::WaitingForSlot { .. })),
+            "{d:?}"
+        );
+        // A start from the queue a moment ago is left to take its slot.
+        let just_started = JobRecord {
+            attempt_started_at_ms: Some(now - 10_000),
+            ..waiting(now - 5 * MIN, 2, 1)
+        };
+        let d = plan_pass(
+            &jobs[..1],
+            &[(key(1), just_started)].into(),
+            &[],
+            &free,
+            &ReconcileSettings::default(),
+            now,
+        );
+        assert_eq!(d, [(key(1), Decision::TooYoung)]);
     }
 
     #[test]

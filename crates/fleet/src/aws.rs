@@ -19,7 +19,7 @@ use ephemeral_core::fleet::{
     RunnerEntry, RunnerLedger, TokenVault,
 };
 use ephemeral_core::jobs::{JobKey, JobPhase};
-use ephemeral_core::jobs_table::{self, ADVANCE_CONDITION, attr};
+use ephemeral_core::jobs_table::{self, ADVANCE_CONDITION, WAITING_CONDITION, attr};
 use ephemeral_core::mapping::{AmiRef, Market};
 use ephemeral_core::secrets::Secret;
 use ephemeral_core::webhook::PortError;
@@ -447,12 +447,15 @@ impl RunnerLedger for DynamoRunnerLedger {
             .update_item()
             .table_name(&self.jobs_table)
             .key(jobs_table::KEY, s(&key.table_key()))
+            // No longer waiting for a slot, if it did.
             .update_expression(format!(
-                "SET {} = :phase, {} = :rank, {} = :runner, {} = :instance",
+                "SET {} = :phase, {} = :rank, {} = :runner, {} = :instance REMOVE {}, {}",
                 attr::PHASE,
                 attr::PHASE_RANK,
                 attr::LAUNCHED_RUNNER_ID,
-                attr::INSTANCE_ID
+                attr::INSTANCE_ID,
+                attr::WAITING_FOR_SLOT_SINCE_MS,
+                attr::WAITING_FOR_SLOT_CAP
             ))
             .condition_expression(ADVANCE_CONDITION)
             .expression_attribute_values(":phase", s(running.as_str()))
@@ -472,6 +475,39 @@ impl RunnerLedger for DynamoRunnerLedger {
                 }
                 other => Err(port_error("DynamoDB UpdateItem (jobs, running)", other)),
             },
+        }
+    }
+
+    async fn record_waiting(&self, key: JobKey, cap: &str, now_ms: u64) -> Result<bool, PortError> {
+        let result = self
+            .client
+            .update_item()
+            .table_name(&self.jobs_table)
+            .key(jobs_table::KEY, s(&key.table_key()))
+            // The first wait counts: the reconciler starts the oldest waiting job first.
+            .update_expression(format!(
+                "SET {since} = if_not_exists({since}, :now), {cap} = :cap",
+                since = attr::WAITING_FOR_SLOT_SINCE_MS,
+                cap = attr::WAITING_FOR_SLOT_CAP,
+            ))
+            .condition_expression(WAITING_CONDITION)
+            .expression_attribute_values(":now", n(now_ms))
+            .expression_attribute_values(":cap", s(cap))
+            .expression_attribute_values(":finished", n(u64::from(JobPhase::Finished.rank())))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(port_error(
+                "DynamoDB UpdateItem (jobs, waiting for a slot)",
+                e,
+            )),
         }
     }
 

@@ -6,6 +6,7 @@ use ephemeral_core::ec2::{
 };
 use ephemeral_core::fleet::FleetSettings;
 use ephemeral_core::mapping::{AmiRef, Market, RunnerExecutor};
+use ephemeral_core::slots::SlotCaps;
 use ephemeral_gitlab::RunnerScope;
 
 /// The user-data template, compiled in: the function needs no file at run time, and the
@@ -61,6 +62,52 @@ pub struct FleetConfig {
     /// `${ec2:SourceInstanceARN}`.
     pub instance_arn_prefix: String,
     pub max_job_timeout_seconds: Option<u64>,
+    /// `None`: no cap on runner instances (both caps unset or 0).
+    pub slots: Option<SlotsConfig>,
+}
+
+/// The caps on runner instances and the table that counts them (`MAX_RUNNER_INSTANCES`,
+/// `MAX_RUNNER_INSTANCES_PER_PROJECT`, `SLOTS_TABLE_NAME`). Public for the reconciler, which
+/// counts free slots in the same table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotsConfig {
+    pub table: String,
+    pub caps: SlotCaps,
+}
+
+impl SlotsConfig {
+    /// `None` when neither cap is set (absent, empty or 0): instances are not counted.
+    pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Option<Self>, ConfigError> {
+        Self::read(&Env(get))
+    }
+
+    fn read<G: Fn(&str) -> Option<String>>(env: &Env<G>) -> Result<Option<Self>, ConfigError> {
+        let cap = |name: &str, parameter: &str| -> Result<u32, ConfigError> {
+            match env.value(name) {
+                None => Ok(0),
+                Some(v) => v.parse().map_err(|_| {
+                    ConfigError(format!(
+                        "{name}=`{v}` is not a whole number of instances (the stack parameter {parameter}; 0 is no cap)"
+                    ))
+                }),
+            }
+        };
+        let caps = SlotCaps::from_values(
+            cap("MAX_RUNNER_INSTANCES", "MaxRunnerInstances")?,
+            cap(
+                "MAX_RUNNER_INSTANCES_PER_PROJECT",
+                "MaxRunnerInstancesPerProject",
+            )?,
+        );
+        if !caps.is_capped() {
+            return Ok(None);
+        }
+        let table = env.required(
+            "SLOTS_TABLE_NAME",
+            "the table that counts runner instances against MAX_RUNNER_INSTANCES and MAX_RUNNER_INSTANCES_PER_PROJECT: the template's SlotsTable",
+        )?;
+        Ok(Some(Self { table, caps }))
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +227,7 @@ impl FleetConfig {
                 "arn:<partition>:ec2:<region>:<account>:instance/",
             )?,
             max_job_timeout_seconds: (max_job_timeout > 0).then_some(max_job_timeout),
+            slots: SlotsConfig::read(env)?,
         })
     }
 }
@@ -448,6 +496,34 @@ mod tests {
         );
         // An AMI id needs no parameter.
         FleetConfig::from_lookup(env(&[("DEFAULT_AMI", "ami-0123abcd")])).unwrap();
+    }
+
+    #[test]
+    fn caps_are_off_unless_set_and_then_need_their_table() {
+        let c = FleetConfig::from_lookup(env(&[])).unwrap();
+        assert_eq!(
+            c.slots, None,
+            "no variable: no cap (what older tests and stacks set)"
+        );
+        let c = FleetConfig::from_lookup(env(&[
+            ("MAX_RUNNER_INSTANCES", "0"),
+            ("MAX_RUNNER_INSTANCES_PER_PROJECT", ""),
+        ]))
+        .unwrap();
+        assert_eq!(c.slots, None, "0 is no cap");
+        let c = FleetConfig::from_lookup(env(&[
+            ("MAX_RUNNER_INSTANCES", "20"),
+            ("MAX_RUNNER_INSTANCES_PER_PROJECT", "3"),
+            ("SLOTS_TABLE_NAME", "slots"),
+        ]))
+        .unwrap();
+        let slots = c.slots.unwrap();
+        assert_eq!(slots.table, "slots");
+        assert_eq!(slots.caps, SlotCaps::from_values(20, 3));
+        let e = FleetConfig::from_lookup(env(&[("MAX_RUNNER_INSTANCES", "5")])).unwrap_err();
+        assert!(e.to_string().contains("SLOTS_TABLE_NAME is not set"), "{e}");
+        let e = FleetConfig::from_lookup(env(&[("MAX_RUNNER_INSTANCES", "many")])).unwrap_err();
+        assert!(e.to_string().contains("MaxRunnerInstances"), "{e}");
     }
 
     #[test]

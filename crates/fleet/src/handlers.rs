@@ -10,6 +10,7 @@ use ephemeral_core::hook::JobEvent;
 use ephemeral_core::lease::{Lease, LeaseRun, REAPER_LEASE, with_lease};
 use ephemeral_core::mapping::{Executor, MapperOutput};
 use ephemeral_core::metrics::{emf_count, emf_value};
+use ephemeral_core::slots::Capped;
 use ephemeral_core::webhook::PortError;
 use ephemeral_gitlab::{GitLabClient, Registration, RetryPolicy};
 use serde::Deserialize;
@@ -18,6 +19,7 @@ use crate::aws::{DynamoRunnerLedger, Ec2Fleet, SsmTokenVault};
 use crate::config::{ConfigError, FleetConfig, FleetSetup, NOT_CONFIGURED};
 use crate::gitlab::GitLabRunners;
 use crate::lease::DynamoLeases;
+use crate::slots::DynamoSlots;
 
 /// The provision workflow's state when it reaches the EC2 branch: the router's input plus the
 /// mapper's answer at `mapped.decision`.
@@ -40,7 +42,8 @@ pub struct TeardownInput {
     pub job: JobEvent,
 }
 
-pub type Ports = FleetPorts<Ec2Fleet, SsmTokenVault, GitLabRunners, DynamoRunnerLedger>;
+pub type Ports =
+    FleetPorts<Ec2Fleet, SsmTokenVault, GitLabRunners, DynamoRunnerLedger, DynamoSlots>;
 
 /// Clients and settings, built once per cold start.
 pub struct Functions {
@@ -151,6 +154,13 @@ impl Functions {
                 jobs_table: config.jobs_table_name.clone(),
                 runners_table: config.runners_table_name.clone(),
             },
+            slots: config.slots.as_ref().map(|slots| Capped {
+                store: DynamoSlots {
+                    client: dynamo.clone(),
+                    table: slots.table.clone(),
+                },
+                caps: slots.caps,
+            }),
         };
         let leases = config.leases_table_name.clone().map(|table| DynamoLeases {
             client: dynamo,
@@ -333,6 +343,20 @@ fn log_provisioned(job: &JobEvent, result: &Result<Provisioned, HandlerError>, n
         hook_to_launch_ms = latency_ms,
         "provisioned"
     );
+    if let Provisioned::WaitingForSlot { waiting_for } = outcome {
+        tracing::warn!(
+            project_id = job.project_id,
+            pipeline_id = job.pipeline_id,
+            job_id = job.job_id,
+            delivery_id = %job.delivery_id,
+            waiting_for = %waiting_for,
+            "job waits for a runner instance slot; the reconciler starts it when one frees (raise the cap to start more at once)"
+        );
+        println!(
+            "{}",
+            emf_count("ec2-provision", "JobsWaitingForSlot", 1, now_ms)
+        );
+    }
     if let Provisioned::Launched {
         failed_attempts, ..
     } = outcome
@@ -381,6 +405,7 @@ fn log_reaped(report: &ReapReport, now_ms: u64) {
         marked = report.marked.len(),
         stale_parameters = report.stale_parameters.len(),
         orphan_runners = report.orphan_runners.len(),
+        leaked_slots = report.leaked_slots.len(),
         errors = report.errors.len(),
         "reaper pass"
     );
@@ -390,6 +415,15 @@ fn log_reaped(report: &ReapReport, now_ms: u64) {
             "reaper",
             "InstancesReaped",
             report.killed.len() as u64,
+            now_ms
+        )
+    );
+    println!(
+        "{}",
+        emf_count(
+            "reaper",
+            "LeakedSlotsGivenBack",
+            report.leaked_slots.len() as u64,
             now_ms
         )
     );
@@ -417,7 +451,9 @@ impl HandlerError {
                 "Ec2Misconfigured"
             }
             Self::Provision(ProvisionError::LaunchRefused { .. }) => "LaunchRefused",
-            Self::Provision(ProvisionError::Step { .. }) => "ProvisionStepFailed",
+            Self::Provision(ProvisionError::Step { .. } | ProvisionError::SlotInFlight { .. }) => {
+                "ProvisionStepFailed"
+            }
             Self::Teardown(_) => "TeardownStepFailed",
             Self::Port(_) => "DependencyFailed",
             Self::Config(_) => "FleetMisconfigured",

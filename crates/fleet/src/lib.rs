@@ -8,8 +8,9 @@ pub mod config;
 pub mod gitlab;
 pub mod handlers;
 pub mod lease;
+pub mod slots;
 
-pub use config::{ConfigError, FleetConfig, FleetSetup};
+pub use config::{ConfigError, FleetConfig, FleetSetup, SlotsConfig};
 pub use handlers::{Functions, Invocation, ProvisionInput, TeardownInput};
 
 pub fn now_ms() -> u64 {

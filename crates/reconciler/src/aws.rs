@@ -97,8 +97,14 @@ impl JobsTable {
         reason: Reason,
         now_ms: u64,
     ) -> Result<bool, PortError> {
+        // A start from the slot queue is counted apart: it does not use up an attempt.
+        let slot_start = if reason == Reason::WaitingForSlot {
+            format!(" ADD {} :one", attr::SLOT_STARTS)
+        } else {
+            String::new()
+        };
         let update = format!(
-            "SET {} = :attempt, {} = :now, {} = :reason, {} = :project, {} = :job, {} = :now, {} = :expires REMOVE {}, {}",
+            "SET {} = :attempt, {} = :now, {} = :reason, {} = :project, {} = :job, {} = :now, {} = :expires REMOVE {}, {}{slot_start}",
             attr::ATTEMPT,
             attr::ATTEMPT_STARTED_AT_MS,
             attr::RECONCILE_REASON,

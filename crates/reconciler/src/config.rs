@@ -36,6 +36,8 @@ pub struct ReconcilerConfig {
     /// GitLab requests one pass may make.
     pub request_budget: u32,
     pub job_ttl_seconds: u64,
+    /// The instance caps (the EC2 functions' own variables): `None` without caps.
+    pub slots: Option<fleet::SlotsConfig>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +129,7 @@ impl ReconcilerConfig {
             request_budget: u32::try_from(number("RECONCILE_REQUEST_BUDGET", 200)?)
                 .unwrap_or(u32::MAX),
             job_ttl_seconds: number("JOB_TTL_SECONDS", 14 * 24 * 3600)?,
+            slots: fleet::SlotsConfig::from_lookup(&get).map_err(|e| ConfigError(e.0))?,
         })
     }
 }
@@ -142,6 +145,9 @@ mod tests {
             ("JOBS_TABLE_NAME", "jobs"),
             ("RUNNERS_TABLE_NAME", "runners"),
             ("LEASES_TABLE_NAME", "leases"),
+            ("SLOTS_TABLE_NAME", "slots"),
+            ("MAX_RUNNER_INSTANCES", "20"),
+            ("MAX_RUNNER_INSTANCES_PER_PROJECT", "0"),
             (
                 "PROVISION_STATE_MACHINE_ARN",
                 "arn:aws:states:us-east-1:123456789012:stateMachine:p",

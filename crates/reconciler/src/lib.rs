@@ -15,6 +15,7 @@ use ephemeral_core::reconcile::{
     JobRecord, LiveRunner, PassReport, PendingJob, PendingListing, Reason, ReconcilePorts,
     ReconcileSettings, reconcile_pass, runner_as_seen,
 };
+use ephemeral_core::slots::{Capped, FreeSlots, count_free_slots};
 use ephemeral_core::webhook::PortError;
 use ephemeral_gitlab::RequestBudget;
 use tokio::sync::Mutex;
@@ -40,6 +41,8 @@ pub struct Reconciler<L> {
     pub scopes: Scopes,
     pub request_budget: u32,
     pub runner_life: RunnerLife,
+    /// The instance caps' slots table; `None` without caps (every start allowed).
+    pub slots: Option<Capped<fleet::slots::DynamoSlots>>,
     /// The pass's pending listing, kept to see runners with their jobs' tags.
     listed: Mutex<Vec<PendingJob>>,
 }
@@ -54,6 +57,7 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
         scopes: Scopes,
         request_budget: u32,
         runner_life: RunnerLife,
+        slots: Option<Capped<fleet::slots::DynamoSlots>>,
     ) -> Self {
         Self {
             gitlab,
@@ -63,6 +67,7 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
             scopes,
             request_budget,
             runner_life,
+            slots,
             listed: Mutex::new(Vec::new()),
         }
     }
@@ -105,6 +110,15 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
         );
         println!(
             "{}",
+            emf_count(
+                "reconciler",
+                "JobsWaitingForSlot",
+                report.waiting_for_slot as u64,
+                now_ms
+            )
+        );
+        println!(
+            "{}",
             emf_value(
                 "reconciler",
                 "OldestPendingAge",
@@ -131,6 +145,7 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
             covered = report.covered,
             too_young = report.too_young,
             backing_off = report.backing_off,
+            waiting_for_slot = report.waiting_for_slot,
             reconciled = report.reconciled_total(),
             gave_up = report.gave_up.len(),
             lost_claims = report.lost_claims,
@@ -195,6 +210,13 @@ impl<L: RunnerLedger + Sync> ReconcilePorts for Reconciler<L> {
                 )
             })
             .collect())
+    }
+
+    async fn free_slots(&self, projects: &[u64]) -> Result<FreeSlots, PortError> {
+        match &self.slots {
+            Some(slots) => count_free_slots(slots, projects).await,
+            None => Ok(FreeSlots::default()),
+        }
     }
 
     async fn claim_attempt(

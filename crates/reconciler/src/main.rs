@@ -1,6 +1,7 @@
 //! The reconciler, on a schedule: provisions every job GitLab has pending for us that no
 //! runner of ours can take. The scheduled event's content is not used.
 use ephemeral_core::lease::{Lease, LeaseRun, with_lease};
+use ephemeral_core::slots::Capped;
 use ephemeral_gitlab::{GitLabClient, RetryPolicy};
 use lambda_runtime::{LambdaEvent, service_fn};
 use reconciler::aws::{JobsTable, ProvisionWorkflow};
@@ -47,6 +48,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             waits_ms: config.runner_waits_ms,
             project_scoped: config.runner_project_scoped,
         },
+        // The caps the EC2 functions enforce, read by the same names.
+        config.slots.clone().map(|slots| Capped {
+            store: fleet::slots::DynamoSlots {
+                client: aws_sdk_dynamodb::Client::new(&sdk),
+                table: slots.table,
+            },
+            caps: slots.caps,
+        }),
     );
     let settings = &config.settings;
     let leases = &fleet::lease::DynamoLeases {

@@ -61,6 +61,9 @@ pub struct FleetStack {
     pub jobs_table: String,
     pub runners_table: String,
     pub leases_table: String,
+    /// Counts instances against the caps; used only when a test sets a cap
+    /// (`MAX_RUNNER_INSTANCES` or `MAX_RUNNER_INSTANCES_PER_PROJECT`).
+    pub slots_table: String,
     pub prefix: String,
     pub subnets: Vec<String>,
     pub api_token_parameter: String,
@@ -117,6 +120,7 @@ pub async fn fleet_stack_in(sdk: aws_config::SdkConfig) -> FleetStack {
         jobs_table: create_table(&sdk, "jobs", "job_key", None).await,
         runners_table: create_table(&sdk, "runners", "runner_id", None).await,
         leases_table: create_table(&sdk, "leases", "lease_name", None).await,
+        slots_table: create_table(&sdk, "slots", "slot_key", None).await,
         gitlab: RunnerApiStandIn::start(API_TOKEN, first_id),
         prefix: format!("/{name}/runner-tokens"),
         subnets,
@@ -150,6 +154,8 @@ impl FleetStack {
             ("JOBS_TABLE_NAME", self.jobs_table.clone()),
             ("RUNNERS_TABLE_NAME", self.runners_table.clone()),
             ("LEASES_TABLE_NAME", self.leases_table.clone()),
+            // As the template sets it; without a cap it is not used.
+            ("SLOTS_TABLE_NAME", self.slots_table.clone()),
             (
                 "GITLAB_RUNNER_TOKEN_PARAMETER",
                 self.api_token_parameter.clone(),
@@ -332,6 +338,33 @@ impl FleetStack {
                 .unwrap(),
         )
         .unwrap()
+    }
+
+    /// A counter of the slots table (`global`, `project#<id>`): 0 when absent.
+    pub async fn slots_used(&self, counter: &str) -> u64 {
+        aws_sdk_dynamodb::Client::new(&self.sdk)
+            .get_item()
+            .table_name(&self.slots_table)
+            .key("slot_key", AttributeValue::S(counter.into()))
+            .consistent_read(true)
+            .send()
+            .await
+            .unwrap()
+            .item
+            .and_then(|i| i.get("used").cloned())
+            .map_or(0, |used| used.as_n().unwrap().parse().unwrap())
+    }
+
+    /// The slot items (one per job that holds a slot): their keys.
+    pub async fn slot_items(&self) -> Vec<String> {
+        let mut keys: Vec<String> = crate::scan_items(&self.sdk, &self.slots_table)
+            .await
+            .into_iter()
+            .filter_map(|i| i.get("slot_key")?.as_s().ok().cloned())
+            .filter(|k| k.starts_with("slot#"))
+            .collect();
+        keys.sort();
+        keys
     }
 
     pub fn assert_no_token_in(&self, what: &str, text: &str) {

@@ -12,6 +12,7 @@ use ephemeral_core::fleet::{RunnerEntry, RunnerLedger};
 use ephemeral_core::hook::JobStatus;
 use ephemeral_core::jobs::{JobKey, ProvisionOn};
 use ephemeral_core::reconcile::{Reason, ReconcileSettings};
+use ephemeral_core::slots::{Capped, SlotCaps, SlotStore};
 use ephemeral_core::testing::job_event;
 use ephemeral_gitlab::{GitLabClient, RetryPolicy, Secret};
 use reconciler::aws::{JobsTable, ProvisionWorkflow};
@@ -67,6 +68,7 @@ struct Stack {
     jobs_table: String,
     provision_arn: String,
     ledger: fleet::aws::DynamoRunnerLedger,
+    slots: Option<Capped<fleet::slots::DynamoSlots>>,
 }
 
 async fn stack() -> Stack {
@@ -84,6 +86,7 @@ async fn stack() -> Stack {
         jobs_table,
         provision_arn,
         ledger,
+        slots: None,
     }
 }
 
@@ -109,6 +112,7 @@ impl Stack {
                 waits_ms: 15 * MIN,
                 project_scoped: true,
             },
+            self.slots.clone(),
         )
     }
 
@@ -341,4 +345,68 @@ async fn an_attempt_is_claimed_once_against_dynamodb() {
             .unwrap()
     );
     assert_eq!(st.item(4).await.get("phase_rank"), Some(&n(4)));
+}
+
+#[tokio::test]
+async fn jobs_waiting_for_a_slot_start_oldest_first_when_one_frees() {
+    let mut st = stack().await;
+    let slots = Capped {
+        store: fleet::slots::DynamoSlots {
+            client: aws_sdk_dynamodb::Client::new(&st.sdk),
+            table: create_table(&st.sdk, "slots", "slot_key", None).await,
+        },
+        caps: SlotCaps::from_values(2, 0),
+    };
+    let now = now_ms();
+    // Two running jobs hold both slots; three jobs wait, 11 the longest.
+    for job in [20, 21] {
+        slots
+            .store
+            .take(key(job), &slots.caps, now - 20 * MIN)
+            .await
+            .unwrap();
+    }
+    for (job, since) in [(11, 5 * MIN), (12, 4 * MIN), (13, 3 * MIN)] {
+        st.put_job(
+            job,
+            &[
+                ("phase", s("provisioning")),
+                ("phase_rank", n(2)),
+                ("updated_at_ms", n(now - since)),
+                ("waiting_for_slot_since_ms", n(now - since)),
+                ("waiting_for_slot_cap", s("global")),
+            ],
+        )
+        .await;
+    }
+    st.slots = Some(slots.clone());
+    let gitlab = gitlab_with_pending(&[(11, 360.0), (12, 300.0), (13, 240.0)]).await;
+    let reconciler = st.reconciler(&gitlab);
+    let settings = ReconcileSettings::default();
+
+    let full = reconciler.run(&settings, now).await.unwrap();
+    assert_eq!(full.waiting_for_slot, 3, "{full:?}");
+    assert_eq!(full.reconciled_total(), 0);
+    assert!(execution_names(&st.sdk, &st.provision_arn).await.is_empty());
+
+    // Job 20's instance goes: one slot frees, and the job that waited longest takes it.
+    assert!(slots.store.give_back(key(20), None).await.unwrap());
+    let freed = reconciler.run(&settings, now + MIN).await.unwrap();
+    assert_eq!(
+        freed.reconciled.get(&Reason::WaitingForSlot),
+        Some(&1),
+        "{freed:?}"
+    );
+    assert_eq!(freed.waiting_for_slot, 2);
+    assert_eq!(
+        execution_names(&st.sdk, &st.provision_arn).await,
+        ["p7-j11-provision-a2"]
+    );
+    let started = st.item(11).await;
+    assert_eq!(
+        started.get("slot_starts"),
+        Some(&n(1)),
+        "a start from the queue is not a failed attempt"
+    );
+    assert_eq!(started.get("attempt"), Some(&n(2)));
 }

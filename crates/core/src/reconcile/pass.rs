@@ -8,6 +8,7 @@ use std::future::Future;
 
 use super::{Decision, JobRecord, LiveRunner, PendingJob, Reason, ReconcileSettings, plan_pass};
 use crate::jobs::{JobKey, Started};
+use crate::slots::FreeSlots;
 use crate::webhook::PortError;
 
 /// GitLab's pending jobs over every scope the stack serves.
@@ -26,6 +27,11 @@ pub trait ReconcilePorts {
         keys: &[JobKey],
     ) -> impl Future<Output = Result<HashMap<JobKey, JobRecord>, PortError>> + Send;
     fn live_runners(&self) -> impl Future<Output = Result<Vec<LiveRunner>, PortError>> + Send;
+    /// Free slots under the instance caps, for `projects` (no caps: unlimited).
+    fn free_slots(
+        &self,
+        projects: &[u64],
+    ) -> impl Future<Output = Result<FreeSlots, PortError>> + Send;
     /// Records attempt `attempt` on the job's item if no pass or hook got there first
     /// (`false`: someone did; do nothing).
     fn claim_attempt(
@@ -58,6 +64,8 @@ pub struct PassReport {
     pub covered: usize,
     pub too_young: usize,
     pub backing_off: usize,
+    /// Jobs waiting for a slot under an instance cap, not started this pass.
+    pub waiting_for_slot: usize,
     /// Attempts started, by reason.
     pub reconciled: BTreeMap<Reason, u32>,
     pub gave_up: Vec<(JobKey, u32, Reason)>,
@@ -83,6 +91,10 @@ pub async fn reconcile_pass<P: ReconcilePorts>(
     let keys: Vec<JobKey> = listing.jobs.iter().map(|j| j.key).collect();
     let records = ports.records(&keys).await?;
     let runners = ports.live_runners().await?;
+    let mut projects: Vec<u64> = listing.jobs.iter().map(|j| j.key.project_id).collect();
+    projects.sort_unstable();
+    projects.dedup();
+    let free = ports.free_slots(&projects).await?;
     let mut report = PassReport {
         pending: listing.jobs.len(),
         listing_complete: listing.complete,
@@ -95,7 +107,7 @@ pub async fn reconcile_pass<P: ReconcilePorts>(
         ..PassReport::default()
     };
     let by_key: HashMap<JobKey, &PendingJob> = listing.jobs.iter().map(|j| (j.key, j)).collect();
-    for (key, decision) in plan_pass(&listing.jobs, &records, &runners, settings, now_ms) {
+    for (key, decision) in plan_pass(&listing.jobs, &records, &runners, &free, settings, now_ms) {
         act(ports, by_key[&key], decision, now_ms, &mut report).await;
     }
     Ok(report)
@@ -119,6 +131,7 @@ async fn act<P: ReconcilePorts>(
         Decision::TooYoung => report.too_young += 1,
         Decision::BackingOff { .. } => report.backing_off += 1,
         Decision::GivenUp => {}
+        Decision::WaitingForSlot { .. } => report.waiting_for_slot += 1,
         Decision::GiveUp { attempts, reason } => {
             match ports.record_gave_up(job.key, attempts, reason).await {
                 Ok(()) => report.gave_up.push((job.key, attempts, reason)),
@@ -182,6 +195,9 @@ mod tests {
         }
         async fn live_runners(&self) -> Result<Vec<LiveRunner>, PortError> {
             Ok(self.runners.clone())
+        }
+        async fn free_slots(&self, _: &[u64]) -> Result<FreeSlots, PortError> {
+            Ok(FreeSlots::default())
         }
         async fn claim_attempt(
             &self,
