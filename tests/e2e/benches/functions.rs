@@ -1,4 +1,6 @@
-//! Peak RSS per function, with the release binaries the template deploys: each function runs
+//! Peak RSS per function, with the release binaries the template deploys (the intake-drainer
+//! among them: every fourth hook meets a bus that refuses the webhook and goes through the
+//! fallback queue and the drainer): each function runs
 //! as one warm Lambda execution environment (behind a loopback Runtime API) through
 //! the whole chain (`e2e_tests::process_chain`), and its `VmHWM` is read at the end. Prints,
 //! per function: invocations, RSS after init, peak RSS, and invoke time through the emulator
@@ -46,5 +48,6 @@ fn main() {
         report.shell_jobs_succeeded,
         report.reaped,
     );
+    println!("intake: {}", report.intake);
     print!("{}", report.table());
 }

@@ -1,20 +1,28 @@
 //! The whole chain with every function as its own built binary, run as Lambda runs it (see
-//! [`crate::lambda_process`]): webhook, router, mapper, ec2-provision, ec2-teardown, reaper
-//! and shell-runner each in one warm execution environment, against moto, the GitLab runner
-//! API stand-in and `gitlab-runner-mock`. What it adds to the in-process chain
-//! ([`crate::chain`]): each binary starts from its own environment variables and handles its
-//! typed events through `lambda_runtime`, and each function's memory is its own.
+//! [`crate::lambda_process`]): webhook, intake-drainer, router, mapper, ec2-provision,
+//! ec2-teardown, reaper and shell-runner each in one warm execution environment, against moto,
+//! the GitLab runner API stand-in and `gitlab-runner-mock`. What it adds to the in-process
+//! chain ([`crate::chain`]): each binary starts from its own environment variables and handles
+//! its typed events through `lambda_runtime`, and each function's memory is its own.
 //!
 //! A job's life in three rounds, each stage's input being the previous stage's real output:
-//! 1. every pending hook (1-5 copies each, shuffled) -> webhook -> bus -> router -> the
-//!    provision executions it started -> mapper -> ec2-provision, or the shell runner (which
-//!    takes a job from `gitlab-runner-mock` and runs it in bash);
-//! 2. the finished hooks that are not lost, naming the runner that ran the job -> webhook ->
-//!    bus -> router -> the teardown executions -> ec2-teardown where the definition calls it;
+//! 1. every pending hook (1-5 copies each, shuffled) -> webhook -> bus (or, for every
+//!    [`FALLBACK_EVERY`]th hook, whose PutEvents a proxy in front of moto refuses, the intake
+//!    fallback queue -> intake-drainer -> bus) -> router -> the provision executions it
+//!    started -> mapper -> ec2-provision, or the shell runner (which takes a job from
+//!    `gitlab-runner-mock` and runs it in bash);
+//! 2. the finished hooks that are not lost, naming the runner that ran the job -> webhook
+//!    (and the fallback queue and the drainer, as in round 1) -> bus -> router -> the
+//!    teardown executions -> ec2-teardown where the definition calls it;
 //! 3. the reaper, three passes with no grace: what the lost finished hooks left.
+//!
+//! Each hook is sent once, as GitLab sends it: a 5xx would be a lost hook (counted; none is
+//! expected here, as only the bus fails and the queue takes the hook).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use aws_config::SdkConfig;
@@ -26,11 +34,13 @@ use gitlab_runner_mock::{
 };
 
 use crate::chain::{
-    ChainOptions, Leftovers, WEBHOOK_TOKEN, create_mappings, create_workflows, hook_body,
-    hook_request, hooks_of, record_route, runner_that_ran,
+    ChainOptions, IntakeCounts, Leftovers, WEBHOOK_TOKEN, add_fallback_redrive, create_mappings,
+    create_workflows, drainer_env, hook_body, hook_request, hooks_of, receive_batch, record_route,
+    reply_says_queued, runner_that_ran, sqs_event,
 };
 use crate::fleet_stack::{FleetStack, fleet_stack_in};
 use crate::lambda_process::{Answer, LambdaProcess, Memory};
+use crate::loopback::FaultProxy;
 use crate::{WebhookStack, bus_events, create_webhook_stack, sdk_config_at};
 
 /// One function's execution environment after the run.
@@ -65,7 +75,15 @@ pub struct ProcessChainReport {
     pub lost_finish_ec2: BTreeSet<String>,
     pub reaped: usize,
     pub leftovers: Option<Leftovers>,
+    /// The webhook's answers and the intake drainer's work (see [`IntakeCounts`]).
+    pub intake: IntakeCounts,
+    /// Hooks sent while the proxy refused the webhook's PutEvents.
+    pub bus_down_hooks: usize,
 }
+
+/// Every this many hooks of a round, the webhook's PutEvents is refused (the bus "does not
+/// exist"), so that the hook goes to the fallback queue and through the intake drainer.
+pub const FALLBACK_EVERY: usize = 4;
 
 impl ProcessChainReport {
     /// One line per function: invocations, errors, RSS after init and at peak, invoke times.
@@ -110,6 +128,11 @@ struct Stack {
     shell_root: PathBuf,
     logs: PathBuf,
     bin_dir: PathBuf,
+    /// In front of moto for the webhook only: refuses its PutEvents while `bus_down` is set.
+    webhook_proxy: FaultProxy,
+    bus_down: Arc<AtomicBool>,
+    /// The fallback queue's dead-letter queue.
+    fallback_dead_letters: String,
 }
 
 const AWS_ENV: [(&str, &str); 4] = [
@@ -180,6 +203,24 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
     let shell_root = logs.join("shell-runner-root");
     let _ = std::fs::remove_dir_all(&shell_root);
     std::fs::create_dir_all(&shell_root).unwrap();
+    // The template's redrive policy on the fallback queue (10 receives, then its DLQ).
+    let fallback_dead_letters = add_fallback_redrive(&sdk, &webhook).await;
+    let bus_down = Arc::new(AtomicBool::new(false));
+    let down = bus_down.clone();
+    let webhook_proxy = FaultProxy::start(
+        &endpoint,
+        Box::new(move |request| {
+            let put_events = request.header("x-amz-target") == Some("AWSEvents.PutEvents");
+            // Not retryable: the SDK gives up at once, the webhook queues the hook.
+            (put_events && down.load(Ordering::SeqCst)).then(|| {
+                (
+                    400,
+                    r#"{"__type":"ResourceNotFoundException","message":"Event bus does not exist (fault proxy)."}"#
+                        .into(),
+                )
+            })
+        }),
+    );
     let stack = Stack {
         sdk,
         fleet,
@@ -192,6 +233,9 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
         shell_root,
         logs: logs.to_path_buf(),
         bin_dir: bin_dir.to_path_buf(),
+        webhook_proxy,
+        bus_down,
+        fallback_dead_letters,
     };
     let mut f = start_all(&stack, &endpoint).await;
 
@@ -218,7 +262,8 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
         .collect();
 
     // Round 1: pending hooks to runners.
-    let forwarded = deliver(&mut f.webhook, &pending).await;
+    let mut forwarded = deliver(&stack, &mut f.webhook, &pending, &mut report).await;
+    forwarded += drain(&stack, &mut f.drainer, &mut report.intake).await;
     route(&stack, &mut f.router, forwarded).await;
     let mut shell_jobs = Vec::new();
     for input in executions(&stack.sdk, &stack.provision_arn).await {
@@ -279,7 +324,8 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
         e.runner = runner_that_ran(&stack.fleet, on_shell, &e).await;
         finished_hooks.push(e);
     }
-    let forwarded = deliver(&mut f.webhook, &finished_hooks).await;
+    let mut forwarded = deliver(&stack, &mut f.webhook, &finished_hooks, &mut report).await;
+    forwarded += drain(&stack, &mut f.drainer, &mut report.intake).await;
     route(&stack, &mut f.router, forwarded).await;
     for input in executions(&stack.sdk, &stack.teardown_arn).await {
         // LookUpJob, then TearDownRunners when the job went to EC2 or a runner ran it.
@@ -318,6 +364,7 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
 
 struct Functions {
     webhook: LambdaProcess,
+    drainer: LambdaProcess,
     router: LambdaProcess,
     mapper: LambdaProcess,
     provision: LambdaProcess,
@@ -330,6 +377,7 @@ impl Functions {
     fn reports(&self) -> Vec<FunctionReport> {
         [
             ("webhook", &self.webhook),
+            ("intake-drainer", &self.drainer),
             ("router", &self.router),
             ("mapper", &self.mapper),
             ("ec2-provision", &self.provision),
@@ -380,9 +428,15 @@ async fn start_all(stack: &Stack, endpoint: &str) -> Functions {
                 ("SECRET_TOKEN_PARAMETER", &w.token_parameter),
                 ("SIGNING_TOKEN_PARAMETER", &w.signing_parameter),
                 ("AUTH_MODE", "either"),
+                ("FALLBACK_QUEUE_URL", &w.fallback_queue_url),
             ]),
-            endpoint,
+            // Through the proxy that can refuse its PutEvents.
+            &stack.webhook_proxy.url,
         )
+        .await;
+    // IntakeDrainerFunction: Timeout 30, the webhook's bus and table, DedupTtlSeconds.
+    let drainer = stack
+        .start_function("intake-drainer", 30, drainer_env(w), endpoint)
         .await;
     let router = stack
         .start_function(
@@ -442,6 +496,7 @@ async fn start_all(stack: &Stack, endpoint: &str) -> Functions {
         .await;
     Functions {
         webhook,
+        drainer,
         router,
         mapper,
         provision,
@@ -475,31 +530,120 @@ async fn with_retries(
     unreachable!()
 }
 
-/// Each hook as GitLab sends it (again after a 5xx, as GitLab does); answers how many were
-/// forwarded (202: exactly one event each on the bus).
-async fn deliver(webhook: &mut LambdaProcess, hooks: &[JobEvent]) -> usize {
+/// Each hook as GitLab sends it: once (GitLab does not resend a hook answered 5xx; such a hook
+/// is counted lost). Every [`FALLBACK_EVERY`]th hook goes while the bus refuses the webhook's
+/// PutEvents. Answers how many were forwarded (202 `accepted`: exactly one event each on the
+/// bus); the queued ones (202 `... queued`) are the drainer's.
+async fn deliver(
+    stack: &Stack,
+    webhook: &mut LambdaProcess,
+    hooks: &[JobEvent],
+    report: &mut ProcessChainReport,
+) -> usize {
     let mut forwarded = 0;
-    for e in hooks {
+    for (i, e) in hooks.iter().enumerate() {
         let payload = serde_json::to_value(hook_request(&e.delivery_id, &hook_body(e))).unwrap();
-        let mut attempts = 0;
-        let status = loop {
-            attempts += 1;
-            let answer = webhook.invoke(&payload).await.ok();
-            let status = answer["statusCode"].as_i64().unwrap();
-            if status < 500 || attempts == 5 {
-                break status;
-            }
-        };
-        assert!(
-            status == 202 || status == 200,
-            "the webhook answered {status} to {}",
-            e.delivery_id
-        );
-        if status == 202 {
+        let bus_down = i % FALLBACK_EVERY == FALLBACK_EVERY - 1;
+        report.bus_down_hooks += usize::from(bus_down);
+        stack.bus_down.store(bus_down, Ordering::SeqCst);
+        let answer = webhook.invoke(&payload).await.ok();
+        stack.bus_down.store(false, Ordering::SeqCst);
+        let status = answer["statusCode"].as_i64().unwrap();
+        let body = answer["body"].as_str().unwrap_or_default();
+        let intake = &mut report.intake;
+        intake.hooks_sent += 1;
+        match status {
+            200..=299 => intake.answered_2xx += 1,
+            500.. => intake.lost += 1,
+            _ => intake.rejected += 1,
+        }
+        if reply_says_queued(status, body) {
+            intake.queued += 1;
+        } else if status == 202 && body == "accepted" {
             forwarded += 1;
         }
+        assert!(
+            (200..300).contains(&status) && (reply_says_queued(status, body) == bus_down),
+            "the webhook answered {status} `{body}` to {} (bus down: {bus_down})",
+            e.delivery_id
+        );
     }
     forwarded
+}
+
+/// The fallback queue's event source: batches of up to 10 messages, as Lambda builds the SQS
+/// event, to the intake-drainer process; the messages its `SqsBatchResponse` does not list
+/// are deleted, the listed ones handed out again in the next round, until the queue is empty
+/// (the redrive policy files a message in the dead-letter queue after 10 receives). Answers
+/// how many job events it forwarded to the bus.
+async fn drain(stack: &Stack, drainer: &mut LambdaProcess, intake: &mut IntakeCounts) -> usize {
+    let sqs = aws_sdk_sqs::Client::new(&stack.sdk);
+    let queue = &stack.webhook.fallback_queue_url;
+    let mut forwarded = 0;
+    loop {
+        let mut received = 0;
+        let mut failed_handles = Vec::new();
+        loop {
+            let messages = receive_batch(&sqs, queue, 600).await;
+            if messages.is_empty() {
+                break;
+            }
+            received += messages.len();
+            let event = serde_json::to_value(sqs_event(queue, &messages)).unwrap();
+            let answer = drainer.invoke(&event).await.ok();
+            let failed: BTreeSet<&str> = answer["batchItemFailures"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|f| f["itemIdentifier"].as_str())
+                .collect();
+            for m in &messages {
+                if failed.contains(m.message_id().unwrap_or_default()) {
+                    intake.drain_retries += 1;
+                    failed_handles.push(m.receipt_handle().unwrap_or_default().to_owned());
+                    continue;
+                }
+                sqs.delete_message()
+                    .queue_url(queue)
+                    .receipt_handle(m.receipt_handle().unwrap_or_default())
+                    .send()
+                    .await
+                    .unwrap();
+                intake.drained += 1;
+                let body: serde_json::Value =
+                    serde_json::from_str(m.body().unwrap_or_default()).unwrap_or_default();
+                forwarded += usize::from(body["kind"] == "job_event");
+            }
+        }
+        // What failed is visible again for the next round (SQS: after the visibility timeout).
+        for handle in &failed_handles {
+            sqs.change_message_visibility()
+                .queue_url(queue)
+                .receipt_handle(handle)
+                .visibility_timeout(0)
+                .send()
+                .await
+                .unwrap();
+        }
+        if received == 0 {
+            // Moved there by that last receive: failed 10 times, lost until redriven.
+            loop {
+                let dead = receive_batch(&sqs, &stack.fallback_dead_letters, 600).await;
+                if dead.is_empty() {
+                    return forwarded;
+                }
+                intake.drainer_dead_letters += dead.len() as u64;
+                for m in &dead {
+                    sqs.delete_message()
+                        .queue_url(&stack.fallback_dead_letters)
+                        .receipt_handle(m.receipt_handle().unwrap_or_default())
+                        .send()
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    }
 }
 
 /// Every job event on the bus goes to the router (up to 3 attempts: Lambda's asynchronous

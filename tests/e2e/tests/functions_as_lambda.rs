@@ -1,6 +1,8 @@
 //! Every function's built binary, run the way Lambda runs it (a Runtime API on loopback, one
 //! warm process per function, each event with the template's timeout), through a small
-//! whole chain: pending hooks to runners, finished hooks to teardown, then the reaper. Proves
+//! whole chain: pending hooks to runners, finished hooks to teardown, then the reaper; every
+//! fourth hook meets a bus that refuses the webhook, and goes through the fallback queue and
+//! the intake-drainer binary instead. Proves
 //! each binary starts from the environment the template gives it and handles its typed
 //! events; `process_chain` says how. The numbers (peak RSS per function) come from the
 //! `functions` benchmark with release builds.
@@ -28,6 +30,21 @@ async fn each_function_as_a_lambda_process_one_runner_per_job_and_nothing_left()
     let logs = bin_dir.join("functions-as-lambda");
     let report = process_chain::run(&options, &bin_dir, &logs).await;
     println!("{}", report.table());
+    let intake = &report.intake;
+    println!("intake: {intake}");
+
+    // Each hook sent once and answered 2xx; those sent while the bus refused the webhook were
+    // queued, and the drainer forwarded every one of them (the router saw as many events on
+    // the bus as hooks accepted plus hooks drained: checked in the run).
+    assert_eq!(intake.hooks_sent, report.hooks as u64);
+    assert_eq!(intake.answered_2xx, intake.hooks_sent, "{intake}");
+    assert_eq!(intake.queued, report.bus_down_hooks as u64, "{intake}");
+    assert!(intake.queued > 0, "no hook went the fallback way");
+    assert_eq!(
+        (intake.drained, intake.drainer_dead_letters),
+        (intake.queued, 0),
+        "{intake}"
+    );
 
     // The generated run has both kinds of job and lost finished hooks on EC2 jobs.
     assert!(!report.expected_ec2.is_empty() && !report.expected_lambda.is_empty());

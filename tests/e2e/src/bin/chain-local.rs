@@ -4,8 +4,10 @@
 //! what happened to each job, with timings. Used by `helper-scripts/run-local`.
 //!
 //! `--hooks FILE`: a JSON array of Job Hook bodies, or of `{"delivery_id": ..., "hook": {...}}`
-//! (default `events/chain/hooks.json`). `--check`: exit 1 unless every EC2 job that got a
-//! route was provisioned once and nothing is left after the reaper.
+//! (default `events/chain/hooks.json`). `--lambda-only`: the stack without EC2 settings
+//! (DefaultExecutor LAMBDA; RunnerApiTokenParameterName, GitLabUrl and SubnetIds empty).
+//! `--check`: exit 1 if a teardown step or a reaper pass failed, or anything is left after the
+//! reaper.
 
 use e2e_tests::chain::{Chain, ChainOptions};
 use e2e_tests::workspace_root;
@@ -14,12 +16,16 @@ fn main() {
     let mut args = std::env::args().skip(1);
     let mut file = workspace_root().join("events/chain/hooks.json");
     let mut check = false;
+    let mut lambda_only = false;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--hooks" => file = args.next().expect("--hooks needs a file").into(),
             "--check" => check = true,
+            "--lambda-only" => lambda_only = true,
             other => {
-                eprintln!("unknown argument `{other}`; use --hooks FILE and/or --check");
+                eprintln!(
+                    "unknown argument `{other}`; use --hooks FILE, --lambda-only and/or --check"
+                );
                 std::process::exit(2);
             }
         }
@@ -51,9 +57,15 @@ fn main() {
     let failed = runtime.block_on(async {
         let chain = Chain::new(ChainOptions {
             workers: 1,
+            lambda_only,
             ..ChainOptions::default()
         })
         .await;
+        if lambda_only {
+            println!(
+                "Lambda-only stack: DefaultExecutor LAMBDA, no RunnerApiTokenParameterName, GitLabUrl or SubnetIds\n"
+            );
+        }
         let started = std::time::Instant::now();
         chain.replay(&hooks).await;
         println!(
@@ -69,11 +81,13 @@ fn main() {
             }
         }
         let left = chain.leftovers().await;
-        println!("\nafter the reaper: {left}");
-        check && !left.is_empty()
+        let steps = chain.steps();
+        println!("\n{steps}");
+        println!("after the reaper: {left}");
+        check && (!left.is_empty() || steps.failed())
     });
     if failed {
-        eprintln!("CHECK FAILED: something was left behind");
+        eprintln!("CHECK FAILED: a teardown or a reaper pass failed, or something was left behind");
         std::process::exit(1);
     }
 }
