@@ -4,57 +4,25 @@
 //! once; 503 only when the queue fails too, or when no secrets can be read; a concurrent
 //! duplicate is answered 2xx. Each test counts the faults it relies on.
 
-use std::io;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 
-use aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
+use aws_lambda_events::apigw::ApiGatewayV2httpResponse;
 use aws_lambda_events::encodings::Body;
 use aws_lambda_events::sqs::{SqsEvent, SqsMessage};
 use ephemeral_core::auth::WebhookSecrets;
 use ephemeral_core::hook::JobEvent;
 use ephemeral_core::secrets::{SecretCache, SecretSource};
-use ephemeral_core::testing::{InMemoryLedger, RecordingSink, StaticSecrets, block_on};
+use ephemeral_core::testing::{InMemoryLedger, RecordingSink, block_on};
 use ephemeral_core::webhook::{
-    DeadLetter, DedupSettings, EventSink, Outcome, PortError, QueuedHook, WebhookPolicy,
+    DeadLetter, DedupSettings, EventSink, PortError, QueuedHook, WebhookPolicy,
 };
-use http::{HeaderName, HeaderValue};
+use webhook::Webhook;
 use webhook::drainer::Drainer;
 use webhook::testing::{Faulty, MemoryQueue, OpCounts};
-use webhook::{Webhook, metric_name};
 
-const TOKEN: &str = "intake-token";
-const NOW_MS: u64 = 1_795_460_400_000;
-const HOOK: &str = include_str!("../../core/tests/fixtures/job_hooks/go-gitlab-job.json");
-
-type Ledger = Faulty<InMemoryLedger>;
-type Sink = Faulty<RecordingSink>;
-type Queue = Faulty<MemoryQueue>;
-
-fn secrets() -> SecretCache<StaticSecrets> {
-    SecretCache::new(
-        StaticSecrets(WebhookSecrets {
-            tokens: WebhookSecrets::parse_tokens(TOKEN).unwrap(),
-            signing_keys: vec![],
-        }),
-        60_000,
-    )
-}
-
-fn webhook<S: EventSink>(
-    ledger: Ledger,
-    sink: S,
-    queue: Queue,
-) -> Webhook<Ledger, S, Queue, StaticSecrets> {
-    Webhook {
-        policy: WebhookPolicy::default(),
-        dedup: DedupSettings::default(),
-        ledger,
-        sink,
-        fallback: queue,
-        secrets: secrets(),
-    }
-}
+mod common;
+use common::*;
 
 /// One ledger and one bus, shared by the webhook and the drainer as in the stack.
 #[derive(Default)]
@@ -71,22 +39,6 @@ impl Stack {
             dedup: DedupSettings::default(),
         }
     }
-}
-
-fn request(body: &str, delivery_id: &str) -> ApiGatewayV2httpRequest {
-    let mut r = ApiGatewayV2httpRequest::default();
-    for (name, value) in [
-        ("x-gitlab-token", TOKEN),
-        ("x-gitlab-event", "Job Hook"),
-        ("idempotency-key", delivery_id),
-    ] {
-        r.headers.insert(
-            HeaderName::from_static(name),
-            HeaderValue::from_str(value).unwrap(),
-        );
-    }
-    r.body = Some(body.to_owned());
-    r
 }
 
 fn text(reply: &ApiGatewayV2httpResponse) -> &str {
@@ -396,71 +348,6 @@ fn without_secrets_nothing_is_authentic_so_nothing_is_kept_and_the_answer_is_503
     assert_eq!(hook.secrets.source().0.load(Ordering::SeqCst), 1);
     assert_eq!(hook.fallback.counts("keep").calls, 0);
     assert_eq!(hook.ledger.counts("claim").calls, 0);
-}
-
-#[derive(Clone, Default)]
-struct Memory(Arc<Mutex<Vec<u8>>>);
-
-impl io::Write for Memory {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
-    }
-}
-
-/// The fallback's log line is keyed like the others (project, pipeline, job, delivery id) and
-/// says why; its metric is `IntakeFallbacks`.
-#[test]
-fn a_fallback_logs_the_job_and_the_reason_and_counts_intake_fallbacks() {
-    let memory = Memory::default();
-    let writer = memory.clone();
-    let subscriber = ephemeral_aws::json_subscriber(tracing::Level::INFO, move || writer.clone());
-    let ledger = Faulty::new(InMemoryLedger::default()).fail_all("claim");
-    let hook = webhook(
-        ledger,
-        Faulty::new(RecordingSink::default()),
-        Faulty::new(MemoryQueue::default()),
-    );
-    let reply = tracing::subscriber::with_default(subscriber, || {
-        block_on(hook.handle_at(request(HOOK, "d-9"), NOW_MS))
-    });
-    assert_eq!(reply.status_code, 202);
-    let text = String::from_utf8(memory.0.lock().unwrap().clone()).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let line = lines
-        .iter()
-        .find(|l| l["decision"] == "queued")
-        .unwrap_or_else(|| panic!("{text}"));
-    assert_eq!(line["level"], "WARN");
-    assert_eq!(line["delivery_id"], "d-9");
-    assert_eq!(line["project_id"], 31537070);
-    assert_eq!(line["pipeline_id"], 743121198);
-    assert_eq!(line["job_id"], 3580121225u64);
-    assert!(
-        line["reason"]
-            .as_str()
-            .unwrap()
-            .contains("injected fault in claim"),
-        "{line}"
-    );
-    assert!(!text.contains(TOKEN));
-    assert_eq!(
-        metric_name(&Outcome::Queued(String::new())),
-        "IntakeFallbacks"
-    );
-    assert_eq!(
-        metric_name(&Outcome::DeadLetterQueued {
-            reason: String::new(),
-            failure: String::new()
-        }),
-        "IntakeFallbacks"
-    );
 }
 
 #[test]
