@@ -66,7 +66,7 @@ token = {**base, "X-Gitlab-Token": TOKEN}
 case("01-pending-token", envelope({**token, "Idempotency-Key": "local-delivery-1"}, pending),
      (202, "GitLab Job Event"), note="pending job, runner null, X-Gitlab-Token")
 case("02-pending-token-redelivered", envelope({**token, "Idempotency-Key": "local-delivery-1"}, pending),
-     (200, None), note="GitLab redelivers 01: answered 2xx, no second event")
+     (200, None), note="01 sent again (a resend from Recent events): answered 2xx, no second event")
 
 
 def signed(msg_id, body):

@@ -238,7 +238,7 @@ fn usable_delivery_header(value: Option<&str>) -> Option<&str> {
 }
 
 /// The id under which a delivery is deduplicated: `webhook-id` (covered by the signature),
-/// else `Idempotency-Key`, else a digest of the body (GitLab redelivers the same bytes).
+/// else `Idempotency-Key`, else a digest of the body (a resend from Recent events carries the same bytes).
 pub fn delivery_id(request: &HookRequest<'_>) -> String {
     usable_delivery_header(request.credentials.webhook_id)
         .or_else(|| usable_delivery_header(request.idempotency_key))

@@ -20,11 +20,11 @@ impl GitLabPending {
     pub async fn projects(
         &self,
         scopes: &Scopes,
-        seen: impl FnOnce() -> BTreeSet<u64>,
+        seen: BTreeSet<u64>,
         budget: &RequestBudget,
     ) -> Result<(BTreeSet<u64>, bool), PortError> {
         if scopes.is_empty() {
-            return Ok((seen(), true));
+            return Ok((seen, true));
         }
         let mut projects: BTreeSet<u64> = scopes.project_ids.iter().copied().collect();
         let mut complete = true;

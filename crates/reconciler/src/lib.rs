@@ -18,7 +18,6 @@ use ephemeral_core::reconcile::{
 use ephemeral_core::slots::{Capped, FreeSlots, count_free_slots};
 use ephemeral_core::webhook::PortError;
 use ephemeral_gitlab::RequestBudget;
-use tokio::sync::Mutex;
 
 pub use config::{ConfigError, ReconcilerConfig, Scopes};
 
@@ -43,8 +42,6 @@ pub struct Reconciler<L> {
     pub runner_life: RunnerLife,
     /// The instance caps' slots table; `None` without caps (every start allowed).
     pub slots: Option<Capped<fleet::slots::DynamoSlots>>,
-    /// The pass's pending listing, kept to see runners with their jobs' tags.
-    listed: Mutex<Vec<PendingJob>>,
 }
 
 impl<L: RunnerLedger + Sync> Reconciler<L> {
@@ -68,7 +65,6 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
             request_budget,
             runner_life,
             slots,
-            listed: Mutex::new(Vec::new()),
         }
     }
 
@@ -166,7 +162,7 @@ impl<L: RunnerLedger + Sync> ReconcilePorts for Reconciler<L> {
             Default::default()
         };
         let (projects, projects_complete) =
-            self.gitlab.projects(&self.scopes, || seen, &budget).await?;
+            self.gitlab.projects(&self.scopes, seen, &budget).await?;
         let mut problems = Vec::new();
         let mut listing = self.gitlab.pending(&projects, &budget, &mut problems).await;
         listing.complete &= projects_complete;
@@ -179,7 +175,6 @@ impl<L: RunnerLedger + Sync> ReconcilePorts for Reconciler<L> {
                 "reconciler: the GitLab request budget ran out before every project was listed; the rest waits for the next pass (raise ReconcileRequestBudget)"
             );
         }
-        *self.listed.lock().await = listing.jobs.clone();
         Ok(listing)
     }
 
@@ -187,8 +182,7 @@ impl<L: RunnerLedger + Sync> ReconcilePorts for Reconciler<L> {
         self.jobs.records(keys).await
     }
 
-    async fn live_runners(&self) -> Result<Vec<LiveRunner>, PortError> {
-        let listed = self.listed.lock().await;
+    async fn live_runners(&self, listed: &[PendingJob]) -> Result<Vec<LiveRunner>, PortError> {
         let life = self.runner_life;
         Ok(self
             .runners
@@ -206,7 +200,7 @@ impl<L: RunnerLedger + Sync> ReconcilePorts for Reconciler<L> {
                     entry.created_at_ms,
                     life.waits_ms,
                     life.project_scoped,
-                    &listed,
+                    listed,
                 )
             })
             .collect())
@@ -246,10 +240,8 @@ impl<L: RunnerLedger + Sync> ReconcilePorts for Reconciler<L> {
         key: JobKey,
         _attempts: u32,
         reason: Reason,
+        now_ms: u64,
     ) -> Result<(), PortError> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         self.jobs.record_gave_up(key, reason, now_ms).await
     }
 }

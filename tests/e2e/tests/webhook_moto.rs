@@ -71,7 +71,7 @@ async fn signed_hook_lands_on_the_bus_once_and_slim() {
 
     let first = webhook.handle(api_request(&headers, &body)).await;
     assert_eq!(first.status_code, 202, "{}", body_text(&first));
-    // GitLab redelivers the same hook (same webhook-id): answered 2xx, no second event.
+    // The same hook sent again, e.g. resent from Recent events (same webhook-id): answered 2xx, no second event.
     let second = webhook.handle(api_request(&headers, &body)).await;
     assert_eq!(second.status_code, 200, "{}", body_text(&second));
     assert!(body_text(&second).contains("duplicate"));

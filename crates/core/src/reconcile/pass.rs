@@ -26,7 +26,12 @@ pub trait ReconcilePorts {
         &self,
         keys: &[JobKey],
     ) -> impl Future<Output = Result<HashMap<JobKey, JobRecord>, PortError>> + Send;
-    fn live_runners(&self) -> impl Future<Output = Result<Vec<LiveRunner>, PortError>> + Send;
+    /// Our runners that GitLab may still hand a job to, seen with the tags of `listed` (a
+    /// runner was created with its own job's tags; see [`super::runner_as_seen`]).
+    fn live_runners(
+        &self,
+        listed: &[PendingJob],
+    ) -> impl Future<Output = Result<Vec<LiveRunner>, PortError>> + Send;
     /// Free slots under the instance caps, for `projects` (no caps: unlimited).
     fn free_slots(
         &self,
@@ -52,6 +57,7 @@ pub trait ReconcilePorts {
         key: JobKey,
         attempts: u32,
         reason: Reason,
+        now_ms: u64,
     ) -> impl Future<Output = Result<(), PortError>> + Send;
 }
 
@@ -90,7 +96,7 @@ pub async fn reconcile_pass<P: ReconcilePorts>(
     let listing = ports.pending_jobs().await?;
     let keys: Vec<JobKey> = listing.jobs.iter().map(|j| j.key).collect();
     let records = ports.records(&keys).await?;
-    let runners = ports.live_runners().await?;
+    let runners = ports.live_runners(&listing.jobs).await?;
     let mut projects: Vec<u64> = listing.jobs.iter().map(|j| j.key.project_id).collect();
     projects.sort_unstable();
     projects.dedup();
@@ -133,7 +139,10 @@ async fn act<P: ReconcilePorts>(
         Decision::GivenUp => {}
         Decision::WaitingForSlot { .. } => report.waiting_for_slot += 1,
         Decision::GiveUp { attempts, reason } => {
-            match ports.record_gave_up(job.key, attempts, reason).await {
+            match ports
+                .record_gave_up(job.key, attempts, reason, now_ms)
+                .await
+            {
                 Ok(()) => report.gave_up.push((job.key, attempts, reason)),
                 Err(e) => report
                     .errors
@@ -193,7 +202,7 @@ mod tests {
                 .filter_map(|k| records.get(k).map(|r| (*k, r.clone())))
                 .collect())
         }
-        async fn live_runners(&self) -> Result<Vec<LiveRunner>, PortError> {
+        async fn live_runners(&self, _: &[PendingJob]) -> Result<Vec<LiveRunner>, PortError> {
             Ok(self.runners.clone())
         }
         async fn free_slots(&self, _: &[u64]) -> Result<FreeSlots, PortError> {
@@ -234,7 +243,13 @@ mod tests {
             self.started.lock().unwrap().push((job.key, attempt));
             Ok(Started::New)
         }
-        async fn record_gave_up(&self, key: JobKey, _: u32, _: Reason) -> Result<(), PortError> {
+        async fn record_gave_up(
+            &self,
+            key: JobKey,
+            _: u32,
+            _: Reason,
+            _: u64,
+        ) -> Result<(), PortError> {
             self.records.lock().unwrap().entry(key).or_default().gave_up = true;
             Ok(())
         }
