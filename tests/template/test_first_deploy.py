@@ -48,16 +48,32 @@ def resources_of(translated_template, resource_type):
 # --- 1. reserved concurrency ----------------------------------------------------------------
 
 
+def reservations(cfn, values):
+    """Each function's reserved concurrency as CloudFormation resolves it for `values`."""
+    resolved = {
+        name: facts.resolve(fn["Properties"].get("ReservedConcurrentExecutions"), cfn, values)
+        for name, fn in resources_of(cfn, "AWS::Lambda::Function").items()
+    }
+    return {name: r for name, r in resolved.items() if r not in (None, "<AWS::NoValue>")}
+
+
 def test_no_function_reserves_concurrency(translated):
     """New accounts have a concurrency quota of 10 and Lambda keeps 100 unreserved: any
     reservation fails CreateFunction there and rolls the whole stack back."""
     configuration, cfn = translated
-    reserving = {
-        name: fn["Properties"]["ReservedConcurrentExecutions"]
-        for name, fn in resources_of(cfn, "AWS::Lambda::Function").items()
-        if "ReservedConcurrentExecutions" in fn["Properties"]
-    }
+    reserving = reservations(cfn, CONFIGURATIONS[configuration])
     assert reserving == {}, f"{configuration}: functions reserve concurrency: {reserving}"
+
+
+def test_the_shell_runner_cap_reserves_only_when_asked(template):
+    """ShellRunnerMaxConcurrency caps concurrent shell-runner jobs (issue 11): opt-in, and
+    only on the shell runner."""
+    values = {**facts.FULLEST_CONFIGURATION, "ShellRunnerMaxConcurrency": "5"}
+    cfn = facts.translate(template, values)
+    assert reservations(cfn, values) == {"ShellRunnerFunction": "5"}
+    without_runner = {**values, "ShellRunnerTokenParameterName": ""}
+    cfn = facts.translate(template, without_runner)
+    assert reservations(cfn, without_runner) == {}
 
 
 # --- 3. Rules use only rule functions, and say what to fix ------------------------------------
