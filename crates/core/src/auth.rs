@@ -16,6 +16,10 @@ use hmac::{Hmac, Mac};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
+use crate::secret_scope::{
+    Admits, ScopedListError, SecretScope, is_scoped_list, parse_scoped_list,
+};
+
 type HmacSha256 = Hmac<Sha256>;
 
 /// Standard base64 that encodes with padding and decodes with or without it: operators paste
@@ -32,12 +36,22 @@ const BASE64: GeneralPurpose = GeneralPurpose::new(
 #[derive(Clone)]
 pub struct SecretToken {
     digest: [u8; 32],
+    /// The projects it may speak for; `None`: any.
+    scope: Option<SecretScope>,
 }
 
 impl SecretToken {
     pub fn new(secret: &str) -> Self {
         Self {
             digest: Sha256::digest(secret.as_bytes()).into(),
+            scope: None,
+        }
+    }
+
+    pub fn scoped(secret: &str, scope: Option<SecretScope>) -> Self {
+        Self {
+            scope,
+            ..Self::new(secret)
         }
     }
 
@@ -57,6 +71,8 @@ impl fmt::Debug for SecretToken {
 #[derive(Clone)]
 pub struct SigningKey {
     key: Vec<u8>,
+    /// The projects it may speak for; `None`: any.
+    scope: Option<SecretScope>,
 }
 
 /// Keys shorter than this cannot be what GitLab generates (32 bytes) and are most likely a
@@ -76,7 +92,15 @@ impl SigningKey {
         if key.len() < MIN_SIGNING_KEY_BYTES {
             return Err(SecretsError::SigningTokenTooShort { bytes: key.len() });
         }
-        Ok(Self { key })
+        Ok(Self { key, scope: None })
+    }
+
+    /// As [`SigningKey::parse`], bound to `scope`.
+    pub fn parse_scoped(text: &str, scope: Option<SecretScope>) -> Result<Self, SecretsError> {
+        Ok(Self {
+            scope,
+            ..Self::parse(text)?
+        })
     }
 
     fn mac(&self) -> HmacSha256 {
@@ -121,6 +145,11 @@ pub enum SecretsError {
     SigningTokenTooShort { bytes: usize },
     #[error("the {parameter} parameter holds no secret (it is empty or only whitespace)")]
     Empty { parameter: &'static str },
+    #[error("the {parameter} parameter: {error}")]
+    ScopedList {
+        parameter: &'static str,
+        error: ScopedListError,
+    },
 }
 
 /// Every secret the webhook accepts. During a rotation each list holds the old and the new one.
@@ -133,13 +162,25 @@ pub struct WebhookSecrets {
 impl WebhookSecrets {
     /// Secret tokens: one per line (two lines during a rotation). Lines are trimmed and empty
     /// lines ignored. Tokens may contain spaces or commas, so only newlines separate them.
+    /// Or a JSON list that binds tokens to projects (see [`crate::secret_scope`]).
     pub fn parse_tokens(text: &str) -> Result<Vec<SecretToken>, SecretsError> {
-        let tokens: Vec<_> = text
-            .lines()
-            .map(str::trim)
-            .filter(|line| !line.is_empty())
-            .map(SecretToken::new)
-            .collect();
+        let tokens: Vec<_> = if is_scoped_list(text) {
+            parse_scoped_list(text, "token")
+                .map_err(|error| SecretsError::ScopedList {
+                    parameter: "secret token",
+                    error,
+                })?
+                .into_iter()
+                .filter(|(token, _)| !token.trim().is_empty())
+                .map(|(token, scope)| SecretToken::scoped(token.trim(), scope))
+                .collect()
+        } else {
+            text.lines()
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .map(SecretToken::new)
+                .collect()
+        };
         if tokens.is_empty() {
             return Err(SecretsError::Empty {
                 parameter: "secret token",
@@ -148,12 +189,23 @@ impl WebhookSecrets {
         Ok(tokens)
     }
 
-    /// Signing tokens: whitespace-separated `whsec_...` values (two during a rotation).
+    /// Signing tokens: whitespace-separated `whsec_...` values (two during a rotation), or a
+    /// JSON list that binds them to projects (see [`crate::secret_scope`]).
     pub fn parse_signing_keys(text: &str) -> Result<Vec<SigningKey>, SecretsError> {
-        let keys = text
-            .split_whitespace()
-            .map(SigningKey::parse)
-            .collect::<Result<Vec<_>, _>>()?;
+        let keys = if is_scoped_list(text) {
+            parse_scoped_list(text, "key")
+                .map_err(|error| SecretsError::ScopedList {
+                    parameter: "signing token",
+                    error,
+                })?
+                .into_iter()
+                .map(|(key, scope)| SigningKey::parse_scoped(key.trim(), scope))
+                .collect::<Result<Vec<_>, _>>()?
+        } else {
+            text.split_whitespace()
+                .map(SigningKey::parse)
+                .collect::<Result<Vec<_>, _>>()?
+        };
         if keys.is_empty() {
             return Err(SecretsError::Empty {
                 parameter: "signing token",
@@ -235,6 +287,10 @@ pub enum AuthFailure {
     SignatureMismatch,
     #[error("no signing token is configured")]
     NoSigningKeyConfigured,
+    #[error(
+        "the secret(s) that authenticated this hook are bound to other projects than project {project_id}"
+    )]
+    OutsideSecretScope { project_id: u64 },
     #[error("token check failed ({token}) and signature check failed ({signature})")]
     Neither {
         token: Box<AuthFailure>,
@@ -261,20 +317,32 @@ impl AuthMethod {
 }
 
 /// Checks `X-Gitlab-Token` against every configured secret without short-circuiting, so the
-/// time taken does not reveal which (or whether any) secret matched.
-pub fn verify_token(presented: Option<&[u8]>, tokens: &[SecretToken]) -> Result<(), AuthFailure> {
+/// time taken does not reveal which (or whether any) secret matched. Answers what the matched
+/// secrets admit.
+pub fn verify_token(
+    presented: Option<&[u8]>,
+    tokens: &[SecretToken],
+) -> Result<Admits, AuthFailure> {
     if tokens.is_empty() {
         return Err(AuthFailure::NoTokenConfigured);
     }
     let presented = presented.ok_or(AuthFailure::TokenMissing)?;
-    let matched = tokens
-        .iter()
-        .fold(subtle::Choice::from(0), |acc, t| acc | t.matches(presented));
-    if bool::from(matched) {
-        Ok(())
-    } else {
-        Err(AuthFailure::TokenMismatch)
-    }
+    let matches: Vec<subtle::Choice> = tokens.iter().map(|t| t.matches(presented)).collect();
+    admits_of(tokens.iter().map(|t| t.scope.as_ref()), &matches).ok_or(AuthFailure::TokenMismatch)
+}
+
+/// What the matched secrets admit, or `None` when none matched. Every comparison is done
+/// before this runs; which secret matched is not secret from the sender who holds it.
+fn admits_of<'a>(
+    scopes: impl Iterator<Item = Option<&'a SecretScope>>,
+    matches: &[subtle::Choice],
+) -> Option<Admits> {
+    let matched: Vec<Option<&SecretScope>> = scopes
+        .zip(matches)
+        .filter(|(_, m)| bool::from(**m))
+        .map(|(scope, _)| scope)
+        .collect();
+    (!matched.is_empty()).then(|| Admits::of_matched(matched))
 }
 
 /// The largest `webhook-signature` header worth looking at; GitLab sends one or two.
@@ -287,7 +355,7 @@ pub fn verify_signature(
     keys: &[SigningKey],
     now_unix: i64,
     tolerance_seconds: u64,
-) -> Result<(), AuthFailure> {
+) -> Result<Admits, AuthFailure> {
     if keys.is_empty() {
         return Err(AuthFailure::NoSigningKeyConfigured);
     }
@@ -327,21 +395,20 @@ pub fn verify_signature(
         return Err(AuthFailure::SignatureMalformed);
     }
 
-    let mut matched = subtle::Choice::from(0);
-    for key in keys {
-        let expected = key.sign(id, timestamp, body);
-        for candidate in &candidates {
-            matched |= expected.ct_eq(candidate);
-        }
-    }
-    if bool::from(matched) {
-        Ok(())
-    } else {
-        Err(AuthFailure::SignatureMismatch)
-    }
+    let matches: Vec<subtle::Choice> = keys
+        .iter()
+        .map(|key| {
+            let expected = key.sign(id, timestamp, body);
+            candidates
+                .iter()
+                .fold(subtle::Choice::from(0), |acc, c| acc | expected.ct_eq(c))
+        })
+        .collect();
+    admits_of(keys.iter().map(|k| k.scope.as_ref()), &matches).ok_or(AuthFailure::SignatureMismatch)
 }
 
-/// Applies the configured [`AuthMode`].
+/// Applies the configured [`AuthMode`]: which method(s) admitted the request, and which
+/// projects the secrets that did may speak for.
 pub fn authenticate(
     mode: AuthMode,
     credentials: &Credentials<'_>,
@@ -349,7 +416,7 @@ pub fn authenticate(
     secrets: &WebhookSecrets,
     now_unix: i64,
     tolerance_seconds: u64,
-) -> Result<AuthMethod, AuthFailure> {
+) -> Result<(AuthMethod, Admits), AuthFailure> {
     let token = || verify_token(credentials.gitlab_token, &secrets.tokens);
     let signature = || {
         verify_signature(
@@ -361,17 +428,20 @@ pub fn authenticate(
         )
     };
     match mode {
-        AuthMode::Token => token().map(|()| AuthMethod::Token),
-        AuthMode::Signature => signature().map(|()| AuthMethod::Signature),
+        AuthMode::Token => token().map(|a| (AuthMethod::Token, a)),
+        AuthMode::Signature => signature().map(|a| (AuthMethod::Signature, a)),
         AuthMode::Both => {
-            token()?;
-            signature()?;
-            Ok(AuthMethod::TokenAndSignature)
+            let by_token = token()?;
+            let by_signature = signature()?;
+            Ok((
+                AuthMethod::TokenAndSignature,
+                Admits::AllOf(vec![by_token, by_signature]),
+            ))
         }
         AuthMode::Either => match (token(), signature()) {
-            (Ok(()), Ok(())) => Ok(AuthMethod::TokenAndSignature),
-            (Ok(()), Err(_)) => Ok(AuthMethod::Token),
-            (Err(_), Ok(())) => Ok(AuthMethod::Signature),
+            (Ok(t), Ok(s)) => Ok((AuthMethod::TokenAndSignature, Admits::AnyOf(vec![t, s]))),
+            (Ok(t), Err(_)) => Ok((AuthMethod::Token, t)),
+            (Err(_), Ok(s)) => Ok((AuthMethod::Signature, s)),
             (Err(t), Err(s)) => Err(AuthFailure::Neither {
                 token: Box::new(t),
                 signature: Box::new(s),
@@ -406,10 +476,13 @@ mod tests {
     #[test]
     fn both_rotation_tokens_are_accepted_and_others_are_not() {
         let s = secrets();
-        assert_eq!(verify_token(Some(b"old-secret"), &s.tokens), Ok(()));
+        assert_eq!(
+            verify_token(Some(b"old-secret"), &s.tokens),
+            Ok(Admits::Any)
+        );
         assert_eq!(
             verify_token(Some(b"new secret, with comma"), &s.tokens),
-            Ok(())
+            Ok(Admits::Any)
         );
         assert_eq!(
             verify_token(Some(b"old-secre"), &s.tokens),
@@ -433,7 +506,7 @@ mod tests {
         let ok = signed("msg_1", &ts, &header);
         assert_eq!(
             verify_signature(&ok, b"{}", &s.signing_keys, NOW, 300),
-            Ok(())
+            Ok(Admits::Any)
         );
         assert_eq!(
             verify_signature(&ok, b"{ }", &s.signing_keys, NOW, 300),
@@ -508,7 +581,9 @@ mod tests {
             ..Default::default()
         };
         let sig_only = signed("m", &ts, &header);
-        let auth = |mode, c: &Credentials<'_>| authenticate(mode, c, b"b", &s, NOW, 300);
+        let auth = |mode, c: &Credentials<'_>| {
+            authenticate(mode, c, b"b", &s, NOW, 300).map(|(method, _)| method)
+        };
 
         assert_eq!(
             auth(AuthMode::Both, &both),
@@ -525,6 +600,51 @@ mod tests {
         assert_eq!(auth(AuthMode::Token, &token_only), Ok(AuthMethod::Token));
         assert!(auth(AuthMode::Token, &sig_only).is_err());
         assert!(auth(AuthMode::Signature, &token_only).is_err());
+    }
+
+    #[test]
+    fn a_bound_secret_admits_only_its_projects_and_an_unbound_one_any() {
+        let tokens = WebhookSecrets::parse_tokens(
+            r#"[{"token": "web-secret", "projects": [12]}, {"token": "ops-secret"}]"#,
+        )
+        .unwrap();
+        let web = verify_token(Some(b"web-secret"), &tokens).unwrap();
+        assert!(web.admits(12, None));
+        assert!(!web.admits(13, None));
+        assert_eq!(verify_token(Some(b"ops-secret"), &tokens), Ok(Admits::Any));
+        let keys = WebhookSecrets::parse_signing_keys(&format!(
+            r#"[{{"key": "{KEY}", "namespaces": ["acme"]}}]"#
+        ))
+        .unwrap();
+        let ts = NOW.to_string();
+        let header = keys[0].signature_header("m", &ts, b"b");
+        let admits = verify_signature(&signed("m", &ts, &header), b"b", &keys, NOW, 300).unwrap();
+        assert!(admits.admits(1, Some("acme/app")));
+        assert!(!admits.admits(1, Some("other/app")));
+        // Both: the token's binding and the key's must each admit the project.
+        let secrets = WebhookSecrets {
+            tokens,
+            signing_keys: keys,
+        };
+        let mut both = signed("m", &ts, &header);
+        both.gitlab_token = Some(b"web-secret");
+        let (_, admits) = authenticate(AuthMode::Both, &both, b"b", &secrets, NOW, 300).unwrap();
+        assert!(admits.admits(12, Some("acme/app")));
+        assert!(!admits.admits(12, Some("other/app")));
+        assert!(!admits.admits(13, Some("acme/app")));
+    }
+
+    #[test]
+    fn a_broken_scoped_list_is_a_load_error_naming_the_parameter() {
+        let e =
+            WebhookSecrets::parse_tokens(r#"[{"token": "s3cret", "projects": [1]"#).unwrap_err();
+        assert!(
+            e.to_string().starts_with("the secret token parameter:"),
+            "{e}"
+        );
+        assert!(!e.to_string().contains("s3cret"));
+        let e = WebhookSecrets::parse_signing_keys(r#"[{"key": "not-whsec"}]"#).unwrap_err();
+        assert_eq!(e, SecretsError::SigningTokenPrefix);
     }
 
     #[test]

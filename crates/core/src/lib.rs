@@ -12,6 +12,7 @@ pub mod lease;
 pub mod mapping;
 pub mod metrics;
 pub mod reconcile;
+pub mod secret_scope;
 pub mod secrets;
 pub mod shell;
 pub mod slots;

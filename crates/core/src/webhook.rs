@@ -255,7 +255,7 @@ pub fn assess(
     now_ms: u64,
 ) -> Assessment {
     let now_unix = i64::try_from(now_ms / 1000).unwrap_or(i64::MAX);
-    let method = match authenticate(
+    let (method, admits) = match authenticate(
         policy.auth_mode,
         &request.credentials,
         request.body,
@@ -325,9 +325,17 @@ pub fn assess(
             return unusable(Unusable::KindMismatch(clip(other, 64)), delivery_id);
         }
     }
+    let event = JobEvent::from_hook(hook, delivery_id, now_ms);
+    // A secret bound to some projects speaks for those only (issue 12): a hook for another
+    // project is refused as unauthenticated, before anything of it is kept.
+    if !admits.admits(event.project_id, event.project_path.as_deref()) {
+        return Assessment::Unauthorized(AuthFailure::OutsideSecretScope {
+            project_id: event.project_id,
+        });
+    }
     Assessment::Accepted {
         method,
-        event: Box::new(JobEvent::from_hook(hook, delivery_id, now_ms)),
+        event: Box::new(event),
     }
 }
 
