@@ -315,6 +315,8 @@ FULLEST_CONFIGURATION = {
     "RunnerApiTokenParameterName": "/ephemeral-runners/gitlab/runner-api-token",
     "RegistrationTokenParameterName": "/ephemeral-runners/gitlab/registration-token",
     "SubnetIds": "subnet-0123456789abcdef0,subnet-0123456789abcdef1",
+    # No SecurityGroupIds: the stack creates the runners' egress-only group in this VPC.
+    "VpcId": "vpc-0123456789abcdef0",
     "SecretsKmsKeyArn": "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555555555",
     "ShellRunnerTokenParameterName": "/ephemeral-runners/gitlab/shell-runner-token",
     "DefaultLambdaArn": "arn:aws:lambda:us-east-1:123456789012:function:shell-runner",

@@ -44,15 +44,31 @@ if [ "{{EXECUTOR}}" = docker ] && ! command -v docker >/dev/null; then
   systemctl start docker
 fi
 
+# The shell executor runs the job as the runner's own user: that is an unprivileged user
+# made here (no sudo, no docker group), not root. Docker jobs run in containers, and the
+# runner stays root to reach the docker socket; the instance's IMDS hop limit of 1 keeps
+# containers away from the instance role.
+executor_args=()
+run_as=()
+if [ "{{EXECUTOR}}" = docker ]; then
+  executor_args=(--docker-image alpine:3)
+else
+  job_user=gitlab-job
+  id -u "$job_user" >/dev/null 2>&1 \
+    || useradd --create-home --user-group --shell /bin/bash "$job_user" \
+    || { echo "could not create the job user $job_user"; exit 1; }
+  job_home=$(getent passwd "$job_user" | cut -d: -f6)
+  [ -n "$job_home" ] && cd "$job_home" || { echo "no home directory for $job_user"; exit 1; }
+  executor_args=(--builds-dir "$job_home/builds" --cache-dir "$job_home/cache")
+  # runuser keeps the environment (CI_SERVER_TOKEN) and drops every root privilege.
+  run_as=(runuser -u "$job_user" --)
+fi
+
 # The token goes in the environment, not on the command line: argv is visible to every
 # process on the host (`ps`). gitlab-runner reads CI_SERVER_TOKEN for --token.
-docker_args=()
-if [ "{{EXECUTOR}}" = docker ]; then
-  docker_args=(--docker-image alpine:3)
-fi
-CI_SERVER_TOKEN="$runner_token" gitlab-runner run-single \
+CI_SERVER_TOKEN="$runner_token" "${run_as[@]}" gitlab-runner run-single \
   --url {{GITLAB_URL}} \
-  --executor {{EXECUTOR}} "${docker_args[@]}" \
+  --executor {{EXECUTOR}} "${executor_args[@]}" \
   --max-builds 1 \
   --wait-timeout {{WAIT_TIMEOUT}}
 echo "run-single exited with $?"

@@ -97,6 +97,14 @@ def test_rules_use_only_documented_rule_functions(template):
             "SubnetIds",
         ),
         ({"SubnetIds": "subnet-1", "RunnerApiTokenParameterName": "/t"}, "GitLabUrl"),
+        (
+            {
+                "GitLabUrl": "https://g.example.com",
+                "RunnerApiTokenParameterName": "/t",
+                "SubnetIds": "subnet-1",
+            },
+            "GitLabApiTokenParameterName",
+        ),
         ({"DefaultExecutor": "LAMBDA"}, "DefaultLambdaArn"),
         ({**LAMBDA_ONLY, "ShellRunnerTokenParameterName": "/s"}, "GitLabUrl"),
         ({**LAMBDA_ONLY, "AuthMode": "token", "SecretTokenParameterName": ""}, "SecretTokenParameterName"),
@@ -115,7 +123,9 @@ def test_rules_accept_the_supported_configurations(template, configuration):
         values = {
             "GitLabUrl": "https://g.example.com",
             "RunnerApiTokenParameterName": "/t",
+            "GitLabApiTokenParameterName": "/r",
             "SubnetIds": "subnet-1,subnet-2",
+            "VpcId": "vpc-0123456789abcdef0",
         }
     assert facts.failed_rules(template, values) == []
     assert facts.parameter_problems(template, values) == []

@@ -24,6 +24,17 @@ pub const TAG_REAPER_BYPASS: &str = "ephemeral-runners:keep";
 /// Set by the reaper's first pass; the second pass kills.
 pub const TAG_REAPER_MARK: &str = "ephemeral-runners:reaper-marked-at";
 
+/// The IMDS hop limit of every runner instance (launched IMDSv2 only, `HttpTokens`
+/// required). A hop limit of 1 keeps the session token's PUT answer from crossing a second
+/// network hop: a job container (docker's bridge is one more hop) cannot reach IMDS and the
+/// instance role. Shell-executor jobs run on the host, as [`SHELL_JOB_USER`]. The template's
+/// `LaunchTaggedInstances` refuses a launch without both (`ec2:MetadataHttpTokens`,
+/// `ec2:MetadataHttpPutResponseHopLimit`).
+pub const IMDS_HOP_LIMIT: i32 = 1;
+
+/// The unprivileged user the runner-user-data creates and runs shell-executor jobs as.
+pub const SHELL_JOB_USER: &str = "gitlab-job";
+
 /// Stack-level settings (template parameters); a route's [`Ec2Settings`] override them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ec2Defaults {
@@ -582,6 +593,143 @@ mod tests {
         assert!(
             bash.wait().unwrap().success(),
             "rendered user-data is not valid bash"
+        );
+    }
+
+    /// Runs the rendered user-data with stand-ins for the commands it calls (IMDS via curl,
+    /// the AWS CLI, gitlab-runner, useradd, runuser, shutdown) and returns their log.
+    fn run_user_data(executor: RunnerExecutor) -> String {
+        let dir = std::env::temp_dir().join(format!(
+            "user-data-{}-{executor:?}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let bin = dir.join("bin");
+        let home = dir.join("home");
+        std::fs::create_dir_all(&bin).unwrap();
+        std::fs::create_dir_all(&home).unwrap();
+        let log = dir.join("calls.log");
+        let stub = |name: &str, body: &str| {
+            use std::os::unix::fs::PermissionsExt as _;
+            let path = bin.join(name);
+            std::fs::write(&path, format!("#!/bin/bash\n{body}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        };
+        let record = r#"echo "$(basename "$0") $*" >> "$CALLS""#;
+        stub(
+            "curl",
+            &format!(
+                "{record}\ncase \"$*\" in *api/token*) echo imds-session ;; *instance-id*) echo i-0abc ;; esac"
+            ),
+        );
+        stub(
+            "aws",
+            &format!("{record}\ncase \"$*\" in *get-parameter*) echo runner-token-value ;; esac"),
+        );
+        // The job user does not exist yet: `id -u` fails until useradd ran.
+        stub("id", &format!("{record}\nexit 1"));
+        stub("useradd", record);
+        stub(
+            "getent",
+            &format!(
+                "{record}\necho \"gitlab-job:x:990:990::{}:/bin/bash\"",
+                home.display()
+            ),
+        );
+        stub(
+            "runuser",
+            &format!("{record}\nwhile [ \"$1\" != -- ]; do shift; done; shift; exec \"$@\""),
+        );
+        stub(
+            "gitlab-runner",
+            &format!(
+                "{record}\necho \"gitlab-runner env CI_SERVER_TOKEN=$CI_SERVER_TOKEN cwd=$PWD\" >> \"$CALLS\""
+            ),
+        );
+        stub("docker", record);
+        stub("shutdown", record);
+        stub("logger", "cat > /dev/null");
+        let script = render_user_data(
+            include_str!("../../../templates/runner-user-data.sh"),
+            &UserDataValues {
+                executor,
+                ..values()
+            },
+        )
+        .unwrap();
+        let status = std::process::Command::new("bash")
+            .arg("-c")
+            .arg(&script)
+            .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
+            .env("CALLS", &log)
+            .current_dir(&dir)
+            .status()
+            .expect("bash");
+        assert!(status.success());
+        let calls = std::fs::read_to_string(&log).unwrap_or_default();
+        let _ = std::fs::remove_dir_all(&dir);
+        calls
+    }
+
+    #[test]
+    fn shell_jobs_run_as_an_unprivileged_user_and_docker_jobs_do_not_need_one() {
+        let calls = run_user_data(RunnerExecutor::Shell);
+        let line = |prefix: &str| {
+            calls
+                .lines()
+                .find(|l| l.starts_with(prefix))
+                .unwrap_or_else(|| panic!("no `{prefix}` call in:\n{calls}"))
+                .to_owned()
+        };
+        assert!(
+            line("useradd").ends_with(&format!(" {SHELL_JOB_USER}")),
+            "{calls}"
+        );
+        let runuser = line("runuser");
+        assert!(
+            runuser.starts_with(&format!(
+                "runuser -u {SHELL_JOB_USER} -- gitlab-runner run-single "
+            )),
+            "{runuser}"
+        );
+        let run = line("gitlab-runner run-single");
+        assert!(run.contains("--executor shell"), "{run}");
+        assert!(
+            run.contains("--builds-dir ") && run.contains("/home/builds"),
+            "{run}"
+        );
+        // The token reaches the runner in its environment, never on a command line.
+        assert!(line("gitlab-runner env").contains("CI_SERVER_TOKEN=runner-token-value"));
+        assert!(
+            !calls
+                .lines()
+                .filter(|l| !l.starts_with("gitlab-runner env"))
+                .any(|l| l.contains("runner-token-value")),
+            "{calls}"
+        );
+        // The parameter is deleted once read, and the instance shuts down at the end.
+        assert!(line("aws ssm delete-parameter").contains("/runner-tokens/i-0abc"));
+        assert!(
+            calls.lines().last().unwrap().starts_with("shutdown -h now"),
+            "{calls}"
+        );
+
+        let calls = run_user_data(RunnerExecutor::Docker);
+        assert!(
+            !calls
+                .lines()
+                .any(|l| l.starts_with("useradd") || l.starts_with("runuser")),
+            "{calls}"
+        );
+        assert!(
+            calls
+                .lines()
+                .any(|l| l.starts_with("gitlab-runner run-single")
+                    && l.contains("--docker-image alpine:3")),
+            "{calls}"
         );
     }
 

@@ -33,7 +33,7 @@ use crate::ec2::{
     TAG_REAPER_MARK, TAG_RUNNER_ID, UserDataError, UserDataValues, classify_launch_error,
     launch_plan, reap, render_user_data,
 };
-use crate::hook::JobEvent;
+use crate::hook::{JobEvent, JobStatus};
 use crate::jobs::{JobKey, JobPhase};
 use crate::mapping::{AmiRef, Ec2Settings, Market};
 use crate::secrets::Secret;
@@ -718,6 +718,10 @@ pub struct TornDown {
     /// Why nothing was looked at (EC2 runners not configured in this stack).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub skipped: Option<String>,
+    /// GitLab did not confirm the hook: nothing was removed. The teardown workflow ends
+    /// without marking the job cleaned; the reaper and the reconciler finish the job later.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub unconfirmed: Option<Unconfirmed>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -743,13 +747,172 @@ pub struct TeardownError {
     pub error: PortError,
 }
 
-/// Tears down after a finished job: the runner that ran it (by the hook's `runner.id`, if it
-/// is ours), and the runner launched for it if that one is idle (it never got a job: the job
-/// was canceled, skipped, or taken by another runner). A runner launched for this job that is
-/// busy took another job; that job's teardown removes it.
+/// What a finished hook claims: its status and the runner it names. A claim only: any holder
+/// of one hook secret can send it for any project, job and runner id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookClaim {
+    pub status: JobStatus,
+    pub runner_id: Option<u64>,
+}
+
+impl HookClaim {
+    pub fn of(job: &JobEvent) -> Self {
+        Self {
+            status: job.status.clone(),
+            runner_id: job.runner.as_ref().map(|r| r.id),
+        }
+    }
+}
+
+/// What GitLab answered to `GET /projects/:id/jobs/:job_id` (after the client's retries).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobAnswer {
+    /// The job as GitLab has it: its status and the runner it ran on (if any).
+    Job {
+        status: JobStatus,
+        runner_id: Option<u64>,
+    },
+    /// 404: no such job in that project (a forged id, or a token that cannot see it).
+    NotFound,
+    /// No answer GitLab stands behind: unreachable, 5xx after retries, 401/403, garbage.
+    Unavailable(String),
+    /// No `read_api` token configured (`GitLabApiTokenParameterName` empty): nothing to ask.
+    NoToken,
+}
+
+/// Why a finished hook was not acted on. Logged as `unconfirmed` with the reason's code.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "reason", rename_all = "snake_case")]
+pub enum Unconfirmed {
+    /// No `read_api` token: a hook alone is never trusted with a teardown.
+    NoReadApiToken,
+    GitLabUnavailable {
+        error: String,
+    },
+    JobNotFound,
+    /// GitLab says the job is not finished (`running`, `pending`, ...).
+    NotFinished {
+        gitlab_status: String,
+    },
+    /// GitLab says another runner (or none) ran the job.
+    RunnerMismatch {
+        hook_runner_id: Option<u64>,
+        gitlab_runner_id: Option<u64>,
+    },
+}
+
+impl Unconfirmed {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NoReadApiToken => "no_read_api_token",
+            Self::GitLabUnavailable { .. } => "gitlab_unavailable",
+            Self::JobNotFound => "job_not_found",
+            Self::NotFinished { .. } => "not_finished",
+            Self::RunnerMismatch { .. } => "runner_mismatch",
+        }
+    }
+}
+
+impl std::fmt::Display for Unconfirmed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NoReadApiToken => f.write_str(
+                "no read_api token is configured (GitLabApiTokenParameterName), so the hook cannot be confirmed; the reaper removes the runner once its job is over",
+            ),
+            Self::GitLabUnavailable { error } => write!(
+                f,
+                "GitLab could not confirm the job ({error}); the reconciler and the reaper finish it later"
+            ),
+            Self::JobNotFound => f.write_str("GitLab does not know the job (404)"),
+            Self::NotFinished { gitlab_status } => {
+                write!(f, "GitLab says the job is {gitlab_status}, not finished")
+            }
+            Self::RunnerMismatch {
+                hook_runner_id,
+                gitlab_runner_id,
+            } => write!(
+                f,
+                "the hook names runner {}, GitLab says {} ran the job",
+                runner_text(*hook_runner_id),
+                runner_text(*gitlab_runner_id)
+            ),
+        }
+    }
+}
+
+fn runner_text(id: Option<u64>) -> String {
+    id.map_or_else(|| "none".into(), |id| id.to_string())
+}
+
+/// What teardown does about a finished hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TeardownAction {
+    /// GitLab confirms the job finished on the runner the hook names. `remove`: that runner,
+    /// one of ours; `not_ours`: that runner, not ours (left alone). Either way the runner
+    /// launched for the job is removed too if it is idle.
+    Confirmed {
+        remove: Option<u64>,
+        not_ours: Option<u64>,
+    },
+    /// Destroy nothing.
+    Unconfirmed(Unconfirmed),
+}
+
+/// The teardown's decision, from the hook's claim, GitLab's answer about the job, and whether
+/// the runner the hook names is one of ours (the runner registry, or an instance of ours
+/// tagged with it). Only GitLab's word lets anything be destroyed: the job must be finished,
+/// and the runner GitLab says ran it must be the one the hook names.
+pub fn decide_teardown(
+    claim: &HookClaim,
+    answer: &JobAnswer,
+    named_is_ours: bool,
+) -> TeardownAction {
+    let gitlab_runner_id = match answer {
+        JobAnswer::NoToken => return TeardownAction::Unconfirmed(Unconfirmed::NoReadApiToken),
+        JobAnswer::Unavailable(error) => {
+            return TeardownAction::Unconfirmed(Unconfirmed::GitLabUnavailable {
+                error: error.clone(),
+            });
+        }
+        JobAnswer::NotFound => return TeardownAction::Unconfirmed(Unconfirmed::JobNotFound),
+        JobAnswer::Job { status, .. } if !status.is_finished() => {
+            return TeardownAction::Unconfirmed(Unconfirmed::NotFinished {
+                gitlab_status: status.as_str().to_owned(),
+            });
+        }
+        JobAnswer::Job { runner_id, .. } => *runner_id,
+    };
+    if gitlab_runner_id != claim.runner_id {
+        return TeardownAction::Unconfirmed(Unconfirmed::RunnerMismatch {
+            hook_runner_id: claim.runner_id,
+            gitlab_runner_id,
+        });
+    }
+    match claim.runner_id {
+        Some(id) if named_is_ours => TeardownAction::Confirmed {
+            remove: Some(id),
+            not_ours: None,
+        },
+        Some(id) => TeardownAction::Confirmed {
+            remove: None,
+            not_ours: Some(id),
+        },
+        None => TeardownAction::Confirmed {
+            remove: None,
+            not_ours: None,
+        },
+    }
+}
+
+/// Tears down after a finished job, once GitLab confirms it ([`decide_teardown`]; `answer` is
+/// what GitLab said about the job): the runner that ran it (if it is ours), and the runner
+/// launched for it if that one is idle (it never got a job: the job was canceled, skipped, or
+/// taken by another runner). A runner launched for this job that is busy took another job;
+/// that job's teardown removes it. Unconfirmed: nothing is removed.
 pub async fn teardown<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S: SlotStore>(
     ports: &FleetPorts<F, V, A, L, S>,
     job: &JobEvent,
+    answer: &JobAnswer,
 ) -> Result<TornDown, TeardownError> {
     let key = JobKey::of(job);
     let mut out = TornDown::default();
@@ -760,23 +923,32 @@ pub async fn teardown<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S:
             error,
         }
     };
-    let ran_on = job.runner.as_ref().map(|r| r.id);
-    if let Some(runner_id) = ran_on {
-        match locate(ports, runner_id)
+    let claim = HookClaim::of(job);
+    // Looked up before deciding (a read: harmless), so the decision stays one pure function.
+    let named = match claim.runner_id {
+        Some(runner_id) if matches!(answer, JobAnswer::Job { .. }) => locate(ports, runner_id)
             .await
             .map_err(fail("looking up the runner that ran the job", runner_id))?
-        {
-            Some((instance_id, launched_for)) => {
-                finish_removal(ports, runner_id, instance_id.as_deref(), launched_for).await?;
-                out.removed.push(RemovedRunner {
-                    runner_id,
-                    instance_id,
-                    why: "it ran the job",
-                });
-            }
-            None => out.not_ours = Some(runner_id),
+            .map(|located| (runner_id, located)),
+        _ => None,
+    };
+    let (remove, not_ours) = match decide_teardown(&claim, answer, named.is_some()) {
+        TeardownAction::Unconfirmed(why) => {
+            out.unconfirmed = Some(why);
+            return Ok(out);
         }
+        TeardownAction::Confirmed { remove, not_ours } => (remove, not_ours),
+    };
+    out.not_ours = not_ours;
+    if let (Some(runner_id), Some((_, (instance_id, launched_for)))) = (remove, named) {
+        finish_removal(ports, runner_id, instance_id.as_deref(), launched_for).await?;
+        out.removed.push(RemovedRunner {
+            runner_id,
+            instance_id,
+            why: "it ran the job",
+        });
     }
+    let ran_on = claim.runner_id;
     let record = ports
         .ledger
         .job(key)
@@ -1098,7 +1270,6 @@ async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
 mod tests {
     use super::*;
     use crate::ec2::{LaunchPlan, default_ami_parameter_prefix};
-    use crate::hook::JobStatus;
     use crate::mapping::RunnerExecutor;
     use crate::testing::{block_on, job_event};
     use std::sync::Mutex;
@@ -1244,5 +1415,117 @@ mod tests {
         // The spot refusal on an on-demand attempt is not a spot matter: it stops too.
         let (result, _) = run(|_, _| Err(SPOT_ROLE_MISSING), Market::OnDemand);
         assert!(matches!(result, Err(ProvisionError::LaunchRefused { .. })));
+    }
+
+    fn claim(status: JobStatus, runner_id: Option<u64>) -> HookClaim {
+        HookClaim { status, runner_id }
+    }
+
+    fn gitlab(status: JobStatus, runner_id: Option<u64>) -> JobAnswer {
+        JobAnswer::Job { status, runner_id }
+    }
+
+    fn unconfirmed(action: TeardownAction) -> &'static str {
+        match action {
+            TeardownAction::Unconfirmed(why) => why.code(),
+            confirmed => panic!("expected unconfirmed, got {confirmed:?}"),
+        }
+    }
+
+    #[test]
+    fn only_a_finished_job_on_the_named_runner_is_torn_down() {
+        // GitLab agrees: the runner is removed if it is ours, left alone if not.
+        let hook = claim(JobStatus::Success, Some(7));
+        assert_eq!(
+            decide_teardown(&hook, &gitlab(JobStatus::Success, Some(7)), true),
+            TeardownAction::Confirmed {
+                remove: Some(7),
+                not_ours: None
+            }
+        );
+        assert_eq!(
+            decide_teardown(&hook, &gitlab(JobStatus::Failed, Some(7)), false),
+            TeardownAction::Confirmed {
+                remove: None,
+                not_ours: Some(7)
+            }
+        );
+        // Canceled before any runner took it: nothing ran it, the job's own idle runner goes.
+        assert_eq!(
+            decide_teardown(
+                &claim(JobStatus::Canceled, None),
+                &gitlab(JobStatus::Canceled, None),
+                false
+            ),
+            TeardownAction::Confirmed {
+                remove: None,
+                not_ours: None
+            }
+        );
+        for status in [JobStatus::Skipped, JobStatus::Canceled, JobStatus::Failed] {
+            assert!(matches!(
+                decide_teardown(&hook, &gitlab(status, Some(7)), true),
+                TeardownAction::Confirmed {
+                    remove: Some(7),
+                    ..
+                }
+            ));
+        }
+    }
+
+    #[test]
+    fn a_forged_or_unconfirmable_hook_destroys_nothing() {
+        let hook = claim(JobStatus::Success, Some(7));
+        // The forged hook names a job that is still running, or pending.
+        for status in [JobStatus::Running, JobStatus::Pending, JobStatus::Created] {
+            assert_eq!(
+                unconfirmed(decide_teardown(&hook, &gitlab(status, Some(7)), true)),
+                "not_finished"
+            );
+        }
+        // Swept runner ids: GitLab names another runner, or none.
+        assert_eq!(
+            unconfirmed(decide_teardown(
+                &hook,
+                &gitlab(JobStatus::Success, Some(8)),
+                true
+            )),
+            "runner_mismatch"
+        );
+        assert_eq!(
+            unconfirmed(decide_teardown(
+                &hook,
+                &gitlab(JobStatus::Success, None),
+                true
+            )),
+            "runner_mismatch"
+        );
+        assert_eq!(
+            unconfirmed(decide_teardown(
+                &claim(JobStatus::Canceled, None),
+                &gitlab(JobStatus::Canceled, Some(7)),
+                true
+            )),
+            "runner_mismatch"
+        );
+        // New job ids GitLab never heard of; GitLab down; no token to ask with.
+        assert_eq!(
+            unconfirmed(decide_teardown(&hook, &JobAnswer::NotFound, true)),
+            "job_not_found"
+        );
+        assert_eq!(
+            unconfirmed(decide_teardown(
+                &hook,
+                &JobAnswer::Unavailable("502".into()),
+                true
+            )),
+            "gitlab_unavailable"
+        );
+        let no_token = decide_teardown(&hook, &JobAnswer::NoToken, true);
+        let TeardownAction::Unconfirmed(why) = &no_token else {
+            panic!("{no_token:?}")
+        };
+        assert_eq!(why.code(), "no_read_api_token");
+        assert!(why.to_string().contains("GitLabApiTokenParameterName"));
     }
 }

@@ -25,6 +25,13 @@ pub enum JobPhase {
     Running = 3,
     /// GitLab reported it finished; teardown was started. Also the tombstone left when the
     /// finish arrives before the pending event: a late pending event then provisions nothing.
+    /// A finished hook is a claim (anyone with one hook secret can forge one), so the
+    /// tombstone is not final: the reconciler, which treats GitLab's pending list as the
+    /// truth, moves a job GitLab still lists as pending back to provisioning and starts an
+    /// attempt (`marked_finished`). That keeps the hook path fast (no GitLab call in the
+    /// router) and cannot be defeated by a forger, who can write tombstones but cannot make
+    /// GitLab stop listing a job as pending. The teardown a finished hook starts confirms with
+    /// GitLab before it destroys anything (`crate::fleet::decide_teardown`).
     Finished = 4,
     /// Teardown completed.
     Cleaned = 5,

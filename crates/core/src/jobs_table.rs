@@ -33,6 +33,9 @@ pub mod attr {
     pub const ROUTE_MATCHED: &str = "route_matched";
     pub const PROVISION_ERROR: &str = "provision_error";
     pub const PROVISION_CAUSE: &str = "provision_cause";
+    /// Why the workflow provisioned nothing: the mapper's reason when GitLab does not have
+    /// the job waiting for a runner (its answer `type` SKIP).
+    pub const PROVISION_SKIPPED: &str = "provision_skipped";
     // The EC2 provision step.
     pub const LAUNCHED_RUNNER_ID: &str = "launched_runner_id";
     pub const INSTANCE_ID: &str = "instance_id";
@@ -71,6 +74,7 @@ pub const ALL: &[&str] = &[
     attr::ROUTE_MATCHED,
     attr::PROVISION_ERROR,
     attr::PROVISION_CAUSE,
+    attr::PROVISION_SKIPPED,
     attr::LAUNCHED_RUNNER_ID,
     attr::INSTANCE_ID,
     attr::WAITING_FOR_SLOT_SINCE_MS,

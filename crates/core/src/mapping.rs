@@ -13,8 +13,10 @@
 //! 1. exact job name, project-scoped; 2. exact job name, global;
 //! 3. any name (`job#*`), project-scoped; 4. any name, global; 5. the stack's default route.
 //!
-//! An item's tags must all be among the job's tags. When the job's tags are unknown (no GitLab
-//! API token, or GitLab failed), tags cannot be checked. Exact-name items then match whatever
+//! Before any of this, GitLab's answer for the job decides whether it gets a runner at all
+//! ([`confirm`], [`map_job`]). An item's tags must all be among the job's tags. When the job's
+//! tags are unknown (no GitLab API token: only LAMBDA routes may then run), tags cannot be
+//! checked. Exact-name items then match whatever
 //! their tags are, in `sk` order: the seed's own behaviour, which took the first item of the
 //! name's partition. `job#*` items with tags then do not match. Within a level, the item with
 //! more tags wins (more specific), then the lower `sk`.
@@ -35,6 +37,9 @@ pub enum Executor {
     Lambda { arn: String },
     /// A per-job EC2 instance; unset settings take the stack's defaults.
     Ec2(Ec2Settings),
+    /// Nowhere: GitLab says the job is not waiting for a runner. Only the mapper answers it
+    /// (`{"type": "SKIP", ...}`); no mapping item can name it.
+    Skip,
 }
 
 impl Executor {
@@ -42,6 +47,7 @@ impl Executor {
         match self {
             Self::Lambda { .. } => "LAMBDA",
             Self::Ec2(_) => "EC2",
+            Self::Skip => "SKIP",
         }
     }
 }
@@ -195,6 +201,8 @@ impl Rule {
                     item.insert("executor".into(), serde_json::to_value(e).expect("enum"));
                 }
             }
+            // Not a rule's executor: `rule_from_item` refuses the item this writes.
+            Executor::Skip => {}
         }
         if let Some(d) = &self.description {
             item.insert("description".into(), d.clone().into());
@@ -516,6 +524,7 @@ impl RegistryEntry {
         let (lambda_arn, ec2) = match &rule.executor {
             Executor::Lambda { arn } => (Some(arn.clone()), Ec2Settings::default()),
             Executor::Ec2(s) => (None, s.clone()),
+            Executor::Skip => (None, Ec2Settings::default()),
         };
         Self {
             name: rule.job_name.clone(),
@@ -689,14 +698,138 @@ pub trait MappingRules {
     > + Send;
 }
 
-/// GitLab's `GET /projects/:id/jobs/:job_id` `tag_list`.
-pub trait JobTags {
-    /// `Ok(None)` when no API token is configured.
-    fn tags(
+/// What GitLab says of a job now (`GET /projects/:id/jobs/:job_id`): the truth a hook's
+/// word is checked against before anything is spent on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitLabJobView {
+    pub status: crate::hook::JobStatus,
+    /// `tag_list`.
+    pub tags: Vec<String>,
+}
+
+/// What reading the job from GitLab gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookedUp {
+    /// No `read_api` token is configured: the job cannot be confirmed nor its tags known.
+    NotConfigured,
+    Found(GitLabJobView),
+    /// GitLab answered 404: the job is gone, or the token cannot see its project.
+    Gone,
+}
+
+/// Why the job could not be read from GitLab (after the client's own retries).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LookupError {
+    /// 5xx, 429, a timeout or an answer that is not a job: a later attempt may succeed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// 401 or 403: the token is wrong, expired or lacks `read_api`.
+    #[error("{0}")]
+    Refused(String),
+    /// The token itself could not be read (SSM).
+    #[error("{0}")]
+    Token(crate::webhook::PortError),
+}
+
+/// GitLab's jobs API, as the mapper reads it.
+pub trait JobLookup {
+    /// `Ok(LookedUp::NotConfigured)` when no API token is configured.
+    fn job(
         &self,
         project_id: u64,
         job_id: u64,
-    ) -> impl std::future::Future<Output = Result<Option<Vec<String>>, crate::webhook::PortError>> + Send;
+    ) -> impl std::future::Future<Output = Result<LookedUp, LookupError>> + Send;
+}
+
+/// What the mapper makes of GitLab's answer before it looks at the mapping table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Confirmation {
+    /// GitLab has the job waiting for a runner (`pending`, or `created` for stacks that
+    /// provision on `created`), with these tags.
+    Waiting { tags: Vec<String> },
+    /// No token: neither the status nor the tags are known.
+    Unconfirmed,
+    /// Nothing to provision, and why (names GitLab's answer).
+    Skip {
+        reason: String,
+        tags: Option<Vec<String>>,
+    },
+}
+
+/// Decides from GitLab's answer whether the job may get a runner.
+pub fn confirm(looked_up: &LookedUp) -> Confirmation {
+    use crate::hook::JobStatus;
+    match looked_up {
+        LookedUp::NotConfigured => Confirmation::Unconfirmed,
+        LookedUp::Found(job) => match job.status {
+            JobStatus::Pending | JobStatus::Created => Confirmation::Waiting {
+                tags: job.tags.clone(),
+            },
+            ref status => Confirmation::Skip {
+                reason: format!(
+                    "GitLab reports the job {}, not pending: no runner provisioned (the hook was late, repeated or forged)",
+                    status.as_str()
+                ),
+                tags: Some(job.tags.clone()),
+            },
+        },
+        LookedUp::Gone => Confirmation::Skip {
+            reason: "GitLab answered 404 for the job (deleted, or the read_api token cannot see its project): no runner provisioned".into(),
+            tags: None,
+        },
+    }
+}
+
+/// `matched` of a decision made on GitLab's answer rather than a mapping item.
+pub const MATCHED_BY_GITLAB: &str = "gitlab";
+
+/// The stack parameter that names the mapper's `read_api` token.
+pub const API_TOKEN_PARAMETER: &str = "GitLabApiTokenParameterName";
+
+/// Why the mapper fails the workflow's MapJob step. Each has a stable `errorType`
+/// ([`MapError::error_type`]); those in [`MAP_JOB_RETRIED`] are retried by the workflow, the
+/// others fail at once; either way the workflow's Catch records it on the job's item.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MapError {
+    #[error(
+        "job {job_id} is routed to EC2 ({matched}) but the mapper has no GitLab API token: set the stack parameter {API_TOKEN_PARAMETER} (an SSM SecureString holding a token with the read_api scope) so the mapper can confirm the job is pending and give its runner the job's tags"
+    )]
+    TokenMissing { job_id: u64, matched: String },
+    #[error(
+        "could not read job {job_id} from GitLab: {message}; the workflow retries, then the reconciler starts a new attempt"
+    )]
+    GitLabUnavailable { job_id: u64, message: String },
+    #[error(
+        "GitLab refused the token in {API_TOKEN_PARAMETER} reading job {job_id}: {message}; the token lacks the read_api scope, has expired or was revoked: store a valid one in the parameter"
+    )]
+    TokenRejected { job_id: u64, message: String },
+    /// The mapping table or the token parameter could not be read.
+    #[error("{0}")]
+    Dependency(crate::webhook::PortError),
+}
+
+/// The `errorType`s the provision workflow's MapJob state retries
+/// (`statemachine/provision.asl.json`); the mapper's other errors fail the step at once.
+pub const MAP_JOB_RETRIED: [&str; 2] = ["GitLabUnavailable", "DependencyFailed"];
+
+impl MapError {
+    /// The `errorType` Step Functions sees.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            Self::TokenMissing { .. } => "GitLabApiTokenMissing",
+            Self::GitLabUnavailable { .. } => "GitLabUnavailable",
+            Self::TokenRejected { .. } => "GitLabTokenRejected",
+            Self::Dependency(_) => "DependencyFailed",
+        }
+    }
+
+    fn of_lookup(job_id: u64, error: LookupError) -> Self {
+        match error {
+            LookupError::Unavailable(message) => Self::GitLabUnavailable { job_id, message },
+            LookupError::Refused(message) => Self::TokenRejected { job_id, message },
+            LookupError::Token(e) => Self::Dependency(e),
+        }
+    }
 }
 
 /// The mapper's output: the decision, plus what it was based on.
@@ -704,27 +837,59 @@ pub trait JobTags {
 pub struct MapperOutput {
     #[serde(flatten)]
     pub decision: RouteDecision,
-    /// The job's tags as GitLab reported them; `null` when unknown.
+    /// The job's tags as GitLab reported them; `null` when unknown (no token, or a 404).
     pub tags: Option<Vec<String>>,
     /// Items skipped because they are invalid (`pk/sk: field: problem`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub invalid_items: Vec<String>,
 }
 
-/// Routes one job: tags from GitLab when configured (a GitLab failure falls back to routing
-/// by name, reported in `tags_error`), candidates from the table, then [`decide`]. Invalid
-/// items are skipped, never fatal: a broken item must not drop jobs.
-pub async fn map_job<R: MappingRules, T: JobTags>(
+/// One job routed: the mapper's answer, and whether GitLab confirmed the job.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mapped {
+    pub output: MapperOutput,
+    /// False when no token is configured (a LAMBDA route runs on the hook's word).
+    pub confirmed: bool,
+}
+
+/// Routes one job. First GitLab's word ([`confirm`]): a job that is not waiting for a runner
+/// is a [`Executor::Skip`]; GitLab failing fails the step. Then candidates from the table and
+/// [`decide`]. Without a token the job's tags are unknown, so an EC2 route (whose runner
+/// would carry no tags) fails with [`MapError::TokenMissing`]; a LAMBDA route still runs
+/// (the shell runner is registered with its own tags and GitLab matches them). Invalid items
+/// are skipped, never fatal: a broken item must not drop jobs.
+pub async fn map_job<R: MappingRules, J: JobLookup>(
     job: &crate::hook::JobEvent,
     rules: &R,
-    tags: &T,
+    gitlab: &J,
     default: &Executor,
-) -> Result<(MapperOutput, Option<crate::webhook::PortError>), crate::webhook::PortError> {
-    let (tags, tags_error) = match tags.tags(job.project_id, job.job_id).await {
-        Ok(t) => (t, None),
-        Err(e) => (None, Some(e)),
+) -> Result<Mapped, MapError> {
+    let looked_up = gitlab
+        .job(job.project_id, job.job_id)
+        .await
+        .map_err(|e| MapError::of_lookup(job.job_id, e))?;
+    let tags = match confirm(&looked_up) {
+        Confirmation::Skip { reason, tags } => {
+            return Ok(Mapped {
+                output: MapperOutput {
+                    decision: RouteDecision {
+                        executor: Executor::Skip,
+                        matched: MATCHED_BY_GITLAB.into(),
+                        reason,
+                    },
+                    tags,
+                    invalid_items: vec![],
+                },
+                confirmed: true,
+            });
+        }
+        Confirmation::Waiting { tags } => Some(tags),
+        Confirmation::Unconfirmed => None,
     };
-    let (candidates, invalid) = rules.candidates(&job.job_name).await?;
+    let (candidates, invalid) = rules
+        .candidates(&job.job_name)
+        .await
+        .map_err(MapError::Dependency)?;
     let facts = JobFacts {
         project_id: job.project_id,
         project_path: job.project_path.clone(),
@@ -732,15 +897,164 @@ pub async fn map_job<R: MappingRules, T: JobTags>(
         tags: tags.clone(),
     };
     let decision = decide(&facts, &candidates, default);
-    Ok((
-        MapperOutput {
+    if tags.is_none() && matches!(decision.executor, Executor::Ec2(_)) {
+        return Err(MapError::TokenMissing {
+            job_id: job.job_id,
+            matched: decision.matched,
+        });
+    }
+    Ok(Mapped {
+        output: MapperOutput {
             decision,
-            tags,
+            tags: tags.clone(),
             invalid_items: invalid
                 .iter()
                 .map(|i| format!("{}/{}: {}", i.pk, i.sk, i.error))
                 .collect(),
         },
-        tags_error,
-    ))
+        confirmed: tags.is_some(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hook::JobStatus;
+    use crate::testing::job_event;
+    use crate::webhook::PortError;
+
+    const ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:runner";
+
+    struct Rules(Vec<Rule>);
+    impl MappingRules for Rules {
+        async fn candidates(&self, _: &str) -> Result<(Vec<Rule>, Vec<InvalidItem>), PortError> {
+            Ok((self.0.clone(), vec![]))
+        }
+    }
+    struct GitLab(Result<LookedUp, LookupError>);
+    impl JobLookup for GitLab {
+        async fn job(&self, _: u64, _: u64) -> Result<LookedUp, LookupError> {
+            self.0.clone()
+        }
+    }
+    fn found(status: JobStatus, tags: &[&str]) -> GitLab {
+        GitLab(Ok(LookedUp::Found(GitLabJobView {
+            status,
+            tags: tags.iter().map(|t| (*t).to_owned()).collect(),
+        })))
+    }
+    fn lambda_rule(name: &str) -> Rule {
+        rule_from_item(
+            serde_json::json!({"pk": format!("job#{name}"), "sk": "tags#", "type": "LAMBDA", "arn": ARN})
+                .as_object()
+                .unwrap(),
+        )
+        .unwrap()
+    }
+    async fn map(gitlab: GitLab, name: &str) -> Result<Mapped, MapError> {
+        let job = job_event(7, 42, name, JobStatus::Pending);
+        map_job(
+            &job,
+            &Rules(vec![lambda_rule("unit-test")]),
+            &gitlab,
+            &Executor::Ec2(Default::default()),
+        )
+        .await
+    }
+
+    #[tokio::test]
+    async fn a_job_gitlab_does_not_have_pending_is_skipped_whatever_the_hook_said() {
+        for status in [
+            JobStatus::Running,
+            JobStatus::Success,
+            JobStatus::Canceled,
+            JobStatus::Failed,
+            JobStatus::Manual,
+        ] {
+            let mapped = map(found(status.clone(), &["docker"]), "docker-build")
+                .await
+                .unwrap();
+            let json = serde_json::to_value(&mapped.output).unwrap();
+            assert_eq!(json["type"], "SKIP", "{json}");
+            assert_eq!(json["matched"], "gitlab");
+            assert!(
+                json["reason"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("GitLab reports the job {}", status.as_str())),
+                "{json}"
+            );
+            assert_eq!(json["tags"], serde_json::json!(["docker"]));
+            // The workflow's Choice reads it back the same way.
+            let back: MapperOutput = serde_json::from_value(json).unwrap();
+            assert_eq!(back.decision.executor, Executor::Skip);
+        }
+        let gone = map(GitLab(Ok(LookedUp::Gone)), "docker-build")
+            .await
+            .unwrap();
+        assert_eq!(gone.output.decision.executor, Executor::Skip);
+        assert!(gone.output.decision.reason.contains("404"));
+    }
+
+    #[tokio::test]
+    async fn pending_and_created_jobs_route_with_gitlabs_tags() {
+        for status in [JobStatus::Pending, JobStatus::Created] {
+            let mapped = map(found(status, &["docker"]), "docker-build")
+                .await
+                .unwrap();
+            assert!(mapped.confirmed);
+            assert_eq!(mapped.output.decision.executor.kind(), "EC2");
+            assert_eq!(mapped.output.tags, Some(vec!["docker".to_owned()]));
+        }
+    }
+
+    #[tokio::test]
+    async fn without_a_token_ec2_fails_naming_the_parameter_and_lambda_runs_unconfirmed() {
+        let e = map(GitLab(Ok(LookedUp::NotConfigured)), "docker-build")
+            .await
+            .unwrap_err();
+        assert_eq!(e.error_type(), "GitLabApiTokenMissing");
+        assert!(!MAP_JOB_RETRIED.contains(&e.error_type()));
+        assert!(e.to_string().contains("GitLabApiTokenParameterName"), "{e}");
+        let lambda = map(GitLab(Ok(LookedUp::NotConfigured)), "unit-test")
+            .await
+            .unwrap();
+        assert!(!lambda.confirmed);
+        assert_eq!(lambda.output.decision.executor.kind(), "LAMBDA");
+        assert_eq!(lambda.output.tags, None);
+    }
+
+    #[tokio::test]
+    async fn gitlab_errors_fail_the_step_retried_or_not() {
+        let down = map(
+            GitLab(Err(LookupError::Unavailable("GitLab answered 500".into()))),
+            "unit-test",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(down.error_type(), "GitLabUnavailable");
+        assert!(MAP_JOB_RETRIED.contains(&down.error_type()));
+        let refused = map(
+            GitLab(Err(LookupError::Refused("GitLab answered 403".into()))),
+            "unit-test",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(refused.error_type(), "GitLabTokenRejected");
+        assert!(!MAP_JOB_RETRIED.contains(&refused.error_type()));
+        assert!(refused.to_string().contains("read_api"), "{refused}");
+        let token = map(
+            GitLab(Err(LookupError::Token(PortError("ssm down".into())))),
+            "unit-test",
+        )
+        .await
+        .unwrap_err();
+        assert_eq!(token.error_type(), "DependencyFailed");
+    }
+
+    #[test]
+    fn skip_is_no_item_type() {
+        let item = serde_json::json!({"pk": "job#x", "sk": "tags#", "type": "SKIP"});
+        assert!(rule_from_item(item.as_object().unwrap()).is_err());
+    }
 }

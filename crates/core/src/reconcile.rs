@@ -22,7 +22,7 @@ use crate::jobs::{JobKey, JobPhase, Workflow};
 use crate::slots::{FreeSlots, WaitingJob, jobs_to_start};
 
 mod pass;
-pub use pass::{PassReport, PendingListing, ReconcilePorts, reconcile_pass};
+pub use pass::{PassReport, PendingListing, ReconcilePorts, TeardownCheck, reconcile_pass};
 
 /// One job GitLab lists as pending (`GET /projects/:id/jobs?scope[]=pending`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -111,6 +111,9 @@ pub struct LiveRunner {
     pub run_untagged: bool,
     /// When it gives up waiting and its instance shuts down.
     pub expires_at_ms: u64,
+    /// GitLab says it is running a job while the job it was made for is still pending:
+    /// another job took it (a runner takes any pending job its tags allow). It covers nothing.
+    pub taken: bool,
 }
 
 impl LiveRunner {
@@ -146,6 +149,7 @@ pub fn runner_as_seen(
         tags: own_job.map(|j| j.tags.clone()).unwrap_or_default(),
         run_untagged: own_job.is_some_and(|j| j.tags.is_empty()),
         expires_at_ms: created_at_ms.saturating_add(waits_ms),
+        taken: false,
     }
 }
 
@@ -168,10 +172,16 @@ pub enum Reason {
     MarkedFinished,
     /// It waited for a slot under an instance cap, and one is free now (oldest first).
     WaitingForSlot,
+    /// Not a provision: GitLab reports finished a job we hold as not cleaned up (its finished
+    /// hook was lost, or a forged one took its teardown), so its teardown is started.
+    FinishedHookLost,
+    /// Its runner is alive but running another job (GitLab's runner status says busy while
+    /// this job is still pending): the runner was taken, this job has none.
+    RunnerTaken,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 7] = [
+    pub const ALL: [Reason; 9] = [
         Self::LostHook,
         Self::ProvisionFailed,
         Self::RunnerGone,
@@ -179,6 +189,8 @@ impl Reason {
         Self::AttemptStalled,
         Self::MarkedFinished,
         Self::WaitingForSlot,
+        Self::FinishedHookLost,
+        Self::RunnerTaken,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -190,6 +202,8 @@ impl Reason {
             Self::AttemptStalled => "attempt_stalled",
             Self::MarkedFinished => "marked_finished",
             Self::WaitingForSlot => "waiting_for_slot",
+            Self::FinishedHookLost => "finished_hook_lost",
+            Self::RunnerTaken => "runner_taken",
         }
     }
 }
@@ -260,7 +274,12 @@ pub fn plan_pass(
 ) -> Vec<(JobKey, Decision)> {
     let live: Vec<&LiveRunner> = runners
         .iter()
-        .filter(|r| r.expires_at_ms > now_ms)
+        .filter(|r| r.expires_at_ms > now_ms && !r.taken)
+        .collect();
+    let taken: HashSet<u64> = runners
+        .iter()
+        .filter(|r| r.taken)
+        .map(|r| r.runner_id)
         .collect();
     let coverage = assign_runners(pending, &live);
     let mut jobs: Vec<&PendingJob> = pending.iter().collect();
@@ -270,7 +289,9 @@ pub fn plan_pass(
         .map(|job| {
             let decision = match coverage.get(&job.key) {
                 Some(&runner_id) => Decision::Covered { runner_id },
-                None => decide_uncovered(job, records.get(&job.key), &live, settings, now_ms),
+                None => {
+                    decide_uncovered(job, records.get(&job.key), &live, &taken, settings, now_ms)
+                }
             };
             (job.key, decision)
         })
@@ -341,6 +362,7 @@ fn decide_uncovered(
     job: &PendingJob,
     record: Option<&JobRecord>,
     live: &[&LiveRunner],
+    taken: &HashSet<u64>,
     settings: &ReconcileSettings,
     now_ms: u64,
 ) -> Decision {
@@ -364,7 +386,7 @@ fn decide_uncovered(
         }
         return Decision::WaitingForSlot { since_ms };
     }
-    let reason = match why_uncovered(job, record, live, settings, now_ms) {
+    let reason = match why_uncovered(job, record, live, taken, settings, now_ms) {
         Some(reason) => reason,
         // The attempt in flight is young: let it finish.
         None => return Decision::TooYoung,
@@ -395,6 +417,7 @@ fn why_uncovered(
     job: &PendingJob,
     record: &JobRecord,
     live: &[&LiveRunner],
+    taken: &HashSet<u64>,
     settings: &ReconcileSettings,
     now_ms: u64,
 ) -> Option<Reason> {
@@ -407,6 +430,9 @@ fn why_uncovered(
         return Some(Reason::ProvisionFailed);
     }
     if let Some(runner_id) = record.runner_id {
+        if taken.contains(&runner_id) {
+            return Some(Reason::RunnerTaken);
+        }
         return Some(match live.iter().find(|r| r.runner_id == runner_id) {
             Some(runner) if !runner.can_take(job) => Reason::RunnerCannotTakeIt,
             // Alive and able, but left to an older job: it is as good as gone for this one.
@@ -418,10 +444,113 @@ fn why_uncovered(
         .then_some(Reason::AttemptStalled)
 }
 
-/// Whether a job we still hold as live must be torn down: GitLab reports it finished, so its
-/// finished hook was lost. Only GitLab's word counts here.
+/// Whether a job we hold as not cleaned up must be torn down: GitLab reports it finished, so
+/// its finished hook was lost, or its teardown could not confirm it (a forged finish came
+/// first and took the teardown's execution name, so the real hook's start joined that one).
+/// Only GitLab's word counts here.
 pub fn finished_hook_lost(phase: Option<JobPhase>, gitlab_status: &JobStatus) -> bool {
-    matches!(phase, Some(JobPhase::Provisioning | JobPhase::Running)) && gitlab_status.is_finished()
+    matches!(
+        phase,
+        Some(JobPhase::Provisioning | JobPhase::Running | JobPhase::Finished)
+    ) && gitlab_status.is_finished()
+}
+
+/// A runner of ours as the registry holds it: which job it was created for, and when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegisteredRunner {
+    pub runner_id: u64,
+    pub made_for: JobKey,
+    pub created_at_ms: u64,
+}
+
+/// The jobs worth asking GitLab about, oldest runner first: the job each registered runner
+/// was made for, when the runner is older than the grace (a teardown on the hook path has
+/// had its time), the job is not in GitLab's pending list, and its item is not cleaned. A
+/// runner is removed from the registry by its teardown, so this list stays short.
+pub fn lost_finish_candidates(
+    runners: &[RegisteredRunner],
+    pending: &[PendingJob],
+    grace_ms: u64,
+    now_ms: u64,
+) -> Vec<JobKey> {
+    let listed: HashSet<JobKey> = pending.iter().map(|j| j.key).collect();
+    let mut old: Vec<&RegisteredRunner> = runners
+        .iter()
+        .filter(|r| now_ms.saturating_sub(r.created_at_ms) >= grace_ms)
+        .filter(|r| !listed.contains(&r.made_for))
+        .collect();
+    old.sort_by_key(|r| (r.created_at_ms, r.runner_id));
+    let mut seen = HashSet::new();
+    old.into_iter()
+        .map(|r| r.made_for)
+        .filter(|k| seen.insert(*k))
+        .collect()
+}
+
+/// A job as GitLab reports it when the reconciler asks (`GET /projects/:id/jobs/:job_id`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GitLabJobState {
+    pub key: JobKey,
+    pub name: String,
+    pub status: JobStatus,
+    pub runner_id: Option<u64>,
+    pub pipeline_id: Option<u64>,
+}
+
+impl GitLabJobState {
+    /// The teardown workflow's job, built from GitLab's answer only (no hook's claim in it).
+    pub fn to_event(&self, now_ms: u64) -> JobEvent {
+        JobEvent {
+            schema: JOB_EVENT_SCHEMA,
+            delivery_id: format!("reconciler:{}", teardown_execution_name(self)),
+            received_at_ms: now_ms,
+            job_id: self.key.job_id,
+            job_name: self.name.clone(),
+            stage: None,
+            status: self.status.clone(),
+            failure_reason: None,
+            allow_failure: None,
+            retries: 0,
+            project_id: self.key.project_id,
+            project_path: None,
+            pipeline_id: self.pipeline_id,
+            git_ref: None,
+            tag: None,
+            sha: None,
+            runner: self.runner_id.map(|id| crate::hook::RunnerRef {
+                id,
+                description: None,
+                tags: vec![],
+            }),
+            created_at: None,
+            started_at: None,
+            finished_at: None,
+            duration_s: None,
+            queued_duration_s: None,
+        }
+    }
+}
+
+/// The teardown workflow's execution name for a lost finished hook, from GitLab's answer:
+/// deterministic (two passes start one execution), and never the router's own name (which a
+/// forged hook may have taken first).
+pub fn teardown_execution_name(job: &GitLabJobState) -> String {
+    let runner = job
+        .runner_id
+        .map_or_else(|| "none".to_owned(), |id| id.to_string());
+    let base = job.key.execution_name(Workflow::Teardown);
+    let name = format!("{base}-{}-r{runner}", job.status.as_str());
+    if name.len() <= 80 {
+        name
+    } else {
+        // Only for ids near u64::MAX: still deterministic, within Step Functions' 80.
+        format!(
+            "p{}-j{}-td-{}-r{runner}",
+            job.key.project_id,
+            job.key.job_id,
+            job.status.as_str().chars().next().unwrap_or('x')
+        )
+    }
 }
 
 #[cfg(test)]
@@ -455,6 +584,7 @@ mod tests {
             tags: tags.iter().map(|t| (*t).to_owned()).collect(),
             run_untagged: tags.is_empty(),
             expires_at_ms,
+            taken: false,
         }
     }
 
@@ -592,6 +722,41 @@ mod tests {
                 ),
                 (1, Decision::Covered { runner_id: 11 }),
             ]
+        );
+    }
+
+    #[test]
+    fn a_live_runner_busy_with_another_job_covers_nothing_and_its_job_is_provisioned() {
+        // Runner 11 was made for job 1 and is alive, but GitLab says it is running a job while
+        // job 1 is still pending: another job took it. Without that word job 1 would wait
+        // for runner 11 until its instance expires.
+        let now = 100 * MIN;
+        let records = [(
+            1,
+            JobRecord {
+                runner_id: Some(11),
+                ..provisioning(1, now - 3 * MIN)
+            },
+        )];
+        let alive = runner(11, 1, &["t"], now + 5 * MIN);
+        let jobs = [pending(1, &["t"], 3 * MIN)];
+        assert_eq!(
+            plan(&jobs, &records, &[alive.clone()], now),
+            [(1, Decision::Covered { runner_id: 11 })]
+        );
+        let taken = LiveRunner {
+            taken: true,
+            ..alive
+        };
+        assert_eq!(
+            plan(&jobs, &records, &[taken], now),
+            [(
+                1,
+                Decision::Provision {
+                    attempt: 2,
+                    reason: Reason::RunnerTaken
+                }
+            )]
         );
     }
 
@@ -760,6 +925,71 @@ mod tests {
             &JobStatus::Failed
         ));
         assert!(!finished_hook_lost(None, &JobStatus::Failed));
+        // A forged finish came first: the item is finished, never cleaned.
+        assert!(finished_hook_lost(
+            Some(JobPhase::Finished),
+            &JobStatus::Success
+        ));
+    }
+
+    #[test]
+    fn lost_finishes_are_looked_for_among_old_runners_whose_job_is_not_pending() {
+        let now = 100 * MIN;
+        let made = |runner_id, job_id, created_at_ms| RegisteredRunner {
+            runner_id,
+            made_for: key(job_id),
+            created_at_ms,
+        };
+        let runners = [
+            made(11, 1, now - 30 * MIN),
+            // Too young: its hook path may still be at work.
+            made(12, 2, now - 10_000),
+            // Its job is pending: nothing finished there.
+            made(13, 3, now - 40 * MIN),
+            made(14, 4, now - 50 * MIN),
+            // A second runner for job 1 (a later attempt): asked once.
+            made(15, 1, now - 5 * MIN),
+        ];
+        let listed = [pending(3, &[], 40 * MIN)];
+        assert_eq!(
+            lost_finish_candidates(&runners, &listed, MIN, now),
+            [key(4), key(1)]
+        );
+    }
+
+    #[test]
+    fn a_lost_finish_teardown_is_named_after_gitlab_answer() {
+        let job = GitLabJobState {
+            key: key(3),
+            name: "build".into(),
+            status: JobStatus::Success,
+            runner_id: Some(44),
+            pipeline_id: Some(9),
+        };
+        assert_eq!(teardown_execution_name(&job), "p7-j3-teardown-success-r44");
+        let event = job.to_event(5);
+        assert_eq!(event.status, JobStatus::Success);
+        assert_eq!(event.runner.as_ref().map(|r| r.id), Some(44));
+        assert_eq!(event.delivery_id, "reconciler:p7-j3-teardown-success-r44");
+        let none = GitLabJobState {
+            runner_id: None,
+            status: JobStatus::Canceled,
+            ..job.clone()
+        };
+        assert_eq!(
+            teardown_execution_name(&none),
+            "p7-j3-teardown-canceled-rnone"
+        );
+        let big = GitLabJobState {
+            key: JobKey {
+                project_id: u64::MAX,
+                job_id: u64::MAX,
+            },
+            runner_id: Some(u64::MAX),
+            status: JobStatus::Canceled,
+            ..job
+        };
+        assert!(teardown_execution_name(&big).len() <= 80);
     }
 
     #[test]

@@ -56,7 +56,7 @@ fn every_dynamodb_task_names_owned_attributes_of_the_jobs_table() {
         }
     }
     assert_eq!(
-        tasks, 5,
+        tasks, 6,
         "the definitions' DynamoDB tasks changed: check this test still sees them all"
     );
 }
@@ -94,4 +94,30 @@ fn mark_cleaned_moves_to_the_last_phase() {
         Some(JobPhase::Cleaned.rank().to_string().as_str())
     );
     assert_eq!(JobPhase::ALL.last(), Some(&JobPhase::Cleaned));
+}
+
+/// The SKIP branch: the mapper's reason lands on the item under the owned name, and the
+/// branch provisions nothing (RecordSkip goes straight to a Succeed state).
+#[test]
+fn record_skip_writes_the_owned_attribute_and_ends_the_workflow() {
+    let provision = definition("provision.asl.json");
+    let states = &provision["States"];
+    let record = &states["RecordSkip"];
+    assert_eq!(
+        names(&record["Parameters"]),
+        BTreeSet::from([attr::PROVISION_SKIPPED.to_owned()])
+    );
+    assert_eq!(
+        record["Parameters"]["ExpressionAttributeValues"][":skipped"]["S.$"],
+        "$.mapped.decision.reason"
+    );
+    assert_eq!(states[record["Next"].as_str().unwrap()]["Type"], "Succeed");
+    let to_skip: Vec<&Value> = states["ChooseExecutor"]["Choices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["Next"] == "RecordSkip")
+        .collect();
+    assert_eq!(to_skip.len(), 1);
+    assert_eq!(to_skip[0]["And"][0]["StringEquals"], "SKIP");
 }

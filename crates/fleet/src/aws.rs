@@ -163,9 +163,12 @@ impl Fleet for Ec2Fleet {
             // Tags at launch: IAM allows RunInstances only with this stack's managed-by tag.
             .tag_specifications(tagged(ResourceType::Instance))
             .tag_specifications(tagged(ResourceType::Volume))
+            // IMDSv2 only, hop limit 1: job containers cannot reach the instance role
+            // (ephemeral_core::ec2::IMDS_HOP_LIMIT; IAM refuses a launch without both).
             .metadata_options(
                 InstanceMetadataOptionsRequest::builder()
                     .http_tokens(HttpTokensState::Required)
+                    .http_put_response_hop_limit(ephemeral_core::ec2::IMDS_HOP_LIMIT)
                     .http_endpoint(InstanceMetadataEndpointState::Enabled)
                     .build(),
             )

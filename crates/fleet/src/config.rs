@@ -52,6 +52,11 @@ pub struct FleetConfig {
     /// The reaper's lease (one pass at a time); only the reaper needs it.
     pub leases_table_name: Option<String>,
     pub gitlab_api_token_parameter: String,
+    /// The `read_api` token (`GitLabApiTokenParameterName`, env `GITLAB_API_TOKEN_PARAMETER`):
+    /// the teardown step reads the job from GitLab with it before it destroys anything. The
+    /// runner-management token above cannot read jobs. `None`: no finished hook is trusted,
+    /// nothing is torn down on a hook's word (the reaper removes runners whose job is over).
+    pub gitlab_read_token_parameter: Option<String>,
     /// Set: runners are created the legacy way (`POST /runners`) with this registration token.
     pub registration_token_parameter: Option<String>,
     pub runner_scope: ScopeSetting,
@@ -218,6 +223,7 @@ impl FleetConfig {
                 "GITLAB_RUNNER_TOKEN_PARAMETER",
                 "the SSM SecureString holding a GitLab token with the create_runner and manage_runner scopes (or api)",
             )?,
+            gitlab_read_token_parameter: env.value("GITLAB_API_TOKEN_PARAMETER"),
             registration_token_parameter: env.value("GITLAB_REGISTRATION_TOKEN_PARAMETER"),
             runner_scope: runner_scope(env)?,
             security_group_ids: env.list("SECURITY_GROUP_IDS"),
@@ -533,5 +539,41 @@ mod tests {
         assert!(e.to_string().contains("LEASES_TABLE_NAME"), "{e}");
         let c = FleetConfig::from_lookup(env(&[("LEASES_TABLE_NAME", "leases")])).unwrap();
         assert_eq!(c.leases_table().unwrap(), "leases");
+    }
+
+    /// The teardown step confirms finished hooks with a `read_api` token: the template gives
+    /// the teardown function that parameter's name and the right to read it (and only it).
+    #[test]
+    fn the_template_gives_the_teardown_function_the_read_api_token() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../template.yaml");
+        let template = std::fs::read_to_string(path).unwrap();
+        let start = template
+            .find("\n  Ec2TeardownFunction:\n")
+            .expect("Ec2TeardownFunction in template.yaml");
+        let rest = &template[start + 1..];
+        let end = rest[2..]
+            .find("\n  Ec2TeardownFunctionLogGroup:")
+            .or_else(|| rest[2..].find("\n  ReaperFunction:"))
+            .expect("the resource after Ec2TeardownFunction");
+        let teardown = &rest[..end + 2];
+        assert!(
+            teardown.contains("GITLAB_API_TOKEN_PARAMETER: !Ref GitLabApiTokenParameterName"),
+            "{teardown}"
+        );
+        assert!(teardown.contains("Sid: ReadGitLabApiToken"), "{teardown}");
+        assert!(
+            teardown.contains("parameter${GitLabApiTokenParameterName}"),
+            "{teardown}"
+        );
+        // Decrypting it (a customer KMS key) is DecryptTokensViaSsm's, for every token.
+        assert!(teardown.contains("Sid: DecryptTokensViaSsm"), "{teardown}");
+        let c = FleetConfig::from_lookup(env(&[("GITLAB_API_TOKEN_PARAMETER", "/er/read-api")]))
+            .unwrap();
+        assert_eq!(
+            c.gitlab_read_token_parameter.as_deref(),
+            Some("/er/read-api")
+        );
+        let c = FleetConfig::from_lookup(env(&[("GITLAB_API_TOKEN_PARAMETER", "")])).unwrap();
+        assert_eq!(c.gitlab_read_token_parameter, None);
     }
 }

@@ -1,6 +1,6 @@
 //! GitLab's runner API behind the core's [`RunnerApi`] port.
 
-use ephemeral_core::fleet::{RunnerApi, RunnerRequest};
+use ephemeral_core::fleet::{JobAnswer, RunnerApi, RunnerRequest};
 use ephemeral_core::secrets::Secret;
 use ephemeral_core::webhook::PortError;
 use ephemeral_gitlab::{GitLabClient, GitLabError, NewRunner, Registration};
@@ -55,5 +55,26 @@ impl RunnerApi for GitLabRunners {
             .runner_busy(&self.api_token, runner_id)
             .await
             .map_err(port)
+    }
+}
+
+/// GitLab's job API with the `read_api` token: what the teardown step confirms a finished
+/// hook with (`GET /projects/:id/jobs/:job_id`, after the client's retries).
+#[derive(Debug, Clone)]
+pub struct GitLabJobs {
+    pub client: GitLabClient,
+    pub read_token: Secret,
+}
+
+impl GitLabJobs {
+    pub async fn answer(&self, project_id: u64, job_id: u64) -> JobAnswer {
+        match self.client.job(&self.read_token, project_id, job_id).await {
+            Ok(job) => JobAnswer::Job {
+                status: job.status,
+                runner_id: job.runner.map(|r| r.id),
+            },
+            Err(GitLabError::Status { status: 404, .. }) => JobAnswer::NotFound,
+            Err(e) => JobAnswer::Unavailable(e.to_string()),
+        }
     }
 }

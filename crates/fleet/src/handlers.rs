@@ -3,8 +3,8 @@
 
 use aws_config::SdkConfig;
 use ephemeral_core::fleet::{
-    FleetPorts, FleetSettings, ProvisionError, Provisioned, ReapReport, TeardownError, TornDown,
-    launch_warnings, provision, reaper_pass, teardown,
+    FleetPorts, FleetSettings, JobAnswer, ProvisionError, Provisioned, ReapReport, TeardownError,
+    TornDown, launch_warnings, provision, reaper_pass, teardown,
 };
 use ephemeral_core::hook::JobEvent;
 use ephemeral_core::lease::{Lease, LeaseRun, REAPER_LEASE, with_lease};
@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use crate::aws::{DynamoRunnerLedger, Ec2Fleet, SsmTokenVault};
 use crate::config::{ConfigError, FleetConfig, FleetSetup, NOT_CONFIGURED};
-use crate::gitlab::GitLabRunners;
+use crate::gitlab::{GitLabJobs, GitLabRunners};
 use crate::lease::DynamoLeases;
 use crate::slots::DynamoSlots;
 
@@ -57,6 +57,9 @@ pub struct Ec2Functions {
     pub settings: FleetSettings,
     /// The reaper's lease table (the other functions do not get it).
     pub leases: Option<DynamoLeases>,
+    /// GitLab's job API with the `read_api` token, for the teardown step (only it gets the
+    /// token). `None`: no finished hook can be confirmed, so teardown destroys nothing.
+    pub jobs: Option<GitLabJobs>,
 }
 
 /// The invocation, as the reaper's lease needs it: who holds it and until when.
@@ -128,6 +131,13 @@ impl Functions {
             }
             None => Registration::CreateRunnerToken(api_token.clone()),
         };
+        let jobs = match &config.gitlab_read_token_parameter {
+            Some(name) => Some(GitLabJobs {
+                client: GitLabClient::new(&config.settings.gitlab_url, retry),
+                read_token: ephemeral_aws::read_secret(&ssm, name).await?,
+            }),
+            None => None,
+        };
         let dynamo = aws_sdk_dynamodb::Client::new(sdk);
         let ports = FleetPorts {
             fleet: Ec2Fleet {
@@ -171,6 +181,7 @@ impl Functions {
                 ports,
                 settings: config.settings.clone(),
                 leases,
+                jobs,
             }),
         })
     }
@@ -235,8 +246,34 @@ impl Functions {
             );
             return Ok(done);
         };
-        let result = teardown(&ec2.ports, job).await;
+        // The hook is a claim: GitLab's word about the job decides (core::fleet::decide_teardown).
+        let answer = match &ec2.jobs {
+            Some(jobs) => jobs.answer(job.project_id, job.job_id).await,
+            None => JobAnswer::NoToken,
+        };
+        let result = teardown(&ec2.ports, job, &answer).await;
+        let now = crate::now_ms();
         match &result {
+            Ok(TornDown {
+                unconfirmed: Some(why),
+                ..
+            }) => {
+                tracing::warn!(
+                    project_id = job.project_id,
+                    pipeline_id = job.pipeline_id,
+                    job_id = job.job_id,
+                    delivery_id = %job.delivery_id,
+                    status = job.status.as_str(),
+                    hook_runner_id = job.runner.as_ref().map(|r| r.id),
+                    reason = why.code(),
+                    detail = %why,
+                    "unconfirmed: GitLab did not confirm the finished hook; nothing was removed"
+                );
+                println!(
+                    "{}",
+                    emf_count("ec2-teardown", "TeardownsUnconfirmed", 1, now)
+                );
+            }
             Ok(done) => tracing::info!(
                 project_id = job.project_id,
                 pipeline_id = job.pipeline_id,

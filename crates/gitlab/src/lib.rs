@@ -6,6 +6,13 @@
 //! the endpoint and GitLab's status and message, never a request header or body.
 //! Transient failures (timeouts, connection errors, 429, 5xx) are retried with exponential
 //! backoff and jitter; the final error says how many attempts were made.
+//!
+//! Every request carries a token (a `PRIVATE-TOKEN` header, or a registration token in the
+//! form), so the client follows no redirect: reqwest drops `Authorization` on a redirect to
+//! another host but not `PRIVATE-TOKEN`, and a redirect would hand the token to whoever the
+//! `Location` names. For the same reason the base URL must be `https://`, unless its host is
+//! loopback (the tests' stand-ins) or the operator allows plain http explicitly
+//! ([`ALLOW_INSECURE_URL_ENV`], the stack parameter `AllowInsecureGitLabUrl`).
 
 use std::time::Duration;
 
@@ -89,6 +96,79 @@ pub enum GitLabError {
     },
     #[error("{endpoint}: unexpected answer: {message}")]
     Unexpected { endpoint: String, message: String },
+    /// GitLab answered a redirect: not followed, since the request carries a token.
+    #[error(
+        "{endpoint}: GitLab answered {status} redirecting to {location}; requests that carry a GitLab token follow no redirect: set GitLabUrl to the address GitLab answers on (e.g. its https:// URL)"
+    )]
+    Redirected {
+        endpoint: String,
+        status: u16,
+        /// Scheme and host of the `Location` (no path or query: they may hold anything).
+        location: String,
+    },
+    /// The base URL is plain http to a host that is not loopback, and that is not allowed.
+    #[error("{endpoint}: {refusal}")]
+    InsecureUrl { endpoint: String, refusal: String },
+}
+
+/// The environment variable that allows a plain `http://` GitLab URL to a host that is not
+/// loopback (`true`; anything else refuses it). The template sets it from the stack
+/// parameter `AllowInsecureGitLabUrl` on every function that talks to GitLab's API.
+pub const ALLOW_INSECURE_URL_ENV: &str = "ALLOW_INSECURE_GITLAB_URL";
+
+/// Whether a plain-http base URL may be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UrlPolicy {
+    /// `https://`, or `http://` to a loopback host (127.0.0.0/8, `::1`, `localhost`).
+    #[default]
+    HttpsOrLoopback,
+    /// Also `http://` to any host: tokens cross the network in clear.
+    AllowInsecureHttp,
+}
+
+impl UrlPolicy {
+    /// From [`ALLOW_INSECURE_URL_ENV`] as `lookup` reads it: only `true` (any case) allows.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        match lookup(ALLOW_INSECURE_URL_ENV) {
+            Some(v) if v.trim().eq_ignore_ascii_case("true") => Self::AllowInsecureHttp,
+            _ => Self::HttpsOrLoopback,
+        }
+    }
+
+    /// From the process environment.
+    pub fn from_env() -> Self {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Why `base_url` may not be used under this policy, if it may not.
+    pub fn refusal(self, base_url: &str) -> Option<String> {
+        let url = match reqwest::Url::parse(base_url) {
+            Ok(url) => url,
+            Err(e) => return Some(format!("GitLab URL `{base_url}` is not a URL ({e})")),
+        };
+        match url.scheme() {
+            "https" => None,
+            "http" if self == Self::AllowInsecureHttp || is_loopback(&url) => None,
+            "http" => Some(format!(
+                "GitLab URL `{base_url}` is plain http: GitLab tokens would cross the network in clear. Use https://, or set the stack parameter AllowInsecureGitLabUrl to true ({ALLOW_INSECURE_URL_ENV}=true) if you accept that"
+            )),
+            other => Some(format!(
+                "GitLab URL `{base_url}` has scheme `{other}`: use https://"
+            )),
+        }
+    }
+}
+
+fn is_loopback(url: &reqwest::Url) -> bool {
+    let Some(host) = url.host_str() else {
+        return false;
+    };
+    // An IPv6 host comes bracketed ("[::1]").
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || bare
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// A final answer that is neither success nor a case the caller handles: 401/403 say the token
@@ -168,6 +248,8 @@ pub struct GitLabClient {
     http: reqwest::Client,
     base_url: String,
     retry: RetryPolicy,
+    /// Set when the base URL is refused ([`UrlPolicy::refusal`]): every call fails with it.
+    refusal: Option<String>,
 }
 
 /// One HTTP answer: status, body, and GitLab's `x-next-page` (absent on the last page).
@@ -218,17 +300,34 @@ fn message_of(body: &str) -> String {
 }
 
 impl GitLabClient {
+    /// A client for `base_url`, with the URL policy of the environment
+    /// ([`ALLOW_INSECURE_URL_ENV`]): see [`Self::with_url_policy`].
     pub fn new(base_url: &str, retry: RetryPolicy) -> Self {
+        Self::with_url_policy(base_url, retry, UrlPolicy::from_env())
+    }
+
+    /// A client for `base_url`. A URL the policy refuses makes every call fail with
+    /// [`GitLabError::InsecureUrl`] before anything is sent (see [`Self::url_refusal`] to
+    /// check at start). No redirect is followed: a 3xx is [`GitLabError::Redirected`].
+    pub fn with_url_policy(base_url: &str, retry: RetryPolicy, policy: UrlPolicy) -> Self {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .connect_timeout(Duration::from_secs(3))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .expect("HTTP client with static settings");
+        let base_url = base_url.trim_end_matches('/').to_owned();
         Self {
             http,
-            base_url: base_url.trim_end_matches('/').to_owned(),
+            refusal: policy.refusal(&base_url),
+            base_url,
             retry,
         }
+    }
+
+    /// Why this client's base URL is refused, if it is.
+    pub fn url_refusal(&self) -> Option<&str> {
+        self.refusal.as_deref()
     }
 
     fn url(&self, path: &str) -> String {
@@ -252,6 +351,12 @@ impl GitLabClient {
         endpoint: &str,
         build: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<Answer, GitLabError> {
+        if let Some(refusal) = &self.refusal {
+            return Err(GitLabError::InsecureUrl {
+                endpoint: endpoint.to_owned(),
+                refusal: refusal.clone(),
+            });
+        }
         let attempt = || async {
             let response = build().send().await.map_err(|e| GitLabError::Transport {
                 endpoint: endpoint.to_owned(),
@@ -260,6 +365,22 @@ impl GitLabClient {
                 attempts: 1,
             })?;
             let status = response.status().as_u16();
+            if response.status().is_redirection() {
+                let location = response
+                    .headers()
+                    .get(reqwest::header::LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| response.url().join(v).ok())
+                    .map_or_else(
+                        || "an unreadable Location".to_owned(),
+                        |u| format!("{}://{}", u.scheme(), u.authority()),
+                    );
+                return Err(GitLabError::Redirected {
+                    endpoint: endpoint.to_owned(),
+                    status,
+                    location,
+                });
+            }
             let header = |name: &str| {
                 response
                     .headers()
@@ -449,5 +570,62 @@ impl GitLabClient {
                 }),
             _ => Err(refused(&endpoint, status, &body)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plain_http_is_refused_unless_loopback_or_allowed() {
+        let strict = UrlPolicy::HttpsOrLoopback;
+        for ok in [
+            "https://gitlab.example.com",
+            "https://gitlab.example.com:8443/gitlab",
+            "http://127.0.0.1:8080",
+            "http://127.1.2.3",
+            "http://localhost:3000",
+            "http://LOCALHOST",
+            "http://[::1]:9000",
+        ] {
+            assert_eq!(strict.refusal(ok), None, "{ok}");
+        }
+        for refused in [
+            "http://gitlab.example.com",
+            "http://10.0.0.5",
+            "http://localhost.example.com",
+            "http://[::2]",
+            "ftp://gitlab.example.com",
+            "gitlab.example.com",
+        ] {
+            assert!(strict.refusal(refused).is_some(), "{refused}");
+        }
+        let text = strict.refusal("http://gitlab.example.com").unwrap();
+        assert!(text.contains("AllowInsecureGitLabUrl"), "{text}");
+        assert_eq!(
+            UrlPolicy::AllowInsecureHttp.refusal("http://gitlab.example.com"),
+            None
+        );
+        assert!(
+            UrlPolicy::AllowInsecureHttp
+                .refusal("ftp://gitlab.example.com")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn only_true_allows_insecure_http() {
+        let with = |v: &'static str| {
+            UrlPolicy::from_lookup(move |name| {
+                (name == ALLOW_INSECURE_URL_ENV).then(|| v.to_owned())
+            })
+        };
+        assert_eq!(with("true"), UrlPolicy::AllowInsecureHttp);
+        assert_eq!(with("TRUE"), UrlPolicy::AllowInsecureHttp);
+        for no in ["false", "", "1", "yes"] {
+            assert_eq!(with(no), UrlPolicy::HttpsOrLoopback, "{no}");
+        }
+        assert_eq!(UrlPolicy::from_lookup(|_| None), UrlPolicy::HttpsOrLoopback);
     }
 }

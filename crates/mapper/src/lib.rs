@@ -1,20 +1,19 @@
-//! The mapper: first state of the provision workflow. Reads the mapping table (and, when an
-//! API token is configured, the job's tags from GitLab) and answers the route; the core's
-//! `ephemeral_core::mapping` decides.
+//! The mapper: first state of the provision workflow. Reads the job from GitLab (status and
+//! tags, with the `read_api` token) and the mapping table, and answers the route, or SKIP when
+//! GitLab does not have the job waiting for a runner; the core's `ephemeral_core::mapping`
+//! decides.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;
 use ephemeral_aws::{item_to_json, port_error};
 use ephemeral_core::jobs::WorkflowInput;
 use ephemeral_core::mapping::{
-    ANY_JOB, Executor, InvalidItem, JobTags, MapperOutput, MappingRules, Rule, map_job,
-    rule_from_item,
+    ANY_JOB, Executor, GitLabJobView, InvalidItem, JobLookup, LookedUp, LookupError, MapError,
+    MapperOutput, MappingRules, Rule, map_job, rule_from_item,
 };
 use ephemeral_core::webhook::PortError;
-use ephemeral_gitlab::{GitLabClient, RetryPolicy, Secret};
+use ephemeral_gitlab::{GitLabClient, GitLabError, RetryPolicy, Secret};
 
 #[derive(Debug, Clone)]
 pub struct MapperConfig {
@@ -116,12 +115,12 @@ impl MappingRules for DynamoMappingRules {
     }
 }
 
-/// The job's `tag_list` from GitLab's jobs API, with a `read_api` token from SSM (read once per
-/// cold start). Answers are cached per job: Step Functions retries call the mapper again.
-pub struct GitLabJobTags {
+/// The job as GitLab has it now (`GET /projects/:id/jobs/:job_id`: status and `tag_list`),
+/// with a `read_api` token from SSM (read once per cold start). Never cached: the status is
+/// what a retry or a later attempt must see afresh.
+pub struct GitLabJobs {
     pub gitlab: Option<GitLabClient>,
     pub token: Option<TokenSource>,
-    cache: Mutex<HashMap<(u64, u64), Vec<String>>>,
 }
 
 pub struct TokenSource {
@@ -146,13 +145,10 @@ impl TokenSource {
     }
 }
 
-/// Keeps the cache from growing without bound in a long-lived warm environment.
-const TAG_CACHE_ENTRIES: usize = 4096;
-
-impl GitLabJobTags {
+impl GitLabJobs {
     pub fn new(base_url: Option<String>, token: Option<TokenSource>) -> Self {
-        // One quick retry: the mapper runs inside a workflow step, and without tags it still
-        // routes (by job name), so a slow or failing GitLab must not hold the job.
+        // One quick retry: the workflow retries GitLabUnavailable itself (MapJob's Retry), and
+        // the mapper's 30 s timeout must hold two 10 s attempts.
         let retry = RetryPolicy {
             max_retries: 1,
             min_delay: Duration::from_millis(200),
@@ -161,52 +157,57 @@ impl GitLabJobTags {
         Self {
             gitlab: base_url.map(|u| GitLabClient::new(&u, retry)),
             token,
-            cache: Mutex::new(HashMap::new()),
         }
     }
 }
 
-impl JobTags for GitLabJobTags {
-    async fn tags(&self, project_id: u64, job_id: u64) -> Result<Option<Vec<String>>, PortError> {
+impl JobLookup for GitLabJobs {
+    async fn job(&self, project_id: u64, job_id: u64) -> Result<LookedUp, LookupError> {
         let (Some(gitlab), Some(token)) = (&self.gitlab, &self.token) else {
-            return Ok(None);
+            return Ok(LookedUp::NotConfigured);
         };
-        if let Some(hit) = self
-            .cache
-            .lock()
-            .expect("tag cache")
-            .get(&(project_id, job_id))
-        {
-            return Ok(Some(hit.clone()));
+        let token = token.get().await.map_err(LookupError::Token)?;
+        match gitlab.job(token, project_id, job_id).await {
+            Ok(job) => Ok(LookedUp::Found(GitLabJobView {
+                status: job.status,
+                tags: job.tag_list,
+            })),
+            Err(GitLabError::Status { status: 404, .. }) => Ok(LookedUp::Gone),
+            Err(e @ GitLabError::Unauthorized { .. }) => Err(LookupError::Refused(e.to_string())),
+            // 5xx, 429 and timeouts after the client's retry, and answers that are not a job.
+            Err(e) => Err(LookupError::Unavailable(e.to_string())),
         }
-        let tags = gitlab
-            .job_tags(token.get().await?, project_id, job_id)
-            .await
-            .map_err(|e| PortError(e.to_string()))?;
-        let mut cache = self.cache.lock().expect("tag cache");
-        if cache.len() >= TAG_CACHE_ENTRIES {
-            cache.clear();
-        }
-        cache.insert((project_id, job_id), tags.clone());
-        Ok(Some(tags))
     }
 }
 
-pub struct Mapper<R, T> {
+pub struct Mapper<R, J> {
     pub rules: R,
-    pub tags: T,
+    pub gitlab: J,
     pub default_route: Executor,
 }
 
-impl<R: MappingRules, T: JobTags> Mapper<R, T> {
-    /// Handles the provision workflow's input; the output goes to the state machine's Choice.
-    pub async fn handle(&self, input: &WorkflowInput) -> Result<MapperOutput, PortError> {
+impl<R: MappingRules, J: JobLookup> Mapper<R, J> {
+    /// Handles the provision workflow's input; the output goes to the state machine's Choice,
+    /// an error (with its [`MapError::error_type`]) to MapJob's Retry and Catch.
+    pub async fn handle(&self, input: &WorkflowInput) -> Result<MapperOutput, MapError> {
         let job = &input.job;
-        let (output, tags_error) =
-            map_job(job, &self.rules, &self.tags, &self.default_route).await?;
-        if let Some(e) = tags_error {
-            tracing::warn!(error = %e, project_id = job.project_id, job_id = job.job_id,
-                "could not read the job's tags from GitLab; routing by job name only");
+        let mapped = match map_job(job, &self.rules, &self.gitlab, &self.default_route).await {
+            Ok(mapped) => mapped,
+            Err(e) => {
+                tracing::error!(error = %e, error_type = e.error_type(), project_id = job.project_id,
+                    pipeline_id = job.pipeline_id, job_id = job.job_id, job_name = %job.job_name,
+                    delivery_id = %job.delivery_id, "job not mapped");
+                return Err(e);
+            }
+        };
+        let output = mapped.output;
+        if !mapped.confirmed {
+            tracing::warn!(
+                project_id = job.project_id,
+                pipeline_id = job.pipeline_id,
+                job_id = job.job_id,
+                "no GitLab API token (GitLabApiTokenParameterName): the job could not be confirmed with GitLab and is routed by name only; the shell runner's own tags decide in GitLab which job it takes"
+            );
         }
         for item in &output.invalid_items {
             tracing::error!(item = %item, "invalid mapping item skipped: fix it with runner-mappings");
@@ -216,14 +217,57 @@ impl<R: MappingRules, T: JobTags> Mapper<R, T> {
             reason = %output.decision.reason, project_id = job.project_id, pipeline_id = job.pipeline_id,
             job_id = job.job_id, job_name = %job.job_name, delivery_id = %job.delivery_id, "job mapped"
         );
-        let metric = match output.decision.executor.kind() {
-            "LAMBDA" => "RoutedToLambda",
-            _ => "RoutedToEc2",
+        let metric = match output.decision.executor {
+            Executor::Lambda { .. } => "RoutedToLambda",
+            Executor::Ec2(_) => "RoutedToEc2",
+            Executor::Skip => "SkippedNotPending",
         };
         println!(
             "{}",
             ephemeral_core::metrics::emf_count("mapper", metric, 1, job.received_at_ms)
         );
         Ok(output)
+    }
+}
+
+/// What Step Functions sees of a mapper error: the stable `errorType` and the message.
+pub fn diagnostic(e: &MapError) -> lambda_runtime::Diagnostic {
+    lambda_runtime::Diagnostic {
+        error_type: e.error_type().to_owned(),
+        error_message: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ephemeral_core::mapping::MAP_JOB_RETRIED;
+
+    /// The provision definition's `MapJob` state, as the workflow runs it.
+    fn map_job_state() -> serde_json::Value {
+        let definition: serde_json::Value =
+            serde_json::from_str(include_str!("../../../statemachine/provision.asl.json")).unwrap();
+        definition["States"]["MapJob"].clone()
+    }
+
+    #[test]
+    fn the_workflow_retries_exactly_the_retryable_mapper_errors_and_records_the_rest() {
+        let state = map_job_state();
+        let retriers = state["Retry"].as_array().unwrap();
+        let retried: Vec<&str> = retriers
+            .iter()
+            .flat_map(|r| r["ErrorEquals"].as_array().unwrap())
+            .filter_map(|e| e.as_str())
+            .filter(|e| !e.starts_with("Lambda."))
+            .collect();
+        // No wildcard (States.ALL, States.TaskFailed): it would retry GitLabApiTokenMissing.
+        assert_eq!(retried, MAP_JOB_RETRIED);
+        let gitlab = retriers
+            .iter()
+            .find(|r| r["ErrorEquals"][0] == "GitLabUnavailable")
+            .unwrap();
+        assert!(gitlab["MaxAttempts"].as_u64().unwrap() >= 2, "{gitlab}");
+        let catch = &state["Catch"][0];
+        assert_eq!(catch["ErrorEquals"], serde_json::json!(["States.ALL"]));
+        assert_eq!(catch["Next"], "RecordFailure");
     }
 }

@@ -4,7 +4,7 @@
 
 use ephemeral_core::jobs::WorkflowInput;
 use lambda_runtime::{LambdaEvent, service_fn};
-use mapper::{DynamoMappingRules, GitLabJobTags, Mapper, MapperConfig, TokenSource};
+use mapper::{DynamoMappingRules, GitLabJobs, Mapper, MapperConfig, TokenSource, diagnostic};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), lambda_runtime::Error> {
@@ -19,17 +19,17 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             client: aws_sdk_dynamodb::Client::new(&sdk),
             table: config.mapping_table_name,
         },
-        tags: GitLabJobTags::new(config.gitlab_url, token),
+        gitlab: GitLabJobs::new(config.gitlab_url, token),
         default_route: config.default_route,
     };
     let mapper = &mapper;
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<WorkflowInput>| async move {
-            // The error goes to Step Functions, whose Retry/Catch act on it.
+            // The error goes to Step Functions, whose Retry/Catch act on its errorType.
             mapper
                 .handle(&event.payload)
                 .await
-                .map_err(lambda_runtime::Error::from)
+                .map_err(|e| diagnostic(&e))
         },
     ))
     .await

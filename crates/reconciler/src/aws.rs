@@ -9,7 +9,10 @@ use aws_sdk_sfn::operation::start_execution::StartExecutionError;
 use ephemeral_aws::{item_to_json, port_error};
 use ephemeral_core::jobs::{JobKey, JobPhase, Started, WorkflowInput};
 use ephemeral_core::jobs_table::{self, ADVANCE_CONDITION, CLAIM_ATTEMPT_CONDITION, attr};
-use ephemeral_core::reconcile::{JobRecord, PendingJob, Reason, provision_execution_name};
+use ephemeral_core::reconcile::{
+    GitLabJobState, JobRecord, PendingJob, Reason, provision_execution_name,
+    teardown_execution_name,
+};
 use ephemeral_core::webhook::PortError;
 use serde_json::Value;
 
@@ -142,8 +145,74 @@ impl JobsTable {
                 other => return Err(port_error("claiming the attempt (jobs)", other)),
             },
         }
-        self.reach_provisioning(key).await?;
+        if reason == Reason::MarkedFinished {
+            self.revive(key).await?;
+        } else {
+            self.reach_provisioning(key).await?;
+        }
         Ok(true)
+    }
+
+    /// A job we hold as finished that GitLab lists pending: the finish was a claim (a forged
+    /// `canceled` hook, say) and GitLab is the truth, so the job moves back to provisioning,
+    /// the one move against the phase order, and only on GitLab's word. Without it the
+    /// provision step would see the tombstone and launch nothing. Choosing this over a GitLab
+    /// call in the router keeps the hook path fast and free of GitLab's availability, and the
+    /// attacker cannot defeat it: a hook can write a tombstone, not make GitLab list a job as
+    /// not pending.
+    async fn revive(&self, key: JobKey) -> Result<(), PortError> {
+        let provisioning = JobPhase::Provisioning;
+        let moved = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(jobs_table::KEY, s(&key.table_key()))
+            .update_expression(format!(
+                "SET {} = :phase, {} = :rank",
+                attr::PHASE,
+                attr::PHASE_RANK
+            ))
+            .condition_expression(format!("{} >= :finished", attr::PHASE_RANK))
+            .expression_attribute_values(":phase", s(provisioning.as_str()))
+            .expression_attribute_values(":rank", n(u64::from(provisioning.rank())))
+            .expression_attribute_values(":finished", n(u64::from(JobPhase::Finished.rank())))
+            .send()
+            .await;
+        match moved {
+            Ok(_) => Ok(()),
+            Err(e) => match e.into_service_error() {
+                // No longer finished (another pass revived it): nothing to undo.
+                UpdateItemError::ConditionalCheckFailedException(_) => Ok(()),
+                other => Err(port_error(
+                    "moving the job back to provisioning (jobs)",
+                    other,
+                )),
+            },
+        }
+    }
+
+    /// Notes why a pass started the job's teardown (`reconcile_reason`).
+    pub async fn record_teardown(
+        &self,
+        key: JobKey,
+        reason: Reason,
+        now_ms: u64,
+    ) -> Result<(), PortError> {
+        self.client
+            .update_item()
+            .table_name(&self.table)
+            .key(jobs_table::KEY, s(&key.table_key()))
+            .update_expression(format!(
+                "SET {} = :reason, {} = :now",
+                attr::RECONCILE_REASON,
+                attr::UPDATED_AT_MS
+            ))
+            .expression_attribute_values(":reason", s(reason.as_str()))
+            .expression_attribute_values(":now", n(now_ms))
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| port_error("recording the teardown's reason (jobs)", e))
     }
 
     /// A job the hook path never routed moves to provisioning, as the router would have done.
@@ -255,6 +324,40 @@ impl ProvisionWorkflow {
             Err(e) => match e.into_service_error() {
                 StartExecutionError::ExecutionAlreadyExists(_) => Ok(Started::AlreadyExists),
                 other => Err(port_error("starting the provision workflow", other)),
+            },
+        }
+    }
+}
+
+/// Starts the teardown workflow for jobs whose finished hook was lost.
+#[derive(Debug, Clone)]
+pub struct TeardownWorkflow {
+    pub client: aws_sdk_sfn::Client,
+    pub arn: String,
+}
+
+impl TeardownWorkflow {
+    /// Input and name from GitLab's answer only ([`teardown_execution_name`]).
+    pub async fn start(&self, job: &GitLabJobState, now_ms: u64) -> Result<Started, PortError> {
+        let input = WorkflowInput {
+            job_key: job.key.table_key(),
+            job: job.to_event(now_ms),
+        };
+        let input = serde_json::to_string(&input)
+            .map_err(|e| PortError(format!("serializing the workflow input: {e}")))?;
+        match self
+            .client
+            .start_execution()
+            .state_machine_arn(&self.arn)
+            .name(teardown_execution_name(job))
+            .input(input)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(Started::New),
+            Err(e) => match e.into_service_error() {
+                StartExecutionError::ExecutionAlreadyExists(_) => Ok(Started::AlreadyExists),
+                other => Err(port_error("starting the teardown workflow", other)),
             },
         }
     }

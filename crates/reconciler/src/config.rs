@@ -20,11 +20,16 @@ impl Scopes {
 pub struct ReconcilerConfig {
     pub gitlab_url: String,
     pub gitlab_api_token_parameter: String,
+    /// The runner-management token (create_runner + manage_runner): with it a pass asks
+    /// whether a runner whose job still waits is running another job. `None`: not asked.
+    pub runner_api_token_parameter: Option<String>,
     pub jobs_table_name: String,
     pub runners_table_name: String,
     /// The table of the `reconciler` lease: one pass at a time.
     pub leases_table_name: String,
     pub provision_state_machine_arn: String,
+    /// The teardown workflow: started for jobs GitLab reports finished whose hook was lost.
+    pub teardown_state_machine_arn: String,
     /// How long a runner of ours waits for a job after it is created: boot grace plus the
     /// runner's own wait (as the reaper counts it).
     pub runner_waits_ms: u64,
@@ -106,6 +111,7 @@ impl ReconcilerConfig {
                 "GITLAB_API_TOKEN_PARAMETER",
                 "the SSM SecureString with a read_api token: the reconciler lists pending jobs with it",
             )?,
+            runner_api_token_parameter: value("GITLAB_RUNNER_TOKEN_PARAMETER"),
             jobs_table_name: required("JOBS_TABLE_NAME", "the jobs table")?,
             runners_table_name: required("RUNNERS_TABLE_NAME", "the runner registry table")?,
             leases_table_name: required(
@@ -120,6 +126,10 @@ impl ReconcilerConfig {
             provision_state_machine_arn: required(
                 "PROVISION_STATE_MACHINE_ARN",
                 "the provision workflow",
+            )?,
+            teardown_state_machine_arn: required(
+                "TEARDOWN_STATE_MACHINE_ARN",
+                "the teardown workflow: started for jobs GitLab reports finished whose finished hook was lost",
             )?,
             scopes: Scopes {
                 project_ids: ids("RECONCILE_PROJECT_IDS")?,
@@ -151,6 +161,10 @@ mod tests {
             (
                 "PROVISION_STATE_MACHINE_ARN",
                 "arn:aws:states:us-east-1:123456789012:stateMachine:p",
+            ),
+            (
+                "TEARDOWN_STATE_MACHINE_ARN",
+                "arn:aws:states:us-east-1:123456789012:stateMachine:t",
             ),
         ]
         .into_iter()
@@ -203,6 +217,8 @@ mod tests {
         // Read from the runtime's own environment when present, never set by the template.
         asked.remove("RUNNER_BOOT_GRACE_SECONDS");
         asked.remove("RECONCILE_ATTEMPT_TIMEOUT_SECONDS");
+        // Read by the GitLab client when it is built (https unless explicitly allowed).
+        asked.insert(ephemeral_gitlab::ALLOW_INSECURE_URL_ENV.to_owned());
         assert_eq!(set, asked);
     }
 
@@ -223,6 +239,35 @@ mod tests {
         let keys = &lease["Condition"]["ForAllValues:StringEquals"]["dynamodb:LeadingKeys"];
         assert_eq!(keys[0].as_str(), Some(crate::LEASE_NAME));
         assert_eq!(keys.as_sequence().map(Vec::len), Some(1));
+    }
+
+    /// The reconciler starts both workflows: the template lets it start exactly those two.
+    #[test]
+    fn the_template_lets_it_start_the_provision_and_teardown_workflows() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../template.yaml");
+        let template: serde_norway::Value =
+            serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let statements =
+            template["Resources"]["ReconcilerFunction"]["Properties"]["Policies"][0]["Statement"]
+                .as_sequence()
+                .unwrap();
+        let start = statements
+            .iter()
+            .find(|s| s["Action"].as_str() == Some("states:StartExecution"))
+            .expect("a states:StartExecution statement");
+        let resources: Vec<String> = start["Resource"]
+            .as_sequence()
+            .expect("a list of state machines")
+            .iter()
+            .map(|r| format!("{r:?}"))
+            .collect();
+        assert_eq!(resources.len(), 2, "{resources:?}");
+        assert!(
+            resources
+                .iter()
+                .any(|r| r.contains("ProvisionStateMachine"))
+        );
+        assert!(resources.iter().any(|r| r.contains("TeardownStateMachine")));
     }
 
     #[test]

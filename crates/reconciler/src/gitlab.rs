@@ -3,9 +3,9 @@
 use std::collections::BTreeSet;
 
 use ephemeral_core::jobs::JobKey;
-use ephemeral_core::reconcile::{PendingJob, PendingListing};
+use ephemeral_core::reconcile::{GitLabJobState, PendingJob, PendingListing};
 use ephemeral_core::webhook::PortError;
-use ephemeral_gitlab::{GitLabClient, GitLabJob, RequestBudget, Secret};
+use ephemeral_gitlab::{GitLabClient, GitLabError, GitLabJob, RequestBudget, Secret};
 
 use crate::config::Scopes;
 
@@ -51,6 +51,7 @@ impl GitLabPending {
         let mut listing = PendingListing {
             jobs: Vec::new(),
             complete: true,
+            requests_left: 0,
         };
         for project in projects {
             match self
@@ -71,7 +72,28 @@ impl GitLabPending {
                 Err(e) => problems.push(format!("project {project}: {e}")),
             }
         }
+        listing.requests_left = budget.remaining();
         listing
+    }
+
+    /// One job, as GitLab has it; `None` when GitLab does not know it (404). One request of
+    /// the pass's budget: the pass asks at most [`PendingListing::requests_left`] of these.
+    pub async fn job(&self, key: JobKey) -> Result<Option<GitLabJobState>, PortError> {
+        match self
+            .client
+            .job(&self.token, key.project_id, key.job_id)
+            .await
+        {
+            Ok(job) => Ok(Some(GitLabJobState {
+                key,
+                name: job.name,
+                status: job.status,
+                runner_id: job.runner.map(|r| r.id),
+                pipeline_id: job.pipeline.map(|p| p.id),
+            })),
+            Err(GitLabError::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(PortError(e.to_string())),
+        }
     }
 }
 
@@ -91,5 +113,21 @@ fn pending_job(project_id: u64, job: &GitLabJob) -> PendingJob {
             .queued_duration
             .filter(|s| s.is_finite() && *s > 0.0)
             .map_or(0, |s| (s * 1000.0) as u64),
+    }
+}
+
+/// GitLab's word on whether a runner of ours is running a job (`GET /runners/:id/jobs?status=
+/// running`), with the runner-management token: the read_api token cannot see runners.
+pub struct RunnerStatus {
+    pub client: GitLabClient,
+    pub token: Secret,
+}
+
+impl RunnerStatus {
+    pub async fn busy(&self, runner_id: u64) -> Result<bool, PortError> {
+        self.client
+            .runner_busy(&self.token, runner_id)
+            .await
+            .map_err(|e| PortError(format!("runner {runner_id}'s jobs: {e}")))
     }
 }

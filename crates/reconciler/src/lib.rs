@@ -12,8 +12,9 @@ use ephemeral_core::fleet::RunnerLedger;
 use ephemeral_core::jobs::{JobKey, Started};
 use ephemeral_core::metrics::{emf_count, emf_value};
 use ephemeral_core::reconcile::{
-    JobRecord, LiveRunner, PassReport, PendingJob, PendingListing, Reason, ReconcilePorts,
-    ReconcileSettings, reconcile_pass, runner_as_seen,
+    GitLabJobState, JobRecord, LiveRunner, PassReport, PendingJob, PendingListing, Reason,
+    ReconcilePorts, ReconcileSettings, RegisteredRunner, TeardownCheck, reconcile_pass,
+    runner_as_seen,
 };
 use ephemeral_core::slots::{Capped, FreeSlots, count_free_slots};
 use ephemeral_core::webhook::PortError;
@@ -37,11 +38,16 @@ pub struct Reconciler<L> {
     pub jobs: aws::JobsTable,
     pub runners: L,
     pub workflow: aws::ProvisionWorkflow,
+    /// Started for jobs GitLab reports finished whose finished hook was lost.
+    pub teardown: aws::TeardownWorkflow,
     pub scopes: Scopes,
     pub request_budget: u32,
     pub runner_life: RunnerLife,
     /// The instance caps' slots table; `None` without caps (every start allowed).
     pub slots: Option<Capped<fleet::slots::DynamoSlots>>,
+    /// GitLab's runner status, with the runner-management token: `None` when the stack has
+    /// none (no EC2 runners), and then a taken runner is found only once it is gone.
+    pub runner_status: Option<gitlab::RunnerStatus>,
 }
 
 impl<L: RunnerLedger + Sync> Reconciler<L> {
@@ -51,6 +57,7 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
         jobs: aws::JobsTable,
         runners: L,
         workflow: aws::ProvisionWorkflow,
+        teardown: aws::TeardownWorkflow,
         scopes: Scopes,
         request_budget: u32,
         runner_life: RunnerLife,
@@ -61,11 +68,19 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
             jobs,
             runners,
             workflow,
+            teardown,
             scopes,
             request_budget,
             runner_life,
             slots,
+            runner_status: None,
         }
+    }
+
+    /// Asks GitLab, with the runner-management token, whether runners are busy.
+    pub fn with_runner_status(mut self, status: gitlab::RunnerStatus) -> Self {
+        self.runner_status = Some(status);
+        self
     }
 
     /// One pass, logged with one line per action taken and one summary line, and its metrics.
@@ -132,6 +147,29 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
                 "gave up provisioning the job: GitLab still lists it pending; see provision_error on its item"
             );
         }
+        for (key, check) in &report.teardown_checks {
+            if let TeardownCheck::Started { job, started } = check {
+                tracing::warn!(
+                    project_id = key.project_id,
+                    pipeline_id = job.pipeline_id,
+                    job_id = key.job_id,
+                    gitlab_status = job.status.as_str(),
+                    gitlab_runner_id = job.runner_id,
+                    started = ?started,
+                    reason = Reason::FinishedHookLost.as_str(),
+                    "reconciler: GitLab reports the job finished but it was not torn down (its finished hook was lost or not confirmed); teardown started"
+                );
+            }
+        }
+        println!(
+            "{}",
+            emf_count(
+                "reconciler",
+                "TeardownChecksDeferred",
+                report.teardown_checks_deferred as u64,
+                now_ms
+            )
+        );
         for error in &report.errors {
             tracing::error!(error = %error, "reconciler: will retry on the next pass");
         }
@@ -145,6 +183,8 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
             reconciled = report.reconciled_total(),
             gave_up = report.gave_up.len(),
             lost_claims = report.lost_claims,
+            teardown_checks = report.teardown_checks.len(),
+            teardown_checks_deferred = report.teardown_checks_deferred,
             oldest_pending_ms = report.oldest_pending_ms,
             errors = report.errors.len(),
             "reconciler pass"
@@ -243,5 +283,50 @@ impl<L: RunnerLedger + Sync> ReconcilePorts for Reconciler<L> {
         now_ms: u64,
     ) -> Result<(), PortError> {
         self.jobs.record_gave_up(key, reason, now_ms).await
+    }
+
+    async fn registered_runners(&self) -> Result<Vec<RegisteredRunner>, PortError> {
+        Ok(self
+            .runners
+            .runners()
+            .await?
+            .into_iter()
+            .map(|entry| RegisteredRunner {
+                runner_id: entry.runner_id,
+                made_for: JobKey {
+                    project_id: entry.project_id,
+                    job_id: entry.job_id,
+                },
+                created_at_ms: entry.created_at_ms,
+            })
+            .collect())
+    }
+
+    async fn gitlab_job(&self, key: JobKey) -> Result<Option<GitLabJobState>, PortError> {
+        self.gitlab.job(key).await
+    }
+
+    async fn start_teardown(
+        &self,
+        job: &GitLabJobState,
+        now_ms: u64,
+    ) -> Result<Started, PortError> {
+        self.teardown.start(job, now_ms).await
+    }
+
+    async fn record_teardown(
+        &self,
+        key: JobKey,
+        reason: Reason,
+        now_ms: u64,
+    ) -> Result<(), PortError> {
+        self.jobs.record_teardown(key, reason, now_ms).await
+    }
+
+    async fn runner_busy(&self, runner_id: u64) -> Result<Option<bool>, PortError> {
+        match &self.runner_status {
+            Some(status) => status.busy(runner_id).await.map(Some),
+            None => Ok(None),
+        }
     }
 }

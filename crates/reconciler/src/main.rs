@@ -4,8 +4,8 @@ use ephemeral_core::lease::{Lease, LeaseRun, with_lease};
 use ephemeral_core::slots::Capped;
 use ephemeral_gitlab::{GitLabClient, RetryPolicy};
 use lambda_runtime::{LambdaEvent, service_fn};
-use reconciler::aws::{JobsTable, ProvisionWorkflow};
-use reconciler::gitlab::GitLabPending;
+use reconciler::aws::{JobsTable, ProvisionWorkflow, TeardownWorkflow};
+use reconciler::gitlab::{GitLabPending, RunnerStatus};
 use reconciler::{LEASE_NAME, Reconciler, ReconcilerConfig, RunnerLife};
 use serde_json::Value;
 
@@ -23,7 +23,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     let ssm = aws_sdk_ssm::Client::new(&sdk);
     let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
     let token = ephemeral_aws::read_secret(&ssm, &config.gitlab_api_token_parameter).await?;
-    let reconciler = &Reconciler::new(
+    let runner_status = match &config.runner_api_token_parameter {
+        Some(parameter) => Some(RunnerStatus {
+            client: GitLabClient::new(&config.gitlab_url, RetryPolicy::default()),
+            token: ephemeral_aws::read_secret(&ssm, parameter).await?,
+        }),
+        None => None,
+    };
+    let reconciler = Reconciler::new(
         GitLabPending {
             client: GitLabClient::new(&config.gitlab_url, RetryPolicy::default()),
             token,
@@ -42,6 +49,10 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             client: aws_sdk_sfn::Client::new(&sdk),
             arn: config.provision_state_machine_arn.clone(),
         },
+        TeardownWorkflow {
+            client: aws_sdk_sfn::Client::new(&sdk),
+            arn: config.teardown_state_machine_arn.clone(),
+        },
         config.scopes.clone(),
         config.request_budget,
         RunnerLife {
@@ -57,6 +68,10 @@ async fn main() -> Result<(), lambda_runtime::Error> {
             caps: slots.caps,
         }),
     );
+    let reconciler = &match runner_status {
+        Some(status) => reconciler.with_runner_status(status),
+        None => reconciler,
+    };
     let settings = &config.settings;
     let leases = &fleet::lease::DynamoLeases {
         client: aws_sdk_dynamodb::Client::new(&sdk),

@@ -5,6 +5,7 @@
 //! `ephemeral_core::shell`'s. This crate carries them out: directories, processes, git, files.
 
 pub mod process;
+pub mod sandbox;
 pub mod trace;
 
 use std::borrow::Cow;
@@ -96,6 +97,11 @@ pub struct Config {
     pub status_poll: Duration,
     /// Variables of the function's environment passed to jobs (not the AWS credentials).
     pub inherit_env: Vec<String>,
+    /// The sandbox's scratch root (`/tmp` in Lambda, from `SANDBOX_SCRATCH_ROOT`): when set,
+    /// every other process of the sandbox is killed and everything under it removed, before
+    /// and after each job ([`sandbox`]). Unset, only the job's own processes and `root` are
+    /// cleaned (a test process that shares its process tree and `/tmp`).
+    pub sandbox_scratch: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -107,6 +113,20 @@ pub enum ShellRunnerError {
     Request(String),
     #[error("preparing {path}: {error}")]
     Io { path: String, error: std::io::Error },
+}
+
+/// The template sets it to `/tmp`: the sweep empties it between jobs.
+pub const SANDBOX_SCRATCH_ROOT: &str = "SANDBOX_SCRATCH_ROOT";
+
+/// An absolute directory other than `/`: the sweep removes everything under it.
+fn scratch_root(text: &str) -> Result<PathBuf, ShellRunnerError> {
+    let path = PathBuf::from(text);
+    if !path.is_absolute() || path.parent().is_none() {
+        return Err(ShellRunnerError::Config(format!(
+            "{SANDBOX_SCRATCH_ROOT}=`{text}`: use an absolute directory other than `/` (in Lambda: /tmp)"
+        )));
+    }
+    Ok(path)
 }
 
 const DEFAULT_INHERIT: &str = "PATH,LANG,LC_ALL,TZ,LD_LIBRARY_PATH,AWS_REGION,AWS_DEFAULT_REGION";
@@ -151,6 +171,9 @@ impl Config {
                 .map(|s| s.trim().to_owned())
                 .filter(|s| !s.is_empty())
                 .collect(),
+            sandbox_scratch: value(SANDBOX_SCRATCH_ROOT)
+                .map(|root| scratch_root(&root))
+                .transpose()?,
         })
     }
 
@@ -172,6 +195,9 @@ impl ShellRunner {
     /// `system_id`: `r_` + 12 characters ([`shell::system_id`]), stable for the environment,
     /// so that each warm environment is one runner manager in GitLab.
     pub async fn new(config: Config, token: Secret, system_id: String) -> Self {
+        if config.sandbox_scratch.is_some() {
+            sandbox::harden_runner_process();
+        }
         let builds = config.root.join("builds");
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
@@ -214,6 +240,7 @@ impl ShellRunner {
     ) -> Result<Outcome, ShellRunnerError> {
         let started = Instant::now();
         let mut runner = self.runner.lock().await;
+        self.sweep_sandbox("before the job").await;
         self.reset_builds().await?;
         // A previous invocation that Lambda killed may have left processes behind.
         process::kill_marked_prefix(&self.system_id).await;
@@ -262,6 +289,7 @@ impl ShellRunner {
         }
         runner.drain().await;
         self.reset_builds().await?;
+        self.sweep_sandbox("after the job").await;
         let report = report
             .lock()
             .expect("report lock")
@@ -279,6 +307,24 @@ impl ShellRunner {
             "job finished"
         );
         Ok(Outcome::Ran(report))
+    }
+
+    /// Kills every other process of the sandbox and empties its scratch root, when configured.
+    async fn sweep_sandbox(&self, when: &'static str) {
+        let Some(scratch) = self.config.sandbox_scratch.clone() else {
+            return;
+        };
+        let swept = tokio::task::spawn_blocking(move || sandbox::sweep(&scratch))
+            .await
+            .unwrap_or_default();
+        if swept != sandbox::Swept::default() {
+            tracing::warn!(
+                when,
+                processes_killed = swept.processes_killed,
+                entries_removed = swept.entries_removed,
+                "sandbox swept: a job left processes or files behind"
+            );
+        }
     }
 
     /// Nothing of a previous job survives: its directory tree goes, whatever is in it.
@@ -975,6 +1021,37 @@ mod tests {
                 .inherit_env
                 .iter()
                 .any(|k| k.starts_with("AWS_SECRET"))
+        );
+        assert_eq!(config.sandbox_scratch, None);
+        for root in ["/", "tmp", "./tmp"] {
+            let err = Config::from_lookup(|k| match k {
+                "GITLAB_URL" => Some("https://gitlab.example.com".into()),
+                "RUNNER_TOKEN_PARAMETER" => Some("/runners/shell".into()),
+                SANDBOX_SCRATCH_ROOT => Some(root.into()),
+                _ => None,
+            })
+            .unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("absolute directory other than `/`"),
+                "{err}"
+            );
+        }
+    }
+
+    /// The template turns the sweep on in Lambda: the sandbox's /tmp is emptied between jobs.
+    #[test]
+    fn the_template_sweeps_the_sandbox_tmp() {
+        let template =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../template.yaml"))
+                .unwrap();
+        let function = &template[template.find("\n  ShellRunnerFunction:\n").unwrap()..];
+        let function = &function[..function[1..]
+            .find("\n  ShellRunnerFunctionLogGroup:")
+            .unwrap()];
+        assert!(
+            function.contains(&format!("{SANDBOX_SCRATCH_ROOT}: /tmp\n")),
+            "{function}"
         );
     }
 

@@ -31,7 +31,7 @@ use ephemeral_core::mapping::Executor;
 use ephemeral_core::testing::{XorShift, expected_provisions, redelivered_job_events};
 use ephemeral_core::webhook::{DeadLetter, EventSink, PortError, QueuedHook};
 use fleet::{FleetSetup, Functions, ProvisionInput, TeardownInput};
-use mapper::{DynamoMappingRules, GitLabJobTags, Mapper};
+use mapper::{DynamoMappingRules, GitLabJobs, Mapper, TokenSource};
 use router::Router;
 use router::aws::{DynamoJobStore, StepFunctions};
 use webhook::aws::{DynamoLedger, EventBridgeSink, SqsFallback, SsmSecrets};
@@ -430,7 +430,10 @@ pub async fn runner_that_ran(
         Some(AttributeValue::N(id)) => id.parse().ok(),
         _ if on_shell => Some(SHELL_RUNNER_ID),
         _ => None,
-    }?;
+    };
+    // GitLab's own record, which teardown confirms the finished hook with.
+    fleet.gitlab_job(event, event.status.clone(), id);
+    let id = id?;
     Some(ephemeral_core::RunnerRef {
         id,
         description: None,
@@ -629,7 +632,7 @@ pub struct Chain {
     fleet_stack: FleetStack,
     workers: Vec<Worker>,
     router: Router<DynamoJobStore, StepFunctions>,
-    mapper: Mapper<DynamoMappingRules, GitLabJobTags>,
+    mapper: Mapper<DynamoMappingRules, GitLabJobs>,
     fleet: Functions,
     /// The fleet functions' environment (as the template gives it) that the reaper starts from.
     fleet_env: Vec<(String, String)>,
@@ -922,7 +925,20 @@ impl Chain {
                 client: functions_dynamo.clone(),
                 table: mappings,
             },
-            tags: GitLabJobTags::new(None, None),
+            // The mapper confirms each job with GitLab (a stand-in with every job pending,
+            // no tags) using a read_api token from SSM (here the fleet's token parameter).
+            gitlab: GitLabJobs::new(
+                Some(
+                    crate::GitLabStandIn::start(crate::fleet_stack::API_TOKEN, vec![], vec![])
+                        .answer_every_job()
+                        .url
+                        .clone(),
+                ),
+                Some(TokenSource::new(
+                    aws_sdk_ssm::Client::new(&functions_sdk),
+                    fleet_stack.api_token_parameter.clone(),
+                )),
+            ),
             default_route: if options.lambda_only {
                 Executor::Lambda {
                     arn: SHELL_RUNNER_ARN.into(),

@@ -18,6 +18,9 @@ use crate::loopback::RunnerApiStandIn;
 use crate::{create_table, sdk_config, unique};
 
 pub const API_TOKEN: &str = "glpat-test-api-token-0000";
+/// The `read_api` token's value: the same as [`API_TOKEN`], because the stand-ins check one
+/// token; the functions read it from its own parameter (`GITLAB_API_TOKEN_PARAMETER`).
+pub const READ_API_TOKEN: &str = API_TOKEN;
 pub const AMI_PARAMETER: &str =
     "/aws/service/ami-amazon-linux-latest/al2023-ami-kernel-default-x86_64";
 
@@ -67,6 +70,9 @@ pub struct FleetStack {
     pub prefix: String,
     pub subnets: Vec<String>,
     pub api_token_parameter: String,
+    /// The `read_api` token's parameter (GitLabApiTokenParameterName): teardown confirms
+    /// finished hooks with it.
+    pub read_token_parameter: String,
 }
 
 /// What the template creates for the EC2 runners: the jobs and runners tables, the GitLab
@@ -114,6 +120,14 @@ pub async fn fleet_stack_in(sdk: aws_config::SdkConfig) -> FleetStack {
         .send()
         .await
         .unwrap();
+    let read_token_parameter = format!("/{name}/gitlab-read-api-token");
+    ssm.put_parameter()
+        .name(&read_token_parameter)
+        .value(READ_API_TOKEN)
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
     // Distinct runner ids per test: the runner registry is per stack, GitLab is not.
     let first_id = u64::from(std::process::id()) * 1000 + rand_offset();
     FleetStack {
@@ -125,6 +139,7 @@ pub async fn fleet_stack_in(sdk: aws_config::SdkConfig) -> FleetStack {
         prefix: format!("/{name}/runner-tokens"),
         subnets,
         api_token_parameter,
+        read_token_parameter,
         name,
         sdk,
         ec2,
@@ -159,6 +174,10 @@ impl FleetStack {
             (
                 "GITLAB_RUNNER_TOKEN_PARAMETER",
                 self.api_token_parameter.clone(),
+            ),
+            (
+                "GITLAB_API_TOKEN_PARAMETER",
+                self.read_token_parameter.clone(),
             ),
             (
                 "INSTANCE_ARN_PREFIX",
@@ -210,6 +229,26 @@ impl FleetStack {
             max_delay: Duration::from_millis(50),
         };
         Functions::with_retry(config, sdk, fast).await.unwrap()
+    }
+
+    /// GitLab's record of a job (what teardown confirms a finished hook with): its status and
+    /// the runner that ran it.
+    pub fn gitlab_job(&self, job: &JobEvent, status: JobStatus, runner: Option<u64>) {
+        self.gitlab.state().jobs.insert(
+            (job.project_id, job.job_id),
+            (status.as_str().to_owned(), runner),
+        );
+    }
+
+    /// The teardown input for a job that finished in GitLab too (GitLab agrees with the hook).
+    pub fn finished(
+        &self,
+        job: &JobEvent,
+        status: JobStatus,
+        runner: Option<u64>,
+    ) -> TeardownInput {
+        self.gitlab_job(job, status.clone(), runner);
+        finished(job, status, runner)
     }
 
     /// The job's item as the router leaves it when it starts the provision workflow.

@@ -430,24 +430,69 @@ pub fn fixture(name: &str) -> String {
 }
 
 /// A stand-in for GitLab's jobs API on loopback: `GET /api/v4/projects/:id/jobs/:job_id`
-/// answers `{"tag_list": [...]}` for the jobs it knows, 404 for others, 500 for job ids in
-/// `failing`, and 401 without the right `PRIVATE-TOKEN`. Counts requests. Stops with the test.
+/// answers `{"id", "name", "status", "tag_list"}` for the jobs it knows (status `pending`
+/// unless [`GitLabStandIn::set_status`] says otherwise), 404 for others (or, once
+/// [`GitLabStandIn::answer_every_job`] is called, any other job as pending with no tags), 500
+/// for job ids in `failing`, and 401 without the right `PRIVATE-TOKEN`. Counts requests.
+/// Stops with the test.
 pub struct GitLabStandIn {
     pub url: String,
     pub requests: std::sync::Arc<AtomicU32>,
+    jobs: std::sync::Arc<std::sync::Mutex<StandInJobs>>,
+}
+
+#[derive(Default)]
+struct StandInJobs {
+    /// Job id -> (status, tags).
+    known: std::collections::HashMap<u64, (String, Vec<String>)>,
+    failing: Vec<u64>,
+    every_job: bool,
+}
+
+impl StandInJobs {
+    fn answer(&self, job_id: Option<u64>) -> (u16, String) {
+        let job = |id: u64, status: &str, tags: &[String]| {
+            serde_json::json!({"id": id, "name": format!("job-{id}"), "status": status,
+                               "stage": "test", "tag_list": tags})
+            .to_string()
+        };
+        match job_id {
+            Some(id) if self.failing.contains(&id) => (500, "{}".to_owned()),
+            Some(id) => match self.known.get(&id) {
+                Some((status, tags)) => (200, job(id, status, tags)),
+                None if self.every_job => (200, job(id, "pending", &[])),
+                None => (404, r#"{"message":"404 Not found"}"#.to_owned()),
+            },
+            None => (404, r#"{"message":"404 Not found"}"#.to_owned()),
+        }
+    }
 }
 
 impl GitLabStandIn {
+    /// Jobs `tags` (pending, with these tags) and `failing` (500).
     pub fn start(token: &str, tags: Vec<(u64, Vec<&str>)>, failing: Vec<u64>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = std::sync::Arc::new(AtomicU32::new(0));
         let counter = requests.clone();
         let token = token.to_owned();
-        let tags: std::collections::HashMap<u64, Vec<String>> = tags
-            .into_iter()
-            .map(|(job, t)| (job, t.into_iter().map(str::to_owned).collect()))
-            .collect();
+        let jobs = std::sync::Arc::new(std::sync::Mutex::new(StandInJobs {
+            known: tags
+                .into_iter()
+                .map(|(job, t)| {
+                    (
+                        job,
+                        (
+                            "pending".to_owned(),
+                            t.into_iter().map(str::to_owned).collect(),
+                        ),
+                    )
+                })
+                .collect(),
+            failing,
+            every_job: false,
+        }));
+        let shared = jobs.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
@@ -461,19 +506,36 @@ impl GitLabStandIn {
                     .rsplit('/')
                     .next()
                     .and_then(|id| id.parse().ok());
-                let (status, body) = match job_id {
-                    _ if !authorized => (401, r#"{"message":"401 Unauthorized"}"#.to_owned()),
-                    Some(id) if failing.contains(&id) => (500, "{}".to_owned()),
-                    Some(id) if tags.contains_key(&id) => (
-                        200,
-                        serde_json::json!({"id": id, "tag_list": tags[&id]}).to_string(),
-                    ),
-                    _ => (404, r#"{"message":"404 Not found"}"#.to_owned()),
+                let (status, body) = if authorized {
+                    shared.lock().unwrap().answer(job_id)
+                } else {
+                    (401, r#"{"message":"401 Unauthorized"}"#.to_owned())
                 };
                 loopback::respond(&stream, status, "application/json", &body);
             }
         });
-        Self { url, requests }
+        Self {
+            url,
+            requests,
+            jobs,
+        }
+    }
+
+    /// Answers jobs it was not told about as pending with no tags (a whole run's jobs).
+    pub fn answer_every_job(&self) -> &Self {
+        self.jobs.lock().unwrap().every_job = true;
+        self
+    }
+
+    /// GitLab's status of a job from now on (`running`, `success`, ...); keeps its tags.
+    pub fn set_status(&self, job_id: u64, status: &str) {
+        self.jobs
+            .lock()
+            .unwrap()
+            .known
+            .entry(job_id)
+            .or_insert_with(|| (String::new(), vec![]))
+            .0 = status.to_owned();
     }
 }
 

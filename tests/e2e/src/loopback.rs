@@ -103,11 +103,17 @@ pub struct RunnerApiState {
     /// Calls answered 502 because of `failure_percent`.
     pub random_failures: u64,
     pub calls: Vec<Request>,
+    /// GitLab's jobs (`GET /api/v4/projects/:project/jobs/:job`): (project, job) -> (status,
+    /// the runner that ran it). A job not listed is answered 404.
+    pub jobs: HashMap<(u64, u64), (String, Option<u64>)>,
+    /// The job API answers 502 (GitLab unreachable for job reads).
+    pub jobs_unavailable: bool,
 }
 
 /// GitLab's runner API on loopback: `POST /api/v4/user/runners` creates (201, `glrt-` token),
 /// `DELETE /api/v4/runners/:id` removes (204, or 404 when unknown), `GET
-/// /api/v4/runners/:id/jobs` lists one running job when the runner is marked busy. Requests
+/// /api/v4/runners/:id/jobs` lists one running job when the runner is marked busy, `GET
+/// /api/v4/projects/:id/jobs/:job_id` answers from `jobs` (status and runner). Requests
 /// without the expected `PRIVATE-TOKEN` get 401.
 pub struct RunnerApiStandIn {
     pub url: String,
@@ -184,6 +190,25 @@ fn answer(state: &mut RunnerApiState, request: &Request, api_token: &str) -> (u1
             match id.parse().ok().and_then(|id| state.runners.remove(&id)) {
                 Some(_) => (204, String::new()),
                 None => (404, r#"{"message":"404 Not found"}"#.into()),
+            }
+        }
+        ("GET", ["api", "v4", "projects", project, "jobs", job]) => {
+            if state.jobs_unavailable {
+                return (502, "<html>502 Bad Gateway</html>".into());
+            }
+            let key = (project.parse().unwrap_or(0), job.parse().unwrap_or(0));
+            match state.jobs.get(&key) {
+                Some((status, runner)) => (
+                    200,
+                    serde_json::json!({
+                        "id": key.1, "name": format!("job {}", key.1), "status": status,
+                        "stage": "test", "tag_list": [],
+                        "pipeline": {"id": 1, "project_id": key.0},
+                        "runner": runner.map(|id| serde_json::json!({"id": id})),
+                    })
+                    .to_string(),
+                ),
+                None => (404, r#"{"message":"404 Job Not Found"}"#.into()),
             }
         }
         ("GET", ["api", "v4", "runners", id, "jobs"]) => {

@@ -450,6 +450,10 @@ async fn start_all(stack: &Stack, endpoint: &str) -> Functions {
             endpoint,
         )
         .await;
+    // The mapper confirms each job with GitLab's jobs API (a stand-in that has every job
+    // pending) with a read_api token from SSM, as GitLabApiTokenParameterName gives it.
+    let jobs_api = crate::GitLabStandIn::start(crate::fleet_stack::API_TOKEN, vec![], vec![]);
+    jobs_api.answer_every_job();
     let mapper = stack
         .start_function(
             "mapper",
@@ -457,6 +461,11 @@ async fn start_all(stack: &Stack, endpoint: &str) -> Functions {
             pairs(&[
                 ("MAPPING_TABLE_NAME", &stack.mappings),
                 ("DEFAULT_EXECUTOR", "EC2"),
+                ("GITLAB_URL", &jobs_api.url),
+                (
+                    "GITLAB_API_TOKEN_PARAMETER",
+                    &stack.fleet.api_token_parameter,
+                ),
             ]),
             endpoint,
         )
@@ -473,6 +482,8 @@ async fn start_all(stack: &Stack, endpoint: &str) -> Functions {
                 ("GITLAB_URL", gitlab_url.trim_end_matches('/')),
                 ("RUNNER_TOKEN_PARAMETER", &stack.shell_token_parameter),
                 ("SHELL_RUNNER_ROOT", stack.shell_root.to_str().unwrap()),
+                // The sweep as deployed: this process's jobs are its only descendants.
+                ("SANDBOX_SCRATCH_ROOT", stack.shell_root.to_str().unwrap()),
                 // The job is queued before the invoke: one request finds it.
                 ("REQUEST_WAIT_SECONDS", "0"),
             ]),

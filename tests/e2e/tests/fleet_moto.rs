@@ -134,7 +134,7 @@ async fn provision_then_teardown_leaves_nothing_and_no_token_leaks() {
     );
 
     // The job finishes on its runner: teardown removes everything.
-    let done = finished(&job, JobStatus::Success, Some(runner_id));
+    let done = stack.finished(&job, JobStatus::Success, Some(runner_id));
     let torn = functions.teardown(&done).await.unwrap();
     assert_eq!(torn.removed.len(), 1);
     assert_eq!(
@@ -298,7 +298,7 @@ async fn finished_job_that_ran_on_another_runner_removes_that_runner_not_its_own
     stack.gitlab.state().busy.insert(runner_a);
 
     let torn = functions
-        .teardown(&finished(&a, JobStatus::Success, Some(runner_b)))
+        .teardown(&stack.finished(&a, JobStatus::Success, Some(runner_b)))
         .await
         .unwrap();
     assert_eq!(torn.removed.len(), 1);
@@ -321,7 +321,7 @@ async fn finished_job_that_ran_on_another_runner_removes_that_runner_not_its_own
     // B finishes on A's runner: now A's runner goes too.
     stack.gitlab.state().busy.clear();
     functions
-        .teardown(&finished(&b, JobStatus::Failed, Some(runner_a)))
+        .teardown(&stack.finished(&b, JobStatus::Failed, Some(runner_a)))
         .await
         .unwrap();
     assert!(stack.live_instances().await.is_empty());
@@ -342,7 +342,7 @@ async fn canceled_job_whose_runner_never_got_it_is_cleaned_up() {
             .unwrap(),
     );
     let torn = functions
-        .teardown(&finished(&job, JobStatus::Canceled, None))
+        .teardown(&stack.finished(&job, JobStatus::Canceled, None))
         .await
         .unwrap();
     assert_eq!(torn.removed.len(), 1);
@@ -534,7 +534,7 @@ async fn gitlab_failures_are_retried_then_fail_clearly_leaving_nothing() {
     // Deleting fails at teardown: a clear failure that names the runner; nothing forgotten.
     stack.gitlab.state().failing_deletes = u32::MAX;
     let error = functions
-        .teardown(&finished(&job, JobStatus::Success, Some(runner_id)))
+        .teardown(&stack.finished(&job, JobStatus::Success, Some(runner_id)))
         .await
         .unwrap_err();
     let message = error.to_string();
@@ -547,7 +547,7 @@ async fn gitlab_failures_are_retried_then_fail_clearly_leaving_nothing() {
     // GitLab recovers: the retried step finishes the job.
     stack.gitlab.state().failing_deletes = 0;
     functions
-        .teardown(&finished(&job, JobStatus::Success, Some(runner_id)))
+        .teardown(&stack.finished(&job, JobStatus::Success, Some(runner_id)))
         .await
         .unwrap();
     assert!(stack.gitlab.state().runners.is_empty());
@@ -830,4 +830,200 @@ async fn a_pass_waits_for_a_held_lease_and_takes_over_an_expired_one() {
         scan_items(&stack.sdk, &stack.leases_table).await.is_empty(),
         "released"
     );
+}
+
+/// Functions whose every AWS call goes through a proxy that counts `TerminateInstances`.
+async fn counting_terminations(
+    stack: &FleetStack,
+    extra: &[(&str, &str)],
+) -> (
+    fleet::Functions,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    FaultProxy,
+) {
+    let terminations = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = terminations.clone();
+    let proxy = FaultProxy::start(
+        moto_endpoint(),
+        Box::new(move |request| {
+            if request.body_text().contains("Action=TerminateInstances") {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            None
+        }),
+    );
+    let sdk = stack.sdk.to_builder().endpoint_url(&proxy.url).build();
+    let functions = stack.functions_at(&stack.config(extra), &sdk).await;
+    (functions, terminations, proxy)
+}
+
+/// Three jobs running on their own runners (GitLab says so), provisioned through the step.
+async fn three_running_jobs(
+    stack: &FleetStack,
+    functions: &fleet::Functions,
+) -> Vec<(ephemeral_core::hook::JobEvent, String, u64)> {
+    let mut running = Vec::new();
+    for job_id in 1..=3 {
+        let job = job_event(61, 6100 + job_id, "docker-build", JobStatus::Pending);
+        stack.job_is_provisioning(&job).await;
+        let outcome = functions
+            .provision(&provision_input(&job, ec2_route()).0, now_ms())
+            .await
+            .unwrap();
+        let (instance_id, runner_id) = launched(&outcome);
+        stack.gitlab_job(&job, JobStatus::Running, Some(runner_id));
+        stack.gitlab.state().busy.insert(runner_id);
+        running.push((job, instance_id, runner_id));
+    }
+    running
+}
+
+/// Issue 12 item 2: anyone with one hook secret sends `success` hooks with new job ids and
+/// swept runner ids (and for the real jobs too). GitLab does not confirm any of them: every
+/// instance keeps running, every runner stays registered, nothing is terminated.
+#[tokio::test]
+async fn forged_success_hooks_with_swept_runner_ids_destroy_nothing() {
+    let stack = fleet_stack().await;
+    let (functions, terminations, _proxy) = counting_terminations(&stack, &[]).await;
+    let running = three_running_jobs(&stack, &functions).await;
+    let lowest = running.iter().map(|(_, _, r)| *r).min().unwrap();
+    let (logs, guard) = capture_logs();
+    let mut unconfirmed = Vec::new();
+    // 20 runner ids around ours (all three included); the first three hooks name the real
+    // jobs (GitLab: running), the rest new job ids GitLab never heard of.
+    for (n, runner_id) in (lowest.saturating_sub(5)..lowest + 15).enumerate() {
+        let job = match running.get(n) {
+            Some((real, _, _)) => real.clone(),
+            None => job_event(61, 990_000 + n as u64, "forged", JobStatus::Pending),
+        };
+        let torn = functions
+            .teardown(&finished(&job, JobStatus::Success, Some(runner_id)))
+            .await
+            .unwrap();
+        assert!(torn.removed.is_empty(), "{torn:?}");
+        unconfirmed.push(torn.unconfirmed.expect("unconfirmed").code());
+    }
+    drop(guard);
+    assert_eq!(unconfirmed.len(), 20);
+    assert_eq!(
+        unconfirmed.iter().filter(|c| **c == "not_finished").count(),
+        3
+    );
+    assert_eq!(
+        unconfirmed
+            .iter()
+            .filter(|c| **c == "job_not_found")
+            .count(),
+        17
+    );
+    assert_eq!(terminations.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(stack.live_instances().await.len(), 3);
+    let registered = scan_items(&stack.sdk, &stack.runners_table).await;
+    assert_eq!(registered.len(), 3);
+    for (_, _, runner_id) in &running {
+        assert!(stack.gitlab.state().runners.contains_key(runner_id));
+    }
+    assert_eq!(stack.token_parameters().await.len(), 3);
+    let text = logs.text();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("\"message\":\"unconfirmed"))
+        .collect();
+    assert_eq!(lines.len(), 20, "{text}");
+    for key in ["project_id", "pipeline_id", "job_id", "\"reason\""] {
+        assert!(lines.iter().all(|l| l.contains(key)), "{key}: {lines:?}");
+    }
+    assert_eq!(
+        text.matches("\"TeardownsUnconfirmed\"").count(),
+        0,
+        "metrics go to stdout, not the log"
+    );
+
+    // The first job really finishes: GitLab agrees with its hook, and it goes as before.
+    let (job, instance_id, runner_id) = &running[0];
+    stack.gitlab.state().busy.remove(runner_id);
+    let torn = functions
+        .teardown(&stack.finished(job, JobStatus::Success, Some(*runner_id)))
+        .await
+        .unwrap();
+    assert_eq!(torn.unconfirmed, None);
+    assert_eq!(torn.removed.len(), 1, "{torn:?}");
+    assert_eq!(
+        torn.removed[0].instance_id.as_deref(),
+        Some(instance_id.as_str())
+    );
+    assert_eq!(terminations.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(stack.live_instances().await.len(), 2);
+    assert!(!stack.gitlab.state().runners.contains_key(runner_id));
+}
+
+/// GitLab cannot be reached (502 after the client's retries), or no read_api token is
+/// configured: even a true finished hook destroys nothing; the reaper and the reconciler
+/// finish the job later.
+#[tokio::test]
+async fn without_gitlab_word_a_finished_hook_destroys_nothing() {
+    let stack = fleet_stack().await;
+    let (functions, terminations, _proxy) = counting_terminations(&stack, &[]).await;
+    let running = three_running_jobs(&stack, &functions).await;
+    let (job, _, runner_id) = &running[0];
+    stack.gitlab_job(job, JobStatus::Success, Some(*runner_id));
+    stack.gitlab.state().busy.clear();
+
+    stack.gitlab.state().jobs_unavailable = true;
+    let torn = functions
+        .teardown(&finished(job, JobStatus::Success, Some(*runner_id)))
+        .await
+        .unwrap();
+    assert_eq!(
+        torn.unconfirmed.as_ref().map(|u| u.code()),
+        Some("gitlab_unavailable")
+    );
+    assert!(torn.removed.is_empty());
+
+    // No read_api token: the hook alone is never trusted.
+    let (blind, blind_terminations, _blind_proxy) =
+        counting_terminations(&stack, &[("GITLAB_API_TOKEN_PARAMETER", "")]).await;
+    stack.gitlab.state().jobs_unavailable = false;
+    let torn = blind
+        .teardown(&finished(job, JobStatus::Success, Some(*runner_id)))
+        .await
+        .unwrap();
+    let why = torn.unconfirmed.expect("unconfirmed");
+    assert_eq!(why.code(), "no_read_api_token");
+    assert!(why.to_string().contains("GitLabApiTokenParameterName"));
+    assert!(torn.removed.is_empty());
+
+    assert_eq!(terminations.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(
+        blind_terminations.load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
+    assert_eq!(stack.live_instances().await.len(), 3);
+    assert_eq!(scan_items(&stack.sdk, &stack.runners_table).await.len(), 3);
+}
+
+/// Issue 12, finding 4: launched instances answer IMDS only with a session token and only
+/// one hop away (hop limit 1), so a job's container cannot reach the instance role.
+#[tokio::test]
+async fn launched_instances_require_imdsv2_with_hop_limit_one() {
+    let stack = fleet_stack().await;
+    let functions = stack.functions(&stack.config(&[])).await;
+    let job = job_event(43, 4301, "docker-build", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    let (input, _) = provision_input(&job, ec2_route());
+    let outcome = functions.provision(&input, now_ms()).await.unwrap();
+    let (instance_id, _) = launched(&outcome);
+
+    let live = stack.live_instances().await;
+    let instance = live
+        .iter()
+        .find(|i| i.instance_id() == Some(instance_id.as_str()))
+        .expect("the launched instance");
+    let metadata = instance.metadata_options().expect("metadata options");
+    assert_eq!(metadata.http_tokens().map(|t| t.as_str()), Some("required"));
+    assert_eq!(
+        metadata.http_put_response_hop_limit(),
+        Some(ephemeral_core::ec2::IMDS_HOP_LIMIT)
+    );
+    assert_eq!(ephemeral_core::ec2::IMDS_HOP_LIMIT, 1);
 }

@@ -1,4 +1,5 @@
-//! The mapper against moto (mapping table) and a GitLab stand-in on loopback (tags).
+//! The mapper against moto (mapping table, token parameter) and a GitLab stand-in on loopback
+//! (the job's status and tags).
 
 use std::sync::atomic::Ordering;
 
@@ -8,7 +9,7 @@ use ephemeral_core::hook::JobStatus;
 use ephemeral_core::jobs::{JobKey, WorkflowInput};
 use ephemeral_core::mapping::Executor;
 use ephemeral_core::testing::job_event;
-use mapper::{DynamoMappingRules, GitLabJobTags, Mapper, TokenSource};
+use mapper::{DynamoMappingRules, GitLabJobs, Mapper, TokenSource};
 
 const RUNNER_ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:shell-runner";
 const DEFAULT_ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:default-runner";
@@ -80,8 +81,22 @@ async fn table_with_seed_items() -> String {
     table
 }
 
+/// An SSM SecureString holding `token`, as the operator stores the read_api token.
+async fn token_parameter(sdk: &aws_config::SdkConfig, token: &str) -> TokenSource {
+    let ssm = aws_sdk_ssm::Client::new(sdk);
+    let parameter = format!("/{}/gitlab-api-token", unique("mapper"));
+    ssm.put_parameter()
+        .name(&parameter)
+        .value(token)
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    TokenSource::new(ssm, parameter)
+}
+
 #[tokio::test]
-async fn seed_items_route_by_name_without_a_gitlab_token() {
+async fn without_a_token_seed_items_route_by_name_and_an_ec2_route_fails_naming_the_parameter() {
     let sdk = sdk_config();
     let table = table_with_seed_items().await;
     let mapper = Mapper {
@@ -89,7 +104,7 @@ async fn seed_items_route_by_name_without_a_gitlab_token() {
             client: aws_sdk_dynamodb::Client::new(&sdk),
             table,
         },
-        tags: GitLabJobTags::new(None, None),
+        gitlab: GitLabJobs::new(None, None),
         default_route: Executor::Lambda {
             arn: DEFAULT_ARN.into(),
         },
@@ -107,32 +122,38 @@ async fn seed_items_route_by_name_without_a_gitlab_token() {
         out.invalid_items
     );
 
-    let out = mapper.handle(&input(1, 11, "docker-build")).await.unwrap();
-    assert_eq!(out.decision.executor.kind(), "EC2");
+    // The docker item routes to EC2: its runner would carry no tags. Not retried (the
+    // workflow's Catch records it).
+    let e = mapper
+        .handle(&input(1, 11, "docker-build"))
+        .await
+        .unwrap_err();
+    let diagnostic = mapper::diagnostic(&e);
+    assert_eq!(diagnostic.error_type, "GitLabApiTokenMissing");
+    assert!(
+        diagnostic
+            .error_message
+            .contains("set the stack parameter GitLabApiTokenParameterName"),
+        "{}",
+        diagnostic.error_message
+    );
+    assert!(!ephemeral_core::mapping::MAP_JOB_RETRIED.contains(&e.error_type()));
     let out = mapper.handle(&input(1, 12, "lint")).await.unwrap();
     assert_eq!(out.decision.matched, "default");
     assert_eq!(serde_json::to_value(&out).unwrap()["arn"], DEFAULT_ARN);
 }
 
 #[tokio::test]
-async fn tags_from_gitlab_refine_the_route_and_a_gitlab_failure_falls_back_to_the_name() {
+async fn gitlabs_status_and_tags_decide_and_a_gitlab_failure_fails_the_step() {
     let sdk = sdk_config();
     let table = table_with_seed_items().await;
-    let ssm = aws_sdk_ssm::Client::new(&sdk);
-    let parameter = format!("/{}/gitlab-api-token", unique("mapper"));
-    ssm.put_parameter()
-        .name(&parameter)
-        .value("glpat-test-token")
-        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
-        .send()
-        .await
-        .unwrap();
     let gitlab = GitLabStandIn::start(
         "glpat-test-token",
         vec![
             (20, vec!["docker", "large", "linux"]),
             (21, vec!["gpu"]),
             (22, vec!["linux"]),
+            (24, vec!["docker", "large"]),
         ],
         vec![23],
     );
@@ -141,9 +162,9 @@ async fn tags_from_gitlab_refine_the_route_and_a_gitlab_failure_falls_back_to_th
             client: aws_sdk_dynamodb::Client::new(&sdk),
             table,
         },
-        tags: GitLabJobTags::new(
+        gitlab: GitLabJobs::new(
             Some(gitlab.url.clone()),
-            Some(TokenSource::new(ssm, parameter)),
+            Some(token_parameter(&sdk, "glpat-test-token").await),
         ),
         default_route: Executor::Ec2(Default::default()),
     };
@@ -160,12 +181,73 @@ async fn tags_from_gitlab_refine_the_route_and_a_gitlab_failure_falls_back_to_th
     // Tags known and lacking docker: the docker item does not apply: default.
     let out = mapper.handle(&input(1, 22, "docker-build")).await.unwrap();
     assert_eq!(out.decision.matched, "default");
-    // GitLab answers 500: routed by name as if no token were configured.
-    let out = mapper.handle(&input(1, 23, "docker-build")).await.unwrap();
-    assert_eq!(out.decision.matched, "job#docker-build/tags#docker#large");
-    assert_eq!(out.tags, None);
-    // A retry of the same job is served from the cache.
+
+    // GitLab answers 500 (twice: the client's one retry): a retried error, no route.
     let before = gitlab.requests.load(Ordering::SeqCst);
-    mapper.handle(&input(1, 20, "docker-build")).await.unwrap();
-    assert_eq!(gitlab.requests.load(Ordering::SeqCst), before);
+    let e = mapper
+        .handle(&input(1, 23, "docker-build"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.error_type(), "GitLabUnavailable", "{e}");
+    assert!(ephemeral_core::mapping::MAP_JOB_RETRIED.contains(&e.error_type()));
+    assert_eq!(gitlab.requests.load(Ordering::SeqCst) - before, 2);
+
+    // The hook said pending; GitLab says otherwise: SKIP, naming GitLab's status. Each call
+    // reads GitLab afresh (a status is never cached).
+    for status in ["running", "success", "canceled"] {
+        gitlab.set_status(24, status);
+        let out = mapper.handle(&input(1, 24, "docker-build")).await.unwrap();
+        let json = serde_json::to_value(&out).unwrap();
+        assert_eq!(json["type"], "SKIP", "{json}");
+        assert_eq!(json["matched"], "gitlab");
+        assert!(
+            json["reason"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("GitLab reports the job {status}, not pending")),
+            "{json}"
+        );
+    }
+    gitlab.set_status(24, "pending");
+    let out = mapper.handle(&input(1, 24, "docker-build")).await.unwrap();
+    assert_eq!(out.decision.matched, "job#docker-build/tags#docker#large");
+    // A job GitLab does not know (404): gone, nothing to provision.
+    let out = mapper.handle(&input(1, 99, "docker-build")).await.unwrap();
+    assert_eq!(out.decision.executor, Executor::Skip);
+    assert!(
+        out.decision.reason.contains("404"),
+        "{}",
+        out.decision.reason
+    );
+}
+
+#[tokio::test]
+async fn a_token_gitlab_refuses_fails_the_step_at_once_telling_what_to_fix() {
+    let sdk = sdk_config();
+    let table = table_with_seed_items().await;
+    let gitlab = GitLabStandIn::start("glpat-right", vec![(30, vec![])], vec![]);
+    let mapper = Mapper {
+        rules: DynamoMappingRules {
+            client: aws_sdk_dynamodb::Client::new(&sdk),
+            table,
+        },
+        gitlab: GitLabJobs::new(
+            Some(gitlab.url.clone()),
+            Some(token_parameter(&sdk, "glpat-expired").await),
+        ),
+        default_route: Executor::Lambda {
+            arn: DEFAULT_ARN.into(),
+        },
+    };
+    let e = mapper.handle(&input(1, 30, "lint")).await.unwrap_err();
+    assert_eq!(e.error_type(), "GitLabTokenRejected");
+    assert!(!ephemeral_core::mapping::MAP_JOB_RETRIED.contains(&e.error_type()));
+    let text = e.to_string();
+    assert!(
+        text.contains("GitLabApiTokenParameterName") && text.contains("read_api"),
+        "{text}"
+    );
+    assert!(!text.contains("glpat-expired"), "the token leaked: {text}");
+    // Not retried by the client either: one request.
+    assert_eq!(gitlab.requests.load(Ordering::SeqCst), 1);
 }

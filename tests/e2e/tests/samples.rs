@@ -4,7 +4,9 @@
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use e2e_tests::workspace_root;
 use ephemeral_core::jobs::{ProvisionOn, RouterOutcome, Workflow, WorkflowInput};
-use ephemeral_core::mapping::{Executor, JobTags, MappingRules, Rule, rule_from_item};
+use ephemeral_core::mapping::{
+    Executor, GitLabJobView, JobLookup, LookedUp, LookupError, MappingRules, Rule, rule_from_item,
+};
 use ephemeral_core::testing::{InMemoryJobs, RecordingWorkflows};
 use ephemeral_core::webhook::PortError;
 use router::{Router, RouterError};
@@ -59,10 +61,14 @@ impl MappingRules for OneRule {
         Ok((vec![self.0.clone()], vec![]))
     }
 }
-struct NoTags;
-impl JobTags for NoTags {
-    async fn tags(&self, _: u64, _: u64) -> Result<Option<Vec<String>>, PortError> {
-        Ok(None)
+/// GitLab has every job pending, without tags.
+struct AllPending;
+impl JobLookup for AllPending {
+    async fn job(&self, _: u64, _: u64) -> Result<LookedUp, LookupError> {
+        Ok(LookedUp::Found(GitLabJobView {
+            status: ephemeral_core::JobStatus::Pending,
+            tags: vec![],
+        }))
     }
 }
 
@@ -77,7 +83,7 @@ async fn mapper_samples_are_workflow_inputs() {
     .unwrap();
     let mapper = mapper::Mapper {
         rules: OneRule(rule),
-        tags: NoTags,
+        gitlab: AllPending,
         default_route: Executor::Ec2(Default::default()),
     };
     let unit: WorkflowInput = sample("mapper/unit-test.json");

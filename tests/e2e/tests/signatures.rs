@@ -38,7 +38,8 @@ fn check(
         webhook_timestamp: Some(ts),
         webhook_signature: Some(sig),
     };
-    verify_signature(&c, body.as_bytes(), keys, now, 300)
+    // Which projects the key admits is tested with the scopes; here: whether it verifies.
+    verify_signature(&c, body.as_bytes(), keys, now, 300).map(|_| ())
 }
 
 #[test]

@@ -178,14 +178,14 @@ async fn teardown_frees_a_slot_and_the_next_provision_launches() {
     ));
 
     let torn = functions
-        .teardown(&finished(&a, JobStatus::Success, Some(runner_a)))
+        .teardown(&stack.finished(&a, JobStatus::Success, Some(runner_a)))
         .await
         .unwrap();
     assert_eq!(torn.removed.len(), 1);
     assert_eq!(stack.slots_used("global").await, 0);
     // A repeated teardown gives back nothing more.
     functions
-        .teardown(&finished(&a, JobStatus::Success, Some(runner_a)))
+        .teardown(&stack.finished(&a, JobStatus::Success, Some(runner_a)))
         .await
         .unwrap();
     assert_eq!(stack.slots_used("global").await, 0);

@@ -1,7 +1,11 @@
 //! The real provision and teardown definitions (statemachine/*.asl.json), executed by moto's
 //! Step Functions interpreter against moto's DynamoDB. The mapper's answers are computed by
 //! the real mapper (against a seed-format mapping table) and handed to moto's Lambda
-//! stand-in, which replies to the workflow's `lambda:invoke` tasks in order.
+//! stand-in, which replies to the workflow's `lambda:invoke` tasks in order. The mapper reads
+//! each job from a GitLab stand-in first: jobs GitLab reports running or finished take the
+//! SKIP branch. moto's Lambda stand-in cannot answer a function error, so for the mapper's
+//! errors the test retries as MapJob's Retry says and runs the definition's own RecordFailure
+//! state with the error its Catch hands over.
 //!
 //! One test on purpose: moto's execution mode and its reply queue are server-wide.
 
@@ -15,7 +19,7 @@ use ephemeral_core::hook::JobStatus;
 use ephemeral_core::jobs::{JobKey, JobPhase, JobStore, WorkflowInput};
 use ephemeral_core::mapping::{Executor, Market};
 use ephemeral_core::testing::job_event;
-use mapper::{DynamoMappingRules, GitLabJobTags, Mapper};
+use mapper::{DynamoMappingRules, GitLabJobs, Mapper, TokenSource};
 use router::aws::DynamoJobStore;
 
 const MAPPER_ARN: &str = "arn:aws:lambda:us-east-1:123456789012:function:mapper";
@@ -61,8 +65,40 @@ async fn create_from_file(
     file: &str,
     substitutions: &[(&str, &str)],
 ) -> String {
-    let mut definition =
+    let definition =
         std::fs::read_to_string(workspace_root().join("statemachine").join(file)).unwrap();
+    create_from_text(
+        sdk,
+        file.trim_end_matches(".asl.json"),
+        &definition,
+        substitutions,
+    )
+    .await
+}
+
+/// How many times MapJob's Retry retries an error the mapper answers with (0: not retried).
+fn map_job_retries(definition: &serde_json::Value, error_type: &str) -> u32 {
+    definition["States"]["MapJob"]["Retry"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| {
+            r["ErrorEquals"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e == error_type || e == "States.ALL" || e == "States.TaskFailed")
+        })
+        .map_or(0, |r| r["MaxAttempts"].as_u64().unwrap() as u32)
+}
+
+async fn create_from_text(
+    sdk: &aws_config::SdkConfig,
+    file: &str,
+    definition: &str,
+    substitutions: &[(&str, &str)],
+) -> String {
+    let mut definition = definition.to_owned();
     for (name, value) in substitutions {
         definition = definition.replace(&format!("${{{name}}}"), value);
     }
@@ -70,7 +106,7 @@ async fn create_from_file(
         !definition.contains("${"),
         "unsubstituted placeholder in {file}"
     );
-    create_state_machine(sdk, file.trim_end_matches(".asl.json"), &definition).await
+    create_state_machine(sdk, file, &definition).await
 }
 
 /// Runs one execution to its end; returns its status and the states it entered, in order.
@@ -80,12 +116,27 @@ async fn run(
     name: &str,
     input: &WorkflowInput,
 ) -> (ExecutionStatus, Vec<String>) {
+    run_json(
+        sdk,
+        state_machine,
+        name,
+        &serde_json::to_value(input).unwrap(),
+    )
+    .await
+}
+
+async fn run_json(
+    sdk: &aws_config::SdkConfig,
+    state_machine: &str,
+    name: &str,
+    input: &serde_json::Value,
+) -> (ExecutionStatus, Vec<String>) {
     let sfn = aws_sdk_sfn::Client::new(sdk);
     let arn = sfn
         .start_execution()
         .state_machine_arn(state_machine)
         .name(name)
-        .input(serde_json::to_string(input).unwrap())
+        .input(input.to_string())
         .send()
         .await
         .unwrap()
@@ -209,12 +260,41 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
         table: jobs.clone(),
         ttl_seconds: 3600,
     };
+    let ssm = aws_sdk_ssm::Client::new(&sdk);
+    let token_parameter = format!("/{}/gitlab-api-token", unique("sfn"));
+    ssm.put_parameter()
+        .name(&token_parameter)
+        .value("glpat-read-api")
+        .r#type(aws_sdk_ssm::types::ParameterType::SecureString)
+        .send()
+        .await
+        .unwrap();
+    // Jobs 1-3 pending; 5-7 docker-build jobs whose pending hook came late or was forged: GitLab
+    // has them running or finished. Job 8 makes GitLab answer 500.
+    let gitlab = GitLabStandIn::start(
+        "glpat-read-api",
+        vec![
+            (1, vec![]),
+            (2, vec![]),
+            (3, vec![]),
+            (5, vec!["docker"]),
+            (6, vec!["docker"]),
+            (7, vec!["docker"]),
+        ],
+        vec![8],
+    );
+    for (job_id, status) in [(5, "running"), (6, "success"), (7, "canceled")] {
+        gitlab.set_status(job_id, status);
+    }
     let mapper = Mapper {
         rules: DynamoMappingRules {
             client: dynamo.clone(),
             table: mappings.clone(),
         },
-        tags: GitLabJobTags::new(None, None),
+        gitlab: GitLabJobs::new(
+            Some(gitlab.url.clone()),
+            Some(TokenSource::new(ssm.clone(), token_parameter.clone())),
+        ),
         default_route: Executor::Ec2(Default::default()),
     };
 
@@ -240,6 +320,27 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
             "ProvisionEc2Runner",
             "EC2",
         ),
+        (
+            5,
+            "docker-build",
+            ExecutionStatus::Succeeded,
+            "RecordSkip",
+            "SKIP",
+        ),
+        (
+            6,
+            "docker-build",
+            ExecutionStatus::Succeeded,
+            "RecordSkip",
+            "SKIP",
+        ),
+        (
+            7,
+            "docker-build",
+            ExecutionStatus::Succeeded,
+            "RecordSkip",
+            "SKIP",
+        ),
     ];
     for (job_id, name, want_status, want_state, want_route) in cases {
         let event = job_event(9, job_id, name, JobStatus::Pending);
@@ -261,7 +362,7 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
         let mut replies = vec![serde_json::to_string(&output).unwrap()];
         if output.decision.executor.kind() == "LAMBDA" {
             replies.push("{}".into());
-        } else {
+        } else if output.decision.executor.kind() == "EC2" {
             replies.push(
                 serde_json::to_string(&Provisioned::Launched {
                     instance_id: format!("i-00000000000000{job_id:03}"),
@@ -294,6 +395,30 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
             Some(want_route),
             "{name}"
         );
+        if want_route == "SKIP" {
+            // Nothing launched: the workflow never reaches the EC2 step (nor the shell runner).
+            assert_eq!(states.last().map(String::as_str), Some("Skipped"), "{name}");
+            assert!(
+                !states
+                    .iter()
+                    .any(|s| s == "ProvisionEc2Runner" || s == "StartShellRunner"),
+                "{states:?}"
+            );
+            let skipped = attribute(&sdk, &jobs, &key.table_key(), "provision_skipped")
+                .await
+                .unwrap_or_default();
+            assert!(skipped.starts_with("GitLab reports the job "), "{skipped}");
+            assert!(
+                ["running", "success", "canceled"]
+                    .iter()
+                    .any(|s| skipped.contains(&format!("job {s}, not pending"))),
+                "{skipped}"
+            );
+            assert_eq!(
+                attribute(&sdk, &jobs, &key.table_key(), "provision_error").await,
+                None
+            );
+        }
         if want_route == "EC2" {
             assert_eq!(
                 states.last().map(String::as_str),
@@ -307,6 +432,108 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
             );
             assert_eq!(outcome["ec2"]["outcome"]["runner_id"], 500 + job_id);
         }
+    }
+
+    // The mapper's errors: retried as MapJob's Retry says, then the definition's own
+    // RecordFailure state (started with what the Catch hands it) records them; nothing after
+    // MapJob runs, so nothing is launched.
+    let definition: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(workspace_root().join("statemachine/provision.asl.json")).unwrap(),
+    )
+    .unwrap();
+    let mut from_catch = definition.clone();
+    from_catch["StartAt"] = "RecordFailure".into();
+    let from_catch = create_from_text(
+        &sdk,
+        "provision-from-catch",
+        &from_catch.to_string(),
+        &[
+            ("MapperFunctionArn", MAPPER_ARN),
+            ("Ec2ProvisionFunctionArn", EC2_PROVISION_ARN),
+            ("JobsTableName", &jobs),
+        ],
+    )
+    .await;
+    let no_token = Mapper {
+        rules: DynamoMappingRules {
+            client: dynamo.clone(),
+            table: mappings.clone(),
+        },
+        gitlab: GitLabJobs::new(None, None),
+        default_route: Executor::Ec2(Default::default()),
+    };
+    for (job_id, name, want_error, want_calls) in [
+        // EC2 route (the docker-build item), no token: not retried.
+        (9, "docker-build", "GitLabApiTokenMissing", 1),
+        // GitLab 500: 1 call + MapJob's retries.
+        (
+            8,
+            "docker-build",
+            "GitLabUnavailable",
+            1 + map_job_retries(&definition, "GitLabUnavailable"),
+        ),
+    ] {
+        let event = job_event(9, job_id, name, JobStatus::Pending);
+        let key = JobKey::of(&event);
+        store
+            .advance(key, JobPhase::Provisioning, &event, 1)
+            .await
+            .unwrap();
+        let input = WorkflowInput {
+            job_key: key.table_key(),
+            job: event,
+        };
+        let which = if want_error == "GitLabApiTokenMissing" {
+            &no_token
+        } else {
+            &mapper
+        };
+        let before = gitlab.requests.load(std::sync::atomic::Ordering::SeqCst);
+        let mut calls = 0;
+        let error = loop {
+            calls += 1;
+            let e = which.handle(&input).await.unwrap_err();
+            assert_eq!(e.error_type(), want_error, "{e}");
+            // The first call, then one per retry MapJob's Retry allows.
+            if calls > map_job_retries(&definition, e.error_type()) {
+                break e;
+            }
+        };
+        assert_eq!(calls, want_calls, "{want_error}");
+        if want_error == "GitLabUnavailable" {
+            // Each call: the client's first try and its one retry.
+            assert_eq!(
+                gitlab.requests.load(std::sync::atomic::Ordering::SeqCst) - before,
+                2 * calls
+            );
+        }
+        let diagnostic = mapper::diagnostic(&error);
+        let mut state = serde_json::to_value(&input).unwrap();
+        state["error"] = serde_json::json!({
+            "Error": diagnostic.error_type,
+            "Cause": serde_json::json!({"errorType": diagnostic.error_type,
+                                        "errorMessage": diagnostic.error_message}).to_string(),
+        });
+        let (status, states) =
+            run_json(&sdk, &from_catch, &format!("p9-j{job_id}-failed"), &state).await;
+        assert_eq!(status, ExecutionStatus::Failed, "{states:?}");
+        assert_eq!(states, ["RecordFailure", "ProvisionFailed"]);
+        assert_eq!(
+            attribute(&sdk, &jobs, &key.table_key(), "provision_error")
+                .await
+                .as_deref(),
+            Some(want_error)
+        );
+        let cause = attribute(&sdk, &jobs, &key.table_key(), "provision_cause")
+            .await
+            .unwrap_or_default();
+        if want_error == "GitLabApiTokenMissing" {
+            assert!(cause.contains("GitLabApiTokenParameterName"), "{cause}");
+        }
+        assert_eq!(
+            attribute(&sdk, &jobs, &key.table_key(), "route_type").await,
+            None
+        );
     }
 
     // Teardown: the LAMBDA job that no runner took has nothing on EC2: cleaned at once. The

@@ -33,6 +33,8 @@ pub fn config(mock: &GitlabRunnerMock, root: &Path) -> Config {
         // The production default: cancel detection is tested as deployed.
         status_poll: Duration::from_secs(2),
         inherit_env: vec!["PATH".into(), "LANG".into()],
+        // Tests share their process and /tmp: the whole-sandbox sweep has its own binary.
+        sandbox_scratch: None,
     }
 }
 
