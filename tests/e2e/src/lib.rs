@@ -7,6 +7,7 @@
 pub mod chain;
 pub mod fleet_stack;
 pub mod lambda_process;
+pub mod liveness;
 pub mod loopback;
 pub mod process_chain;
 
