@@ -352,6 +352,21 @@ def main():
             if run.wait() != 0:
                 failures.append("whole chain: see above")
         print(f"(metric lines: {logs / 'chain-metrics.log'})")
+    if not args.webhook_only and not args.lambda_only:
+        # A lost pending hook, reconciled: GitLab (a stand-in that holds jobs as GitLab does)
+        # never resends it; the reconciler finds the job pending and provisions it. See
+        # tests/e2e/src/bin/reconcile-local.rs.
+        print("\nA lost hook, reconciled (three jobs; the third one's pending hook never arrives)\n", flush=True)
+        demo = ["cargo", "run", "-q", "--locked", "-p", "e2e-tests", "--bin", "reconcile-local", "--"]
+        if args.check:
+            demo.append("--check")
+        with open(logs / "reconcile-metrics.log", "w") as metrics:
+            run = subprocess.Popen(demo, env={**os.environ, "RUST_LOG": "error"}, stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, text=True)
+            for line in run.stdout:
+                (metrics if line.startswith("{") else sys.stdout).write(line)
+            if run.wait() != 0:
+                failures.append("lost hook reconciled: see above")
     if failures:
         print("\nCHECK FAILED:\n  " + "\n  ".join(failures))
         return 1

@@ -84,6 +84,11 @@ pub struct LivenessOptions {
     pub capacity_outage_s: (u64, u64),
     /// The run fails if our jobs are not all finished by then.
     pub max_virtual_s: u64,
+    /// Jobs whose pending hooks are dropped (besides `drop_pending_percent`); ours are
+    /// numbered from 1001 in the order they become pending.
+    pub drop_pending_of: Vec<u64>,
+    /// Keep, per job, what happened to it (for `run-local`'s printout).
+    pub story: bool,
 }
 
 impl Default for LivenessOptions {
@@ -120,6 +125,8 @@ impl Default for LivenessOptions {
             steal_percent: 10,
             capacity_outage_s: (200, 380),
             max_virtual_s: 8 * 3600,
+            drop_pending_of: Vec::new(),
+            story: false,
         }
     }
 }
@@ -175,6 +182,8 @@ pub struct LivenessReport {
     pub taken_instance_ended_ms: BTreeMap<u64, u64>,
     /// Jobs that waited for such an instance to end before a new attempt could launch.
     pub waited_for_taken_instance: u64,
+    /// With [`LivenessOptions::story`]: per job, (virtual s, what happened), in order.
+    pub story: BTreeMap<u64, Vec<(u64, String)>>,
     pub virtual_s: u64,
     pub wall: Duration,
     pub leftovers: Leftovers,
@@ -688,6 +697,7 @@ impl Liveness {
             if let Some((key, until)) = inst.running {
                 if now >= until {
                     self.gitlab.state().finish(key, JobStatus::Success);
+                    self.tell(key.1, "finished (success)".into());
                     if key.1 != inst.made_for {
                         // Its job's instance ran another job: a new attempt for its job
                         // could not launch before this one ended (one instance per job).
@@ -761,6 +771,10 @@ impl Liveness {
                 job["pipeline"]["project_id"].as_u64().unwrap(),
                 job["id"].as_u64().unwrap(),
             );
+            self.tell(
+                key.1,
+                format!("runner {} took it and runs it", inst.runner_id),
+            );
             let duration = self.between(self.o.job_min_s, self.o.job_max_s) * 1000;
             inst.running = Some((key, now + duration));
             keep.push(inst);
@@ -785,10 +799,15 @@ impl Liveness {
             let Some(hook) = self.gitlab.state().hooks.pop_front() else {
                 break;
             };
+            let chosen = self.o.drop_pending_of.contains(&hook.job_id);
             if hook.status == JobStatus::Pending
-                && self.rng.next_u64() % 100 < self.o.drop_pending_percent
+                && (chosen || self.rng.next_u64() % 100 < self.o.drop_pending_percent)
             {
                 self.report.faults.pending_hooks_dropped += 1;
+                self.tell(
+                    hook.job_id,
+                    "pending hook lost before the webhook (GitLab never resends it)".into(),
+                );
                 continue;
             }
             self.report.hooks_delivered += 1;
@@ -799,6 +818,13 @@ impl Liveness {
                 .await;
             self.timed("webhook", clock);
             let (code, text) = (reply.status_code, reply_text(&reply).to_owned());
+            self.tell(
+                hook.job_id,
+                format!(
+                    "hook {}: webhook answered {code} {text}",
+                    hook.status.as_str()
+                ),
+            );
             match code {
                 200..=299 => {
                     self.report.answered_2xx += 1;
@@ -1015,6 +1041,12 @@ impl Liveness {
                             ..
                         } => {
                             *self.report.launches.entry(job_id).or_default() += 1;
+                            self.tell(
+                                job_id,
+                                format!(
+                                    "ec2-provision: launched {instance_id}, runner {runner_id}"
+                                ),
+                            );
                             let boot = self.between(self.o.launch_min_s, self.o.launch_max_s);
                             let stolen = self.rng.next_u64() % 100 < self.o.steal_percent;
                             self.instances.push(SimInstance {
@@ -1147,7 +1179,54 @@ impl Liveness {
             }
             Err(e) => self.report.reconcile_errors.push(e.0),
         }
+        if self.o.story {
+            self.tell_attempts().await;
+        }
         self.run_started_executions().await;
+    }
+
+    /// Notes `what` in the job's story (with [`LivenessOptions::story`]).
+    fn tell(&mut self, job_id: u64, what: String) {
+        if self.o.story {
+            let at = self.now_ms.saturating_sub(self.epoch_ms) / 1000;
+            self.report
+                .story
+                .entry(job_id)
+                .or_default()
+                .push((at, what));
+        }
+    }
+
+    /// After a pass: the attempts it started, as the jobs' items record them.
+    async fn tell_attempts(&mut self) {
+        let ids: Vec<u64> = self
+            .gitlab
+            .state()
+            .jobs
+            .values()
+            .filter(|j| j.project_id == PROJECT)
+            .map(|j| j.id)
+            .collect();
+        for id in ids {
+            let item = self.job_item(id).await;
+            let text = |k: &str| {
+                item.get(k)
+                    .and_then(|v| v.as_s().or(v.as_n()).ok())
+                    .cloned()
+            };
+            let (Some(attempt), Some(reason)) = (text("attempt"), text("reconcile_reason")) else {
+                continue;
+            };
+            let line = format!("reconciler: started attempt {attempt} (reason {reason})");
+            let told = self
+                .report
+                .story
+                .get(&id)
+                .is_some_and(|s| s.iter().any(|(_, l)| *l == line));
+            if !told {
+                self.tell(id, line);
+            }
+        }
     }
 
     /// Executions someone else (the reconciler) started: run each new one once.
