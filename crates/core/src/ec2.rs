@@ -19,6 +19,11 @@ pub const TAG_MANAGED_BY: &str = "ephemeral-runners:managed-by";
 pub const TAG_JOB_ID: &str = "ephemeral-runners:job-id";
 pub const TAG_PROJECT_ID: &str = "ephemeral-runners:project-id";
 pub const TAG_RUNNER_ID: &str = "ephemeral-runners:runner-id";
+/// The provision attempt the instance was launched for (the jobs table's `attempt`): one
+/// instance and one cap slot per (job, attempt), so that a new attempt for a job whose runner
+/// another job took gets a runner of its own. Absent on instances launched before attempts
+/// were tagged: those count as attempt 1.
+pub const TAG_ATTEMPT: &str = "ephemeral-runners:attempt";
 /// An operator sets this (any value) to keep the reaper away from an instance.
 pub const TAG_REAPER_BYPASS: &str = "ephemeral-runners:keep";
 /// Set by the reaper's first pass; the second pass kills.
@@ -325,8 +330,11 @@ pub struct InstanceFacts {
     /// The job it was launched for is finished (or cleaned) in the jobs table.
     pub job_finished: bool,
     /// GitLab's answer to "is this runner running a job now?", asked once before a kill;
-    /// `None` when GitLab could not be asked.
+    /// `None` when not asked (no runner on it, or nothing to decide yet).
     pub runner_busy: Option<bool>,
+    /// GitLab was asked and gave no answer: the runner may be running a job, so it is taken
+    /// as busy (issue 12: never destroy on a guess; the lifetime limit still applies).
+    pub busy_unknown: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -357,12 +365,10 @@ pub fn reap(facts: &InstanceFacts, settings: &ReaperSettings, now_ms: u64) -> Re
     if age >= settings.max_lifetime_ms {
         return ReaperAction::Kill("past the maximum lifetime");
     }
-    let reason = if facts.job_finished && facts.runner_busy != Some(true) {
+    let maybe_busy = facts.runner_busy == Some(true) || facts.busy_unknown;
+    let reason = if facts.job_finished && !maybe_busy {
         Some("its job is finished")
-    } else if !facts.picked_a_job
-        && age >= settings.idle_grace_ms
-        && facts.runner_busy != Some(true)
-    {
+    } else if !facts.picked_a_job && age >= settings.idle_grace_ms && !maybe_busy {
         Some("never picked a job within the wait timeout")
     } else {
         None
@@ -741,6 +747,7 @@ mod tests {
             picked_a_job: true,
             job_finished: false,
             runner_busy: None,
+            busy_unknown: false,
         }
     }
 
@@ -773,13 +780,32 @@ mod tests {
             reap(&marked, &SETTINGS, 1_300_000),
             ReaperAction::Kill(_)
         ));
-        // ...unless GitLab says its runner is busy (it took another job).
+        // ...unless GitLab says its runner is busy (it took another job),
         let busy = InstanceFacts {
             runner_busy: Some(true),
-            ..marked
+            ..marked.clone()
         };
         assert!(matches!(
             reap(&busy, &SETTINGS, 1_300_000),
+            ReaperAction::Keep(_)
+        ));
+        // ...or GitLab could not say: it may be running a job, so nothing is destroyed.
+        let unknown = InstanceFacts {
+            busy_unknown: true,
+            ..marked
+        };
+        assert!(matches!(
+            reap(&unknown, &SETTINGS, 1_300_000),
+            ReaperAction::Keep(_)
+        ));
+        let idle_unknown = InstanceFacts {
+            picked_a_job: false,
+            busy_unknown: true,
+            marked_at_ms: Some(1_000_000),
+            ..facts()
+        };
+        assert!(matches!(
+            reap(&idle_unknown, &SETTINGS, 1_300_000),
             ReaperAction::Keep(_)
         ));
         // Never picked a job: kept during the grace time (slow boot), then marked.

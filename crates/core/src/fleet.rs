@@ -6,15 +6,24 @@
 //! our tables); the pure decisions they use live in [`crate::ec2`].
 //!
 //! Every step may run twice (Step Functions retries, Lambda retries, a redelivered hook):
-//! - provision looks for the job's instance by its tags before launching, and the instance's
-//!   `runner-id` tag, set only after the token is stored, says the runner is complete;
+//! - provision looks for the instance of the job's current attempt by its tags before
+//!   launching, and the instance's `runner-id` tag, set only after the token is stored, says
+//!   the runner is complete;
 //! - every removal treats "already gone" as done;
 //! - the runner registry ([`RunnerLedger`]) holds every runner we created until it is removed,
 //!   so nothing we made can be forgotten, even when its instance is long gone.
 //! - with caps (`MaxRunnerInstances`, `MaxRunnerInstancesPerProject`), an instance holds its
-//!   job's slot ([`crate::slots`]): taken once per job before the launch (a job over a cap
-//!   waits: [`Provisioned::WaitingForSlot`]), given back wherever the instance is removed
-//!   (failed launch or runner, teardown, reaper), and by the reaper when it leaked.
+//!   (job, attempt)'s slot ([`crate::slots`]): taken once per attempt before the launch (a job
+//!   over a cap waits: [`Provisioned::WaitingForSlot`]), given back wherever the instance is
+//!   removed (failed launch or runner, teardown, reaper), and by the reaper when it leaked.
+//!
+//! One instance per (job, **attempt**): the jobs table's `attempt` (absent: 1; the reconciler
+//! claims the next one before it starts a provision again) is tagged on the instance
+//! ([`TAG_ATTEMPT`]; untagged: 1). GitLab gives a runner the oldest pending job its tags
+//! allow, so the runner launched for job A may run job B; the reconciler then starts A's next
+//! attempt, which must launch a runner of its own rather than find A's old instance, busy
+//! with B, and call it done. A live instance of an older attempt is left alone: it runs
+//! another job (whose teardown removes it) or expires (the reaper).
 //!
 //! Known window: if the provision function dies between storing the token and tagging the
 //! instance, the retry replaces the runner; had the instance already read the old token, that
@@ -29,7 +38,7 @@ use serde::Serialize;
 
 use crate::ec2::{
     Ec2Defaults, InstanceFacts, LaunchFailure, LaunchPlan, PlanError, ReaperAction, ReaperSettings,
-    SPOT_ROLE_FIX, SPOT_ROLE_MISSING, TAG_JOB_ID, TAG_PROJECT_ID, TAG_REAPER_BYPASS,
+    SPOT_ROLE_FIX, SPOT_ROLE_MISSING, TAG_ATTEMPT, TAG_JOB_ID, TAG_PROJECT_ID, TAG_REAPER_BYPASS,
     TAG_REAPER_MARK, TAG_RUNNER_ID, UserDataError, UserDataValues, classify_launch_error,
     launch_plan, reap, render_user_data,
 };
@@ -37,7 +46,7 @@ use crate::hook::{JobEvent, JobStatus};
 use crate::jobs::{JobKey, JobPhase};
 use crate::mapping::{AmiRef, Ec2Settings, Market};
 use crate::secrets::Secret;
-use crate::slots::{CapReached, Capped, SlotClaim, SlotStore, claim_slot, leaked_slots};
+use crate::slots::{CapReached, Capped, SlotClaim, SlotStore, claim_slot, leaked_slots, slot_name};
 use crate::webhook::PortError;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -82,12 +91,21 @@ impl Instance {
             job_id: self.tag(TAG_JOB_ID)?.parse().ok()?,
         })
     }
+
+    /// The provision attempt it was launched for ([`TAG_ATTEMPT`]); 1 without the tag (an
+    /// instance launched before attempts were tagged) or with a value that is no attempt.
+    pub fn attempt(&self) -> u32 {
+        self.tag(TAG_ATTEMPT)
+            .and_then(|t| t.parse().ok())
+            .filter(|a| *a >= 1)
+            .unwrap_or(1)
+    }
 }
 
 /// Which of the stack's instances to list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstanceQuery {
-    /// Launched for this job.
+    /// Launched for this job (any attempt).
     Job(JobKey),
     /// Running this GitLab runner.
     Runner(u64),
@@ -182,16 +200,33 @@ pub struct RunnerEntry {
     pub runner_id: u64,
     pub project_id: u64,
     pub job_id: u64,
+    /// The provision attempt its instance was launched for (the instance's [`TAG_ATTEMPT`]),
+    /// whose slot that instance holds; 1 for an entry registered without one.
+    pub attempt: u32,
     pub instance_id: String,
     pub created_at_ms: u64,
 }
 
 /// What the jobs table says about a job, as far as runners go.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobRecord {
     pub phase: Option<JobPhase>,
     pub runner_id: Option<u64>,
     pub instance_id: Option<String>,
+    /// The job's current provision attempt (`attempt`; absent: 1, the router's start).
+    pub attempt: u32,
+}
+
+impl Default for JobRecord {
+    /// A job without an item: its first attempt.
+    fn default() -> Self {
+        Self {
+            phase: None,
+            runner_id: None,
+            instance_id: None,
+            attempt: 1,
+        }
+    }
 }
 
 /// The jobs table (job -> runner -> instance) and the runner registry.
@@ -239,29 +274,34 @@ pub struct FleetPorts<F, V, A, L, S> {
     pub slots: Option<Capped<S>>,
 }
 
-/// Gives back the slot of the job an instance was launched for (nothing without caps, or
-/// when it holds none).
+/// Gives back the slot of the (job, attempt) an instance was launched for (nothing without
+/// caps, or when it holds none).
 async fn give_back_slot<F, V, A, L, S: SlotStore>(
     ports: &FleetPorts<F, V, A, L, S>,
     job: JobKey,
+    attempt: u32,
 ) -> Result<(), PortError> {
     match &ports.slots {
-        Some(slots) => slots.store.give_back(job, None).await.map(|_| ()),
+        Some(slots) => slots.store.give_back(job, attempt, None).await.map(|_| ()),
         None => Ok(()),
     }
 }
 
-/// After a cleanup that terminated the job's own instance, gives its slot back too.
+/// After a cleanup that terminated the attempt's own instance, gives its slot back too.
 async fn free_slot_after<F, V, A, L, S: SlotStore>(
     ports: &FleetPorts<F, V, A, L, S>,
     job: JobKey,
+    attempt: u32,
     cleanup: &mut Vec<(&'static str, Result<(), PortError>)>,
 ) {
     let terminated = cleanup
         .iter()
         .any(|(what, r)| *what == TERMINATING && r.is_ok());
     if terminated && ports.slots.is_some() {
-        cleanup.push(("giving back its slot", give_back_slot(ports, job).await));
+        cleanup.push((
+            "giving back its slot",
+            give_back_slot(ports, job, attempt).await,
+        ));
     }
 }
 
@@ -294,7 +334,8 @@ pub enum Provisioned {
         /// Attempts that failed before this one: `<subnet> <market>: <error>`.
         failed_attempts: Vec<String>,
     },
-    /// An earlier run of this step finished the job's runner (a retry or a repeated start).
+    /// An earlier run of this step finished the runner of the job's current attempt (a retry
+    /// or a repeated start).
     AlreadyProvisioned { instance_id: String, runner_id: u64 },
     /// The job finished before we started: nothing launched.
     JobAlreadyFinished,
@@ -371,9 +412,10 @@ fn cleanup_note(results: &[(&str, Result<(), PortError>)]) -> String {
     }
 }
 
-/// Provisions one EC2 runner for `job`: instance first (it waits for its token), then the
-/// GitLab runner, its token into the instance's parameter, the `runner-id` tag, and the job's
-/// item. See the module documentation for why each step is safe to repeat.
+/// Provisions one EC2 runner for `job`'s current attempt (its item's `attempt`): instance
+/// first (it waits for its token), then the GitLab runner, its token into the instance's
+/// parameter, the `runner-id` tag, and the job's item. See the module documentation for why
+/// each step is safe to repeat.
 pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S: SlotStore>(
     ports: &FleetPorts<F, V, A, L, S>,
     settings: &FleetSettings,
@@ -392,14 +434,21 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
     if record.phase.is_some_and(|p| p >= JobPhase::Finished) {
         return Ok(Provisioned::JobAlreadyFinished);
     }
-    let plan = launch_plan(job, route, &settings.defaults, job_tags)?;
-    let existing = ports
+    let attempt = record.attempt.max(1);
+    let mut plan = launch_plan(job, route, &settings.defaults, job_tags)?;
+    plan.tags
+        .push((TAG_ATTEMPT.to_owned(), attempt.to_string()));
+    let instances = ports
         .fleet
         .instances(InstanceQuery::Job(key))
         .await
-        .map_err(step("looking for the job's instance"))?
-        .into_iter()
-        .find(|i| i.state.is_live());
+        .map_err(step("looking for the job's instance"))?;
+    // Only this attempt's instance is this step's: an older attempt's may be running another
+    // job (that is why this attempt was started), and is left alone.
+    let existing = instances
+        .iter()
+        .find(|i| i.state.is_live() && i.attempt() == attempt)
+        .cloned();
     if let Some(done) = existing
         .as_ref()
         .and_then(|i| Some((i.id.clone(), i.runner_id()?)))
@@ -423,15 +472,22 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
             plan.attempts[0].1,
             Vec::new(),
         ),
-        None => match launch_in_slot(ports, settings, &plan, key, now_ms).await? {
+        None => match launch_in_slot(ports, settings, &plan, key, attempt, now_ms).await? {
             Ok(launched) => launched,
             Err(waiting) => return Ok(waiting),
         },
     };
 
-    // A runner from an earlier attempt that never reached its instance (no runner-id tag):
-    // its token was lost with that attempt, so it can never be used. Remove it first.
-    if let Some(stale) = record.runner_id {
+    // A runner from an earlier run that never reached its instance (no runner-id tag): its
+    // token was lost with that run, so it can never be used. Remove it first. A runner an
+    // instance is tagged with is complete (an older attempt's, maybe running another job):
+    // not this step's to remove.
+    let complete = |id: u64| {
+        instances
+            .iter()
+            .any(|i| i.state.is_live() && i.runner_id() == Some(id))
+    };
+    if let Some(stale) = record.runner_id.filter(|id| !complete(*id)) {
         ports.api.delete(stale).await.map_err(step(
             "removing the runner of an earlier, interrupted attempt",
         ))?;
@@ -451,7 +507,7 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         Ok(created) => created,
         Err(error) => {
             let mut cleanup = vec![(TERMINATING, ports.fleet.terminate(&instance_id).await)];
-            free_slot_after(ports, key, &mut cleanup).await;
+            free_slot_after(ports, key, attempt, &mut cleanup).await;
             return Err(ProvisionError::RunnerNotCreated {
                 error,
                 cleanup: cleanup_note(&cleanup),
@@ -462,6 +518,7 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         runner_id,
         project_id: key.project_id,
         job_id: key.job_id,
+        attempt,
         instance_id: instance_id.clone(),
         created_at_ms: now_ms,
     };
@@ -489,7 +546,7 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
     drop(token);
     if let Err((what, error)) = delivered {
         let mut cleanup = remove_runner(ports, runner_id, Some(&instance_id)).await;
-        free_slot_after(ports, key, &mut cleanup).await;
+        free_slot_after(ports, key, attempt, &mut cleanup).await;
         return Err(ProvisionError::Step {
             what,
             error,
@@ -504,7 +561,7 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
     if !moved {
         // The job finished while we launched: its teardown may have found nothing yet.
         let mut cleanup = remove_runner(ports, runner_id, Some(&instance_id)).await;
-        free_slot_after(ports, key, &mut cleanup).await;
+        free_slot_after(ports, key, attempt, &mut cleanup).await;
         if let Some((what, Err(error))) = cleanup.into_iter().find(|(_, r)| r.is_err()) {
             return Err(ProvisionError::Step {
                 what,
@@ -529,18 +586,20 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
 /// A launch: (instance id, subnet, market, the attempts that failed before it).
 type Launched = (String, String, Market, Vec<String>);
 
-/// A new instance for the job, in a slot: takes the job's slot first (without caps there is
-/// none to take) and gives it back when nothing was launched. `Ok(Err(outcome))` when no slot
-/// is free: the job's item notes that it waits, and nothing is launched.
+/// A new instance for the job's attempt, in a slot: takes the attempt's slot first (without
+/// caps there is none to take) and gives it back when nothing was launched.
+/// `Ok(Err(outcome))` when no slot is free: the job's item notes that it waits, and nothing
+/// is launched.
 async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
     ports: &FleetPorts<F, V, A, L, S>,
     settings: &FleetSettings,
     plan: &LaunchPlan,
     key: JobKey,
+    attempt: u32,
     now_ms: u64,
 ) -> Result<Result<Launched, Provisioned>, ProvisionError> {
     if let Some(slots) = &ports.slots {
-        let claim = claim_slot(slots, key, now_ms)
+        let claim = claim_slot(slots, key, attempt, now_ms)
             .await
             .map_err(step("taking a runner instance slot (the slots table)"))?;
         if let SlotClaim::InFlight { taken_at_ms } = claim {
@@ -583,7 +642,7 @@ async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
     if launched.is_err() {
         // Nothing runs: the slot is free again. Should this fail, the reaper gives it back
         // once it is older than ORPHAN_GRACE_SECONDS.
-        let _ = give_back_slot(ports, key).await;
+        let _ = give_back_slot(ports, key, attempt).await;
     }
     Ok(Ok(launched?))
 }
@@ -985,9 +1044,9 @@ pub async fn teardown<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S:
     Ok(out)
 }
 
-/// One of our runners: its instance, and the job that instance was launched for (whose slot
-/// it holds; a runner may have run another job).
-type Located = (Option<String>, Option<JobKey>);
+/// One of our runners: its instance, and the (job, attempt) that instance was launched for
+/// (whose slot it holds; a runner may have run another job).
+type Located = (Option<String>, Option<(JobKey, u32)>);
 
 /// Where one of our runners lives: `Some` if it is ours (registered, or on an instance tagged
 /// with it), `None` if not ours.
@@ -1000,25 +1059,28 @@ async fn locate<F: Fleet, V, A, L: RunnerLedger, S>(
             project_id: entry.project_id,
             job_id: entry.job_id,
         };
-        return Ok(Some((Some(entry.instance_id), Some(launched_for))));
+        return Ok(Some((
+            Some(entry.instance_id),
+            Some((launched_for, entry.attempt.max(1))),
+        )));
     }
     let tagged = ports
         .fleet
         .instances(InstanceQuery::Runner(runner_id))
         .await?;
     Ok(tagged.into_iter().next().map(|i| {
-        let launched_for = i.job_key();
+        let launched_for = i.job_key().map(|job| (job, i.attempt()));
         (Some(i.id), launched_for)
     }))
 }
 
-/// Removes the runner and its instance, then gives back the slot of the job the instance was
-/// launched for.
+/// Removes the runner and its instance, then gives back the slot of the (job, attempt) the
+/// instance was launched for.
 async fn finish_removal<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S: SlotStore>(
     ports: &FleetPorts<F, V, A, L, S>,
     runner_id: u64,
     instance_id: Option<&str>,
-    launched_for: Option<JobKey>,
+    launched_for: Option<(JobKey, u32)>,
 ) -> Result<(), TeardownError> {
     for (what, result) in remove_runner(ports, runner_id, instance_id).await {
         result.map_err(|error| TeardownError {
@@ -1027,8 +1089,8 @@ async fn finish_removal<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, 
             error,
         })?;
     }
-    if let (Some(_), Some(job)) = (instance_id, launched_for) {
-        give_back_slot(ports, job)
+    if let (Some(_), Some((job, attempt))) = (instance_id, launched_for) {
+        give_back_slot(ports, job, attempt)
             .await
             .map_err(|error| TeardownError {
                 what: "giving back the instance's slot (the slots table)",
@@ -1047,8 +1109,9 @@ pub struct ReapReport {
     pub marked: Vec<Reaped>,
     pub stale_parameters: Vec<String>,
     pub orphan_runners: Vec<u64>,
-    /// Slots given back because their job has no live instance (a leak: see
-    /// [`crate::slots`]): the jobs' table keys.
+    /// Slots given back because their (job, attempt) has no live instance (a leak: see
+    /// [`crate::slots`]): [`crate::slots::slot_name`]s (the job's table key, with
+    /// `#attempt#<n>` after the first attempt).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub leaked_slots: Vec<String>,
     /// Failures; the pass goes on with the next item, and the next pass retries.
@@ -1096,12 +1159,12 @@ pub async fn reaper_pass<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger,
     }
     if let Some(slots) = &ports.slots {
         // Listed before the slots are read: see `leaked_slots`.
-        let live_jobs: HashSet<JobKey> = instances
+        let live_slots: HashSet<(JobKey, u32)> = instances
             .iter()
             .filter(|i| i.state.is_live())
-            .filter_map(Instance::job_key)
+            .filter_map(|i| Some((i.job_key()?, i.attempt())))
             .collect();
-        reap_slots(slots, &live_jobs, settings, now_ms, &mut report).await;
+        reap_slots(slots, &live_slots, settings, now_ms, &mut report).await;
     }
 
     match ports.vault.list().await {
@@ -1146,11 +1209,11 @@ pub async fn reaper_pass<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger,
     Ok(report)
 }
 
-/// Gives back the slots whose job has no live instance (older than the orphan grace, which
-/// is longer than a provision can run).
+/// Gives back the slots whose (job, attempt) has no live instance (older than the orphan
+/// grace, which is longer than a provision can run).
 async fn reap_slots<S: SlotStore>(
     slots: &Capped<S>,
-    live_jobs: &HashSet<JobKey>,
+    live_slots: &HashSet<(JobKey, u32)>,
     settings: &FleetSettings,
     now_ms: u64,
     report: &mut ReapReport,
@@ -1162,19 +1225,20 @@ async fn reap_slots<S: SlotStore>(
             return;
         }
     };
-    for slot in leaked_slots(&held, live_jobs, now_ms, settings.orphan_grace_ms) {
+    for slot in leaked_slots(&held, live_slots, now_ms, settings.orphan_grace_ms) {
+        let name = slot_name(slot.job, slot.attempt);
         match slots
             .store
-            .give_back(slot.job, Some(slot.taken_at_ms))
+            .give_back(slot.job, slot.attempt, Some(slot.taken_at_ms))
             .await
         {
-            Ok(true) => report.leaked_slots.push(slot.job.table_key()),
-            // Taken again (a new attempt) or given back meanwhile: not a leak any more.
+            Ok(true) => report.leaked_slots.push(name),
+            // Taken again (a retried provision of the attempt) or given back meanwhile: not a
+            // leak any more.
             Ok(false) => {}
-            Err(e) => report.errors.push(format!(
-                "giving back the slot of {}: {e}",
-                slot.job.table_key()
-            )),
+            Err(e) => report
+                .errors
+                .push(format!("giving back the slot of {name}: {e}")),
         }
     }
 }
@@ -1205,14 +1269,16 @@ async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         picked_a_job: false,
         job_finished,
         runner_busy: None,
+        busy_unknown: false,
     };
     let mut action = reap(&facts, &settings.reaper, now_ms);
     if !matches!(action, ReaperAction::Keep(_))
         && let Some(id) = runner_id
     {
         // Asked once, right before acting: a runner that looks orphaned may have just taken
-        // a job. An unanswered question counts as "not known busy".
+        // a job. An unanswered question counts as busy: nothing is destroyed on a guess.
         facts.runner_busy = ports.api.busy(id).await.ok();
+        facts.busy_unknown = facts.runner_busy.is_none();
         // Busy now means it has a job. Idle now means it never got one, or its job ended
         // and the finished hook was lost: either way it is done. Unknown: assume busy.
         facts.picked_a_job = facts.runner_busy.unwrap_or(true);
@@ -1252,7 +1318,7 @@ async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
                 return Err(PortError(format!("{what}: {e}")));
             }
             if let Some(job) = instance.job_key() {
-                give_back_slot(ports, job)
+                give_back_slot(ports, job, instance.attempt())
                     .await
                     .map_err(|e| PortError(format!("giving back its slot: {e}")))?;
             }
@@ -1415,6 +1481,385 @@ mod tests {
         // The spot refusal on an on-demand attempt is not a spot matter: it stops too.
         let (result, _) = run(|_, _| Err(SPOT_ROLE_MISSING), Market::OnDemand);
         assert!(matches!(result, Err(ProvisionError::LaunchRefused { .. })));
+    }
+
+    /// EC2, GitLab's runners, the token parameters and our tables, in memory: enough to run
+    /// provision, teardown and the reaper end to end.
+    #[derive(Default)]
+    struct World {
+        instances: Mutex<Vec<Instance>>,
+        runners: Mutex<BTreeMap<u64, bool>>,
+        next_runner: Mutex<u64>,
+        parameters: Mutex<BTreeMap<String, u64>>,
+        jobs: Mutex<BTreeMap<(u64, u64), JobRecord>>,
+        registry: Mutex<BTreeMap<u64, RunnerEntry>>,
+    }
+
+    impl Fleet for &World {
+        async fn instances(&self, query: InstanceQuery) -> Result<Vec<Instance>, PortError> {
+            let all = self.instances.lock().unwrap().clone();
+            Ok(all
+                .into_iter()
+                .filter(|i| match query {
+                    InstanceQuery::Job(key) => i.job_key() == Some(key),
+                    InstanceQuery::Runner(id) => i.runner_id() == Some(id),
+                    InstanceQuery::All => true,
+                })
+                .collect())
+        }
+        async fn resolve_image(&self, _: &AmiRef) -> Result<String, PortError> {
+            Ok("ami-00000000".into())
+        }
+        async fn launch(&self, request: &LaunchRequest) -> Result<String, LaunchError> {
+            let mut instances = self.instances.lock().unwrap();
+            let id = format!("i-{}", instances.len() + 1);
+            instances.push(Instance {
+                id: id.clone(),
+                state: InstanceState::Running,
+                launched_at_ms: 0,
+                tags: request.tags.iter().cloned().collect(),
+            });
+            Ok(id)
+        }
+        async fn tag(&self, instance_id: &str, tags: &[(String, String)]) -> Result<(), PortError> {
+            let mut instances = self.instances.lock().unwrap();
+            let instance = instances.iter_mut().find(|i| i.id == instance_id).unwrap();
+            instance.tags.extend(tags.iter().cloned());
+            Ok(())
+        }
+        async fn terminate(&self, instance_id: &str) -> Result<(), PortError> {
+            let mut instances = self.instances.lock().unwrap();
+            if let Some(i) = instances.iter_mut().find(|i| i.id == instance_id) {
+                i.state = InstanceState::Terminated;
+            }
+            Ok(())
+        }
+    }
+
+    impl TokenVault for &World {
+        async fn put(&self, instance_id: &str, _: &Secret) -> Result<(), PortError> {
+            self.parameters
+                .lock()
+                .unwrap()
+                .insert(instance_id.into(), 0);
+            Ok(())
+        }
+        async fn delete(&self, instance_id: &str) -> Result<(), PortError> {
+            self.parameters.lock().unwrap().remove(instance_id);
+            Ok(())
+        }
+        async fn list(&self) -> Result<Vec<(String, u64)>, PortError> {
+            Ok(self
+                .parameters
+                .lock()
+                .unwrap()
+                .clone()
+                .into_iter()
+                .collect())
+        }
+    }
+
+    impl RunnerApi for &World {
+        async fn create(&self, _: &RunnerRequest) -> Result<(u64, Secret), PortError> {
+            let mut next = self.next_runner.lock().unwrap();
+            *next += 1;
+            self.runners.lock().unwrap().insert(100 + *next, false);
+            Ok((100 + *next, Secret::new("glrt-test")))
+        }
+        async fn delete(&self, runner_id: u64) -> Result<(), PortError> {
+            self.runners.lock().unwrap().remove(&runner_id);
+            Ok(())
+        }
+        async fn busy(&self, runner_id: u64) -> Result<bool, PortError> {
+            Ok(self.runners.lock().unwrap().get(&runner_id) == Some(&true))
+        }
+    }
+
+    impl RunnerLedger for &World {
+        async fn job(&self, key: JobKey) -> Result<Option<JobRecord>, PortError> {
+            let jobs = self.jobs.lock().unwrap();
+            Ok(jobs.get(&(key.project_id, key.job_id)).cloned())
+        }
+        async fn note_runner(&self, entry: &RunnerEntry) -> Result<(), PortError> {
+            self.registry
+                .lock()
+                .unwrap()
+                .insert(entry.runner_id, entry.clone());
+            let mut jobs = self.jobs.lock().unwrap();
+            let record = jobs.entry((entry.project_id, entry.job_id)).or_default();
+            record.runner_id = Some(entry.runner_id);
+            record.instance_id = Some(entry.instance_id.clone());
+            Ok(())
+        }
+        async fn record_running(&self, key: JobKey, _: u64, _: &str) -> Result<bool, PortError> {
+            let mut jobs = self.jobs.lock().unwrap();
+            let record = jobs.entry((key.project_id, key.job_id)).or_default();
+            if record.phase.is_some_and(|p| p > JobPhase::Running) {
+                return Ok(false);
+            }
+            record.phase = Some(JobPhase::Running);
+            Ok(true)
+        }
+        async fn record_waiting(&self, key: JobKey, _: &str, _: u64) -> Result<bool, PortError> {
+            let jobs = self.jobs.lock().unwrap();
+            let record = jobs.get(&(key.project_id, key.job_id));
+            Ok(record.is_none_or(|r| r.phase.is_none_or(|p| p < JobPhase::Finished)))
+        }
+        async fn runner(&self, runner_id: u64) -> Result<Option<RunnerEntry>, PortError> {
+            Ok(self.registry.lock().unwrap().get(&runner_id).cloned())
+        }
+        async fn runners(&self) -> Result<Vec<RunnerEntry>, PortError> {
+            Ok(self.registry.lock().unwrap().values().cloned().collect())
+        }
+        async fn forget_runner(&self, runner_id: u64) -> Result<(), PortError> {
+            self.registry.lock().unwrap().remove(&runner_id);
+            Ok(())
+        }
+    }
+
+    impl World {
+        fn ports(
+            &self,
+            global_cap: u32,
+        ) -> FleetPorts<&World, &World, &World, &World, crate::slots::MemorySlots> {
+            FleetPorts {
+                fleet: self,
+                vault: self,
+                api: self,
+                ledger: self,
+                slots: (global_cap > 0).then(|| Capped {
+                    store: crate::slots::MemorySlots::default(),
+                    caps: crate::slots::SlotCaps::from_values(global_cap, 0),
+                }),
+            }
+        }
+
+        /// The reconciler's claim of a new attempt, as the jobs table keeps it.
+        fn claim_attempt(&self, job: &JobEvent, attempt: u32) {
+            let mut jobs = self.jobs.lock().unwrap();
+            jobs.entry((job.project_id, job.job_id))
+                .or_default()
+                .attempt = attempt;
+        }
+
+        /// GitLab hands the runner another job.
+        fn runner_takes_a_job(&self, runner_id: u64) {
+            self.runners.lock().unwrap().insert(runner_id, true);
+        }
+
+        fn live(&self) -> Vec<Instance> {
+            let instances = self.instances.lock().unwrap();
+            instances
+                .iter()
+                .filter(|i| i.state.is_live())
+                .cloned()
+                .collect()
+        }
+
+        fn terminate_outside(&self, instance_id: &str) {
+            block_on((&self).terminate(instance_id)).unwrap();
+        }
+    }
+
+    fn settings() -> FleetSettings {
+        FleetSettings {
+            defaults: Ec2Defaults {
+                instance_type: "t3.micro".into(),
+                ami: AmiRef::Id("ami-00000000".into()),
+                market: Market::OnDemand,
+                subnets: vec!["subnet-a".into()],
+                executor: RunnerExecutor::Docker,
+                stack: "ci".into(),
+                cost_tags: vec![],
+                ami_parameter_prefix: default_ami_parameter_prefix("ci"),
+            },
+            user_data_template: include_str!("../../../templates/runner-user-data.sh").into(),
+            gitlab_url: "https://gitlab.example.com".into(),
+            token_parameter_prefix: "/ci/runner-tokens".into(),
+            wait_timeout_seconds: 600,
+            region: "us-east-1".into(),
+            reaper: ReaperSettings {
+                max_lifetime_ms: u64::MAX,
+                idle_grace_ms: u64::MAX,
+            },
+            orphan_grace_ms: 0,
+        }
+    }
+
+    fn provision_now<S: SlotStore>(
+        ports: &FleetPorts<&World, &World, &World, &World, S>,
+        job: &JobEvent,
+    ) -> Provisioned {
+        let now = 10 * crate::slots::SLOT_IN_FLIGHT_MS;
+        block_on(provision(
+            ports,
+            &settings(),
+            job,
+            &Ec2Settings::default(),
+            None,
+            now,
+        ))
+        .unwrap()
+    }
+
+    fn launched(outcome: &Provisioned) -> (String, u64) {
+        match outcome {
+            Provisioned::Launched {
+                instance_id,
+                runner_id,
+                ..
+            } => (instance_id.clone(), *runner_id),
+            other => panic!("expected a launch, got {other:?}"),
+        }
+    }
+
+    fn slot_held(
+        ports: &FleetPorts<&World, &World, &World, &World, crate::slots::MemorySlots>,
+    ) -> Vec<(u64, u32)> {
+        let slots = ports.slots.as_ref().unwrap();
+        let mut held: Vec<_> = block_on(slots.store.held())
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.job.job_id, s.attempt))
+            .collect();
+        held.sort_unstable();
+        held
+    }
+
+    #[test]
+    fn a_new_attempt_launches_its_own_runner_while_the_taken_one_runs_another_job() {
+        let world = World::default();
+        let ports = world.ports(10);
+        let a = job_event(1, 10, "build", JobStatus::Pending);
+        let (first, r1) = launched(&provision_now(&ports, &a));
+        // A retried step of attempt 1 finds its own instance and runner: nothing new.
+        assert_eq!(
+            provision_now(&ports, &a),
+            Provisioned::AlreadyProvisioned {
+                instance_id: first.clone(),
+                runner_id: r1
+            }
+        );
+        // Job B takes A's runner; the reconciler claims attempt 2 and provisions again.
+        world.runner_takes_a_job(r1);
+        world.claim_attempt(&a, 2);
+        let (second, r2) = launched(&provision_now(&ports, &a));
+        assert_ne!((&second, r2), (&first, r1));
+        let live = world.live();
+        assert_eq!(live.len(), 2, "{live:?}");
+        assert_eq!(
+            live.iter().map(Instance::attempt).collect::<Vec<_>>(),
+            [1, 2]
+        );
+        assert_eq!(live[1].tag(TAG_ATTEMPT), Some("2"));
+        // The taken runner and its instance are left alone: they run B.
+        assert!(world.runners.lock().unwrap().contains_key(&r1));
+        assert_eq!(world.registry.lock().unwrap()[&r2].attempt, 2);
+        assert_eq!(slot_held(&ports), [(10, 1), (10, 2)]);
+        assert_eq!(ports.slots.as_ref().unwrap().store.used("global"), 2);
+        // A retried step of attempt 2 finds attempt 2's runner: nothing new.
+        assert_eq!(
+            provision_now(&ports, &a),
+            Provisioned::AlreadyProvisioned {
+                instance_id: second,
+                runner_id: r2
+            }
+        );
+        assert_eq!(world.live().len(), 2);
+        assert_eq!(ports.slots.as_ref().unwrap().store.used("global"), 2);
+    }
+
+    #[test]
+    fn a_second_attempt_waits_for_a_slot_and_each_removal_gives_back_its_attempts_slot() {
+        let world = World::default();
+        // Cap 3, one slot used by another job (C): A's first attempt takes the last one.
+        let ports = world.ports(3);
+        let (a, b, c) = (
+            job_event(1, 10, "build", JobStatus::Pending),
+            job_event(1, 11, "build", JobStatus::Pending),
+            job_event(1, 12, "build", JobStatus::Pending),
+        );
+        launched(&provision_now(&ports, &c));
+        let (_, r1) = launched(&provision_now(&ports, &a));
+        let (_, rb) = launched(&provision_now(&ports, &b));
+        let _ = rb;
+        world.runner_takes_a_job(r1);
+        world.claim_attempt(&a, 2);
+        assert_eq!(
+            provision_now(&ports, &a),
+            Provisioned::WaitingForSlot {
+                waiting_for: CapReached::Global { limit: 3 }
+            }
+        );
+        assert_eq!(world.live().len(), 3);
+        assert_eq!(slot_held(&ports), [(10, 1), (11, 1), (12, 1)]);
+
+        // B finished on A's first runner: its teardown removes that instance and gives back
+        // the slot it held, attempt 1's.
+        let finished_b = JobEvent {
+            runner: Some(crate::hook::RunnerRef {
+                id: r1,
+                description: None,
+                tags: vec![],
+            }),
+            ..job_event(1, 11, "build", JobStatus::Success)
+        };
+        let answer = JobAnswer::Job {
+            status: JobStatus::Success,
+            runner_id: Some(r1),
+        };
+        let torn = block_on(teardown(&ports, &finished_b, &answer)).unwrap();
+        assert_eq!(torn.removed.len(), 2, "{torn:?}");
+        assert_eq!(slot_held(&ports), [(12, 1)]);
+
+        // Attempt 2 launches in a slot of its own; A's teardown gives back attempt 2's.
+        let (_, r2) = launched(&provision_now(&ports, &a));
+        assert_eq!(slot_held(&ports), [(10, 2), (12, 1)]);
+        let finished_a = JobEvent {
+            runner: Some(crate::hook::RunnerRef {
+                id: r2,
+                description: None,
+                tags: vec![],
+            }),
+            ..job_event(1, 10, "build", JobStatus::Success)
+        };
+        let answer = JobAnswer::Job {
+            status: JobStatus::Success,
+            runner_id: Some(r2),
+        };
+        block_on(teardown(&ports, &finished_a, &answer)).unwrap();
+        assert_eq!(slot_held(&ports), [(12, 1)]);
+        assert_eq!(ports.slots.as_ref().unwrap().store.used("global"), 1);
+    }
+
+    #[test]
+    fn the_reaper_gives_back_the_slot_of_the_attempt_whose_instance_is_gone() {
+        let world = World::default();
+        let ports = world.ports(5);
+        let a = job_event(1, 10, "build", JobStatus::Pending);
+        let (first, r1) = launched(&provision_now(&ports, &a));
+        world.runner_takes_a_job(r1);
+        world.claim_attempt(&a, 2);
+        let (second, _) = launched(&provision_now(&ports, &a));
+        // Attempt 2's instance shuts itself down: its slot leaked; attempt 1's still lives.
+        world.terminate_outside(&second);
+        let now = 20 * crate::slots::SLOT_IN_FLIGHT_MS;
+        let report = block_on(reaper_pass(&ports, &settings(), now)).unwrap();
+        assert_eq!(report.leaked_slots, ["project#1#job#10#attempt#2"]);
+        assert_eq!(slot_held(&ports), [(10, 1)]);
+        // The reaper kills attempt 1's instance (past its lifetime): attempt 1's slot.
+        let short = FleetSettings {
+            reaper: ReaperSettings {
+                max_lifetime_ms: 1,
+                idle_grace_ms: 1,
+            },
+            ..settings()
+        };
+        let report = block_on(reaper_pass(&ports, &short, now)).unwrap();
+        assert_eq!(report.killed.len(), 1, "{report:?}");
+        assert_eq!(report.killed[0].instance_id, first);
+        assert!(slot_held(&ports).is_empty());
+        assert_eq!(ports.slots.as_ref().unwrap().store.used("global"), 0);
     }
 
     fn claim(status: JobStatus, runner_id: Option<u64>) -> HookClaim {

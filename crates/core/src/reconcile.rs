@@ -741,7 +741,7 @@ mod tests {
         let alive = runner(11, 1, &["t"], now + 5 * MIN);
         let jobs = [pending(1, &["t"], 3 * MIN)];
         assert_eq!(
-            plan(&jobs, &records, &[alive.clone()], now),
+            plan(&jobs, &records, std::slice::from_ref(&alive), now),
             [(1, Decision::Covered { runner_id: 11 })]
         );
         let taken = LiveRunner {

@@ -3,7 +3,8 @@
 //!
 //! The slots table holds one **counter** item per cap ([`GLOBAL_COUNTER`], and
 //! `project#<id>` from [`project_counter`]: attribute [`ATTR_USED`]) and one **slot** item per
-//! job that holds a slot ([`slot_item_key`]). Taking a slot is one transaction: put the job's
+//! provision attempt of a job that holds a slot ([`slot_item_key`]: one instance per (job,
+//! attempt), see [`crate::fleet`]). Taking a slot is one transaction: put the attempt's
 //! slot item if it does not exist ([`SLOT_ABSENT`]) and add 1 to each counter if it stays
 //! within its cap ([`BELOW_CAP`]). Giving it back is the reverse transaction, conditioned on
 //! the slot item existing ([`SLOT_PRESENT`]). So a counter always equals the number of slot
@@ -11,13 +12,19 @@
 //! give-back gives nothing back, and concurrent takes cannot pass a cap (DynamoDB serialises
 //! transactions on the same item).
 //!
+//! A new attempt of a job (the reconciler's, e.g. after another job took the job's runner)
+//! takes a slot of its own while the earlier attempt's instance still holds its slot (it runs
+//! the other job): two instances, two slots, so the caps still count instances. Each slot is
+//! given back with the attempt of the instance that held it (its `attempt` tag); slot items
+//! and instances from before attempts were kept apart (no attempt) are attempt 1.
+//!
 //! What can still go wrong is a **leak**: a slot item whose instance is gone without its
 //! give-back (the instance shut itself down and no teardown came, a function died between
 //! two calls). The reaper gives those back ([`leaked_slots`]); its give-back is conditioned on
 //! the slot's `taken_at_ms` as it read it, and a provision that finds its slot already held
 //! refreshes that time ([`claim_slot`]), so a slot in use again is never given back under it.
 //!
-//! One slot is one instance, also when the same job's provision runs twice at once (a
+//! One slot is one instance, also when the same attempt's provision runs twice at once (a
 //! duplicate start): the second finds the slot held by the first, which may be launching
 //! right now. It takes the slot over only when the hold is older than [`SLOT_IN_FLIGHT_MS`]
 //! (no provision runs that long), with a conditional refresh that only one taker can win;
@@ -37,9 +44,11 @@ pub const ATTR_SLOT_KEY: &str = "slot_key";
 pub const ATTR_USED: &str = "used";
 /// On a slot item: when it was taken (or last found still in use), ms since the epoch.
 pub const ATTR_TAKEN_AT_MS: &str = "taken_at_ms";
-/// On a slot item: its job (to find its instance).
+/// On a slot item: its job and attempt (to find its instance: the instance's tags). A slot
+/// item without [`ATTR_ATTEMPT`] (taken before attempts had slots of their own) is attempt 1.
 pub const ATTR_PROJECT_ID: &str = "project_id";
 pub const ATTR_JOB_ID: &str = "job_id";
+pub const ATTR_ATTEMPT: &str = "attempt";
 
 /// The stack-wide counter's key.
 pub const GLOBAL_COUNTER: &str = "global";
@@ -65,9 +74,21 @@ pub fn project_counter(project_id: u64) -> String {
     format!("project#{project_id}")
 }
 
-/// A job's slot item key (`slot#project#<id>#job#<id>`).
-pub fn slot_item_key(key: JobKey) -> String {
-    format!("slot#{}", key.table_key())
+/// An attempt's slot item key: `slot#` and [`slot_name`]. Attempt 1 keeps the key a job's
+/// one slot had before attempts had slots of their own, so that a slot taken then is found,
+/// refreshed and given back as attempt 1's.
+pub fn slot_item_key(key: JobKey, attempt: u32) -> String {
+    format!("slot#{}", slot_name(key, attempt))
+}
+
+/// An attempt's slot, named for logs and the reaper's report: the job's table key
+/// (`project#<id>#job#<id>`), followed by `#attempt#<n>` after the first attempt.
+pub fn slot_name(key: JobKey, attempt: u32) -> String {
+    if attempt <= 1 {
+        key.table_key()
+    } else {
+        format!("{}#attempt#{attempt}", key.table_key())
+    }
 }
 
 /// The caps (stack parameters `MaxRunnerInstances`, `MaxRunnerInstancesPerProject`); `None`
@@ -130,7 +151,7 @@ impl std::fmt::Display for CapReached {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotTake {
     Taken,
-    /// The job already holds a slot (its slot item exists): nothing was counted.
+    /// The attempt already holds a slot (its slot item exists): nothing was counted.
     AlreadyHeld,
     Full(CapReached),
 }
@@ -140,7 +161,7 @@ pub enum SlotTake {
 pub enum SlotRefresh {
     /// The hold was older than the in-flight window: it is now this caller's, from now on.
     TakenOver,
-    /// Held more recently: another provision of the job may be launching.
+    /// Held more recently: another provision of the attempt may be launching.
     InFlight { taken_at_ms: u64 },
     /// Given back meanwhile.
     Gone,
@@ -150,6 +171,8 @@ pub enum SlotRefresh {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HeldSlot {
     pub job: JobKey,
+    /// 1 for a slot item without [`ATTR_ATTEMPT`].
+    pub attempt: u32,
     pub taken_at_ms: u64,
 }
 
@@ -162,10 +185,11 @@ pub struct SlotUsage {
 
 /// The slots table.
 pub trait SlotStore {
-    /// One transaction: the job's slot item and +1 on each counter, all or nothing.
+    /// One transaction: the attempt's slot item and +1 on each counter, all or nothing.
     fn take(
         &self,
         job: JobKey,
+        attempt: u32,
         caps: &SlotCaps,
         now_ms: u64,
     ) -> impl Future<Output = Result<SlotTake, PortError>> + Send;
@@ -174,6 +198,7 @@ pub trait SlotStore {
     fn refresh(
         &self,
         job: JobKey,
+        attempt: u32,
         now_ms: u64,
         stale_ms: u64,
     ) -> impl Future<Output = Result<SlotRefresh, PortError>> + Send;
@@ -182,6 +207,7 @@ pub trait SlotStore {
     fn give_back(
         &self,
         job: JobKey,
+        attempt: u32,
         seen: Option<u64>,
     ) -> impl Future<Output = Result<bool, PortError>> + Send;
     /// Every slot item.
@@ -200,57 +226,63 @@ pub struct Capped<S> {
 /// What [`claim_slot`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SlotClaim {
-    /// The job holds a slot: it may launch. `fresh` when this call took it, not over.
+    /// The attempt holds a slot: it may launch. `fresh` when this call took it, not over.
     Granted {
         fresh: bool,
     },
     Full(CapReached),
-    /// Another provision of the job took its slot less than [`SLOT_IN_FLIGHT_MS`] ago and may
-    /// be launching: launching too would put two instances in one slot.
+    /// Another provision of the same attempt took its slot less than [`SLOT_IN_FLIGHT_MS`]
+    /// ago and may be launching: launching too would put two instances in one slot.
     InFlight {
         taken_at_ms: u64,
     },
 }
 
-/// Takes the job's slot, or takes over a hold older than [`SLOT_IN_FLIGHT_MS`] (an earlier
-/// attempt whose instance is gone) and marks it in use now, so that the reaper does not give
-/// it back under a launch. A slot given back between the two calls is taken again.
+/// Takes the attempt's slot, or takes over a hold older than [`SLOT_IN_FLIGHT_MS`] (an
+/// earlier run of the attempt's step whose instance is gone) and marks it in use now, so that
+/// the reaper does not give it back under a launch. A slot given back between the two calls
+/// is taken again. Another attempt's slot is never this one: a new attempt counts anew.
 pub async fn claim_slot<S: SlotStore>(
     slots: &Capped<S>,
     job: JobKey,
+    attempt: u32,
     now_ms: u64,
 ) -> Result<SlotClaim, PortError> {
     let stale_ms = now_ms.saturating_sub(SLOT_IN_FLIGHT_MS);
     for _ in 0..2 {
-        match slots.store.take(job, &slots.caps, now_ms).await? {
+        match slots.store.take(job, attempt, &slots.caps, now_ms).await? {
             SlotTake::Taken => return Ok(SlotClaim::Granted { fresh: true }),
             SlotTake::Full(cap) => return Ok(SlotClaim::Full(cap)),
-            SlotTake::AlreadyHeld => match slots.store.refresh(job, now_ms, stale_ms).await? {
-                SlotRefresh::TakenOver => return Ok(SlotClaim::Granted { fresh: false }),
-                SlotRefresh::InFlight { taken_at_ms } => {
-                    return Ok(SlotClaim::InFlight { taken_at_ms });
+            SlotTake::AlreadyHeld => {
+                match slots.store.refresh(job, attempt, now_ms, stale_ms).await? {
+                    SlotRefresh::TakenOver => return Ok(SlotClaim::Granted { fresh: false }),
+                    SlotRefresh::InFlight { taken_at_ms } => {
+                        return Ok(SlotClaim::InFlight { taken_at_ms });
+                    }
+                    SlotRefresh::Gone => {}
                 }
-                SlotRefresh::Gone => {}
-            },
+            }
         }
     }
     Err(PortError(format!(
-        "the slot of job {} was given back twice while it was being taken; the step may be retried",
+        "the slot of job {} (attempt {attempt}) was given back twice while it was being taken; the step may be retried",
         job.job_id
     )))
 }
 
 /// The slots to give back: held longer than `grace_ms` (longer than a provision can run) by a
-/// job that has no live instance. `live_jobs` must be listed **before** the slots are read:
-/// a launch after the listing refreshed its slot, which the conditioned give-back then spares.
+/// (job, attempt) that has no live instance (`live`: the live instances' job and `attempt`
+/// tags; a live instance of another attempt of the job does not keep this slot). `live` must
+/// be listed **before** the slots are read: a launch after the listing refreshed its slot,
+/// which the conditioned give-back then spares.
 pub fn leaked_slots(
     held: &[HeldSlot],
-    live_jobs: &HashSet<JobKey>,
+    live: &HashSet<(JobKey, u32)>,
     now_ms: u64,
     grace_ms: u64,
 ) -> Vec<HeldSlot> {
     held.iter()
-        .filter(|s| !live_jobs.contains(&s.job))
+        .filter(|s| !live.contains(&(s.job, s.attempt)))
         .filter(|s| now_ms.saturating_sub(s.taken_at_ms) >= grace_ms)
         .copied()
         .collect()
@@ -336,7 +368,7 @@ pub struct MemorySlots {
 #[derive(Debug, Default)]
 struct MemoryState {
     counters: BTreeMap<String, u32>,
-    items: std::collections::HashMap<JobKey, u64>,
+    items: std::collections::HashMap<(JobKey, u32), u64>,
 }
 
 impl MemorySlots {
@@ -352,9 +384,15 @@ impl MemorySlots {
 }
 
 impl SlotStore for MemorySlots {
-    async fn take(&self, job: JobKey, caps: &SlotCaps, now_ms: u64) -> Result<SlotTake, PortError> {
+    async fn take(
+        &self,
+        job: JobKey,
+        attempt: u32,
+        caps: &SlotCaps,
+        now_ms: u64,
+    ) -> Result<SlotTake, PortError> {
         let mut state = self.state.lock().unwrap();
-        if state.items.contains_key(&job) {
+        if state.items.contains_key(&(job, attempt)) {
             return Ok(SlotTake::AlreadyHeld);
         }
         let project = project_counter(job.project_id);
@@ -368,7 +406,7 @@ impl SlotStore for MemorySlots {
                 limit,
             }));
         }
-        state.items.insert(job, now_ms);
+        state.items.insert((job, attempt), now_ms);
         *state.counters.entry(GLOBAL_COUNTER.to_owned()).or_default() += 1;
         *state.counters.entry(project).or_default() += 1;
         Ok(SlotTake::Taken)
@@ -377,11 +415,12 @@ impl SlotStore for MemorySlots {
     async fn refresh(
         &self,
         job: JobKey,
+        attempt: u32,
         now_ms: u64,
         stale_ms: u64,
     ) -> Result<SlotRefresh, PortError> {
         let mut state = self.state.lock().unwrap();
-        Ok(match state.items.get_mut(&job) {
+        Ok(match state.items.get_mut(&(job, attempt)) {
             None => SlotRefresh::Gone,
             Some(taken) if *taken <= stale_ms => {
                 *taken = now_ms;
@@ -393,13 +432,18 @@ impl SlotStore for MemorySlots {
         })
     }
 
-    async fn give_back(&self, job: JobKey, seen: Option<u64>) -> Result<bool, PortError> {
+    async fn give_back(
+        &self,
+        job: JobKey,
+        attempt: u32,
+        seen: Option<u64>,
+    ) -> Result<bool, PortError> {
         let mut state = self.state.lock().unwrap();
-        match state.items.get(&job) {
+        match state.items.get(&(job, attempt)) {
             Some(taken) if seen.is_none_or(|s| s == *taken) => {}
             _ => return Ok(false),
         }
-        state.items.remove(&job);
+        state.items.remove(&(job, attempt));
         for counter in [GLOBAL_COUNTER.to_owned(), project_counter(job.project_id)] {
             let used = state.counters.entry(counter).or_default();
             *used = used.saturating_sub(1);
@@ -412,8 +456,9 @@ impl SlotStore for MemorySlots {
         Ok(state
             .items
             .iter()
-            .map(|(job, taken_at_ms)| HeldSlot {
+            .map(|((job, attempt), taken_at_ms)| HeldSlot {
                 job: *job,
+                attempt: *attempt,
                 taken_at_ms: *taken_at_ms,
             })
             .collect())
@@ -453,24 +498,87 @@ mod tests {
         let slots = capped(2, 0);
         let later = 100 + SLOT_IN_FLIGHT_MS;
         block_on(async {
-            let first = claim_slot(&slots, job(1, 10), 100).await.unwrap();
+            let first = claim_slot(&slots, job(1, 10), 1, 100).await.unwrap();
             // A duplicate while the first may still be launching: refused, nothing counted.
-            let twin = claim_slot(&slots, job(1, 10), 200).await.unwrap();
+            let twin = claim_slot(&slots, job(1, 10), 1, 200).await.unwrap();
             // A later attempt (the first one's instance is gone): takes the hold over.
-            let again = claim_slot(&slots, job(1, 10), later).await.unwrap();
+            let again = claim_slot(&slots, job(1, 10), 1, later).await.unwrap();
             assert_eq!(first, SlotClaim::Granted { fresh: true });
             assert_eq!(twin, SlotClaim::InFlight { taken_at_ms: 100 });
             assert_eq!(again, SlotClaim::Granted { fresh: false });
             assert_eq!(slots.store.used(GLOBAL_COUNTER), 1);
             // The takeover marked the slot in use now, and a second one at once is refused.
             assert_eq!(slots.store.held().await.unwrap()[0].taken_at_ms, later);
-            let twin = claim_slot(&slots, job(1, 10), later + 1).await.unwrap();
+            let twin = claim_slot(&slots, job(1, 10), 1, later + 1).await.unwrap();
             assert_eq!(twin, SlotClaim::InFlight { taken_at_ms: later });
-            assert!(slots.store.give_back(job(1, 10), None).await.unwrap());
-            assert!(!slots.store.give_back(job(1, 10), None).await.unwrap());
+            assert!(slots.store.give_back(job(1, 10), 1, None).await.unwrap());
+            assert!(!slots.store.give_back(job(1, 10), 1, None).await.unwrap());
             assert_eq!(slots.store.used(GLOBAL_COUNTER), 0);
             assert_eq!(slots.store.used("project#1"), 0);
         });
+    }
+
+    #[test]
+    fn each_attempt_of_a_job_takes_its_own_slot_within_the_cap() {
+        // Cap 2, one used by another job: the job's first attempt takes the last slot, its
+        // second attempt (the first one's instance runs another job) waits.
+        let slots = capped(2, 0);
+        let now = 10 * SLOT_IN_FLIGHT_MS;
+        block_on(async {
+            claim_slot(&slots, job(2, 20), 1, 0).await.unwrap();
+            let first = claim_slot(&slots, job(1, 10), 1, now).await.unwrap();
+            assert_eq!(first, SlotClaim::Granted { fresh: true });
+            let second = claim_slot(&slots, job(1, 10), 2, now).await.unwrap();
+            assert_eq!(second, SlotClaim::Full(CapReached::Global { limit: 2 }));
+            assert_eq!(slots.store.used(GLOBAL_COUNTER), 2);
+            // A slot frees (the other job's instance is removed): attempt 2 takes one of its
+            // own, fresh, not attempt 1's (which stays held by attempt 1's instance).
+            assert!(slots.store.give_back(job(2, 20), 1, None).await.unwrap());
+            let second = claim_slot(&slots, job(1, 10), 2, now).await.unwrap();
+            assert_eq!(second, SlotClaim::Granted { fresh: true });
+            assert_eq!(slots.store.used(GLOBAL_COUNTER), 2);
+            assert_eq!(slots.store.used("project#1"), 2);
+            assert_eq!(slots.store.slot_items(), 2);
+            // A retry of attempt 2's step while it may be launching: no third slot.
+            let twin = claim_slot(&slots, job(1, 10), 2, now + 1).await.unwrap();
+            assert_eq!(twin, SlotClaim::InFlight { taken_at_ms: now });
+            // Each give-back frees the slot of its own attempt only.
+            assert!(slots.store.give_back(job(1, 10), 1, None).await.unwrap());
+            assert!(!slots.store.give_back(job(1, 10), 1, None).await.unwrap());
+            assert_eq!(slots.store.used(GLOBAL_COUNTER), 1);
+            let held = slots.store.held().await.unwrap();
+            assert_eq!((held.len(), held[0].attempt), (1, 2));
+            assert!(slots.store.give_back(job(1, 10), 2, None).await.unwrap());
+            assert_eq!(slots.store.used(GLOBAL_COUNTER), 0);
+            assert_eq!(slots.store.used("project#1"), 0);
+        });
+        // Attempt 1 keeps the key of a job's one slot from before attempts had their own.
+        assert_eq!(slot_item_key(job(1, 10), 1), "slot#project#1#job#10");
+        assert_eq!(
+            slot_item_key(job(1, 10), 3),
+            "slot#project#1#job#10#attempt#3"
+        );
+    }
+
+    #[test]
+    fn a_slot_whose_attempt_has_no_live_instance_leaks_even_if_another_attempt_lives() {
+        let held = [
+            HeldSlot {
+                job: job(1, 1),
+                attempt: 1,
+                taken_at_ms: 0,
+            },
+            HeldSlot {
+                job: job(1, 1),
+                attempt: 2,
+                taken_at_ms: 0,
+            },
+        ];
+        // Attempt 1's instance lives (it runs another job); attempt 2's is gone.
+        let live: HashSet<(JobKey, u32)> = [(job(1, 1), 1)].into();
+        assert_eq!(leaked_slots(&held, &live, 1_000, 600), [held[1]]);
+        let live: HashSet<(JobKey, u32)> = [(job(1, 1), 2)].into();
+        assert_eq!(leaked_slots(&held, &live, 1_000, 600), [held[0]]);
     }
 
     #[test]
@@ -484,7 +592,7 @@ mod tests {
                 scope.spawn(move || {
                     for _ in 0..3 {
                         let now = 10 * SLOT_IN_FLIGHT_MS + n;
-                        let claim = block_on(claim_slot(&slots, job(1, n), now)).unwrap();
+                        let claim = block_on(claim_slot(&slots, job(1, n), 1, now)).unwrap();
                         if matches!(claim, SlotClaim::Granted { .. }) {
                             granted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
@@ -502,9 +610,9 @@ mod tests {
         let slots = capped(10, 2);
         block_on(async {
             for n in 0..2 {
-                claim_slot(&slots, job(7, n), 0).await.unwrap();
+                claim_slot(&slots, job(7, n), 1, 0).await.unwrap();
             }
-            let full = claim_slot(&slots, job(7, 9), 0).await.unwrap();
+            let full = claim_slot(&slots, job(7, 9), 1, 0).await.unwrap();
             let cap = CapReached::Project {
                 project_id: 7,
                 limit: 2,
@@ -512,14 +620,14 @@ mod tests {
             assert_eq!(full, SlotClaim::Full(cap));
             assert_eq!(cap.counter(), "project#7");
             assert!(cap.to_string().contains("MaxRunnerInstancesPerProject"));
-            let other = claim_slot(&slots, job(8, 1), 0).await.unwrap();
+            let other = claim_slot(&slots, job(8, 1), 1, 0).await.unwrap();
             assert_eq!(other, SlotClaim::Granted { fresh: true });
             assert_eq!(slots.store.used(GLOBAL_COUNTER), 3);
         });
         let global = capped(1, 0);
         block_on(async {
-            claim_slot(&global, job(1, 1), 0).await.unwrap();
-            let full = claim_slot(&global, job(2, 2), 0).await.unwrap();
+            claim_slot(&global, job(1, 1), 1, 0).await.unwrap();
+            let full = claim_slot(&global, job(2, 2), 1, 0).await.unwrap();
             assert_eq!(full, SlotClaim::Full(CapReached::Global { limit: 1 }));
         });
     }
@@ -529,18 +637,21 @@ mod tests {
         let held = [
             HeldSlot {
                 job: job(1, 1),
+                attempt: 1,
                 taken_at_ms: 0,
             },
             HeldSlot {
                 job: job(1, 2),
+                attempt: 1,
                 taken_at_ms: 0,
             },
             HeldSlot {
                 job: job(1, 3),
+                attempt: 1,
                 taken_at_ms: 900,
             },
         ];
-        let live: HashSet<JobKey> = [job(1, 2)].into();
+        let live: HashSet<(JobKey, u32)> = [(job(1, 2), 1)].into();
         let leaked = leaked_slots(&held, &live, 1_000, 600);
         assert_eq!(
             leaked,
@@ -552,10 +663,16 @@ mod tests {
         let slots = capped(5, 0);
         let later = SLOT_IN_FLIGHT_MS;
         block_on(async {
-            claim_slot(&slots, job(1, 1), 0).await.unwrap();
-            claim_slot(&slots, job(1, 1), later).await.unwrap();
-            assert!(!slots.store.give_back(job(1, 1), Some(0)).await.unwrap());
-            assert!(slots.store.give_back(job(1, 1), Some(later)).await.unwrap());
+            claim_slot(&slots, job(1, 1), 1, 0).await.unwrap();
+            claim_slot(&slots, job(1, 1), 1, later).await.unwrap();
+            assert!(!slots.store.give_back(job(1, 1), 1, Some(0)).await.unwrap());
+            assert!(
+                slots
+                    .store
+                    .give_back(job(1, 1), 1, Some(later))
+                    .await
+                    .unwrap()
+            );
         });
     }
 
@@ -563,8 +680,8 @@ mod tests {
     fn waiting_jobs_start_oldest_first_within_the_free_slots() {
         let slots = capped(4, 2);
         block_on(async {
-            claim_slot(&slots, job(7, 1), 0).await.unwrap();
-            claim_slot(&slots, job(7, 2), 0).await.unwrap();
+            claim_slot(&slots, job(7, 1), 1, 0).await.unwrap();
+            claim_slot(&slots, job(7, 2), 1, 0).await.unwrap();
         });
         let free = block_on(count_free_slots(&slots, &[7, 8])).unwrap();
         assert_eq!(free.global, Some(2));

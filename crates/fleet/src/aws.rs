@@ -379,6 +379,11 @@ fn entry_of(item: &HashMap<String, AttributeValue>) -> Option<RunnerEntry> {
         runner_id: num(item, "runner_id")?,
         project_id: num(item, "project_id").unwrap_or(0),
         job_id: num(item, "job_id").unwrap_or(0),
+        // Registered before attempts were kept: attempt 1.
+        attempt: num(item, "attempt")
+            .and_then(|a| u32::try_from(a).ok())
+            .filter(|a| *a >= 1)
+            .unwrap_or(1),
         instance_id: text(item, "instance_id")?,
         created_at_ms: num(item, "created_at_ms").unwrap_or(0),
     })
@@ -401,6 +406,11 @@ impl RunnerLedger for DynamoRunnerLedger {
                 .and_then(JobPhase::from_rank),
             runner_id: num(item, attr::LAUNCHED_RUNNER_ID),
             instance_id: text(item, attr::INSTANCE_ID),
+            // The router's start (no `attempt` yet) is attempt 1.
+            attempt: num(item, attr::ATTEMPT)
+                .and_then(|a| u32::try_from(a).ok())
+                .filter(|a| *a >= 1)
+                .unwrap_or(1),
         }))
     }
 
@@ -416,6 +426,7 @@ impl RunnerLedger for DynamoRunnerLedger {
             .item("project_id", n(entry.project_id))
             .item("job_id", n(entry.job_id))
             .item("job_key", s(&key.table_key()))
+            .item("attempt", n(u64::from(entry.attempt)))
             .item("instance_id", s(&entry.instance_id))
             .item("created_at_ms", n(entry.created_at_ms))
             .send()

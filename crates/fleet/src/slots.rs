@@ -15,9 +15,10 @@ use aws_sdk_dynamodb::types::{
 use ephemeral_aws::port_error;
 use ephemeral_core::jobs::JobKey;
 use ephemeral_core::slots::{
-    ATTR_JOB_ID, ATTR_PROJECT_ID, ATTR_SLOT_KEY, ATTR_TAKEN_AT_MS, ATTR_USED, BELOW_CAP,
-    CapReached, GLOBAL_COUNTER, HeldSlot, SLOT_ABSENT, SLOT_PRESENT, SLOT_STALE, SLOT_UNCHANGED,
-    SlotCaps, SlotRefresh, SlotStore, SlotTake, SlotUsage, project_counter, slot_item_key,
+    ATTR_ATTEMPT, ATTR_JOB_ID, ATTR_PROJECT_ID, ATTR_SLOT_KEY, ATTR_TAKEN_AT_MS, ATTR_USED,
+    BELOW_CAP, CapReached, GLOBAL_COUNTER, HeldSlot, SLOT_ABSENT, SLOT_PRESENT, SLOT_STALE,
+    SLOT_UNCHANGED, SlotCaps, SlotRefresh, SlotStore, SlotTake, SlotUsage, project_counter,
+    slot_item_key,
 };
 use ephemeral_core::webhook::PortError;
 
@@ -121,12 +122,19 @@ fn cancelled(reasons: &[CancellationReason]) -> PortError {
 }
 
 impl SlotStore for DynamoSlots {
-    async fn take(&self, job: JobKey, caps: &SlotCaps, now_ms: u64) -> Result<SlotTake, PortError> {
+    async fn take(
+        &self,
+        job: JobKey,
+        attempt: u32,
+        caps: &SlotCaps,
+        now_ms: u64,
+    ) -> Result<SlotTake, PortError> {
         let put = Put::builder()
             .table_name(&self.table)
-            .item(ATTR_SLOT_KEY, s(&slot_item_key(job)))
+            .item(ATTR_SLOT_KEY, s(&slot_item_key(job, attempt)))
             .item(ATTR_PROJECT_ID, n(job.project_id))
             .item(ATTR_JOB_ID, n(job.job_id))
+            .item(ATTR_ATTEMPT, n(attempt))
             .item(ATTR_TAKEN_AT_MS, n(now_ms))
             .condition_expression(SLOT_ABSENT)
             .expression_attribute_names("#key", ATTR_SLOT_KEY);
@@ -159,6 +167,7 @@ impl SlotStore for DynamoSlots {
     async fn refresh(
         &self,
         job: JobKey,
+        attempt: u32,
         now_ms: u64,
         stale_ms: u64,
     ) -> Result<SlotRefresh, PortError> {
@@ -166,7 +175,7 @@ impl SlotStore for DynamoSlots {
             .client
             .update_item()
             .table_name(&self.table)
-            .key(ATTR_SLOT_KEY, s(&slot_item_key(job)))
+            .key(ATTR_SLOT_KEY, s(&slot_item_key(job, attempt)))
             .update_expression("SET #taken = :now")
             .condition_expression(SLOT_STALE)
             .expression_attribute_names("#key", ATTR_SLOT_KEY)
@@ -190,10 +199,15 @@ impl SlotStore for DynamoSlots {
         }
     }
 
-    async fn give_back(&self, job: JobKey, seen: Option<u64>) -> Result<bool, PortError> {
+    async fn give_back(
+        &self,
+        job: JobKey,
+        attempt: u32,
+        seen: Option<u64>,
+    ) -> Result<bool, PortError> {
         let mut delete = Delete::builder()
             .table_name(&self.table)
-            .key(ATTR_SLOT_KEY, s(&slot_item_key(job)))
+            .key(ATTR_SLOT_KEY, s(&slot_item_key(job, attempt)))
             .expression_attribute_names("#key", ATTR_SLOT_KEY);
         delete = match seen {
             None => delete.condition_expression(SLOT_PRESENT),
@@ -235,6 +249,11 @@ impl SlotStore for DynamoSlots {
                         project_id: num(item, ATTR_PROJECT_ID)?,
                         job_id: num(item, ATTR_JOB_ID)?,
                     },
+                    // Taken before attempts had slots of their own: attempt 1.
+                    attempt: num(item, ATTR_ATTEMPT)
+                        .and_then(|a| u32::try_from(a).ok())
+                        .filter(|a| *a >= 1)
+                        .unwrap_or(1),
                     taken_at_ms: num(item, ATTR_TAKEN_AT_MS)?,
                 })
             }));

@@ -264,6 +264,20 @@ impl FleetStack {
             .unwrap();
     }
 
+    /// The reconciler's claim of the job's next provision attempt, as it leaves the item
+    /// (`attempt`; the router's start has none: attempt 1).
+    pub async fn job_attempt_is(&self, job: &JobEvent, attempt: u32) {
+        aws_sdk_dynamodb::Client::new(&self.sdk)
+            .update_item()
+            .table_name(&self.jobs_table)
+            .key("job_key", AttributeValue::S(JobKey::of(job).table_key()))
+            .update_expression("SET attempt = :attempt")
+            .expression_attribute_values(":attempt", AttributeValue::N(attempt.to_string()))
+            .send()
+            .await
+            .unwrap();
+    }
+
     pub async fn job_item(
         &self,
         job: &JobEvent,

@@ -1027,3 +1027,121 @@ async fn launched_instances_require_imdsv2_with_hop_limit_one() {
     );
     assert_eq!(ephemeral_core::ec2::IMDS_HOP_LIMIT, 1);
 }
+
+#[tokio::test]
+async fn a_new_attempt_launches_its_own_runner_while_another_job_runs_on_the_first() {
+    let stack = fleet_stack().await;
+    let functions = stack.functions(&stack.config(&[])).await;
+    let (a, b) = (
+        job_event(47, 4701, "build", JobStatus::Pending),
+        job_event(47, 4702, "build", JobStatus::Pending),
+    );
+    stack.job_is_provisioning(&a).await;
+    let (input, _) = provision_input(&a, ec2_route());
+    let (first, r1) = launched(&functions.provision(&input, now_ms()).await.unwrap());
+    // GitLab hands A's runner the older job B; the reconciler claims A's attempt 2.
+    stack.gitlab.state().busy.insert(r1);
+    stack.job_attempt_is(&a, 2).await;
+    let (second, r2) = launched(&functions.provision(&input, now_ms()).await.unwrap());
+    assert_ne!(second, first);
+    assert_ne!(r2, r1);
+    let live = stack.live_instances().await;
+    assert_eq!(live.len(), 2);
+    let attempt_of = |id: &str| {
+        let instance = live.iter().find(|i| i.instance_id() == Some(id)).unwrap();
+        tag(instance, "ephemeral-runners:attempt").map(str::to_owned)
+    };
+    assert_eq!(attempt_of(&first).as_deref(), Some("1"));
+    assert_eq!(attempt_of(&second).as_deref(), Some("2"));
+    // The first runner, busy with B, is left alone; the job's item names the new one.
+    assert!(stack.gitlab.state().runners.contains_key(&r1));
+    let item = stack.job_item(&a).await;
+    assert_eq!(
+        item["launched_runner_id"],
+        AttributeValue::N(r2.to_string())
+    );
+    assert_eq!(item["instance_id"], AttributeValue::S(second.clone()));
+    // A retried step of attempt 2 finds attempt 2's runner.
+    assert_eq!(
+        functions.provision(&input, now_ms()).await.unwrap(),
+        Provisioned::AlreadyProvisioned {
+            instance_id: second.clone(),
+            runner_id: r2
+        }
+    );
+    assert_eq!(stack.live_instances().await.len(), 2);
+
+    // B finishes on A's first runner: that instance goes; A's second stays for A.
+    let torn = functions
+        .teardown(&stack.finished(&b, JobStatus::Success, Some(r1)))
+        .await
+        .unwrap();
+    assert_eq!(torn.removed.len(), 1, "{torn:?}");
+    let live = stack.live_instances().await;
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].instance_id(), Some(second.as_str()));
+    functions
+        .teardown(&stack.finished(&a, JobStatus::Success, Some(r2)))
+        .await
+        .unwrap();
+    assert!(stack.live_instances().await.is_empty());
+    assert!(stack.gitlab.state().runners.is_empty());
+}
+
+/// Issue 12, finding 5: the reaper asks GitLab whether a runner is busy before it destroys
+/// anything, and an unanswered question is not "idle". A job marked finished in the jobs
+/// table (a finished hook, maybe forged) and an idle-looking runner, while GitLab's runner
+/// API answers only 502: the reaper neither marks nor kills; once GitLab answers "idle" it
+/// marks, then kills.
+#[tokio::test]
+async fn the_reaper_destroys_nothing_while_gitlab_cannot_say_whether_the_runner_is_busy() {
+    let stack = fleet_stack().await;
+    let provisioner = stack.functions(&stack.config(&[])).await;
+    let job = job_event(46, 4601, "test", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    launched(
+        &provisioner
+            .provision(&provision_input(&job, ec2_route()).0, now_ms())
+            .await
+            .unwrap(),
+    );
+    aws_sdk_dynamodb::Client::new(&stack.sdk)
+        .update_item()
+        .table_name(&stack.jobs_table)
+        .key(
+            "job_key",
+            AttributeValue::S(ephemeral_core::jobs::JobKey::of(&job).table_key()),
+        )
+        .update_expression("SET phase = :f, phase_rank = :r")
+        .expression_attribute_values(":f", AttributeValue::S("finished".into()))
+        .expression_attribute_values(":r", AttributeValue::N("4".into()))
+        .send()
+        .await
+        .unwrap();
+    let reaper = stack
+        .functions(&stack.config(&[
+            ("RUNNER_WAIT_TIMEOUT_SECONDS", "0"),
+            ("RUNNER_BOOT_GRACE_SECONDS", "0"),
+        ]))
+        .await;
+    stack.gitlab.state().failure_percent = 100;
+    for _ in 0..2 {
+        let report = reaper.reap(now_ms(), &invocation()).await.unwrap();
+        assert!(
+            report.marked.is_empty() && report.killed.is_empty(),
+            "destroyed on a guess: {report:?}"
+        );
+    }
+    assert!(
+        stack.gitlab.state().random_failures >= 2,
+        "GitLab was asked and failed"
+    );
+    assert_eq!(stack.live_instances().await.len(), 1);
+
+    stack.gitlab.state().failure_percent = 0;
+    let report = reaper.reap(now_ms(), &invocation()).await.unwrap();
+    assert_eq!(report.marked.len(), 1, "{report:?}");
+    let report = reaper.reap(now_ms(), &invocation()).await.unwrap();
+    assert_eq!(report.killed.len(), 1, "{report:?}");
+    assert!(stack.live_instances().await.is_empty());
+}

@@ -226,6 +226,7 @@ async fn every_kind_of_gap_gets_one_new_attempt_and_a_covered_job_none() {
                 runner_id,
                 project_id: PROJECT,
                 job_id,
+                attempt: 1,
                 instance_id: format!("i-{job_id}"),
                 created_at_ms: created,
             })
@@ -378,7 +379,7 @@ async fn jobs_waiting_for_a_slot_start_oldest_first_when_one_frees() {
     for job in [20, 21] {
         slots
             .store
-            .take(key(job), &slots.caps, now - 20 * MIN)
+            .take(key(job), 1, &slots.caps, now - 20 * MIN)
             .await
             .unwrap();
     }
@@ -406,7 +407,7 @@ async fn jobs_waiting_for_a_slot_start_oldest_first_when_one_frees() {
     assert!(execution_names(&st.sdk, &st.provision_arn).await.is_empty());
 
     // Job 20's instance goes: one slot frees, and the job that waited longest takes it.
-    assert!(slots.store.give_back(key(20), None).await.unwrap());
+    assert!(slots.store.give_back(key(20), 1, None).await.unwrap());
     let freed = reconciler.run(&settings, now + MIN).await.unwrap();
     assert_eq!(
         freed.reconciled.get(&Reason::WaitingForSlot),
@@ -697,6 +698,7 @@ async fn a_runner_taken_by_another_job_is_found_by_its_gitlab_status() {
             runner_id: 33,
             project_id: PROJECT,
             job_id: 3,
+            attempt: 1,
             instance_id: "i-3".into(),
             created_at_ms: now - 4 * MIN,
         })

@@ -310,3 +310,117 @@ async fn the_reaper_gives_back_a_leaked_slot_and_keeps_the_live_ones() {
     assert!(report.leaked_slots.is_empty(), "{report:?}");
     assert_eq!(stack.slots_used("global").await, 1);
 }
+
+#[tokio::test]
+async fn each_attempt_holds_its_own_slot_and_each_removal_gives_back_its_instances() {
+    let stack = fleet_stack().await;
+    let functions = stack
+        .functions(&stack.config(&[("MAX_RUNNER_INSTANCES", "2")]))
+        .await;
+    let (a, b, c) = (
+        job_event(67, 6701, "build", JobStatus::Pending),
+        job_event(67, 6702, "build", JobStatus::Pending),
+        job_event(67, 6703, "build", JobStatus::Pending),
+    );
+    for job in [&a, &c] {
+        stack.job_is_provisioning(job).await;
+    }
+    let (_, rc) = launched(&provision(&functions, &c).await);
+    // A's first attempt takes the last slot; B (older) takes its runner; attempt 2 waits.
+    let (_, r1) = launched(&provision(&functions, &a).await);
+    stack.gitlab.state().busy.insert(r1);
+    stack.job_attempt_is(&a, 2).await;
+    assert_eq!(
+        provision(&functions, &a).await,
+        Provisioned::WaitingForSlot {
+            waiting_for: CapReached::Global { limit: 2 }
+        }
+    );
+    assert_eq!(stack.live_instances().await.len(), 2);
+    assert_eq!(stack.slots_used("global").await, 2);
+
+    // C's teardown frees its slot: A's attempt 2 launches in a slot of its own.
+    functions
+        .teardown(&stack.finished(&c, JobStatus::Success, Some(rc)))
+        .await
+        .unwrap();
+    let (_, r2) = launched(&provision(&functions, &a).await);
+    assert_eq!(
+        stack.slot_items().await,
+        [
+            "slot#project#67#job#6701",
+            "slot#project#67#job#6701#attempt#2"
+        ]
+    );
+    let items = e2e_tests::scan_items(&stack.sdk, &stack.slots_table).await;
+    let second = items
+        .iter()
+        .find(|i| i["slot_key"] == AttributeValue::S("slot#project#67#job#6701#attempt#2".into()))
+        .unwrap();
+    assert_eq!(second["attempt"], AttributeValue::N("2".into()));
+    assert_eq!(stack.slots_used("global").await, 2);
+    assert_eq!(stack.slots_used("project#67").await, 2);
+    // A retried step of attempt 2 takes nothing more.
+    assert!(matches!(
+        provision(&functions, &a).await,
+        Provisioned::AlreadyProvisioned { .. }
+    ));
+    assert_eq!(stack.slots_used("global").await, 2);
+
+    // B finishes on attempt 1's runner: attempt 1's slot goes back, attempt 2's stays.
+    functions
+        .teardown(&stack.finished(&b, JobStatus::Success, Some(r1)))
+        .await
+        .unwrap();
+    assert_eq!(
+        stack.slot_items().await,
+        ["slot#project#67#job#6701#attempt#2"]
+    );
+    assert_eq!(stack.slots_used("global").await, 1);
+    functions
+        .teardown(&stack.finished(&a, JobStatus::Success, Some(r2)))
+        .await
+        .unwrap();
+    assert!(stack.slot_items().await.is_empty());
+    assert_eq!(stack.slots_used("global").await, 0);
+    assert_eq!(stack.slots_used("project#67").await, 0);
+    assert!(stack.live_instances().await.is_empty());
+}
+
+#[tokio::test]
+async fn a_slot_item_from_before_attempts_is_attempt_one_to_the_reaper() {
+    let stack = fleet_stack().await;
+    let dynamo = aws_sdk_dynamodb::Client::new(&stack.sdk);
+    // As the functions wrote it before attempts had slots: no `attempt`, the job's key.
+    dynamo
+        .put_item()
+        .table_name(&stack.slots_table)
+        .item(
+            "slot_key",
+            AttributeValue::S("slot#project#68#job#6801".into()),
+        )
+        .item("project_id", AttributeValue::N("68".into()))
+        .item("job_id", AttributeValue::N("6801".into()))
+        .item("taken_at_ms", AttributeValue::N("0".into()))
+        .send()
+        .await
+        .unwrap();
+    for counter in ["global", "project#68"] {
+        dynamo
+            .put_item()
+            .table_name(&stack.slots_table)
+            .item("slot_key", AttributeValue::S(counter.into()))
+            .item("used", AttributeValue::N("1".into()))
+            .send()
+            .await
+            .unwrap();
+    }
+    let reaper = stack
+        .functions(&stack.config(&[("MAX_RUNNER_INSTANCES", "3"), ("ORPHAN_GRACE_SECONDS", "0")]))
+        .await;
+    let report = reaper.reap(now_ms(), &invocation()).await.unwrap();
+    assert_eq!(report.leaked_slots, ["project#68#job#6801"], "{report:?}");
+    assert!(stack.slot_items().await.is_empty());
+    assert_eq!(stack.slots_used("global").await, 0);
+    assert_eq!(stack.slots_used("project#68").await, 0);
+}
