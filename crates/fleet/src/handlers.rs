@@ -271,7 +271,7 @@ impl Functions {
                 );
                 println!(
                     "{}",
-                    emf_count("ec2-teardown", "TeardownsUnconfirmed", 1, now)
+                    ephemeral_core::metrics::alarmed::TEARDOWNS_UNCONFIRMED.count(1, now)
                 );
             }
             Ok(done) => tracing::info!(
@@ -358,7 +358,7 @@ fn log_provisioned(job: &JobEvent, result: &Result<Provisioned, HandlerError>, n
             );
             println!(
                 "{}",
-                emf_count("ec2-provision", "LaunchFailures", 1, now_ms)
+                ephemeral_core::metrics::alarmed::LAUNCH_FAILURES.count(1, now_ms)
             );
             return;
         }
@@ -448,12 +448,8 @@ fn log_reaped(report: &ReapReport, now_ms: u64) {
     );
     println!(
         "{}",
-        emf_count(
-            "reaper",
-            "InstancesReaped",
-            report.killed.len() as u64,
-            now_ms
-        )
+        ephemeral_core::metrics::alarmed::INSTANCES_REAPED
+            .count(report.killed.len() as u64, now_ms)
     );
     println!(
         "{}",

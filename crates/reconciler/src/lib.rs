@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use ephemeral_core::fleet::RunnerLedger;
 use ephemeral_core::jobs::{JobKey, Started};
-use ephemeral_core::metrics::{emf_count, emf_value};
+use ephemeral_core::metrics::{alarmed, emf_count};
 use ephemeral_core::reconcile::{
     GitLabJobState, JobRecord, LiveRunner, PassReport, PendingJob, PendingListing, Reason,
     ReconcilePorts, ReconcileSettings, RegisteredRunner, TeardownCheck, reconcile_pass,
@@ -112,12 +112,7 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
         );
         println!(
             "{}",
-            emf_count(
-                "reconciler",
-                "AttemptsGivenUp",
-                report.gave_up.len() as u64,
-                now_ms
-            )
+            alarmed::ATTEMPTS_GIVEN_UP.count(report.gave_up.len() as u64, now_ms)
         );
         println!(
             "{}",
@@ -130,13 +125,7 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
         );
         println!(
             "{}",
-            emf_value(
-                "reconciler",
-                "OldestPendingAge",
-                report.oldest_pending_ms,
-                "Milliseconds",
-                now_ms
-            )
+            alarmed::OLDEST_PENDING_AGE.value(report.oldest_pending_ms, "Milliseconds", now_ms)
         );
         for (key, attempts, reason) in &report.gave_up {
             tracing::error!(

@@ -17,7 +17,7 @@ use aws_lambda_events::encodings::Body;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ephemeral_core::auth::Credentials;
-use ephemeral_core::metrics::emf_count;
+use ephemeral_core::metrics::{alarmed, emf_count};
 use ephemeral_core::secrets::{SecretCache, SecretSource};
 use ephemeral_core::webhook::{
     Assessment, DedupSettings, DeliveryLedger, EventSink, FallbackQueue, HookRequest, Outcome,
@@ -125,12 +125,12 @@ pub fn metric_name(outcome: &Outcome) -> &'static str {
     match outcome {
         Outcome::Unauthorized(_) => "HooksUnauthorized",
         Outcome::Ignored(_) => "HooksIgnored",
-        Outcome::DeadLettered(_) => "HooksDeadLettered",
+        Outcome::DeadLettered(_) => alarmed::HOOKS_DEAD_LETTERED.name,
         Outcome::Forwarded => "HooksForwarded",
         Outcome::Duplicate => "HooksDuplicate",
         Outcome::InFlight => "HooksInFlight",
-        Outcome::Queued(_) | Outcome::DeadLetterQueued { .. } => "IntakeFallbacks",
-        Outcome::SecretsUnavailable(_) | Outcome::Failed(_) => "HooksFailed",
+        Outcome::Queued(_) | Outcome::DeadLetterQueued { .. } => alarmed::INTAKE_FALLBACKS.name,
+        Outcome::SecretsUnavailable(_) | Outcome::Failed(_) => alarmed::HOOKS_FAILED.name,
     }
 }
 
