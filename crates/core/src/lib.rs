@@ -4,6 +4,7 @@
 
 pub mod auth;
 pub mod ec2;
+pub mod env;
 pub mod fleet;
 pub mod hook;
 pub mod jobs;

@@ -4,6 +4,7 @@
 use ephemeral_core::ec2::{
     Ec2Defaults, ReaperSettings, check_ami_readable, default_ami_parameter_prefix,
 };
+use ephemeral_core::env::{Env, EnvError};
 use ephemeral_core::fleet::FleetSettings;
 use ephemeral_core::mapping::{AmiRef, Market, RunnerExecutor};
 use ephemeral_core::slots::SlotCaps;
@@ -119,56 +120,9 @@ impl SlotsConfig {
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
-/// The environment, read the same way for every variable: trimmed, empty = unset.
-struct Env<G>(G);
-
-impl<G: Fn(&str) -> Option<String>> Env<G> {
-    fn value(&self, name: &str) -> Option<String> {
-        (self.0)(name)
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
-    }
-
-    fn required(&self, name: &str, what: &str) -> Result<String, ConfigError> {
-        self.value(name)
-            .ok_or_else(|| ConfigError(format!("{name} is not set ({what})")))
-    }
-
-    fn seconds(&self, name: &str, default: u64) -> Result<u64, ConfigError> {
-        match self.value(name) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| ConfigError(format!("{name}=`{v}` is not a whole number of seconds"))),
-        }
-    }
-
-    fn list(&self, name: &str) -> Vec<String> {
-        self.value(name)
-            .map(|v| {
-                v.split(',')
-                    .map(|s| s.trim().to_owned())
-                    .filter(|s| !s.is_empty())
-                    .collect()
-            })
-            .unwrap_or_default()
-    }
-
-    fn choice<T: Copy>(
-        &self,
-        name: &str,
-        default: &str,
-        choices: &[(&str, T)],
-    ) -> Result<T, ConfigError> {
-        let v = self.value(name).unwrap_or_else(|| default.to_owned());
-        choices
-            .iter()
-            .find(|(text, _)| *text == v)
-            .map(|(_, choice)| *choice)
-            .ok_or_else(|| {
-                let names: Vec<_> = choices.iter().map(|(text, _)| *text).collect();
-                ConfigError(format!("{name}=`{v}`: use {}", names.join(" or ")))
-            })
+impl From<EnvError> for ConfigError {
+    fn from(e: EnvError) -> Self {
+        Self(e.0)
     }
 }
 

@@ -145,24 +145,22 @@ impl JobsTable {
                 other => return Err(port_error("claiming the attempt (jobs)", other)),
             },
         }
-        if reason == Reason::MarkedFinished {
-            self.revive(key).await?;
-        } else {
-            self.reach_provisioning(key).await?;
-        }
+        self.to_provisioning(key, reason == Reason::MarkedFinished)
+            .await?;
         Ok(true)
     }
 
-    /// A job we hold as finished that GitLab lists pending: the finish was a claim (a forged
-    /// `canceled` hook, say) and GitLab is the truth, so the job moves back to provisioning,
-    /// the one move against the phase order, and only on GitLab's word. Without it the
-    /// provision step would see the tombstone and launch nothing. Choosing this over a GitLab
-    /// call in the router keeps the hook path fast and free of GitLab's availability, and the
-    /// attacker cannot defeat it: a hook can write a tombstone, not make GitLab list a job as
-    /// not pending.
-    async fn revive(&self, key: JobKey) -> Result<(), PortError> {
+    /// The claimed job moves to provisioning. A job the hook path never routed gets there as
+    /// the router would have moved it (never backwards). `from_finished`: a job we hold as
+    /// finished that GitLab lists pending: the finish was a claim (a forged `canceled` hook,
+    /// say) and GitLab is the truth, so it moves back, the one move against the phase order,
+    /// and only on GitLab's word; without it the provision step would see the tombstone and
+    /// launch nothing. Choosing this over a GitLab call in the router keeps the hook path fast
+    /// and free of GitLab's availability, and the attacker cannot defeat it: a hook can write
+    /// a tombstone, not make GitLab list a job as not pending.
+    async fn to_provisioning(&self, key: JobKey, from_finished: bool) -> Result<(), PortError> {
         let provisioning = JobPhase::Provisioning;
-        let moved = self
+        let mut request = self
             .client
             .update_item()
             .table_name(&self.table)
@@ -172,21 +170,22 @@ impl JobsTable {
                 attr::PHASE,
                 attr::PHASE_RANK
             ))
-            .condition_expression(format!("{} >= :finished", attr::PHASE_RANK))
             .expression_attribute_values(":phase", s(provisioning.as_str()))
-            .expression_attribute_values(":rank", n(u64::from(provisioning.rank())))
-            .expression_attribute_values(":finished", n(u64::from(JobPhase::Finished.rank())))
-            .send()
-            .await;
-        match moved {
+            .expression_attribute_values(":rank", n(u64::from(provisioning.rank())));
+        request = if from_finished {
+            request
+                .condition_expression(format!("{} >= :finished", attr::PHASE_RANK))
+                .expression_attribute_values(":finished", n(u64::from(JobPhase::Finished.rank())))
+        } else {
+            request.condition_expression(ADVANCE_CONDITION)
+        };
+        match request.send().await {
             Ok(_) => Ok(()),
             Err(e) => match e.into_service_error() {
-                // No longer finished (another pass revived it): nothing to undo.
+                // Already there or further, or no longer finished (another pass revived it):
+                // nothing to do.
                 UpdateItemError::ConditionalCheckFailedException(_) => Ok(()),
-                other => Err(port_error(
-                    "moving the job back to provisioning (jobs)",
-                    other,
-                )),
+                other => Err(port_error("moving the job to provisioning (jobs)", other)),
             },
         }
     }
@@ -198,49 +197,9 @@ impl JobsTable {
         reason: Reason,
         now_ms: u64,
     ) -> Result<(), PortError> {
-        self.client
-            .update_item()
-            .table_name(&self.table)
-            .key(jobs_table::KEY, s(&key.table_key()))
-            .update_expression(format!(
-                "SET {} = :reason, {} = :now",
-                attr::RECONCILE_REASON,
-                attr::UPDATED_AT_MS
-            ))
-            .expression_attribute_values(":reason", s(reason.as_str()))
-            .expression_attribute_values(":now", n(now_ms))
-            .send()
+        self.note_reason(key, reason, attr::UPDATED_AT_MS, now_ms)
             .await
-            .map(|_| ())
             .map_err(|e| port_error("recording the teardown's reason (jobs)", e))
-    }
-
-    /// A job the hook path never routed moves to provisioning, as the router would have done.
-    async fn reach_provisioning(&self, key: JobKey) -> Result<(), PortError> {
-        let provisioning = JobPhase::Provisioning;
-        let moved = self
-            .client
-            .update_item()
-            .table_name(&self.table)
-            .key(jobs_table::KEY, s(&key.table_key()))
-            .update_expression(format!(
-                "SET {} = :phase, {} = :rank",
-                attr::PHASE,
-                attr::PHASE_RANK
-            ))
-            .condition_expression(ADVANCE_CONDITION)
-            .expression_attribute_values(":phase", s(provisioning.as_str()))
-            .expression_attribute_values(":rank", n(u64::from(provisioning.rank())))
-            .send()
-            .await;
-        match moved {
-            Ok(_) => Ok(()),
-            Err(e) => match e.into_service_error() {
-                // Already there or further: the phase never moves back.
-                UpdateItemError::ConditionalCheckFailedException(_) => Ok(()),
-                other => Err(port_error("moving the job to provisioning (jobs)", other)),
-            },
-        }
     }
 
     pub async fn record_gave_up(
@@ -249,21 +208,32 @@ impl JobsTable {
         reason: Reason,
         now_ms: u64,
     ) -> Result<(), PortError> {
+        self.note_reason(key, reason, attr::GAVE_UP_AT_MS, now_ms)
+            .await
+            .map_err(|e| port_error("recording that the job was given up (jobs)", e))
+    }
+
+    /// `reconcile_reason` = `reason` and `at` = now on the job's item.
+    async fn note_reason(
+        &self,
+        key: JobKey,
+        reason: Reason,
+        at: &str,
+        now_ms: u64,
+    ) -> Result<(), aws_sdk_dynamodb::error::SdkError<UpdateItemError>> {
         self.client
             .update_item()
             .table_name(&self.table)
             .key(jobs_table::KEY, s(&key.table_key()))
             .update_expression(format!(
-                "SET {} = :now, {} = :reason",
-                attr::GAVE_UP_AT_MS,
+                "SET {} = :reason, {at} = :now",
                 attr::RECONCILE_REASON
             ))
-            .expression_attribute_values(":now", n(now_ms))
             .expression_attribute_values(":reason", s(reason.as_str()))
+            .expression_attribute_values(":now", n(now_ms))
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| port_error("recording that the job was given up (jobs)", e))
     }
 
     /// The projects of every job the table still holds (items expire after their TTL): the

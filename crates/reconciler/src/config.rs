@@ -1,6 +1,7 @@
 //! The reconciler's configuration, from the environment the template sets. Every problem
 //! names the variable and what to put in it.
 
+use ephemeral_core::env::{Env, EnvError};
 use ephemeral_core::reconcile::ReconcileSettings;
 
 /// Which jobs the stack serves: the projects and groups whose pending jobs are listed.
@@ -49,26 +50,22 @@ pub struct ReconcilerConfig {
 #[error("configuration: {0}")]
 pub struct ConfigError(pub String);
 
+impl From<EnvError> for ConfigError {
+    fn from(e: EnvError) -> Self {
+        Self(e.0)
+    }
+}
+
 impl ReconcilerConfig {
     pub fn from_env() -> Result<Self, ConfigError> {
         Self::from_lookup(|k| std::env::var(k).ok())
     }
 
     pub fn from_lookup(get: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
-        let value = |name: &str| {
-            get(name)
-                .map(|v| v.trim().to_owned())
-                .filter(|v| !v.is_empty())
-        };
-        let required = |name: &str, what: &str| {
-            value(name).ok_or_else(|| ConfigError(format!("{name} is not set ({what})")))
-        };
-        let number = |name: &str, default: u64| -> Result<u64, ConfigError> {
-            value(name).map_or(Ok(default), |v| {
-                v.parse()
-                    .map_err(|_| ConfigError(format!("{name}=`{v}` is not a whole number")))
-            })
-        };
+        let env = Env(&get);
+        let value = |name: &str| env.value(name);
+        let required = |name: &str, what: &str| Ok::<_, ConfigError>(env.required(name, what)?);
+        let number = |name: &str, default: u64| Ok::<_, ConfigError>(env.number(name, default)?);
         let ids = |name: &str| -> Result<Vec<u64>, ConfigError> {
             let Some(list) = value(name) else {
                 return Ok(Vec::new());
@@ -176,6 +173,19 @@ mod tests {
         move |k| vars.get(k).cloned()
     }
 
+    fn template() -> serde_norway::Value {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../template.yaml");
+        serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    }
+
+    /// The ReconcilerFunction's policy statements.
+    fn statements() -> Vec<serde_norway::Value> {
+        template()["Resources"]["ReconcilerFunction"]["Properties"]["Policies"][0]["Statement"]
+            .as_sequence()
+            .unwrap()
+            .clone()
+    }
+
     #[test]
     fn defaults_and_scopes_are_read() {
         let c = ReconcilerConfig::from_lookup(env(&[
@@ -203,9 +213,7 @@ mod tests {
             full(name)
         })
         .unwrap();
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../template.yaml");
-        let template: serde_norway::Value =
-            serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        let template = template();
         let set: std::collections::BTreeSet<String> =
             template["Resources"]["ReconcilerFunction"]["Properties"]["Environment"]["Variables"]
                 .as_mapping()
@@ -225,13 +233,7 @@ mod tests {
     /// The template lets the function hold only its own lease.
     #[test]
     fn the_template_grants_exactly_this_lease() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../template.yaml");
-        let template: serde_norway::Value =
-            serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let statements =
-            template["Resources"]["ReconcilerFunction"]["Properties"]["Policies"][0]["Statement"]
-                .as_sequence()
-                .unwrap();
+        let statements = statements();
         let lease = statements
             .iter()
             .find(|s| s["Sid"].as_str() == Some("HoldReconcilerLease"))
@@ -244,13 +246,7 @@ mod tests {
     /// The reconciler starts both workflows: the template lets it start exactly those two.
     #[test]
     fn the_template_lets_it_start_the_provision_and_teardown_workflows() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../template.yaml");
-        let template: serde_norway::Value =
-            serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-        let statements =
-            template["Resources"]["ReconcilerFunction"]["Properties"]["Policies"][0]["Statement"]
-                .as_sequence()
-                .unwrap();
+        let statements = statements();
         let start = statements
             .iter()
             .find(|s| s["Action"].as_str() == Some("states:StartExecution"))

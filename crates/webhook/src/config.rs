@@ -4,6 +4,7 @@
 //! names, and a test checks that the template sets exactly these.
 
 use ephemeral_core::auth::AuthMode;
+use ephemeral_core::env::{Env, EnvError};
 use ephemeral_core::webhook::{DedupSettings, WebhookPolicy};
 
 /// The environment variables the template sets on the webhook and the intake drainer.
@@ -46,36 +47,26 @@ pub struct DrainerConfig {
 #[error("configuration: {0}")]
 pub struct ConfigError(String);
 
-/// The environment, read the same way for every variable: trimmed, empty = unset.
-struct Env<G>(G);
-
-impl<G: Fn(&str) -> Option<String>> Env<G> {
-    fn value(&self, name: &str) -> Option<String> {
-        (self.0)(name)
-            .map(|v| v.trim().to_owned())
-            .filter(|v| !v.is_empty())
+impl From<EnvError> for ConfigError {
+    fn from(e: EnvError) -> Self {
+        Self(e.0)
     }
+}
 
-    fn required(&self, name: &str, what: &str) -> Result<String, ConfigError> {
-        self.value(name)
-            .ok_or_else(|| ConfigError(format!("{name} is not set ({what})")))
-    }
+/// What the webhook and the intake drainer both read, under the same names.
+trait SharedVars {
+    fn bus(&self) -> Result<String, ConfigError>;
+    fn table(&self) -> Result<String, ConfigError>;
+    fn dedup(&self) -> Result<DedupSettings, ConfigError>;
+}
 
-    fn number(&self, name: &str, default: u64) -> Result<u64, ConfigError> {
-        match self.value(name) {
-            None => Ok(default),
-            Some(v) => v
-                .parse()
-                .map_err(|_| ConfigError(format!("{name}=`{v}` is not a whole number"))),
-        }
-    }
-
+impl<G: Fn(&str) -> Option<String>> SharedVars for Env<G> {
     fn bus(&self) -> Result<String, ConfigError> {
-        self.required(var::EVENT_BUS_NAME, "the EventBridge bus job events go to")
+        Ok(self.required(var::EVENT_BUS_NAME, "the EventBridge bus job events go to")?)
     }
 
     fn table(&self) -> Result<String, ConfigError> {
-        self.required(var::DEDUP_TABLE_NAME, "the DynamoDB table of deliveries")
+        Ok(self.required(var::DEDUP_TABLE_NAME, "the DynamoDB table of deliveries")?)
     }
 
     fn dedup(&self) -> Result<DedupSettings, ConfigError> {
