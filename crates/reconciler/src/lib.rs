@@ -211,28 +211,25 @@ impl<L: RunnerLedger + Sync> ReconcilePorts for Reconciler<L> {
         self.jobs.records(keys).await
     }
 
-    async fn live_runners(&self, listed: &[PendingJob]) -> Result<Vec<LiveRunner>, PortError> {
+    fn live_runners(
+        &self,
+        listed: &[PendingJob],
+        registered: &[RegisteredRunner],
+    ) -> Vec<LiveRunner> {
         let life = self.runner_life;
-        Ok(self
-            .runners
-            .runners()
-            .await?
-            .into_iter()
-            .map(|entry| {
-                let made_for = JobKey {
-                    project_id: entry.project_id,
-                    job_id: entry.job_id,
-                };
+        registered
+            .iter()
+            .map(|r| {
                 runner_as_seen(
-                    entry.runner_id,
-                    made_for,
-                    entry.created_at_ms,
+                    r.runner_id,
+                    r.made_for,
+                    r.created_at_ms,
                     life.waits_ms,
                     life.project_scoped,
                     listed,
                 )
             })
-            .collect())
+            .collect()
     }
 
     async fn free_slots(&self, projects: &[u64]) -> Result<FreeSlots, PortError> {

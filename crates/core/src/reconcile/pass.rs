@@ -32,12 +32,14 @@ pub trait ReconcilePorts {
         &self,
         keys: &[JobKey],
     ) -> impl Future<Output = Result<HashMap<JobKey, JobRecord>, PortError>> + Send;
-    /// Our runners that GitLab may still hand a job to, seen with the tags of `listed` (a
-    /// runner was created with its own job's tags; see [`super::runner_as_seen`]).
+    /// The `registered` runners as GitLab may still hand them a job, seen with the tags of
+    /// `listed` (a runner was created with its own job's tags; see
+    /// [`super::runner_as_seen`]) and the runners' life as this stack configures it.
     fn live_runners(
         &self,
         listed: &[PendingJob],
-    ) -> impl Future<Output = Result<Vec<LiveRunner>, PortError>> + Send;
+        registered: &[RegisteredRunner],
+    ) -> Vec<LiveRunner>;
     /// Free slots under the instance caps, for `projects` (no caps: unlimited).
     fn free_slots(
         &self,
@@ -147,7 +149,9 @@ pub async fn reconcile_pass<P: ReconcilePorts>(
     let mut listing = ports.pending_jobs().await?;
     let keys: Vec<JobKey> = listing.jobs.iter().map(|j| j.key).collect();
     let records = ports.records(&keys).await?;
-    let mut runners = ports.live_runners(&listing.jobs).await?;
+    // Read once: the live runners and the lost-finish candidates both come from it.
+    let registered = ports.registered_runners().await?;
+    let mut runners = ports.live_runners(&listing.jobs, &registered);
     let mut errors = Vec::new();
     mark_taken_runners(
         ports,
@@ -178,7 +182,7 @@ pub async fn reconcile_pass<P: ReconcilePorts>(
     for (key, decision) in plan_pass(&listing.jobs, &records, &runners, &free, settings, now_ms) {
         act(ports, by_key[&key], decision, now_ms, &mut report).await;
     }
-    tear_down_lost_finishes(ports, &listing, settings, now_ms, &mut report).await;
+    tear_down_lost_finishes(ports, &listing, &registered, settings, now_ms, &mut report).await;
     Ok(report)
 }
 
@@ -224,20 +228,12 @@ async fn mark_taken_runners<P: ReconcilePorts>(
 async fn tear_down_lost_finishes<P: ReconcilePorts>(
     ports: &P,
     listing: &PendingListing,
+    runners: &[RegisteredRunner],
     settings: &ReconcileSettings,
     now_ms: u64,
     report: &mut PassReport,
 ) {
-    let runners = match ports.registered_runners().await {
-        Ok(runners) => runners,
-        Err(e) => {
-            report
-                .errors
-                .push(format!("listing our runners for lost finished hooks: {e}"));
-            return;
-        }
-    };
-    let candidates = lost_finish_candidates(&runners, &listing.jobs, settings.grace_ms, now_ms);
+    let candidates = lost_finish_candidates(runners, &listing.jobs, settings.grace_ms, now_ms);
     if candidates.is_empty() {
         return;
     }
@@ -404,8 +400,8 @@ mod tests {
                 .filter_map(|k| records.get(k).map(|r| (*k, r.clone())))
                 .collect())
         }
-        async fn live_runners(&self, _: &[PendingJob]) -> Result<Vec<LiveRunner>, PortError> {
-            Ok(self.runners.clone())
+        fn live_runners(&self, _: &[PendingJob], _: &[RegisteredRunner]) -> Vec<LiveRunner> {
+            self.runners.clone()
         }
         async fn free_slots(&self, _: &[u64]) -> Result<FreeSlots, PortError> {
             Ok(FreeSlots::default())
