@@ -1496,27 +1496,12 @@ impl Chain {
         }
         // MarkCleaned: a failed condition means already cleaned (AlreadyCleaned); throttling
         // is retried 5 times.
-        self.retried("MarkCleaned", 5, || async {
-            let result = self
-                .functions_dynamo
-                .update_item()
-                .table_name(&self.fleet_stack.jobs_table)
-                .key("job_key", AttributeValue::S(input.job_key.clone()))
-                .update_expression("SET phase = :p, phase_rank = :r")
-                .condition_expression("phase_rank < :r")
-                .expression_attribute_values(":p", AttributeValue::S("cleaned".into()))
-                .expression_attribute_values(":r", AttributeValue::N("5".into()))
-                .send()
-                .await;
-            match result {
-                Err(e)
-                    if e.as_service_error()
-                        .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
-                {
-                    Ok(())
-                }
-                other => other.map(|_| ()),
-            }
+        self.retried("MarkCleaned", 5, || {
+            crate::mark_cleaned(
+                &self.functions_dynamo,
+                &self.fleet_stack.jobs_table,
+                &input.job_key,
+            )
         })
         .await;
     }

@@ -624,3 +624,51 @@ pub async fn scan_items(
     }
     items
 }
+
+/// The teardown definition's MarkCleaned state, as the in-process drivers (chain, liveness)
+/// play it: the job's phase to `cleaned` unless it is there already (a failed condition is
+/// success). Names and rank from the jobs-table owner.
+pub async fn mark_cleaned(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+    job_key: &str,
+) -> Result<
+    (),
+    aws_sdk_dynamodb::error::SdkError<aws_sdk_dynamodb::operation::update_item::UpdateItemError>,
+> {
+    use ephemeral_core::jobs::JobPhase;
+    use ephemeral_core::jobs_table::{KEY, attr};
+    let cleaned = JobPhase::Cleaned;
+    let result = client
+        .update_item()
+        .table_name(table)
+        .key(
+            KEY,
+            aws_sdk_dynamodb::types::AttributeValue::S(job_key.to_owned()),
+        )
+        .update_expression(format!(
+            "SET {} = :p, {} = :r",
+            attr::PHASE,
+            attr::PHASE_RANK
+        ))
+        .condition_expression(format!("{} < :r", attr::PHASE_RANK))
+        .expression_attribute_values(
+            ":p",
+            aws_sdk_dynamodb::types::AttributeValue::S(cleaned.as_str().into()),
+        )
+        .expression_attribute_values(
+            ":r",
+            aws_sdk_dynamodb::types::AttributeValue::N(cleaned.rank().to_string()),
+        )
+        .send()
+        .await;
+    match result {
+        Err(e)
+            if e.as_service_error()
+                .is_some_and(|s| s.is_conditional_check_failed_exception()) =>
+        {
+            Ok(())
+        }
+        other => other.map(|_| ()),
+    }
+}

@@ -233,34 +233,8 @@ fn drainer(
 /// handed over the way Lambda hands it to the function: one `SqsEvent`.
 async fn fallback_batch(sdk: &aws_config::SdkConfig, stack: &WebhookStack) -> SqsEvent {
     let sqs = aws_sdk_sqs::Client::new(sdk);
-    let out = sqs
-        .receive_message()
-        .queue_url(&stack.fallback_queue_url)
-        .max_number_of_messages(10)
-        .message_system_attribute_names(aws_sdk_sqs::types::MessageSystemAttributeName::All)
-        .send()
-        .await
-        .unwrap();
-    let queue_name = stack.fallback_queue_url.rsplit('/').next().unwrap();
-    let records: Vec<serde_json::Value> = out
-        .messages()
-        .iter()
-        .map(|m| {
-            let attributes: serde_json::Map<String, serde_json::Value> = m
-                .attributes()
-                .into_iter()
-                .flatten()
-                .map(|(k, v)| (k.as_str().to_owned(), v.clone().into()))
-                .collect();
-            serde_json::json!({
-                "messageId": m.message_id(), "receiptHandle": m.receipt_handle(),
-                "body": m.body(), "attributes": attributes, "messageAttributes": {},
-                "md5OfBody": m.md5_of_body(), "eventSource": "aws:sqs", "awsRegion": "us-east-1",
-                "eventSourceARN": format!("arn:aws:sqs:us-east-1:123456789012:{queue_name}"),
-            })
-        })
-        .collect();
-    serde_json::from_value(serde_json::json!({ "Records": records })).unwrap()
+    let messages = e2e_tests::chain::receive_batch(&sqs, &stack.fallback_queue_url, 30).await;
+    e2e_tests::chain::sqs_event(&stack.fallback_queue_url, &messages)
 }
 
 fn failed_ids(response: &aws_lambda_events::sqs::SqsBatchResponse) -> Vec<&str> {

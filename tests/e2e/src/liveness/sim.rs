@@ -1149,17 +1149,8 @@ impl Liveness {
                 return;
             }
         }
-        let _ = self
-            .dynamo
-            .update_item()
-            .table_name(&self.fleet_stack.jobs_table)
-            .key("job_key", AttributeValue::S(input.job_key.clone()))
-            .update_expression("SET phase = :p, phase_rank = :r")
-            .condition_expression("phase_rank < :r")
-            .expression_attribute_values(":p", AttributeValue::S("cleaned".into()))
-            .expression_attribute_values(":r", AttributeValue::N("5".into()))
-            .send()
-            .await;
+        let _ =
+            crate::mark_cleaned(&self.dynamo, &self.fleet_stack.jobs_table, &input.job_key).await;
     }
 
     /// A reconciler pass at virtual now, then the workflows it started.
