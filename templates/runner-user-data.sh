@@ -2,12 +2,81 @@
 # User-data of a per-job EC2 runner, rendered by ephemeral_core::ec2::render_user_data.
 # It holds no secret: the runner token waits in SSM under {{TOKEN_PARAMETER_PREFIX}}/<this
 # instance's id>, readable and deletable only by this instance, and is deleted once read.
-# AMI requirements (docs/ec2-runners.md): the AWS CLI v2, curl and systemd; gitlab-runner and
-# docker are installed when missing.
+# AMI requirements (docs/ec2-runners.md): the AWS CLI v2, curl, sha256sum and systemd;
+# gitlab-runner {{RUNNER_VERSION}} and (docker executor) docker are installed when missing.
 # Whatever happens, the instance shuts down at the end (shutdown behaviour: terminate).
 set -uo pipefail
 trap 'shutdown -h now' EXIT
 exec > >(logger -t ephemeral-runner) 2>&1
+
+# gitlab-runner: exactly the stack's GitLabRunnerVersion, and only once its SHA-256 matched:
+# the release's own release.sha256, or the stack's GitLabRunnerSha256 pin for this
+# architecture when one is set. An AMI with this version installed downloads nothing; an AMI
+# with another version gets this one in /usr/local/bin (its own copy is left unused).
+runner_version={{RUNNER_VERSION}}
+pinned_arm64="{{RUNNER_SHA256_ARM64}}"
+pinned_amd64="{{RUNNER_SHA256_AMD64}}"
+downloads="https://gitlab-runner-downloads.s3.amazonaws.com/$runner_version"
+# Never set on an instance; the tests that run this script point it at a temporary directory.
+install_dir="${RUNNER_INSTALL_DIR:-/usr/local/bin}"
+case "$(uname -m)" in
+  aarch64 | arm64) arch=arm64 pinned=$pinned_arm64 ;;
+  x86_64 | amd64) arch=amd64 pinned=$pinned_amd64 ;;
+  *) echo "refusing to run: GitLab publishes no gitlab-runner for $(uname -m)"; exit 1 ;;
+esac
+binary="binaries/gitlab-runner-linux-$arch"
+
+installed_version() {
+  "$1" --version 2>/dev/null | awk '$1 == "Version:" { print $2; exit }'
+}
+runner=$(command -v gitlab-runner)
+if [ -n "$runner" ] && [ "$(installed_version "$runner")" = "${runner_version#v}" ]; then
+  echo "gitlab-runner $runner_version is installed: $runner"
+else
+  [ -z "$runner" ] \
+    || echo "replacing gitlab-runner $(installed_version "$runner") ($runner) with $runner_version"
+  stage=$(mktemp -d) && mkdir -p "$stage/binaries" || { echo "no temporary directory"; exit 1; }
+  curl -sSfL -o "$stage/$binary" "$downloads/$binary" \
+    || { echo "could not download $downloads/$binary"; exit 1; }
+  if [ -n "$pinned_arm64$pinned_amd64" ]; then
+    checksum_source="the stack parameter GitLabRunnerSha256"
+    [ -n "$pinned" ] || {
+      echo "refusing to run gitlab-runner: GitLabRunnerSha256 pins no checksum for $arch"
+      exit 1
+    }
+    printf '%s  %s\n' "$pinned" "$binary" > "$stage/check.sha256"
+  else
+    checksum_source="$downloads/release.sha256"
+    curl -sSfL -o "$stage/release.sha256" "$downloads/release.sha256" \
+      || { echo "refusing to run gitlab-runner: could not download $checksum_source"; exit 1; }
+    # Lines of `sha256sum` (text or binary mode): <sha256>  binaries/gitlab-runner-linux-<arch>
+    awk -v f="$binary" '$2 == f || $2 == "*" f { print $1 "  " f; exit }' \
+      "$stage/release.sha256" > "$stage/check.sha256"
+    [ -s "$stage/check.sha256" ] || {
+      echo "refusing to run gitlab-runner: $checksum_source has no checksum for $binary"
+      exit 1
+    }
+  fi
+  (cd "$stage" && sha256sum -c check.sha256) || {
+    echo "refusing to run gitlab-runner: the SHA-256 of $downloads/$binary does not match $checksum_source"
+    exit 1
+  }
+  # Executable only now, once verified.
+  install -m 0755 "$stage/$binary" "$install_dir/gitlab-runner" \
+    || { echo "could not install gitlab-runner in $install_dir"; exit 1; }
+  rm -rf "$stage"
+  runner="$install_dir/gitlab-runner"
+  echo "gitlab-runner $runner_version installed (SHA-256 checked against $checksum_source)"
+fi
+
+# Docker from the distribution's own packages only (Amazon Linux: dnf; AL2: yum), never a
+# convenience script; bake it into your AMI to skip this.
+if [ "{{EXECUTOR}}" = docker ]; then
+  if ! command -v docker >/dev/null; then
+    dnf install -y docker || yum install -y docker || { echo "could not install docker"; exit 1; }
+  fi
+  systemctl enable --now docker || { echo "could not start docker"; exit 1; }
+fi
 
 imds() {
   local token
@@ -19,7 +88,9 @@ imds() {
 instance_id=$(imds instance-id) || { echo "no instance id from IMDSv2"; exit 1; }
 parameter="{{TOKEN_PARAMETER_PREFIX}}/$instance_id"
 
-# The provision task puts the parameter right after RunInstances returns: wait for it.
+# The provision task puts the parameter right after RunInstances returns: wait for it. The
+# token is read only now, once the runner is verified and docker runs: an instance that
+# refused to run never held it.
 runner_token=""
 for _ in $(seq 1 60); do
   runner_token=$(aws ssm get-parameter --region {{REGION}} --name "$parameter" \
@@ -29,20 +100,6 @@ for _ in $(seq 1 60); do
 done
 [ -n "$runner_token" ] || { echo "runner token parameter never appeared: $parameter"; exit 1; }
 aws ssm delete-parameter --region {{REGION}} --name "$parameter" || echo "could not delete $parameter"
-
-# A stock AMI (e.g. Amazon Linux 2023) works too: what is missing is installed here, at the
-# cost of boot time. Bake gitlab-runner (and docker) into your AMI to skip this.
-if ! command -v gitlab-runner >/dev/null; then
-  case "$(uname -m)" in aarch64) arch=arm64 ;; *) arch=amd64 ;; esac
-  curl -sSfL -o /usr/local/bin/gitlab-runner \
-    "https://gitlab-runner-downloads.s3.amazonaws.com/latest/binaries/gitlab-runner-linux-$arch" \
-    || { echo "could not download gitlab-runner"; exit 1; }
-  chmod +x /usr/local/bin/gitlab-runner
-fi
-if [ "{{EXECUTOR}}" = docker ] && ! command -v docker >/dev/null; then
-  dnf install -y docker || yum install -y docker || { echo "could not install docker"; exit 1; }
-  systemctl start docker
-fi
 
 # The shell executor runs the job as the runner's own user: that is an unprivileged user
 # made here (no sudo, no docker group), not root. Docker jobs run in containers, and the
@@ -66,7 +123,7 @@ fi
 
 # The token goes in the environment, not on the command line: argv is visible to every
 # process on the host (`ps`). gitlab-runner reads CI_SERVER_TOKEN for --token.
-CI_SERVER_TOKEN="$runner_token" "${run_as[@]}" gitlab-runner run-single \
+CI_SERVER_TOKEN="$runner_token" "${run_as[@]}" "$runner" run-single \
   --url {{GITLAB_URL}} \
   --executor {{EXECUTOR}} "${executor_args[@]}" \
   --max-builds 1 \

@@ -247,6 +247,91 @@ pub fn classify_launch_error(code: &str) -> LaunchFailure {
     }
 }
 
+/// The gitlab-runner release of the stack default when `GITLAB_RUNNER_VERSION` is absent (the
+/// teardown and reaper functions, which render no user-data, are not given it). The template's
+/// `GitLabRunnerVersion` default is the same (a test checks).
+pub const DEFAULT_RUNNER_VERSION: &str = "v18.5.0";
+
+/// The architectures GitLab publishes a Linux gitlab-runner binary for that EC2 runs.
+pub const RUNNER_ARCHITECTURES: [&str; 2] = ["arm64", "amd64"];
+
+/// Which gitlab-runner every runner instance runs: exactly this release (the stack parameter
+/// `GitLabRunnerVersion`), checked with `sha256sum -c` before it is made executable, against
+/// the release's own `release.sha256` or, when pinned (`GitLabRunnerSha256`), against the
+/// pinned checksum of the instance's architecture.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunnerRelease {
+    version: String,
+    /// Lowercase hex, per architecture ([`RUNNER_ARCHITECTURES`] order); all `None`: not pinned.
+    sha256: [Option<String>; 2],
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RunnerReleaseError {
+    #[error(
+        "`{0}` is not a gitlab-runner release: use vMAJOR.MINOR.PATCH, e.g. {DEFAULT_RUNNER_VERSION}"
+    )]
+    Version(String),
+    #[error(
+        "`{0}` is not arm64=<sha256>,amd64=<sha256>: each entry an architecture (arm64 or amd64, at most once) and the 64 hex digits of that binary's SHA-256 (the release's release.sha256 lists them)"
+    )]
+    Sha256(String),
+}
+
+impl RunnerRelease {
+    /// `version` is `vMAJOR.MINOR.PATCH`; `pins` is empty (the release's `release.sha256`
+    /// decides) or `arm64=<hex>,amd64=<hex>` (either or both; an instance of an architecture
+    /// not pinned refuses to run).
+    pub fn new(version: &str, pins: &str) -> Result<Self, RunnerReleaseError> {
+        let numbers: Vec<&str> = version.strip_prefix('v').unwrap_or("").split('.').collect();
+        let well_formed = numbers.len() == 3
+            && numbers
+                .iter()
+                .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()));
+        if !well_formed {
+            return Err(RunnerReleaseError::Version(version.to_owned()));
+        }
+        let mut sha256: [Option<String>; 2] = [None, None];
+        for entry in pins.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let bad = || RunnerReleaseError::Sha256(pins.to_owned());
+            let (arch, hex) = entry.split_once('=').ok_or_else(bad)?;
+            let slot = RUNNER_ARCHITECTURES
+                .iter()
+                .position(|a| *a == arch.trim())
+                .ok_or_else(bad)?;
+            let hex = hex.trim();
+            if hex.len() != 64
+                || !hex.bytes().all(|b| b.is_ascii_hexdigit())
+                || sha256[slot].is_some()
+            {
+                return Err(bad());
+            }
+            sha256[slot] = Some(hex.to_ascii_lowercase());
+        }
+        Ok(Self {
+            version: version.to_owned(),
+            sha256,
+        })
+    }
+
+    /// `vMAJOR.MINOR.PATCH`: the release's directory in GitLab's download bucket.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+
+    /// The pinned SHA-256 of `gitlab-runner-linux-<arch>`, if pinned.
+    pub fn sha256(&self, arch: &str) -> Option<&str> {
+        let slot = RUNNER_ARCHITECTURES.iter().position(|a| *a == arch)?;
+        self.sha256[slot].as_deref()
+    }
+}
+
+impl Default for RunnerRelease {
+    fn default() -> Self {
+        Self::new(DEFAULT_RUNNER_VERSION, "").expect("DEFAULT_RUNNER_VERSION is well-formed")
+    }
+}
+
 /// Values substituted into the user-data template. None of them is a secret: the instance
 /// reads its runner token from SSM itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -258,6 +343,7 @@ pub struct UserDataValues {
     pub executor: RunnerExecutor,
     pub wait_timeout_seconds: u64,
     pub region: String,
+    pub runner: RunnerRelease,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -277,21 +363,30 @@ pub enum UserDataError {
 /// Prefixes of GitLab and webhook secrets: none may ever reach user-data.
 const SECRET_PREFIXES: [&str; 6] = ["glrt-", "glpat-", "gldt-", "glptt-", "whsec_", "GR1348941"];
 
+/// Placeholders that may render empty: the pinned checksums, when not pinned.
+const MAY_BE_EMPTY: [&str; 2] = ["RUNNER_SHA256_ARM64", "RUNNER_SHA256_AMD64"];
+
 /// Renders `template` (placeholders `{{GITLAB_URL}}`, `{{TOKEN_PARAMETER_PREFIX}}`,
-/// `{{EXECUTOR}}`, `{{WAIT_TIMEOUT}}`, `{{REGION}}`, each required). Values must be plain (no
-/// quotes, spaces or shell metacharacters) and must not look like secrets.
+/// `{{EXECUTOR}}`, `{{WAIT_TIMEOUT}}`, `{{REGION}}`, `{{RUNNER_VERSION}}`,
+/// `{{RUNNER_SHA256_ARM64}}`, `{{RUNNER_SHA256_AMD64}}`, each required; the last two are
+/// empty when not pinned). Values must be plain (no quotes, spaces or shell metacharacters)
+/// and must not look like secrets.
 pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<String, UserDataError> {
     let executor = match values.executor {
         RunnerExecutor::Shell => "shell",
         RunnerExecutor::Docker => "docker",
     };
     let wait = values.wait_timeout_seconds.to_string();
-    let pairs: [(&'static str, &str); 5] = [
+    let pinned = |arch| values.runner.sha256(arch).unwrap_or_default();
+    let pairs: [(&'static str, &str); 8] = [
         ("GITLAB_URL", &values.gitlab_url),
         ("TOKEN_PARAMETER_PREFIX", &values.token_parameter_prefix),
         ("EXECUTOR", executor),
         ("WAIT_TIMEOUT", &wait),
         ("REGION", &values.region),
+        ("RUNNER_VERSION", values.runner.version()),
+        ("RUNNER_SHA256_ARM64", pinned("arm64")),
+        ("RUNNER_SHA256_AMD64", pinned("amd64")),
     ];
     let mut out = template.to_owned();
     for (name, value) in pairs {
@@ -301,7 +396,7 @@ pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<Strin
         let safe = value
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || "-_./:@".contains(c));
-        if !safe || value.is_empty() {
+        if !safe || (value.is_empty() && !MAY_BE_EMPTY.contains(&name)) {
             return Err(UserDataError::Unsafe(name));
         }
         let placeholder = format!("{{{{{name}}}}}");
@@ -536,7 +631,7 @@ mod tests {
         assert!(launch_plan(&job, &route, &own_prefix, None).is_ok());
     }
 
-    const TEMPLATE: &str = "#!/bin/bash\nurl={{GITLAB_URL}}\np={{TOKEN_PARAMETER_PREFIX}}\ne={{EXECUTOR}}\nw={{WAIT_TIMEOUT}}\nr={{REGION}}\n";
+    const TEMPLATE: &str = "#!/bin/bash\nurl={{GITLAB_URL}}\np={{TOKEN_PARAMETER_PREFIX}}\ne={{EXECUTOR}}\nw={{WAIT_TIMEOUT}}\nr={{REGION}}\nv={{RUNNER_VERSION}}\na=\"{{RUNNER_SHA256_ARM64}}\"\nx=\"{{RUNNER_SHA256_AMD64}}\"\n";
 
     fn values() -> UserDataValues {
         UserDataValues {
@@ -545,6 +640,50 @@ mod tests {
             executor: RunnerExecutor::Shell,
             wait_timeout_seconds: 600,
             region: "eu-west-1".into(),
+            runner: RunnerRelease::default(),
+        }
+    }
+
+    const SHA: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+
+    #[test]
+    fn the_runner_release_is_a_version_and_optional_pins_per_architecture() {
+        let r = RunnerRelease::new("v18.5.0", "").unwrap();
+        assert_eq!((r.version(), r.sha256("arm64")), ("v18.5.0", None));
+        assert_eq!(RunnerRelease::default().version(), DEFAULT_RUNNER_VERSION);
+        let upper = SHA.to_ascii_uppercase();
+        let r = RunnerRelease::new("v18.5.0", &format!(" amd64={upper} ")).unwrap();
+        assert_eq!((r.sha256("amd64"), r.sha256("arm64")), (Some(SHA), None));
+        let r = RunnerRelease::new("v18.5.0", &format!("arm64={SHA},amd64={SHA}")).unwrap();
+        assert_eq!(r.sha256("arm64"), Some(SHA));
+        for version in [
+            "18.5.0",
+            "latest",
+            "v18.5",
+            "v18.5.0-rc1",
+            "v18..0",
+            "v18.5.0;x",
+            "",
+        ] {
+            assert_eq!(
+                RunnerRelease::new(version, ""),
+                Err(RunnerReleaseError::Version(version.into()))
+            );
+        }
+        for pins in [
+            SHA.to_owned(),
+            format!("x86_64={SHA}"),
+            format!("arm64={}", &SHA[1..]),
+            format!("arm64={}g", &SHA[1..]),
+            format!("arm64={SHA},arm64={SHA}"),
+        ] {
+            assert!(
+                matches!(
+                    RunnerRelease::new("v18.5.0", &pins),
+                    Err(RunnerReleaseError::Sha256(_))
+                ),
+                "{pins}"
+            );
         }
     }
 
@@ -552,6 +691,19 @@ mod tests {
     fn user_data_renders_and_refuses_secrets_and_shell_metacharacters() {
         let out = render_user_data(TEMPLATE, &values()).unwrap();
         assert!(out.contains("url=https://gitlab.example.com\n") && out.contains("w=600\n"));
+        // Not pinned: the checksums render empty (the release's release.sha256 decides).
+        assert!(out.contains("v=v18.5.0\na=\"\"\nx=\"\"\n"), "{out}");
+        let mut v = values();
+        v.runner = RunnerRelease::new("v17.11.3", &format!("amd64={SHA}")).unwrap();
+        let out = render_user_data(TEMPLATE, &v).unwrap();
+        assert!(
+            out.contains(&format!("v=v17.11.3\na=\"\"\nx=\"{SHA}\"\n")),
+            "{out}"
+        );
+        assert_eq!(
+            render_user_data(&TEMPLATE.replace("{{RUNNER_VERSION}}", "latest"), &values()),
+            Err(UserDataError::MissingPlaceholder("RUNNER_VERSION"))
+        );
 
         let mut v = values();
         v.gitlab_url = "https://gitlab.example.com/glrt-abc".into();
@@ -584,6 +736,20 @@ mod tests {
         assert!(out.contains("--max-builds 1"));
         assert!(out.contains("--wait-timeout 600"));
         assert!(!SECRET_PREFIXES.iter().any(|p| out.contains(p)));
+        // The pinned release, never `latest`; docker from the distribution only.
+        assert!(out.contains("runner_version=v18.5.0\n"), "{out}");
+        assert!(
+            out.contains("https://gitlab-runner-downloads.s3.amazonaws.com/$runner_version")
+                && out.contains("sha256sum -c"),
+            "{out}"
+        );
+        assert!(
+            !out.contains("/latest/binaries") && !out.contains("| sh"),
+            "{out}"
+        );
+        assert!(
+            out.contains("dnf install -y docker") && out.contains("systemctl enable --now docker")
+        );
         // A syntax error here would surface only as runners that never start.
         use std::io::Write as _;
         let mut bash = std::process::Command::new("bash")
@@ -603,7 +769,9 @@ mod tests {
     }
 
     /// Runs the rendered user-data with stand-ins for the commands it calls (IMDS via curl,
-    /// the AWS CLI, gitlab-runner, useradd, runuser, shutdown) and returns their log.
+    /// the AWS CLI, gitlab-runner of the pinned version, as an AMI may have it, useradd,
+    /// runuser, systemctl, shutdown) and returns their log. tests/e2e/tests/user_data_moto.rs
+    /// runs it with the real AWS CLI against moto, and downloads and checks gitlab-runner.
     fn run_user_data(executor: RunnerExecutor) -> String {
         let dir = std::env::temp_dir().join(format!(
             "user-data-{}-{executor:?}-{}",
@@ -652,10 +820,12 @@ mod tests {
         stub(
             "gitlab-runner",
             &format!(
-                "{record}\necho \"gitlab-runner env CI_SERVER_TOKEN=$CI_SERVER_TOKEN cwd=$PWD\" >> \"$CALLS\""
+                "[ \"$1\" = --version ] && {{ printf 'Version:      18.5.0\\nGit revision: 1234abcd\\n'; exit; }}\n{record}\necho \"gitlab-runner env CI_SERVER_TOKEN=$CI_SERVER_TOKEN cwd=$PWD\" >> \"$CALLS\""
             ),
         );
         stub("docker", record);
+        stub("systemctl", record);
+        stub("uname", "echo aarch64");
         stub("shutdown", record);
         stub("logger", "cat > /dev/null");
         let script = render_user_data(
@@ -696,10 +866,14 @@ mod tests {
         );
         let runuser = line("runuser");
         assert!(
-            runuser.starts_with(&format!(
-                "runuser -u {SHELL_JOB_USER} -- gitlab-runner run-single "
-            )),
+            runuser.starts_with(&format!("runuser -u {SHELL_JOB_USER} -- /"))
+                && runuser.contains("/bin/gitlab-runner run-single "),
             "{runuser}"
+        );
+        // The AMI's gitlab-runner is the pinned version: nothing is downloaded.
+        assert!(
+            !calls.lines().any(|l| l.contains("gitlab-runner-downloads")),
+            "{calls}"
         );
         let run = line("gitlab-runner run-single");
         assert!(run.contains("--executor shell"), "{run}");
@@ -728,6 +902,11 @@ mod tests {
             !calls
                 .lines()
                 .any(|l| l.starts_with("useradd") || l.starts_with("runuser")),
+            "{calls}"
+        );
+        // Docker is on the AMI: enabled and started, not installed.
+        assert!(
+            calls.lines().any(|l| l == "systemctl enable --now docker"),
             "{calls}"
         );
         assert!(

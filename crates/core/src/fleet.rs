@@ -38,9 +38,9 @@ use serde::Serialize;
 
 use crate::ec2::{
     Ec2Defaults, InstanceFacts, LaunchFailure, LaunchPlan, PlanError, ReaperAction, ReaperSettings,
-    SPOT_ROLE_FIX, SPOT_ROLE_MISSING, TAG_ATTEMPT, TAG_JOB_ID, TAG_PROJECT_ID, TAG_REAPER_BYPASS,
-    TAG_REAPER_MARK, TAG_RUNNER_ID, UserDataError, UserDataValues, classify_launch_error,
-    launch_plan, reap, render_user_data,
+    RunnerRelease, SPOT_ROLE_FIX, SPOT_ROLE_MISSING, TAG_ATTEMPT, TAG_JOB_ID, TAG_PROJECT_ID,
+    TAG_REAPER_BYPASS, TAG_REAPER_MARK, TAG_RUNNER_ID, UserDataError, UserDataValues,
+    classify_launch_error, launch_plan, reap, render_user_data,
 };
 use crate::hook::{JobEvent, JobStatus};
 use crate::jobs::{JobKey, JobPhase};
@@ -316,6 +316,9 @@ pub struct FleetSettings {
     pub token_parameter_prefix: String,
     pub wait_timeout_seconds: u64,
     pub region: String,
+    /// The gitlab-runner release instances download and check (`GitLabRunnerVersion`,
+    /// `GitLabRunnerSha256`), rendered into the user-data.
+    pub runner: RunnerRelease,
     pub reaper: ReaperSettings,
     /// A token parameter or a registered runner whose instance is gone is removed once it is
     /// this old (provisioning in flight is younger).
@@ -629,6 +632,7 @@ async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
                 executor: plan.executor,
                 wait_timeout_seconds: settings.wait_timeout_seconds,
                 region: settings.region.clone(),
+                runner: settings.runner.clone(),
             },
         )?;
         let image_id = ports
@@ -1678,6 +1682,7 @@ mod tests {
             token_parameter_prefix: "/ci/runner-tokens".into(),
             wait_timeout_seconds: 600,
             region: "us-east-1".into(),
+            runner: RunnerRelease::default(),
             reaper: ReaperSettings {
                 max_lifetime_ms: u64::MAX,
                 idle_grace_ms: u64::MAX,

