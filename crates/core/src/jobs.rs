@@ -11,6 +11,7 @@ use std::future::Future;
 use serde::{Deserialize, Serialize};
 
 use crate::hook::{JobEvent, JobStatus};
+use crate::metrics::charted;
 use crate::webhook::PortError;
 
 /// Where a job is on our side. The numeric rank orders them; moves are only upwards.
@@ -145,8 +146,11 @@ pub enum Intent {
     Provision,
     /// Move to [`JobPhase::Finished`] and start the teardown workflow.
     Teardown,
-    /// Nothing to do for this status (e.g. `running`, or `pending` when provisioning starts
-    /// at `created`).
+    /// A runner took the job (`running`): record it once, and measure how long the job waited
+    /// (GitLab's `queued_duration`). Moves no phase and starts nothing.
+    PickUp,
+    /// Nothing to do for this status (e.g. `manual`, or `pending` when provisioning starts at
+    /// `created`).
     Nothing,
 }
 
@@ -156,6 +160,7 @@ pub fn intent(status: &JobStatus, provision_on: ProvisionOn) -> Intent {
             Intent::Provision
         }
         (s, _) if s.is_finished() => Intent::Teardown,
+        (JobStatus::Running, _) => Intent::PickUp,
         _ => Intent::Nothing,
     }
 }
@@ -169,6 +174,25 @@ pub enum Advance {
     AlreadyAt(JobPhase),
 }
 
+/// The route the provision workflow recorded on a job's item (`route_type`, `route_matched`),
+/// as far as it holds one.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordedRoute {
+    /// `EC2`, `LAMBDA` (or `SKIP`).
+    pub executor: Option<String>,
+    /// The mapping item that matched (`pk/sk`), or `default`.
+    pub matched: Option<String>,
+}
+
+/// Result of recording a job's running hook.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PickupRecord {
+    /// The job's first running hook: recorded, with the route its item holds.
+    First(RecordedRoute),
+    /// A running hook was already recorded for the job (a repeated delivery): nothing written.
+    Again,
+}
+
 /// The jobs table.
 pub trait JobStore {
     /// Moves the job to `to` if its phase is lower (or it has none), recording the event's
@@ -180,6 +204,15 @@ pub trait JobStore {
         event: &JobEvent,
         now_ms: u64,
     ) -> impl Future<Output = Result<Advance, PortError>> + Send;
+
+    /// Records the job's running hook once ([`crate::jobs_table::PICKUP_CONDITION`]), leaving
+    /// its phase alone, and returns the route the item holds.
+    fn record_pickup(
+        &self,
+        key: JobKey,
+        event: &JobEvent,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<PickupRecord, PortError>> + Send;
 }
 
 /// Whether a start created an execution or found it already there.
@@ -214,14 +247,62 @@ pub enum RouterOutcome {
         execution: String,
         started: Started,
     },
+    /// A job's first running hook, recorded: the router emits its pickup metric.
+    PickedUp(Pickup),
     /// Logged no-op, with why.
     Skipped(&'static str),
+}
+
+/// A job a runner took, as the router measures it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pickup {
+    /// GitLab's `queued_duration` (seconds between pending and running), in ms; `None` when
+    /// the hook had none.
+    pub queued_ms: Option<u64>,
+    pub route: RecordedRoute,
+    /// When the webhook received the running hook: the metric's timestamp.
+    pub at_ms: u64,
+}
+
+/// The value `route` dimensions get when the job's item holds no route (the running hook
+/// came before the provision workflow recorded one, or the job was never provisioned here).
+pub const UNKNOWN_ROUTE: &str = "unknown";
+
+/// GitLab's `queued_duration` of the event, in ms (`None` when absent or not a duration).
+pub fn queued_ms(event: &JobEvent) -> Option<u64> {
+    event
+        .queued_duration_s
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map(|s| (s * 1000.0).round() as u64)
+}
+
+impl Pickup {
+    pub fn of(event: &JobEvent, route: RecordedRoute) -> Self {
+        Self {
+            queued_ms: queued_ms(event),
+            route,
+            at_ms: event.received_at_ms,
+        }
+    }
+
+    /// The `PickupLatency` EMF line (ms, by route and executor), when GitLab gave a duration.
+    pub fn metric_line(&self) -> Option<String> {
+        let queued_ms = self.queued_ms?;
+        let text = |v: &Option<String>| v.clone().unwrap_or_else(|| UNKNOWN_ROUTE.into());
+        Some(charted::PICKUP_LATENCY.value_by(
+            &[&text(&self.route.matched), &text(&self.route.executor)],
+            queued_ms,
+            "Milliseconds",
+            self.at_ms,
+        ))
+    }
 }
 
 /// Handles one job event: conditional move, then (re)start of the workflow under its
 /// deterministic name. Restarting when the move had already happened covers a crash between
 /// the write and the start: the retried event finds the phase set and starts the workflow,
-/// and if it had been started the name makes it the same execution.
+/// and if it had been started the name makes it the same execution. A running event is
+/// recorded once on the job's item ([`PickupRecord`]) and moves nothing.
 pub async fn route_event<S: JobStore, W: Workflows>(
     event: &JobEvent,
     provision_on: ProvisionOn,
@@ -232,6 +313,12 @@ pub async fn route_event<S: JobStore, W: Workflows>(
     let key = JobKey::of(event);
     let (workflow, target) = match intent(&event.status, provision_on) {
         Intent::Nothing => return Ok(RouterOutcome::Skipped("status triggers nothing")),
+        Intent::PickUp => {
+            return Ok(match store.record_pickup(key, event, now_ms).await? {
+                PickupRecord::First(route) => RouterOutcome::PickedUp(Pickup::of(event, route)),
+                PickupRecord::Again => RouterOutcome::Skipped("running hook already recorded"),
+            });
+        }
         Intent::Provision => (Workflow::Provision, JobPhase::Provisioning),
         Intent::Teardown => (Workflow::Teardown, JobPhase::Finished),
     };
@@ -284,8 +371,48 @@ mod tests {
         for s in [Success, Failed, Canceled, Skipped] {
             assert_eq!(intent(&s, ProvisionOn::Pending), Intent::Teardown);
         }
-        assert_eq!(intent(&Running, ProvisionOn::Pending), Intent::Nothing);
+        assert_eq!(intent(&Running, ProvisionOn::Pending), Intent::PickUp);
+        assert_eq!(intent(&Running, ProvisionOn::Created), Intent::PickUp);
         assert_eq!(intent(&Manual, ProvisionOn::Pending), Intent::Nothing);
+    }
+
+    #[test]
+    fn a_pickup_is_measured_in_ms_by_route_and_unknown_without_one() {
+        let mut event = crate::testing::job_event(3, 4, "build", JobStatus::Running);
+        event.queued_duration_s = Some(12.3456);
+        event.received_at_ms = 99;
+        let routed = Pickup::of(
+            &event,
+            RecordedRoute {
+                executor: Some("EC2".into()),
+                matched: Some("default".into()),
+            },
+        );
+        assert_eq!(routed.queued_ms, Some(12_346));
+        let line: serde_json::Value = serde_json::from_str(&routed.metric_line().unwrap()).unwrap();
+        assert_eq!(line["PickupLatency"], 12_346);
+        assert_eq!(line["_aws"]["Timestamp"], 99);
+        assert_eq!(
+            (line["Route"].as_str(), line["Executor"].as_str()),
+            (Some("default"), Some("EC2"))
+        );
+        let unrouted: serde_json::Value = serde_json::from_str(
+            &Pickup::of(&event, RecordedRoute::default())
+                .metric_line()
+                .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(
+            (unrouted["Route"].as_str(), unrouted["Executor"].as_str()),
+            (Some(UNKNOWN_ROUTE), Some(UNKNOWN_ROUTE))
+        );
+        for odd in [None, Some(-1.0), Some(f64::NAN)] {
+            event.queued_duration_s = odd;
+            assert_eq!(
+                Pickup::of(&event, RecordedRoute::default()).metric_line(),
+                None
+            );
+        }
     }
 
     #[test]

@@ -28,6 +28,11 @@ pub mod attr {
     pub const EXPIRES_AT: &str = "expires_at";
     /// The runner that ran the job, from the hook: teardown follows it.
     pub const RUNNER_ID: &str = "runner_id";
+    /// The router, from the job's first running hook: when it was handled (ms since the
+    /// epoch; set once, so a repeated hook is counted once), and GitLab's `queued_duration`
+    /// in ms (absent when the hook had none).
+    pub const PICKED_UP_AT_MS: &str = "picked_up_at_ms";
+    pub const QUEUED_DURATION_MS: &str = "queued_duration_ms";
     // The provision workflow.
     pub const ROUTE_TYPE: &str = "route_type";
     pub const ROUTE_MATCHED: &str = "route_matched";
@@ -70,6 +75,8 @@ pub const ALL: &[&str] = &[
     attr::UPDATED_AT_MS,
     attr::EXPIRES_AT,
     attr::RUNNER_ID,
+    attr::PICKED_UP_AT_MS,
+    attr::QUEUED_DURATION_MS,
     attr::ROUTE_TYPE,
     attr::ROUTE_MATCHED,
     attr::PROVISION_ERROR,
@@ -90,6 +97,10 @@ pub const ALL: &[&str] = &[
 
 /// Moves a job's phase forward only: written with `:rank` = the target's rank.
 pub const ADVANCE_CONDITION: &str = "attribute_not_exists(phase_rank) OR phase_rank < :rank";
+
+/// Records a job's first running hook only: a repeated one (EventBridge delivers at least
+/// once, Lambda retries) finds `picked_up_at_ms` set and records and emits nothing.
+pub const PICKUP_CONDITION: &str = "attribute_not_exists(picked_up_at_ms)";
 
 /// Records a job as waiting for a slot only while it has not finished (`:finished` is that
 /// rank): a late provision never marks a finished job as waiting.
@@ -193,6 +204,7 @@ mod tests {
     #[test]
     fn the_conditions_name_the_owned_attributes() {
         assert!(ADVANCE_CONDITION.contains(attr::PHASE_RANK));
+        assert!(PICKUP_CONDITION.contains(attr::PICKED_UP_AT_MS));
         assert!(CLAIM_ATTEMPT_CONDITION.contains(attr::ATTEMPT));
         assert!(CLAIM_ATTEMPT_CONDITION.contains(attr::PHASE_RANK));
     }

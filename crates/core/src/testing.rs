@@ -136,10 +136,12 @@ impl crate::secrets::SecretSource for StaticSecrets {
     }
 }
 
-/// The jobs table's conditional moves over a `HashMap`.
+/// The jobs table's conditional moves over a `HashMap`. It records no routes: a pickup's
+/// route is unknown.
 #[derive(Debug, Default)]
 pub struct InMemoryJobs {
     phases: Mutex<HashMap<String, crate::jobs::JobPhase>>,
+    picked_up: Mutex<std::collections::HashSet<String>>,
 }
 
 impl InMemoryJobs {
@@ -169,6 +171,24 @@ impl crate::jobs::JobStore for InMemoryJobs {
                 Ok(crate::jobs::Advance::Moved { from })
             }
         }
+    }
+
+    async fn record_pickup(
+        &self,
+        key: crate::jobs::JobKey,
+        _event: &JobEvent,
+        _now_ms: u64,
+    ) -> Result<crate::jobs::PickupRecord, PortError> {
+        let first = self
+            .picked_up
+            .lock()
+            .expect("jobs lock")
+            .insert(key.table_key());
+        Ok(if first {
+            crate::jobs::PickupRecord::First(Default::default())
+        } else {
+            crate::jobs::PickupRecord::Again
+        })
     }
 }
 

@@ -13,7 +13,8 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-/// (Function dimension, metric name) of every alarm on our namespace in `template.yaml`.
+/// (Function dimension, metric name) of every alarm on our namespace in `template.yaml`: the
+/// alarm's own metric, or each metric of a metric-math alarm (`Metrics[].MetricStat.Metric`).
 fn alarms_on_our_metrics() -> BTreeSet<(String, String)> {
     let text = std::fs::read_to_string(root().join("template.yaml")).unwrap();
     let template: Value = serde_norway::from_str(&text).unwrap();
@@ -23,20 +24,31 @@ fn alarms_on_our_metrics() -> BTreeSet<(String, String)> {
             continue;
         }
         let p = &resource["Properties"];
-        if p["Namespace"].as_str() != Some(NAMESPACE) {
-            continue;
+        let mut metrics = vec![p];
+        if let Some(queries) = p["Metrics"].as_sequence() {
+            metrics.extend(
+                queries
+                    .iter()
+                    .map(|q| &q["MetricStat"]["Metric"])
+                    .filter(|m| !m.is_null()),
+            );
         }
-        let function = p["Dimensions"]
-            .as_sequence()
-            .and_then(|d| d.iter().find(|d| d["Name"].as_str() == Some("Function")))
-            .and_then(|d| d["Value"].as_str())
-            .unwrap_or_else(|| {
-                panic!("{name:?}: an alarm on our metrics needs the Function dimension")
-            });
-        found.insert((
-            function.to_owned(),
-            p["MetricName"].as_str().unwrap().to_owned(),
-        ));
+        for metric in metrics {
+            if metric["Namespace"].as_str() != Some(NAMESPACE) {
+                continue;
+            }
+            let function = metric["Dimensions"]
+                .as_sequence()
+                .and_then(|d| d.iter().find(|d| d["Name"].as_str() == Some("Function")))
+                .and_then(|d| d["Value"].as_str())
+                .unwrap_or_else(|| {
+                    panic!("{name:?}: an alarm on our metrics needs the Function dimension")
+                });
+            found.insert((
+                function.to_owned(),
+                metric["MetricName"].as_str().unwrap().to_owned(),
+            ));
+        }
     }
     found
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use ephemeral_core::hook::JobStatus;
-use ephemeral_core::jobs::{JobKey, JobPhase, ProvisionOn, route_event};
+use ephemeral_core::jobs::{JobKey, JobPhase, ProvisionOn, RouterOutcome, route_event};
 use ephemeral_core::testing::{
     InMemoryJobs, RecordingWorkflows, block_on, expected_provisions, job_event,
     redelivered_job_events,
@@ -64,5 +64,42 @@ fn provisioning_on_created_ignores_pending() {
         workflows.start_calls(),
         2,
         "the repeated created event restarts (same name)"
+    );
+}
+
+#[test]
+fn one_pickup_per_job_however_often_and_whenever_its_running_event_comes() {
+    let events = redelivered_job_events(7, 3, 200, true);
+    let (store, workflows) = (InMemoryJobs::default(), RecordingWorkflows::default());
+    let mut picked_up = BTreeSet::new();
+    let mut running_events = 0;
+    for e in &events {
+        let mut e = e.clone();
+        e.queued_duration_s = Some(1.5);
+        let outcome =
+            block_on(route_event(&e, ProvisionOn::Pending, &store, &workflows, 0)).unwrap();
+        if e.status == JobStatus::Running {
+            running_events += 1;
+        }
+        if let RouterOutcome::PickedUp(pickup) = &outcome {
+            assert!(
+                picked_up.insert(e.job_id),
+                "job {} picked up twice",
+                e.job_id
+            );
+            assert_eq!(pickup.queued_ms, Some(1_500));
+            assert!(pickup.metric_line().is_some());
+        } else {
+            assert!(
+                e.status != JobStatus::Running
+                    || outcome == RouterOutcome::Skipped("running hook already recorded"),
+                "{outcome:?}"
+            );
+        }
+    }
+    assert_eq!(picked_up.len(), 200);
+    assert!(
+        running_events > 200,
+        "some running events came more than once"
     );
 }

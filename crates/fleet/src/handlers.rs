@@ -400,7 +400,7 @@ fn log_provisioned(job: &JobEvent, result: &Result<Provisioned, HandlerError>, n
     {
         println!(
             "{}",
-            emf_count("ec2-provision", "RunnersLaunched", 1, now_ms)
+            ephemeral_core::metrics::charted::RUNNERS_LAUNCHED.count(1, now_ms)
         );
         // From the webhook's receipt of the hook to the instance launched.
         println!(
@@ -453,12 +453,8 @@ fn log_reaped(report: &ReapReport, now_ms: u64) {
     );
     println!(
         "{}",
-        emf_count(
-            "reaper",
-            "LeakedSlotsGivenBack",
-            report.leaked_slots.len() as u64,
-            now_ms
-        )
+        ephemeral_core::metrics::charted::LEAKED_SLOTS_GIVEN_BACK
+            .count(report.leaked_slots.len() as u64, now_ms)
     );
 }
 

@@ -12,6 +12,7 @@ use ephemeral_core::mapping::{
     ANY_JOB, Executor, GitLabJobView, InvalidItem, JobLookup, LookedUp, LookupError, MapError,
     MapperOutput, MappingRules, Rule, map_job, rule_from_item,
 };
+use ephemeral_core::metrics::charted;
 use ephemeral_core::webhook::PortError;
 use ephemeral_gitlab::{GitLabClient, GitLabError, RetryPolicy, Secret};
 
@@ -218,14 +219,11 @@ impl<R: MappingRules, J: JobLookup> Mapper<R, J> {
             job_id = job.job_id, job_name = %job.job_name, delivery_id = %job.delivery_id, "job mapped"
         );
         let metric = match output.decision.executor {
-            Executor::Lambda { .. } => "RoutedToLambda",
-            Executor::Ec2(_) => "RoutedToEc2",
-            Executor::Skip => "SkippedNotPending",
+            Executor::Lambda { .. } => charted::ROUTED_TO_LAMBDA,
+            Executor::Ec2(_) => charted::ROUTED_TO_EC2,
+            Executor::Skip => charted::SKIPPED_NOT_PENDING,
         };
-        println!(
-            "{}",
-            ephemeral_core::metrics::emf_count("mapper", metric, 1, job.received_at_ms)
-        );
+        println!("{}", metric.count(1, job.received_at_ms));
         Ok(output)
     }
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 
 use ephemeral_core::fleet::RunnerLedger;
 use ephemeral_core::jobs::{JobKey, Started};
-use ephemeral_core::metrics::{alarmed, emf_count};
+use ephemeral_core::metrics::{alarmed, charted, emf_count};
 use ephemeral_core::reconcile::{
     GitLabJobState, JobRecord, LiveRunner, PassReport, PendingJob, PendingListing, Reason,
     ReconcilePorts, ReconcileSettings, RegisteredRunner, TeardownCheck, reconcile_pass,
@@ -103,12 +103,7 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
         }
         println!(
             "{}",
-            emf_count(
-                "reconciler",
-                "JobsReconciled",
-                u64::from(report.reconciled_total()),
-                now_ms
-            )
+            charted::JOBS_RECONCILED.count(u64::from(report.reconciled_total()), now_ms)
         );
         println!(
             "{}",
@@ -116,12 +111,11 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
         );
         println!(
             "{}",
-            emf_count(
-                "reconciler",
-                "JobsWaitingForSlot",
-                report.waiting_for_slot as u64,
-                now_ms
-            )
+            alarmed::JOBS_WAITING_FOR_SLOT.count(report.waiting_for_slot as u64, now_ms)
+        );
+        println!(
+            "{}",
+            charted::RUNNERS_REGISTERED.count(report.registered_runners as u64, now_ms)
         );
         println!(
             "{}",
@@ -169,6 +163,7 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
             too_young = report.too_young,
             backing_off = report.backing_off,
             waiting_for_slot = report.waiting_for_slot,
+            registered_runners = report.registered_runners,
             reconciled = report.reconciled_total(),
             gave_up = report.gave_up.len(),
             lost_claims = report.lost_claims,

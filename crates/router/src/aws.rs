@@ -8,9 +8,10 @@ use aws_sdk_sfn::operation::start_execution::StartExecutionError;
 use ephemeral_aws::port_error;
 use ephemeral_core::hook::JobEvent;
 use ephemeral_core::jobs::{
-    Advance, JobKey, JobPhase, JobStore, Started, Workflow, WorkflowInput, Workflows,
+    Advance, JobKey, JobPhase, JobStore, PickupRecord, RecordedRoute, Started, Workflow,
+    WorkflowInput, Workflows,
 };
-use ephemeral_core::jobs_table::{self, ADVANCE_CONDITION, attr};
+use ephemeral_core::jobs_table::{self, ADVANCE_CONDITION, PICKUP_CONDITION, attr};
 use ephemeral_core::webhook::PortError;
 
 /// One item per job, keyed `job_key`; `phase`/`phase_rank` only move up.
@@ -31,6 +32,13 @@ fn s(v: &str) -> AttributeValue {
 fn phase_of(item: &HashMap<String, AttributeValue>) -> Option<JobPhase> {
     match item.get(attr::PHASE_RANK) {
         Some(AttributeValue::N(rank)) => rank.parse().ok().and_then(JobPhase::from_rank),
+        _ => None,
+    }
+}
+
+fn text_of(item: &HashMap<String, AttributeValue>, name: &str) -> Option<String> {
+    match item.get(name) {
+        Some(AttributeValue::S(v)) if !v.is_empty() => Some(v.clone()),
         _ => None,
     }
 }
@@ -112,6 +120,52 @@ impl JobStore for DynamoJobStore {
                         })
                 }
                 other => Err(port_error("moving the job forward", other)),
+            },
+        }
+    }
+
+    /// One conditional write, which also answers the item's route (`ALL_NEW`): no read.
+    /// An item the router has not written yet (the running event came first) is created
+    /// without a phase, as a later pending or finished event would create it.
+    async fn record_pickup(
+        &self,
+        key: JobKey,
+        event: &JobEvent,
+        now_ms: u64,
+    ) -> Result<PickupRecord, PortError> {
+        let mut update = format!(
+            "SET {} = :now, {} = :project, {} = :job, {expires} = if_not_exists({expires}, :expires)",
+            attr::PICKED_UP_AT_MS,
+            attr::PROJECT_ID,
+            attr::JOB_ID,
+            expires = attr::EXPIRES_AT,
+        );
+        let mut request = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(jobs_table::KEY, s(&key.table_key()))
+            .condition_expression(PICKUP_CONDITION)
+            .expression_attribute_values(":now", n(now_ms))
+            .expression_attribute_values(":project", n(event.project_id))
+            .expression_attribute_values(":job", n(event.job_id))
+            .expression_attribute_values(":expires", n(now_ms / 1000 + self.ttl_seconds))
+            .return_values(ReturnValue::AllNew);
+        if let Some(queued_ms) = ephemeral_core::jobs::queued_ms(event) {
+            update.push_str(&format!(", {} = :queued", attr::QUEUED_DURATION_MS));
+            request = request.expression_attribute_values(":queued", n(queued_ms));
+        }
+        match request.update_expression(update).send().await {
+            Ok(out) => {
+                let text = |name| out.attributes().and_then(|item| text_of(item, name));
+                Ok(PickupRecord::First(RecordedRoute {
+                    executor: text(attr::ROUTE_TYPE),
+                    matched: text(attr::ROUTE_MATCHED),
+                }))
+            }
+            Err(e) => match e.into_service_error() {
+                UpdateItemError::ConditionalCheckFailedException(_) => Ok(PickupRecord::Again),
+                other => Err(port_error("recording the job's pickup", other)),
             },
         }
     }

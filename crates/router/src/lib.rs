@@ -1,6 +1,7 @@
 //! The router: an EventBridge target for "GitLab Job Event"s. Decisions are the core's
 //! (`ephemeral_core::jobs::route_event`); this crate parses the event and provides the jobs
-//! table and Step Functions behind the core's ports.
+//! table and Step Functions behind the core's ports. It emits one metric: `PickupLatency`, once
+//! per job, from its first running event ([`metric_line`]).
 
 pub mod aws;
 
@@ -73,6 +74,15 @@ pub struct Router<S, W> {
     pub provision_on: ProvisionOn,
 }
 
+/// The EMF line an outcome emits: `PickupLatency` for a job's first running event (a repeated
+/// one is `Skipped`, so at most one per job), nothing for any other.
+pub fn metric_line(outcome: &RouterOutcome) -> Option<String> {
+    match outcome {
+        RouterOutcome::PickedUp(pickup) => pickup.metric_line(),
+        _ => None,
+    }
+}
+
 /// The job event inside an EventBridge envelope, or why it is not one.
 pub fn job_event(envelope: &EventBridgeEvent<Value>) -> Result<Option<JobEvent>, RouterError> {
     if envelope.source != EVENT_SOURCE || envelope.detail_type != JOB_EVENT_DETAIL_TYPE {
@@ -133,6 +143,19 @@ impl<S: JobStore, W: Workflows> Router<S, W> {
                 delivery_id,
                 "job routed"
             ),
+            Ok(RouterOutcome::PickedUp(pickup)) => tracing::info!(
+                decision = "picked_up",
+                queued_duration_ms = pickup.queued_ms,
+                route_type = pickup.route.executor.as_deref(),
+                route_matched = pickup.route.matched.as_deref(),
+                runner_id = event.runner.as_ref().map(|r| r.id),
+                project_id,
+                pipeline_id,
+                job_id,
+                status,
+                delivery_id,
+                "job picked up"
+            ),
             Ok(RouterOutcome::Skipped(why)) => tracing::info!(
                 decision = "skipped",
                 reason = why,
@@ -147,6 +170,10 @@ impl<S: JobStore, W: Workflows> Router<S, W> {
                 decision = "failed", error = %e, project_id, pipeline_id, job_id, status, delivery_id, "routing failed; Lambda will retry"
             ),
         }
-        Ok(result?)
+        let outcome = result?;
+        if let Some(line) = metric_line(&outcome) {
+            println!("{line}");
+        }
+        Ok(outcome)
     }
 }

@@ -17,7 +17,7 @@ use aws_lambda_events::encodings::Body;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use ephemeral_core::auth::Credentials;
-use ephemeral_core::metrics::{alarmed, emf_count};
+use ephemeral_core::metrics::{alarmed, charted, emf_count};
 use ephemeral_core::secrets::{SecretCache, SecretSource};
 use ephemeral_core::webhook::{
     Assessment, DedupSettings, DeliveryLedger, EventSink, FallbackQueue, HookRequest, Outcome,
@@ -123,12 +123,12 @@ pub fn reply(status: u16, body: String) -> ApiGatewayV2httpResponse {
 /// failing), and every 5xx as `HooksFailed`.
 pub fn metric_name(outcome: &Outcome) -> &'static str {
     match outcome {
-        Outcome::Unauthorized(_) => "HooksUnauthorized",
-        Outcome::Ignored(_) => "HooksIgnored",
+        Outcome::Unauthorized(_) => charted::HOOKS_UNAUTHORIZED.name,
+        Outcome::Ignored(_) => charted::HOOKS_IGNORED.name,
         Outcome::DeadLettered(_) => alarmed::HOOKS_DEAD_LETTERED.name,
-        Outcome::Forwarded => "HooksForwarded",
-        Outcome::Duplicate => "HooksDuplicate",
-        Outcome::InFlight => "HooksInFlight",
+        Outcome::Forwarded => charted::HOOKS_FORWARDED.name,
+        Outcome::Duplicate => charted::HOOKS_DUPLICATE.name,
+        Outcome::InFlight => charted::HOOKS_IN_FLIGHT.name,
         Outcome::Queued(_) | Outcome::DeadLetterQueued { .. } => alarmed::INTAKE_FALLBACKS.name,
         Outcome::SecretsUnavailable(_) | Outcome::Failed(_) => alarmed::HOOKS_FAILED.name,
     }

@@ -1,15 +1,17 @@
 //! The router against moto: real conditional writes in DynamoDB, real StartExecution name
-//! idempotency in Step Functions. 200 jobs, every event 1-5 times, shuffled.
+//! idempotency in Step Functions. 200 jobs, every event 1-5 times, shuffled. And its one
+//! metric: `PickupLatency` once per job, from its first running event.
 
 use std::collections::BTreeSet;
 
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use e2e_tests::*;
 use ephemeral_core::hook::{JobEvent, JobStatus};
-use ephemeral_core::jobs::ProvisionOn;
+use ephemeral_core::jobs::{ProvisionOn, RouterOutcome};
+use ephemeral_core::jobs_table::{self, attr};
 use ephemeral_core::testing::{expected_provisions, job_event, redelivered_job_events};
 use router::aws::{DynamoJobStore, StepFunctions};
-use router::{Router, RouterError};
+use router::{Router, RouterError, metric_line};
 
 const PASS: &str = r#"{"StartAt":"Done","States":{"Done":{"Type":"Pass","End":true}}}"#;
 
@@ -162,4 +164,154 @@ async fn malformed_events_are_clear_errors_and_write_nothing() {
     let items = scan_items(&sdk, &s.table).await;
     assert!(items.is_empty(), "nothing half-written: {items:?}");
     assert!(execution_names(&sdk, &s.provision_arn).await.is_empty());
+}
+
+#[tokio::test]
+async fn a_running_event_emits_one_pickup_metric_with_the_route_on_the_item_and_no_other_does() {
+    let s = stack(ProvisionOn::Pending).await;
+    let sdk = sdk_config();
+    let dynamo = aws_sdk_dynamodb::Client::new(&sdk);
+    let event = |job: u64, status: JobStatus, copy: u32| {
+        let mut e = job_event(4, job, "build", status);
+        e.delivery_id = format!("{}-{copy}", e.delivery_id);
+        e.received_at_ms = 1_795_460_400_000 + job;
+        e.queued_duration_s = Some(if job == 1 { 12.5 } else { 0.25 });
+        e
+    };
+    let mut outcomes = Vec::new();
+    // Job 1: provisioned, and the workflow's RecordRoute wrote its route; then it runs (the
+    // running event delivered three times) and succeeds.
+    outcomes.push(
+        s.router
+            .handle(&envelope(&event(1, JobStatus::Pending, 0)), 1_000)
+            .await
+            .unwrap(),
+    );
+    dynamo
+        .update_item()
+        .table_name(&s.table)
+        .key(
+            jobs_table::KEY,
+            aws_sdk_dynamodb::types::AttributeValue::S("project#4#job#1".into()),
+        )
+        .update_expression(format!(
+            "SET {} = :t, {} = :m",
+            attr::ROUTE_TYPE,
+            attr::ROUTE_MATCHED
+        ))
+        .expression_attribute_values(
+            ":t",
+            aws_sdk_dynamodb::types::AttributeValue::S("EC2".into()),
+        )
+        .expression_attribute_values(
+            ":m",
+            aws_sdk_dynamodb::types::AttributeValue::S("job#build/tags#docker".into()),
+        )
+        .send()
+        .await
+        .unwrap();
+    for copy in 0..3 {
+        outcomes.push(
+            s.router
+                .handle(&envelope(&event(1, JobStatus::Running, copy)), 2_000)
+                .await
+                .unwrap(),
+        );
+    }
+    outcomes.push(
+        s.router
+            .handle(&envelope(&event(1, JobStatus::Success, 0)), 3_000)
+            .await
+            .unwrap(),
+    );
+    // Job 2: its running event comes first (twice), before its pending and its finish.
+    for (status, copy) in [
+        (JobStatus::Running, 0),
+        (JobStatus::Running, 1),
+        (JobStatus::Pending, 0),
+        (JobStatus::Failed, 0),
+    ] {
+        outcomes.push(
+            s.router
+                .handle(&envelope(&event(2, status, copy)), 4_000)
+                .await
+                .unwrap(),
+        );
+    }
+
+    let lines: Vec<serde_json::Value> = outcomes
+        .iter()
+        .filter_map(metric_line)
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2, "one pickup per job: {outcomes:?}");
+    let seen: Vec<_> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["PickupLatency"].as_u64().unwrap(),
+                l["Route"].as_str().unwrap(),
+                l["Executor"].as_str().unwrap(),
+                l["Function"].as_str().unwrap(),
+                l["_aws"]["Timestamp"].as_u64().unwrap(),
+                l["_aws"]["CloudWatchMetrics"][0]["Metrics"][0]["Unit"]
+                    .as_str()
+                    .unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (
+                12_500,
+                "job#build/tags#docker",
+                "EC2",
+                "router",
+                1_795_460_400_001,
+                "Milliseconds"
+            ),
+            (
+                250,
+                "unknown",
+                "unknown",
+                "router",
+                1_795_460_400_002,
+                "Milliseconds"
+            ),
+        ]
+    );
+    let repeats = outcomes
+        .iter()
+        .filter(|o| **o == RouterOutcome::Skipped("running hook already recorded"))
+        .count();
+    assert_eq!(
+        repeats, 3,
+        "the repeated running events record and emit nothing"
+    );
+
+    // Recorded on the items, and a running event first does not keep the job from its
+    // provision and its teardown.
+    let items = scan_items(&sdk, &s.table).await;
+    assert_eq!(items.len(), 2);
+    for item in &items {
+        assert_eq!(
+            item[attr::PICKED_UP_AT_MS].as_n().unwrap(),
+            if item[jobs_table::KEY].as_s().unwrap().ends_with("#1") {
+                "2000"
+            } else {
+                "4000"
+            }
+        );
+        assert!(item.contains_key(attr::QUEUED_DURATION_MS));
+        assert_eq!(item[attr::PHASE].as_s().unwrap(), "finished");
+    }
+    assert_eq!(
+        execution_names(&sdk, &s.provision_arn).await,
+        ["p4-j1-provision", "p4-j2-provision"]
+    );
+    assert_eq!(
+        execution_names(&sdk, &s.teardown_arn).await,
+        ["p4-j1-teardown", "p4-j2-teardown"]
+    );
 }

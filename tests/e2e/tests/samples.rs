@@ -40,6 +40,15 @@ async fn router_samples_yield_their_documented_outcomes() {
             ..
         }
     ));
+    let running: EventBridgeEvent<serde_json::Value> = sample("router/running.json");
+    let picked_up = outcome(router.handle(&running, 1).await);
+    let line: serde_json::Value =
+        serde_json::from_str(&router::metric_line(&picked_up).expect("a pickup metric")).unwrap();
+    assert_eq!(line["PickupLatency"], 11_800);
+    assert_eq!(
+        outcome(router.handle(&running, 1).await),
+        RouterOutcome::Skipped("running hook already recorded")
+    );
     let malformed: EventBridgeEvent<serde_json::Value> = sample("router/malformed-detail.json");
     assert!(matches!(
         router.handle(&malformed, 1).await,

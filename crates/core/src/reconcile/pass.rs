@@ -121,6 +121,8 @@ pub struct PassReport {
     pub backing_off: usize,
     /// Jobs waiting for a slot under an instance cap, not started this pass.
     pub waiting_for_slot: usize,
+    /// EC2 runners of ours the registry holds (created, not torn down yet).
+    pub registered_runners: usize,
     /// Attempts started, by reason.
     pub reconciled: BTreeMap<Reason, u32>,
     pub gave_up: Vec<(JobKey, u32, Reason)>,
@@ -175,6 +177,7 @@ pub async fn reconcile_pass<P: ReconcilePorts>(
             .map(|j| j.pending_for_ms)
             .max()
             .unwrap_or(0),
+        registered_runners: registered.len(),
         errors,
         ..PassReport::default()
     };
@@ -660,6 +663,8 @@ mod tests {
         // Job 3 is cleaned: never asked. Jobs 1, 2, 4 fit the budget; job 5 waits.
         assert_eq!(*world.asked.lock().unwrap(), [k(1), k(2), k(4)]);
         assert_eq!(report.teardown_checks_deferred, 1);
+        // The pass counts what the registry holds (the RunnersRegistered gauge).
+        assert_eq!(report.registered_runners, 5);
         assert_eq!(
             *world.teardowns.lock().unwrap(),
             ["p7-j1-teardown-success-r11", "p7-j4-teardown-failed-r14"]
