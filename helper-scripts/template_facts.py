@@ -318,6 +318,9 @@ FULLEST_CONFIGURATION = {
     # No SecurityGroupIds: the stack creates the runners' egress-only group in this VPC.
     "VpcId": "vpc-0123456789abcdef0",
     "SecretsKmsKeyArn": "arn:aws:kms:us-east-1:123456789012:key/11111111-2222-3333-4444-555555555555",
+    # The shared token reads one more parameter than per-job runners do (the shell runner's
+    # role then has both statements): tests/template/test_shell_runner_role.py checks per-job.
+    "ShellRunnerMode": "shared-token",
     "ShellRunnerTokenParameterName": "/ephemeral-runners/gitlab/shell-runner-token",
     "DefaultLambdaArn": "arn:aws:lambda:us-east-1:123456789012:function:shell-runner",
     "RunnerFunctionArns": "arn:aws:lambda:us-east-1:123456789012:function:shell-runner-big",

@@ -24,6 +24,12 @@ CONFIGURATIONS = {
     "defaults": {},
     "lambda-only": LAMBDA_ONLY,
     "fullest": facts.FULLEST_CONFIGURATION,
+    # The default shell-runner mode a user picks: a runner per job, no shared token.
+    "per-job-shell-runner": {
+        **facts.FULLEST_CONFIGURATION,
+        "ShellRunnerMode": "per-job",
+        "ShellRunnerTokenParameterName": "",
+    },
 }
 
 
@@ -71,7 +77,7 @@ def test_the_shell_runner_cap_reserves_only_when_asked(template):
     values = {**facts.FULLEST_CONFIGURATION, "ShellRunnerMaxConcurrency": "5"}
     cfn = facts.translate(template, values)
     assert reservations(cfn, values) == {"ShellRunnerFunction": "5"}
-    without_runner = {**values, "ShellRunnerTokenParameterName": ""}
+    without_runner = {**values, "ShellRunnerMode": "off", "ShellRunnerTokenParameterName": ""}
     cfn = facts.translate(template, without_runner)
     assert reservations(cfn, without_runner) == {}
 
@@ -106,7 +112,14 @@ def test_rules_use_only_documented_rule_functions(template):
             "GitLabApiTokenParameterName",
         ),
         ({"DefaultExecutor": "LAMBDA"}, "DefaultLambdaArn"),
-        ({**LAMBDA_ONLY, "ShellRunnerTokenParameterName": "/s"}, "GitLabUrl"),
+        ({**LAMBDA_ONLY, "ShellRunnerMode": "shared-token", "ShellRunnerTokenParameterName": "/s"}, "GitLabUrl"),
+        ({**LAMBDA_ONLY, "ShellRunnerMode": "shared-token", "GitLabUrl": "https://g.example.com"}, "ShellRunnerTokenParameterName"),
+        # The shared token is unsafe for untrusted projects: only when asked for by name.
+        ({**LAMBDA_ONLY, "ShellRunnerTokenParameterName": "/s", "GitLabUrl": "https://g.example.com"}, "ShellRunnerMode shared-token"),
+        # A runner per job needs the token that creates runners.
+        ({**LAMBDA_ONLY, "ShellRunnerMode": "per-job", "GitLabUrl": "https://g.example.com"}, "RunnerApiTokenParameterName"),
+        # ...and the job's tags, for the runner made for it.
+        ({**LAMBDA_ONLY, "ShellRunnerMode": "per-job", "GitLabUrl": "https://g.example.com"}, "GitLabApiTokenParameterName"),
         ({**LAMBDA_ONLY, "AuthMode": "token", "SecretTokenParameterName": ""}, "SecretTokenParameterName"),
     ],
 )

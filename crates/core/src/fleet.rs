@@ -44,6 +44,7 @@ use crate::ec2::{
 };
 use crate::hook::{JobEvent, JobStatus};
 use crate::jobs::{JobKey, JobPhase};
+use crate::lambda_runner::{self, is_lambda_host};
 use crate::mapping::{AmiRef, Ec2Settings, Market};
 use crate::secrets::Secret;
 use crate::slots::{CapReached, Capped, SlotClaim, SlotStore, claim_slot, leaked_slots, slot_name};
@@ -180,6 +181,22 @@ pub struct RunnerRequest {
     pub project_id: u64,
     /// The job's tags; empty when unknown (then the runner takes untagged jobs).
     pub tags: Vec<String>,
+}
+
+/// The description a runner is created with: the request's, marked with `mark` (unique per
+/// creation), so that a runner whose creation answer was lost can be told from every other.
+pub fn marked_description(description: &str, mark: &str) -> String {
+    format!("{description} #{mark}")
+}
+
+/// Runners a retried creation left behind: listed with this creation's marked description,
+/// other than the one it returned (`kept`). A lost answer's runner has a token nobody holds.
+pub fn lost_duplicates(listed: &[(u64, String)], marked: &str, kept: u64) -> Vec<u64> {
+    listed
+        .iter()
+        .filter(|(id, description)| *id != kept && description == marked)
+        .map(|(id, _)| *id)
+        .collect()
 }
 
 /// GitLab's runner API (retries with backoff are the adapter's business).
@@ -390,7 +407,7 @@ pub enum ProvisionError {
     },
 }
 
-fn step(what: &'static str) -> impl FnOnce(PortError) -> ProvisionError {
+pub(crate) fn step(what: &'static str) -> impl FnOnce(PortError) -> ProvisionError {
     move |error| ProvisionError::Step {
         what,
         error,
@@ -399,7 +416,7 @@ fn step(what: &'static str) -> impl FnOnce(PortError) -> ProvisionError {
 }
 
 /// What cleaning up after a failed step did, for the error message.
-fn cleanup_note(results: &[(&str, Result<(), PortError>)]) -> String {
+pub(crate) fn cleanup_note(results: &[(&str, Result<(), PortError>)]) -> String {
     let failed: Vec<_> = results
         .iter()
         .filter_map(|(what, r)| r.as_ref().err().map(|e| format!("{what} failed: {e}")))
@@ -738,16 +755,16 @@ pub fn market_name(market: Market) -> &'static str {
     }
 }
 
-/// Removes one runner and everything of it: the instance, the GitLab runner, the token
-/// parameter, the registry entry (last, so a failure leaves it for the reaper). Every step
-/// runs even if an earlier one failed; each result is reported.
-async fn remove_runner<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S>(
+/// Removes one runner and everything of it: the instance (a Lambda host has none), the
+/// GitLab runner, the token parameter, the registry entry (last, so a failure leaves it for
+/// the reaper). Every step runs even if an earlier one failed; each result is reported.
+pub(crate) async fn remove_runner<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S>(
     ports: &FleetPorts<F, V, A, L, S>,
     runner_id: u64,
     instance_id: Option<&str>,
 ) -> Vec<(&'static str, Result<(), PortError>)> {
     let mut results = Vec::new();
-    if let Some(instance_id) = instance_id {
+    if let Some(instance_id) = instance_id.filter(|id| !is_lambda_host(id)) {
         results.push((TERMINATING, ports.fleet.terminate(instance_id).await));
     }
     results.push((
@@ -1093,7 +1110,9 @@ async fn finish_removal<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, 
             error,
         })?;
     }
-    if let (Some(_), Some((job, attempt))) = (instance_id, launched_for) {
+    // A Lambda host holds no slot: the Lambda route is capped by reserved concurrency.
+    let on_instance = instance_id.is_some_and(|id| !is_lambda_host(id));
+    if let (true, Some((job, attempt))) = (on_instance, launched_for) {
         give_back_slot(ports, job, attempt)
             .await
             .map_err(|error| TeardownError {
@@ -1174,7 +1193,8 @@ pub async fn reaper_pass<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger,
     match ports.vault.list().await {
         Ok(parameters) => {
             for (instance_id, modified_ms) in parameters {
-                let stale = now_ms.saturating_sub(modified_ms) >= settings.orphan_grace_ms;
+                let stale =
+                    now_ms.saturating_sub(modified_ms) >= orphan_after(settings, &instance_id);
                 if stale && !live.contains(&instance_id) {
                     match ports.vault.delete(&instance_id).await {
                         Ok(()) => report.stale_parameters.push(instance_id),
@@ -1191,9 +1211,13 @@ pub async fn reaper_pass<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger,
     match ports.ledger.runners().await {
         Ok(entries) => {
             for entry in entries {
-                let old = now_ms.saturating_sub(entry.created_at_ms) >= settings.orphan_grace_ms;
+                let age = now_ms.saturating_sub(entry.created_at_ms);
+                let old = age >= orphan_after(settings, &entry.instance_id);
                 if old && !live.contains(&entry.instance_id) {
-                    let results = remove_runner(ports, entry.runner_id, None).await;
+                    // A Lambda host's token parameter goes with its runner; an instance's
+                    // went with the instance.
+                    let host = Some(entry.instance_id.as_str()).filter(|id| is_lambda_host(id));
+                    let results = remove_runner(ports, entry.runner_id, host).await;
                     match results
                         .iter()
                         .find_map(|(what, r)| Some((what, r.as_ref().err()?)))
@@ -1211,6 +1235,18 @@ pub async fn reaper_pass<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger,
             .push(format!("listing registered runners: {e}")),
     }
     Ok(report)
+}
+
+/// How old a token parameter or registered runner without a live instance must be before
+/// the reaper removes it: the orphan grace (longer than a provision runs), or for a Lambda
+/// host the time its invocation may still use it ([`lambda_runner::usable_for`]). The
+/// invocation deletes both when it is done, and the job's teardown the runner.
+fn orphan_after(settings: &FleetSettings, instance_id: &str) -> u64 {
+    if is_lambda_host(instance_id) {
+        lambda_runner::usable_for().as_millis() as u64
+    } else {
+        settings.orphan_grace_ms
+    }
 }
 
 /// Gives back the slots whose (job, attempt) has no live instance (older than the orphan
@@ -1497,6 +1533,8 @@ mod tests {
         parameters: Mutex<BTreeMap<String, u64>>,
         jobs: Mutex<BTreeMap<(u64, u64), JobRecord>>,
         registry: Mutex<BTreeMap<u64, RunnerEntry>>,
+        /// Every TerminateInstances call, by id.
+        terminate_calls: Mutex<Vec<String>>,
     }
 
     impl Fleet for &World {
@@ -1532,6 +1570,10 @@ mod tests {
             Ok(())
         }
         async fn terminate(&self, instance_id: &str) -> Result<(), PortError> {
+            self.terminate_calls
+                .lock()
+                .unwrap()
+                .push(instance_id.into());
             let mut instances = self.instances.lock().unwrap();
             if let Some(i) = instances.iter_mut().find(|i| i.id == instance_id) {
                 i.state = InstanceState::Terminated;
@@ -1729,6 +1771,102 @@ mod tests {
             .collect();
         held.sort_unstable();
         held
+    }
+
+    fn lambda_grant<S: SlotStore>(
+        ports: &FleetPorts<&World, &World, &World, &World, S>,
+        job: &JobEvent,
+    ) -> (u64, String) {
+        let tags = ["unit".to_owned()];
+        match block_on(lambda_runner::provision_lambda_runner(
+            ports,
+            &settings(),
+            job,
+            Some(&tags),
+            0,
+        ))
+        .unwrap()
+        {
+            lambda_runner::RunnerGrant::PerJob {
+                runner_id,
+                token_parameter,
+            } => (runner_id, token_parameter),
+            other => panic!("expected a per-job runner, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_lambda_runner_is_per_attempt_has_no_instance_and_is_reaped_only_once_unusable() {
+        let world = World::default();
+        let ports = world.ports(10);
+        let job = job_event(1, 10, "unit", JobStatus::Pending);
+        let (first, parameter) = lambda_grant(&ports, &job);
+        assert_eq!(parameter, "/ci/runner-tokens/lambda-1-10-1");
+        assert!(
+            world
+                .parameters
+                .lock()
+                .unwrap()
+                .contains_key("lambda-1-10-1")
+        );
+        assert_eq!(
+            world.registry.lock().unwrap()[&first].instance_id,
+            "lambda-1-10-1"
+        );
+        assert!(world.live().is_empty() && slot_held(&ports).is_empty());
+
+        // The step again for the same attempt (its token may be lost): a new runner.
+        let (second, _) = lambda_grant(&ports, &job);
+        assert_ne!(second, first);
+        assert_eq!(
+            world.runners.lock().unwrap().keys().collect::<Vec<_>>(),
+            [&second]
+        );
+        // A new attempt leaves the older attempt's runner to its invocation.
+        world.claim_attempt(&job, 2);
+        let (third, third_parameter) = lambda_grant(&ports, &job);
+        assert_eq!(third_parameter, "/ci/runner-tokens/lambda-1-10-2");
+        assert!(world.runners.lock().unwrap().contains_key(&second));
+
+        // The reaper leaves them while an invocation may still use them, then removes them.
+        let usable = lambda_runner::usable_for().as_millis() as u64;
+        let early = block_on(reaper_pass(&ports, &settings(), usable - 1)).unwrap();
+        assert!(early.orphan_runners.is_empty() && early.stale_parameters.is_empty());
+        let late = block_on(reaper_pass(&ports, &settings(), usable)).unwrap();
+        assert_eq!(late.orphan_runners, [second, third]);
+        assert_eq!(late.stale_parameters.len(), 2);
+        assert!(world.runners.lock().unwrap().is_empty());
+        assert!(world.parameters.lock().unwrap().is_empty());
+        assert!(
+            world.terminate_calls.lock().unwrap().is_empty(),
+            "no instance to terminate"
+        );
+    }
+
+    #[test]
+    fn a_finished_lambda_job_s_teardown_removes_its_runner_without_terminating_anything() {
+        let world = World::default();
+        let ports = world.ports(10);
+        let job = job_event(1, 10, "unit", JobStatus::Pending);
+        let (runner_id, _) = lambda_grant(&ports, &job);
+        let finished = JobEvent {
+            runner: Some(crate::hook::RunnerRef {
+                id: runner_id,
+                description: None,
+                tags: vec![],
+            }),
+            ..job_event(1, 10, "unit", JobStatus::Success)
+        };
+        let answer = JobAnswer::Job {
+            status: JobStatus::Success,
+            runner_id: Some(runner_id),
+        };
+        let torn = block_on(teardown(&ports, &finished, &answer)).unwrap();
+        assert_eq!(torn.removed.len(), 1, "{torn:?}");
+        assert!(world.runners.lock().unwrap().is_empty());
+        assert!(world.registry.lock().unwrap().is_empty());
+        assert!(world.parameters.lock().unwrap().is_empty());
+        assert!(world.terminate_calls.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod fleet;
 pub mod hook;
 pub mod jobs;
 pub mod jobs_table;
+pub mod lambda_runner;
 pub mod lease;
 pub mod mapping;
 pub mod metrics;

@@ -252,7 +252,7 @@ pub const TAG_INSTANCE_ARN: &str = "ephemeral-runners:instance-arn";
 
 impl SsmTokenVault {
     fn name(&self, instance_id: &str) -> String {
-        format!("{}/{instance_id}", self.prefix)
+        ephemeral_core::lambda_runner::token_parameter_name(&self.prefix, instance_id)
     }
 }
 

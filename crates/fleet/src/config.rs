@@ -7,6 +7,7 @@ use ephemeral_core::ec2::{
 };
 use ephemeral_core::env::{Env, EnvError};
 use ephemeral_core::fleet::FleetSettings;
+use ephemeral_core::lambda_runner::ShellRunnerMode;
 use ephemeral_core::mapping::{AmiRef, Market, RunnerExecutor};
 use ephemeral_core::slots::SlotCaps;
 use ephemeral_gitlab::RunnerScope;
@@ -45,6 +46,32 @@ pub enum FleetSetup {
 
 /// What to do when a job reaches EC2 in a stack without EC2 runners.
 pub const NOT_CONFIGURED: &str = "EC2 runners are not configured in this stack (the stack parameter RunnerApiTokenParameterName, env GITLAB_RUNNER_TOKEN_PARAMETER, is empty): to run jobs on EC2 set RunnerApiTokenParameterName (an SSM SecureString with a GitLab token with the create_runner and manage_runner scopes), GitLabUrl and SubnetIds; otherwise route the job to LAMBDA (a mapping item, or DefaultExecutor LAMBDA)";
+
+/// How LAMBDA jobs get their runner token: `per-job` (default) or `shared-token` (the stack
+/// parameter ShellRunnerMode).
+pub const SHELL_RUNNER_MODE: &str = "SHELL_RUNNER_MODE";
+
+pub fn shell_runner_mode(
+    get: impl Fn(&str) -> Option<String>,
+) -> Result<ShellRunnerMode, ConfigError> {
+    let Some(text) = Env(get).value(SHELL_RUNNER_MODE) else {
+        return Ok(ShellRunnerMode::default());
+    };
+    // The stack parameter's third value: the stack has no shell runner of its own; a LAMBDA
+    // route to another function still gets a runner of its own.
+    if text == "off" {
+        return Ok(ShellRunnerMode::PerJob);
+    }
+    serde_json::from_value(serde_json::Value::String(text.clone())).map_err(|_| {
+        ConfigError(format!(
+            "{SHELL_RUNNER_MODE}=`{text}`: use per-job or shared-token (the stack parameter ShellRunnerMode)"
+        ))
+    })
+}
+
+pub fn shell_runner_mode_from_env() -> Result<ShellRunnerMode, ConfigError> {
+    shell_runner_mode(|k| std::env::var(k).ok())
+}
 
 #[derive(Debug, Clone)]
 pub struct FleetConfig {
@@ -505,6 +532,92 @@ mod tests {
         assert!(e.to_string().contains("SLOTS_TABLE_NAME is not set"), "{e}");
         let e = FleetConfig::from_lookup(env(&[("MAX_RUNNER_INSTANCES", "many")])).unwrap_err();
         assert!(e.to_string().contains("MaxRunnerInstances"), "{e}");
+    }
+
+    #[test]
+    fn the_shell_runner_mode_is_per_job_unless_the_shared_token_is_asked_for() {
+        let mode = |v: Option<&str>| {
+            shell_runner_mode(|k| {
+                (k == SHELL_RUNNER_MODE)
+                    .then(|| v.map(str::to_owned))
+                    .flatten()
+            })
+        };
+        assert_eq!(mode(None).unwrap(), ShellRunnerMode::PerJob);
+        assert_eq!(mode(Some("per-job")).unwrap(), ShellRunnerMode::PerJob);
+        assert_eq!(mode(Some("off")).unwrap(), ShellRunnerMode::PerJob);
+        assert_eq!(
+            mode(Some("shared-token")).unwrap(),
+            ShellRunnerMode::SharedToken
+        );
+        let wrong = mode(Some("shared")).unwrap_err().to_string();
+        assert!(
+            wrong.contains("SHELL_RUNNER_MODE=`shared`") && wrong.contains("ShellRunnerMode"),
+            "{wrong}"
+        );
+    }
+
+    #[test]
+    fn the_runner_release_is_read_and_a_malformed_one_names_its_parameter() {
+        let c = FleetConfig::from_lookup(env(&[])).unwrap();
+        assert_eq!(c.settings.runner, RunnerRelease::default());
+        let sha = "ab".repeat(32);
+        let c = FleetConfig::from_lookup(env(&[
+            ("GITLAB_RUNNER_VERSION", "v17.11.3"),
+            ("GITLAB_RUNNER_SHA256", &format!("arm64={sha}")),
+        ]))
+        .unwrap();
+        assert_eq!(c.settings.runner.version(), "v17.11.3");
+        assert_eq!(c.settings.runner.sha256("arm64"), Some(sha.as_str()));
+        assert_eq!(c.settings.runner.sha256("amd64"), None);
+        let e = FleetConfig::from_lookup(env(&[("GITLAB_RUNNER_VERSION", "latest")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GITLAB_RUNNER_VERSION: `latest`") && e.contains("GitLabRunnerVersion"),
+            "{e}"
+        );
+        let e = FleetConfig::from_lookup(env(&[("GITLAB_RUNNER_SHA256", "abc")]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("GITLAB_RUNNER_SHA256: `abc`") && e.contains("GitLabRunnerSha256"),
+            "{e}"
+        );
+    }
+
+    /// The provision function renders the user-data: the template gives it the release, and
+    /// the parameter's default is the one the other functions fall back to.
+    #[test]
+    fn the_template_gives_the_provision_function_the_runner_release() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../template.yaml");
+        let template = std::fs::read_to_string(path).unwrap();
+        // The lines of a parameter or resource, up to the next one.
+        let section = |start: &str| -> String {
+            let at = template
+                .find(start)
+                .unwrap_or_else(|| panic!("{start:?} in template.yaml"));
+            template[at + start.len()..]
+                .lines()
+                .take_while(|l| l.is_empty() || l.starts_with("   "))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        };
+        let provision = section("\n  Ec2ProvisionFunction:\n");
+        assert!(
+            provision.contains("GITLAB_RUNNER_VERSION: !Ref GitLabRunnerVersion\n")
+                && provision.contains("GITLAB_RUNNER_SHA256: !Ref GitLabRunnerSha256\n"),
+            "{provision}"
+        );
+        let version = section("\n  GitLabRunnerVersion:\n");
+        assert!(
+            version.contains(&format!("Default: {DEFAULT_RUNNER_VERSION}\n")),
+            "{version}"
+        );
+        assert!(
+            section("\n  GitLabRunnerSha256:\n").contains("Default: \"\"\n"),
+            "GitLabRunnerSha256 defaults to empty (not pinned)"
+        );
     }
 
     #[test]

@@ -7,13 +7,14 @@ use ephemeral_core::fleet::{
     TornDown, launch_warnings, provision, reaper_pass, teardown,
 };
 use ephemeral_core::hook::JobEvent;
+use ephemeral_core::lambda_runner::{RunnerGrant, ShellRunnerMode, provision_lambda_runner};
 use ephemeral_core::lease::{Lease, LeaseRun, REAPER_LEASE, with_lease};
 use ephemeral_core::mapping::{Executor, MapperOutput};
 use ephemeral_core::metrics::{emf_count, emf_value};
 use ephemeral_core::slots::Capped;
 use ephemeral_core::webhook::PortError;
 use ephemeral_gitlab::{GitLabClient, Registration, RetryPolicy};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::aws::{DynamoRunnerLedger, Ec2Fleet, SsmTokenVault};
 use crate::config::{ConfigError, FleetConfig, FleetSetup, NOT_CONFIGURED};
@@ -49,6 +50,17 @@ pub type Ports =
 pub struct Functions {
     /// `None`: EC2 runners are not configured (a Lambda-only stack).
     ec2: Option<Ec2Functions>,
+    /// How LAMBDA jobs get their runner token (`SHELL_RUNNER_MODE`).
+    shell_mode: ShellRunnerMode,
+}
+
+/// What the provision function answers: an EC2 runner, or the runner a LAMBDA job's shell
+/// runner invocation takes (`ProvisionLambdaRunner`). Each carries its own `outcome` tag.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ProvisionOutput {
+    Ec2(Provisioned),
+    Lambda(RunnerGrant),
 }
 
 /// The functions of a stack with EC2 runners.
@@ -95,6 +107,10 @@ pub enum HandlerError {
     NotAnEc2Route { job_id: u64, kind: &'static str },
     #[error("job {job_id} was routed to EC2 ({matched}), but {NOT_CONFIGURED}")]
     Ec2NotConfigured { job_id: u64, matched: String },
+    #[error(
+        "job {job_id} was routed to LAMBDA and ShellRunnerMode is per-job (a GitLab runner and token for each job), but this stack cannot create runners: set RunnerApiTokenParameterName (an SSM SecureString with a GitLab token with the create_runner and manage_runner scopes) and GitLabUrl; or set ShellRunnerMode=shared-token with ShellRunnerTokenParameterName, which lets any job take the shared token (unsafe for untrusted projects)"
+    )]
+    LambdaRunnerNotConfigured { job_id: u64 },
 }
 
 impl Functions {
@@ -114,7 +130,16 @@ impl Functions {
 
     /// A stack without EC2 runners: no client, no SSM read.
     pub fn not_configured() -> Self {
-        Self { ec2: None }
+        Self {
+            ec2: None,
+            shell_mode: ShellRunnerMode::default(),
+        }
+    }
+
+    /// How LAMBDA jobs get their runner token (default: a runner per job).
+    pub fn with_shell_mode(mut self, mode: ShellRunnerMode) -> Self {
+        self.shell_mode = mode;
+        self
     }
 
     pub async fn with_retry(
@@ -183,6 +208,7 @@ impl Functions {
                 leases,
                 jobs,
             }),
+            shell_mode: ShellRunnerMode::default(),
         })
     }
 
@@ -219,6 +245,70 @@ impl Functions {
             }),
         };
         log_provisioned(job, &result, now_ms);
+        result
+    }
+
+    /// The provision function's step, whichever branch of the workflow calls it: EC2
+    /// (`ProvisionEc2Runner`) or the runner of a LAMBDA job (`ProvisionLambdaRunner`).
+    pub async fn provision_step(
+        &self,
+        input: &ProvisionInput,
+        now_ms: u64,
+    ) -> Result<ProvisionOutput, HandlerError> {
+        match &input.mapped.decision.decision.executor {
+            Executor::Lambda { .. } => self
+                .provision_lambda_runner(input, now_ms)
+                .await
+                .map(ProvisionOutput::Lambda),
+            _ => self
+                .provision(input, now_ms)
+                .await
+                .map(ProvisionOutput::Ec2),
+        }
+    }
+
+    /// The runner a LAMBDA job's shell-runner invocation takes: one made for the job (its
+    /// token in a per-job parameter), or the stack's shared token when the stack asks for it.
+    pub async fn provision_lambda_runner(
+        &self,
+        input: &ProvisionInput,
+        now_ms: u64,
+    ) -> Result<RunnerGrant, HandlerError> {
+        let job = &input.job;
+        let result = match (self.shell_mode, &self.ec2) {
+            (ShellRunnerMode::SharedToken, _) => Ok(RunnerGrant::SharedToken),
+            (ShellRunnerMode::PerJob, None) => {
+                Err(HandlerError::LambdaRunnerNotConfigured { job_id: job.job_id })
+            }
+            (ShellRunnerMode::PerJob, Some(ec2)) => provision_lambda_runner(
+                &ec2.ports,
+                &ec2.settings,
+                job,
+                input.mapped.decision.tags.as_deref(),
+                now_ms,
+            )
+            .await
+            .map_err(HandlerError::from),
+        };
+        match &result {
+            Ok(grant) => tracing::info!(
+                project_id = job.project_id,
+                pipeline_id = job.pipeline_id,
+                job_id = job.job_id,
+                delivery_id = %job.delivery_id,
+                outcome = %serde_json::to_string(grant).unwrap_or_default(),
+                "lambda runner provisioned"
+            ),
+            Err(e) => tracing::error!(
+                project_id = job.project_id,
+                pipeline_id = job.pipeline_id,
+                job_id = job.job_id,
+                delivery_id = %job.delivery_id,
+                error_type = e.error_type(),
+                error = %e,
+                "lambda runner provisioning failed"
+            ),
+        }
         result
     }
 
@@ -488,6 +578,7 @@ impl HandlerError {
             Self::Config(_) => "FleetMisconfigured",
             Self::NotAnEc2Route { .. } => "NotAnEc2Route",
             Self::Ec2NotConfigured { .. } => "Ec2NotConfigured",
+            Self::LambdaRunnerNotConfigured { .. } => "LambdaRunnerNotConfigured",
         }
     }
 }
@@ -505,16 +596,21 @@ impl From<HandlerError> for lambda_runtime::Diagnostic {
 mod tests {
     use super::*;
 
-    /// The provision definition's `ProvisionEc2Runner` state, as the workflow runs it.
-    fn provision_state() -> serde_json::Value {
+    /// A state of the provision definition that calls this function, as the workflow runs it.
+    fn provision_state(name: &str) -> serde_json::Value {
         let definition: serde_json::Value =
             serde_json::from_str(include_str!("../../../statemachine/provision.asl.json")).unwrap();
-        definition["States"]["ProvisionEc2Runner"].clone()
+        definition["States"][name].clone()
     }
 
     #[test]
     fn the_workflow_retries_exactly_the_retryable_errors_and_records_the_rest() {
-        let state = provision_state();
+        for name in ["ProvisionEc2Runner", "ProvisionLambdaRunner"] {
+            retries_exactly_the_retryable_errors(&provision_state(name));
+        }
+    }
+
+    fn retries_exactly_the_retryable_errors(state: &serde_json::Value) {
         let retried: Vec<&str> = state["Retry"]
             .as_array()
             .unwrap()

@@ -10,8 +10,11 @@ pub mod handlers;
 pub mod lease;
 pub mod slots;
 
-pub use config::{ConfigError, FleetConfig, FleetSetup, SlotsConfig};
-pub use handlers::{Functions, Invocation, ProvisionInput, TeardownInput};
+pub use config::{
+    ConfigError, FleetConfig, FleetSetup, SHELL_RUNNER_MODE, SlotsConfig, shell_runner_mode,
+    shell_runner_mode_from_env,
+};
+pub use handlers::{Functions, Invocation, ProvisionInput, ProvisionOutput, TeardownInput};
 
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -139,6 +139,34 @@ impl GitLabClient {
         })
     }
 
+    /// The runners the token's user owns of one type (`GET /runners?type=`; id and
+    /// description), for finding a runner whose creation answer was lost.
+    pub async fn owned_runners(
+        &self,
+        api_token: &Secret,
+        runner_type: &str,
+        budget: &RequestBudget,
+    ) -> Result<Listing<(u64, String)>, GitLabError> {
+        #[derive(Deserialize)]
+        struct Runner {
+            id: u64,
+            #[serde(default)]
+            description: Option<String>,
+        }
+        let query = [("type", runner_type)];
+        let page: Listing<Runner> = self
+            .all_pages(api_token, "/runners", &query, budget)
+            .await?;
+        Ok(Listing {
+            items: page
+                .items
+                .into_iter()
+                .map(|r| (r.id, r.description.unwrap_or_default()))
+                .collect(),
+            complete: page.complete,
+        })
+    }
+
     /// Follows `x-next-page` from page 1; each request (retries are the client's own) takes
     /// one unit of `budget`.
     async fn all_pages<T: serde::de::DeserializeOwned>(

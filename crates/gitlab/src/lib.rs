@@ -58,6 +58,9 @@ pub struct NewRunner {
 pub struct RunnerCredentials {
     pub id: u64,
     pub token: Secret,
+    /// How many times `POST` was sent (retries included). More than one: an earlier attempt
+    /// may have created a runner whose answer was lost (see [`GitLabClient::owned_runners`]).
+    pub attempts: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -467,8 +470,10 @@ impl GitLabClient {
                 ("POST /runners", "/runners")
             }
         };
+        let sent = std::sync::atomic::AtomicU32::new(0);
         let (status, body) = self
             .send(endpoint, || {
+                sent.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 let request = self.http.post(self.url(path)).form(&form);
                 match registration {
                     Registration::CreateRunnerToken(t) => {
@@ -489,6 +494,7 @@ impl GitLabClient {
                 Ok(RunnerCredentials {
                     id: created.id,
                     token: Secret::new(created.token),
+                    attempts: sent.load(std::sync::atomic::Ordering::SeqCst),
                 })
             }
             410 if matches!(registration, Registration::RegistrationToken(_)) => {
@@ -514,6 +520,26 @@ impl GitLabClient {
             200..=299 => Ok(Deleted::Removed),
             404 => Ok(Deleted::AlreadyGone),
             _ => Err(refused(&endpoint, status, &body)),
+        }
+    }
+
+    /// Deletes the runner that `runner_token` authenticates (`DELETE /api/v4/runners`, GitLab's
+    /// "delete a runner by authentication token"): a per-job runner removes itself when its
+    /// job is done, with nothing but its own token. A token GitLab no longer knows (403) is a
+    /// runner already gone.
+    pub async fn delete_own_runner(&self, runner_token: &Secret) -> Result<Deleted, GitLabError> {
+        let endpoint = "DELETE /runners";
+        let (status, body) = self
+            .send(endpoint, || {
+                self.http
+                    .delete(self.url("/runners"))
+                    .form(&[("token", runner_token.expose())])
+            })
+            .await?;
+        match status {
+            200..=299 => Ok(Deleted::Removed),
+            403 | 404 => Ok(Deleted::AlreadyGone),
+            _ => Err(refused(endpoint, status, &body)),
         }
     }
 

@@ -291,3 +291,31 @@ async fn delete_treats_404_as_done_and_busy_reads_running_jobs() {
             .any(|c| c.method == "GET" && c.path == "/api/v4/runners/3/jobs")
     );
 }
+
+#[tokio::test]
+async fn a_runner_deletes_itself_with_its_own_token_in_the_body_never_a_header() {
+    let gitlab = StandIn::start(vec![
+        ("DELETE /api/v4/runners", 204, ""),
+        (
+            "DELETE /api/v4/runners",
+            403,
+            r#"{"message": "403 Forbidden"}"#,
+        ),
+        ("DELETE /api/v4/runners", 500, "boom"),
+    ]);
+    let gl = client(&gitlab.url);
+    let own = Secret::new("glrt-per-job");
+    assert_eq!(gl.delete_own_runner(&own).await.unwrap(), Deleted::Removed);
+    // GitLab no longer knows the token: the runner is gone already.
+    assert_eq!(
+        gl.delete_own_runner(&own).await.unwrap(),
+        Deleted::AlreadyGone
+    );
+    let failed = gl.delete_own_runner(&own).await.unwrap_err();
+    assert!(!failed.to_string().contains("glrt-per-job"), "{failed}");
+    let calls = gitlab.calls();
+    assert!(calls.len() >= 3, "{calls:?}");
+    assert!(calls.iter().all(|c| c.private_token.is_none()
+        && c.path == "/api/v4/runners"
+        && c.body == "token=glrt-per-job"));
+}

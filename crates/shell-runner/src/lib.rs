@@ -1,11 +1,15 @@
-//! The in-Lambda shell runner: an invocation asks GitLab for one job (with the runner token
-//! shared by every invocation) and runs it with bash in the Lambda sandbox. The job protocol
+//! The in-Lambda shell runner: an invocation asks GitLab for one job and runs it with bash in
+//! the Lambda sandbox. Its runner token is the job's own ([`ephemeral_core::lambda_runner`]:
+//! made for the job by the provision workflow, taken from its SSM parameter, which is deleted
+//! at once, and the runner deleted when the invocation ends), or, when the stack asks for it
+//! explicitly, one token shared by every invocation. The job protocol
 //! is `gitlab_runner`'s (a fork of collabora's crate, see `crates/gitlab-runner-fork/FORK.md`);
 //! every decision (time budget, masking, scripts, environment, checkout, failure reasons) is
 //! `ephemeral_core::shell`'s. This crate carries them out: directories, processes, git, files.
 
 pub mod process;
 pub mod sandbox;
+pub mod tokens;
 pub mod trace;
 
 use std::borrow::Cow;
@@ -14,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ephemeral_core::hook::JobEvent;
+pub use ephemeral_core::lambda_runner::RunnerGrant;
 pub use ephemeral_core::secrets::Secret;
 use ephemeral_core::shell::{
     self, Checkout, JobVariable, Margins, Masker, RunnerSide, ScriptBudget, failure_reason,
@@ -30,12 +35,13 @@ use tokio_util::sync::CancellationToken;
 use url::Url;
 
 use crate::process::Ended;
+pub use crate::tokens::{RunnerTokens, Tokens};
 use crate::trace::Trace;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// Lambda's longest invocation.
-pub const LAMBDA_MAX: Duration = Duration::from_secs(900);
+pub const LAMBDA_MAX: Duration = ephemeral_core::lambda_runner::LAMBDA_MAX;
 
 /// What the provision state machine sends (`StartShellRunner`): the job whose hook started
 /// this invocation. GitLab hands us whichever pending job fits the runner, not necessarily
@@ -44,6 +50,10 @@ pub const LAMBDA_MAX: Duration = Duration::from_secs(900);
 pub struct Invocation {
     pub job_key: String,
     pub job: JobEvent,
+    /// The runner to take the job with (the workflow's ProvisionLambdaRunner step). Absent
+    /// (a payload from before per-job runners): the shared token, if this runner has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<RunnerGrant>,
 }
 
 /// What an invocation did. Returned to Lambda (async invokes drop it; the log keeps it).
@@ -57,6 +67,12 @@ pub enum Outcome {
         waited_ms: u64,
     },
     Ran(JobReport),
+    /// No runner token to ask with: the job's parameter is gone (an earlier delivery of this
+    /// invoke took it, or the reaper removed it), or the workflow made no runner. The
+    /// reconciler gives a job still pending a new attempt.
+    NoRunner {
+        reason: String,
+    },
 }
 
 /// How the job's script ended and what it cost, as seen by this runner.
@@ -84,8 +100,9 @@ pub struct JobReport {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub gitlab_url: Url,
-    /// Name of the SSM parameter with the runner authentication token (`glrt-...`).
-    pub token_parameter: String,
+    /// The SSM parameter with the shared runner token (`glrt-...`), read at cold start: only
+    /// with `ShellRunnerMode=shared-token`. Unset: every invocation takes its job's own token.
+    pub token_parameter: Option<String>,
     /// Where jobs run; emptied before and after every invocation.
     pub root: PathBuf,
     /// How long to keep asking GitLab for a job before "no job" (Lambda delivers the invoke
@@ -154,7 +171,7 @@ impl Config {
             .map_err(|e| ShellRunnerError::Config(format!("GITLAB_URL `{url}`: {e}")))?;
         Ok(Self {
             gitlab_url,
-            token_parameter: required("RUNNER_TOKEN_PARAMETER")?,
+            token_parameter: value("RUNNER_TOKEN_PARAMETER"),
             root: value("SHELL_RUNNER_ROOT")
                 .unwrap_or_else(|| "/tmp/shell-runner".into())
                 .into(),
@@ -187,14 +204,25 @@ pub struct ShellRunner {
     config: Arc<Config>,
     system_id: String,
     builds: PathBuf,
+    tokens: Tokens,
+    /// The runner protocol's HTTP client: no redirect is followed (a token goes to GitLab's
+    /// address and nowhere else).
+    http: reqwest::Client,
+    /// GitLab's REST API, for the per-job runner to delete itself (https unless allowed).
+    gitlab: ephemeral_gitlab::GitLabClient,
     /// Lambda runs one invocation at a time per environment; the lock makes that explicit.
-    runner: tokio::sync::Mutex<Runner>,
+    one_at_a_time: tokio::sync::Mutex<()>,
 }
 
 impl ShellRunner {
+    /// With a shared token only (`ShellRunnerMode=shared-token`; tests).
+    pub async fn new(config: Config, token: Secret, system_id: String) -> Self {
+        Self::with_tokens(config, Tokens::shared(token), system_id)
+    }
+
     /// `system_id`: `r_` + 12 characters ([`shell::system_id`]), stable for the environment,
     /// so that each warm environment is one runner manager in GitLab.
-    pub async fn new(config: Config, token: Secret, system_id: String) -> Self {
+    pub fn with_tokens(config: Config, tokens: Tokens, system_id: String) -> Self {
         if config.sandbox_scratch.is_some() {
             sandbox::harden_runner_process();
         }
@@ -202,28 +230,21 @@ impl ShellRunner {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .unwrap_or_default();
-        let runner = RunnerBuilder::new(
-            config.gitlab_url.clone(),
-            token.expose().to_owned(),
-            builds.clone(),
-            JobRunList::new(),
-        )
-        .system_id(system_id.clone())
-        .version(format!("ephemeral-shell-runner {VERSION}"))
-        .platform("linux")
-        .architecture(std::env::consts::ARCH)
-        .status_poll_interval(config.status_poll)
-        .first_trace_after(Duration::from_millis(250))
-        .http_client(http)
-        .build()
-        .await;
+        let gitlab = ephemeral_gitlab::GitLabClient::new(
+            config.gitlab_url.as_str(),
+            ephemeral_gitlab::RetryPolicy::default(),
+        );
         Self {
             config: Arc::new(config),
             system_id,
             builds,
-            runner: tokio::sync::Mutex::new(runner),
+            tokens,
+            http,
+            gitlab,
+            one_at_a_time: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -231,15 +252,79 @@ impl ShellRunner {
         &self.system_id
     }
 
+    /// Why GitLab's URL is refused (plain http to a host that is not loopback, unless
+    /// `ALLOW_INSECURE_GITLAB_URL=true`): checked at cold start.
+    pub fn url_refusal(&self) -> Option<&str> {
+        self.gitlab.url_refusal()
+    }
+
+    /// The runner protocol client for one invocation, with its token.
+    async fn runner(&self, token: &Secret) -> Runner {
+        RunnerBuilder::new(
+            self.config.gitlab_url.clone(),
+            token.expose().to_owned(),
+            self.builds.clone(),
+            JobRunList::new(),
+        )
+        .system_id(self.system_id.clone())
+        .version(format!("ephemeral-shell-runner {VERSION}"))
+        .platform("linux")
+        .architecture(std::env::consts::ARCH)
+        .status_poll_interval(self.config.status_poll)
+        .first_trace_after(Duration::from_millis(250))
+        .http_client(self.http.clone())
+        .build()
+        .await
+    }
+
     /// Asks for a job, runs it to the end, and leaves the environment clean. `deadline` is
-    /// when Lambda stops this invocation.
+    /// when Lambda stops this invocation. A per-job runner is deleted at the end, whatever
+    /// happened: its token is then worth nothing to whoever read it.
     pub async fn handle(
         &self,
         invocation: &Invocation,
         deadline: Instant,
     ) -> Result<Outcome, ShellRunnerError> {
+        let _one = self.one_at_a_time.lock().await;
+        let taken = match self.tokens.for_invocation(invocation).await? {
+            Ok(taken) => taken,
+            Err(reason) => {
+                tracing::warn!(job_key = %invocation.job_key, %reason, "no runner for this invocation");
+                return Ok(Outcome::NoRunner { reason });
+            }
+        };
+        let outcome = self.run_one(invocation, &taken.token, deadline).await;
+        if taken.per_job {
+            self.delete_own_runner(invocation, &taken.token).await;
+        }
+        outcome
+    }
+
+    /// A per-job runner removes itself with its own token; failing that, the job's teardown
+    /// and the reaper remove it.
+    async fn delete_own_runner(&self, invocation: &Invocation, token: &Secret) {
+        match self.gitlab.delete_own_runner(token).await {
+            Ok(deleted) => tracing::info!(
+                job_key = %invocation.job_key,
+                deleted = ?deleted,
+                "per-job runner deleted"
+            ),
+            Err(e) => tracing::warn!(
+                job_key = %invocation.job_key,
+                error = %e,
+                "could not delete the per-job runner; the job's teardown or the reaper will"
+            ),
+        }
+    }
+
+    async fn run_one(
+        &self,
+        invocation: &Invocation,
+        token: &Secret,
+        deadline: Instant,
+    ) -> Result<Outcome, ShellRunnerError> {
         let started = Instant::now();
-        let mut runner = self.runner.lock().await;
+        let mut runner = self.runner(token).await;
         self.sweep_sandbox("before the job").await;
         self.reset_builds().await?;
         // A previous invocation that Lambda killed may have left processes behind.
@@ -991,12 +1076,12 @@ mod tests {
                     .map(|(_, v)| v.to_string())
             }
         };
-        let err =
-            Config::from_lookup(env(&[("GITLAB_URL", "https://gitlab.example.com")])).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "configuration: RUNNER_TOKEN_PARAMETER is not set"
-        );
+        let err = Config::from_lookup(env(&[("REQUEST_WAIT_SECONDS", "5")])).unwrap_err();
+        assert_eq!(err.to_string(), "configuration: GITLAB_URL is not set");
+        // Per-job runners: no shared token parameter at all.
+        let per_job =
+            Config::from_lookup(env(&[("GITLAB_URL", "https://gitlab.example.com")])).unwrap();
+        assert_eq!(per_job.token_parameter, None);
         let err = Config::from_lookup(env(&[
             ("GITLAB_URL", "https://gitlab.example.com"),
             ("RUNNER_TOKEN_PARAMETER", "/runners/shell"),

@@ -27,13 +27,15 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use ephemeral_core::fleet::Provisioned;
 use ephemeral_core::hook::JobEvent;
 use ephemeral_core::jobs::{JobKey, RouterOutcome, Started, Workflow, WorkflowInput};
+use ephemeral_core::lambda_runner::RunnerGrant;
 use ephemeral_core::mapping::Executor;
 use ephemeral_core::testing::{XorShift, expected_provisions, redelivered_job_events};
 use ephemeral_core::webhook::{DeadLetter, EventSink, PortError, QueuedHook};
-use fleet::{FleetSetup, Functions, ProvisionInput, TeardownInput};
+use fleet::{FleetSetup, Functions, ProvisionInput, ProvisionOutput, TeardownInput};
 use mapper::{DynamoMappingRules, GitLabJobs, Mapper, TokenSource};
 use router::Router;
 use router::aws::{DynamoJobStore, StepFunctions};
+use shell_runner::RunnerTokens as _;
 use webhook::aws::{DynamoLedger, EventBridgeSink, SqsFallback, SsmSecrets};
 use webhook::config::DrainerConfig;
 use webhook::drainer::{AwsDrainer, Drainer};
@@ -665,10 +667,13 @@ async fn fleet_functions(
     env: &[(String, String)],
     sdk: &SdkConfig,
 ) -> Functions {
-    match FleetStack::setup_of(env) {
+    let vars: HashMap<_, _> = env.iter().cloned().collect();
+    let mode = fleet::shell_runner_mode(|k| vars.get(k).cloned()).unwrap();
+    let functions = match FleetStack::setup_of(env) {
         FleetSetup::Ec2(config) => stack.functions_at(&config, sdk).await,
         FleetSetup::NotConfigured => Functions::not_configured(),
-    }
+    };
+    functions.with_shell_mode(mode)
 }
 
 /// An intake outage a hook is sent in (see [`ChainOptions::intake_outage_percent`]).
@@ -1381,8 +1386,68 @@ impl Chain {
         self.timed(workflow.as_str(), t);
     }
 
-    /// `statemachine/provision.asl.json`: MapJob (retried), RecordRoute, then the shell-runner
-    /// invoke or ProvisionEc2Runner (retried on the error types the definition names).
+    /// ProvisionLambdaRunner (retried like ProvisionEc2Runner), then CheckLambdaRunner: the
+    /// runner to invoke the shell runner with, `None` when there is none (the job finished,
+    /// or the step failed: recorded like a failed EC2 provision).
+    async fn lambda_runner(&self, job_key: &str, state: &serde_json::Value) -> Option<RunnerGrant> {
+        let input: ProvisionInput = serde_json::from_value(state.clone()).unwrap();
+        for attempt in 0..4 {
+            match self.fleet.provision_step(&input, fleet::now_ms()).await {
+                Ok(ProvisionOutput::Lambda(grant)) => {
+                    self.note(
+                        job_key,
+                        format!("lambda runner: {}", serde_json::to_string(&grant).unwrap()),
+                    );
+                    return matches!(grant, RunnerGrant::PerJob { .. } | RunnerGrant::SharedToken)
+                        .then_some(grant);
+                }
+                Ok(other) => panic!("a LAMBDA route answered {other:?}"),
+                Err(e)
+                    if attempt < 3
+                        && fleet::handlers::PROVISION_RETRIED.contains(&e.error_type()) =>
+                {
+                    self.platform_retries.fetch_add(1, Ordering::SeqCst);
+                }
+                Err(e) => {
+                    self.note(job_key, format!("lambda runner failed: {e}"));
+                    self.report
+                        .lock()
+                        .unwrap()
+                        .provision_failures
+                        .push(format!("{job_key}: {e}"));
+                    return None;
+                }
+            }
+        }
+        None
+    }
+
+    /// What the shell-runner invocation does with a per-job runner, short of running a job
+    /// (that is process_chain's and lambda_runner_moto's): it takes the token from its
+    /// parameter with the function's own adapter, and deletes its runner with that token.
+    async fn invocation_takes_its_runner(&self, job_key: &str, grant: &RunnerGrant) {
+        let RunnerGrant::PerJob {
+            token_parameter, ..
+        } = grant
+        else {
+            return;
+        };
+        let tokens = shell_runner::tokens::SsmRunnerTokens {
+            ssm: self.fleet_stack.ssm.clone(),
+        };
+        let Some(token) = tokens.take(token_parameter).await.unwrap() else {
+            panic!("{job_key}: the per-job token parameter {token_parameter} is missing");
+        };
+        let gitlab = ephemeral_gitlab::GitLabClient::new(
+            &self.fleet_stack.gitlab.url,
+            ephemeral_gitlab::RetryPolicy::default(),
+        );
+        gitlab.delete_own_runner(&token).await.unwrap();
+    }
+
+    /// `statemachine/provision.asl.json`: MapJob (retried), RecordRoute, then
+    /// ProvisionLambdaRunner and the shell-runner invoke, or ProvisionEc2Runner (retried on
+    /// the error types the definition names).
     async fn provision_workflow(&self, input: WorkflowInput) {
         let decision = self
             .retried("MapJob", 4, || self.mapper.handle(&input))
@@ -1411,7 +1476,14 @@ impl Chain {
             ),
         );
         if let Executor::Lambda { arn } = &decision.decision.executor {
+            let state = serde_json::json!({"job_key": input.job_key, "job": input.job,
+                                           "mapped": {"decision": decision}});
+            let Some(grant) = self.lambda_runner(&input.job_key, &state).await else {
+                return;
+            };
             self.note(&input.job_key, format!("shell runner invoked: {arn}"));
+            self.invocation_takes_its_runner(&input.job_key, &grant)
+                .await;
             *self
                 .report
                 .lock()

@@ -205,6 +205,8 @@ impl FleetStack {
             ("GITLAB_RUNNER_TOKEN_PARAMETER", ""),
             ("GITLAB_REGISTRATION_TOKEN_PARAMETER", ""),
             ("SUBNET_IDS", ""),
+            // No runner can be made without the runner API token: the shared token it is.
+            ("SHELL_RUNNER_MODE", "shared-token"),
         ])
     }
 

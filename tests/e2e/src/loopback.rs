@@ -97,6 +97,11 @@ pub struct RunnerApiState {
     pub busy: BTreeSet<u64>,
     /// The next N creates (deletes) answer 502; `u32::MAX` for always.
     pub failing_creates: u32,
+    /// The next N creates make the runner and then answer 502 (the answer was lost: a retry
+    /// makes a second runner).
+    pub lost_create_answers: u32,
+    /// Each runner's description (`GET /runners` lists them).
+    pub descriptions: HashMap<u64, String>,
     pub failing_deletes: u32,
     /// Share of all calls (after the scripted ones) answered 502, spread deterministically.
     pub failure_percent: u64,
@@ -150,6 +155,20 @@ impl RunnerApiStandIn {
 
 fn answer(state: &mut RunnerApiState, request: &Request, api_token: &str) -> (u16, String) {
     state.calls.push(request.clone());
+    // "Delete a runner by authentication token": a per-job runner removes itself.
+    if request.method == "DELETE" && request.path() == "/api/v4/runners" {
+        let body = request.body_text();
+        let token = body.strip_prefix("token=").unwrap_or_default();
+        let id = state
+            .runners
+            .iter()
+            .find(|(_, t)| t.as_str() == token)
+            .map(|(id, _)| *id);
+        return match id.and_then(|id| state.runners.remove(&id)) {
+            Some(_) => (204, String::new()),
+            None => (403, r#"{"message":"403 Forbidden"}"#.into()),
+        };
+    }
     if request.header("private-token") != Some(api_token) {
         return (401, r#"{"message":"401 Unauthorized"}"#.into());
     }
@@ -175,6 +194,15 @@ fn answer(state: &mut RunnerApiState, request: &Request, api_token: &str) -> (u1
             let token = format!("glrt-t{id}-{:016x}", id.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             state.runners.insert(id, token.clone());
             state.issued_tokens.push(token.clone());
+            let description =
+                crate::liveness::gitlab::form_value(&request.body_text(), "description");
+            state
+                .descriptions
+                .insert(id, description.unwrap_or_default());
+            if state.lost_create_answers > 0 {
+                state.lost_create_answers -= 1;
+                return (502, "<html>502 Bad Gateway</html>".into());
+            }
             (
                 201,
                 serde_json::json!({"id": id, "token": token, "token_expires_at": null}).to_string(),
@@ -210,6 +238,14 @@ fn answer(state: &mut RunnerApiState, request: &Request, api_token: &str) -> (u1
                 ),
                 None => (404, r#"{"message":"404 Job Not Found"}"#.into()),
             }
+        }
+        ("GET", ["api", "v4", "runners"]) => {
+            let listed: Vec<serde_json::Value> = state
+                .runners
+                .keys()
+                .map(|id| serde_json::json!({"id": id, "description": state.descriptions.get(id)}))
+                .collect();
+            (200, serde_json::Value::from(listed).to_string())
         }
         ("GET", ["api", "v4", "runners", id, "jobs"]) => {
             let id: u64 = id.parse().unwrap_or(0);

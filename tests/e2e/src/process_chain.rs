@@ -135,7 +135,7 @@ struct Stack {
     fallback_dead_letters: String,
 }
 
-const AWS_ENV: [(&str, &str); 4] = [
+pub const AWS_ENV: [(&str, &str); 4] = [
     ("AWS_REGION", "us-east-1"),
     ("AWS_ACCESS_KEY_ID", "testing"),
     ("AWS_SECRET_ACCESS_KEY", "testing"),
@@ -285,9 +285,15 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
         .await
         .unwrap();
         if kind == "LAMBDA" {
+            // ProvisionLambdaRunner: the stack's shared token (no runner made).
+            let state = serde_json::json!({"job_key": job_key, "job": input["job"], "mapped": {"decision": decision}});
+            let grant = with_retries(&mut f.provision, &state, 4, |_| false).await;
+            assert_eq!(grant["outcome"], "shared_token", "{grant}");
             // StartShellRunner: the invoke wakes the runner; the job comes from GitLab.
             shell_jobs.push(enqueue_shell_job(&stack.gitlab, &job_key));
-            let answer = with_retries(&mut f.shell_runner, &input, 1, |_| false).await;
+            let payload =
+                serde_json::json!({"job_key": job_key, "job": input["job"], "runner": grant});
+            let answer = with_retries(&mut f.shell_runner, &payload, 1, |_| false).await;
             assert_eq!(answer["outcome"], "ran", "shell runner: {answer}");
             *report.shell_invocations.entry(job_key).or_default() += 1;
             continue;
@@ -470,8 +476,16 @@ async fn start_all(stack: &Stack, endpoint: &str) -> Functions {
             endpoint,
         )
         .await;
+    // The shell runner here takes jobs from gitlab-runner-mock, which knows one runner token:
+    // the explicit shared-token mode. Per-job runners through the real binary are
+    // tests/lambda_runner_moto.rs's, against a GitLab that keeps runners.
     let provision = stack
-        .start_function("ec2-provision", 120, stack.fleet.env(&[]), endpoint)
+        .start_function(
+            "ec2-provision",
+            120,
+            stack.fleet.env(&[("SHELL_RUNNER_MODE", "shared-token")]),
+            endpoint,
+        )
         .await;
     let gitlab_url = stack.gitlab.uri().to_string();
     let shell_runner = stack

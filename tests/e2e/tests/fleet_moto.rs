@@ -481,6 +481,48 @@ async fn reaper_bypass_tag_keeps_an_instance() {
 }
 
 #[tokio::test]
+async fn a_runner_whose_creation_answer_was_lost_is_found_and_removed() {
+    let stack = fleet_stack().await;
+    let functions = stack.functions(&stack.config(&[])).await;
+    // GitLab makes the runner, but its answer is lost: the client retries and GitLab makes
+    // a second one. The first one's token is known to nobody.
+    stack.gitlab.state().lost_create_answers = 1;
+    let job = job_event(48, 4801, "build", JobStatus::Pending);
+    stack.job_is_provisioning(&job).await;
+    let (_, runner_id) = launched(
+        &functions
+            .provision(&provision_input(&job, ec2_route()).0, now_ms())
+            .await
+            .unwrap(),
+    );
+    let gitlab = stack.gitlab.state();
+    assert_eq!(
+        gitlab.issued_tokens.len(),
+        2,
+        "the fault happened: two runners made"
+    );
+    assert_eq!(
+        gitlab.runners.keys().copied().collect::<Vec<_>>(),
+        [runner_id],
+        "only the runner we registered is left"
+    );
+    // The mark that told them apart: both had it, no other runner does.
+    let description = &gitlab.descriptions[&runner_id];
+    assert!(
+        description.contains("job 4801") && description.contains(" #"),
+        "{description}"
+    );
+    assert_eq!(
+        gitlab
+            .descriptions
+            .values()
+            .filter(|d| *d == description)
+            .count(),
+        2
+    );
+}
+
+#[tokio::test]
 async fn gitlab_failures_are_retried_then_fail_clearly_leaving_nothing() {
     let (logs, _guard) = capture_logs();
     let stack = fleet_stack().await;

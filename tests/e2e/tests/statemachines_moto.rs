@@ -17,6 +17,7 @@ use e2e_tests::*;
 use ephemeral_core::fleet::{Provisioned, TornDown};
 use ephemeral_core::hook::JobStatus;
 use ephemeral_core::jobs::{JobKey, JobPhase, JobStore, WorkflowInput};
+use ephemeral_core::lambda_runner::RunnerGrant;
 use ephemeral_core::mapping::{Executor, Market};
 use ephemeral_core::testing::job_event;
 use mapper::{DynamoMappingRules, GitLabJobs, Mapper, TokenSource};
@@ -355,12 +356,20 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
             job: event,
         };
         // The real mapper's answer is what moto's Lambda gives the MapJob task; a LAMBDA
-        // route's asynchronous shell-runner invoke takes one more (empty) reply, an EC2
+        // route takes the ec2-provision function's per-job runner (ProvisionLambdaRunner),
+        // then one more (empty) reply for the asynchronous shell-runner invoke; an EC2
         // route's provision step the ec2-provision function's output (its handler runs
         // against moto in fleet_moto.rs).
         let output = mapper.handle(&input).await.unwrap();
         let mut replies = vec![serde_json::to_string(&output).unwrap()];
         if output.decision.executor.kind() == "LAMBDA" {
+            replies.push(
+                serde_json::to_string(&RunnerGrant::PerJob {
+                    runner_id: 700 + job_id,
+                    token_parameter: format!("/er/test/runner-tokens/lambda-9-{job_id}-1"),
+                })
+                .unwrap(),
+            );
             replies.push("{}".into());
         } else if output.decision.executor.kind() == "EC2" {
             replies.push(
@@ -388,6 +397,14 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
             "{name}: {states:?}"
         );
         assert_eq!(states[0], "MapJob");
+        if want_route == "LAMBDA" {
+            // The job's own runner is made before the shell runner is invoked.
+            let at = |name: &str| states.iter().position(|s| s == name);
+            assert!(
+                at("ProvisionLambdaRunner") < at("StartShellRunner"),
+                "{states:?}"
+            );
+        }
         assert_eq!(
             attribute(&sdk, &jobs, &key.table_key(), "route_type")
                 .await

@@ -1,6 +1,6 @@
-//! Provision step of the provision workflow (EC2 branch): one GitLab runner on one EC2
-//! instance for one job.
-use fleet::{FleetSetup, Functions, ProvisionInput, now_ms};
+//! Provision step of the provision workflow: one GitLab runner on one EC2 instance for one
+//! job (EC2 branch), or one GitLab runner for a LAMBDA job's shell-runner invocation.
+use fleet::{FleetSetup, Functions, ProvisionInput, now_ms, shell_runner_mode_from_env};
 use lambda_runtime::{LambdaEvent, service_fn};
 
 #[tokio::main(flavor = "current_thread")]
@@ -10,11 +10,14 @@ async fn main() -> Result<(), lambda_runtime::Error> {
     // every job with Ec2NotConfigured.
     let setup = FleetSetup::from_env()?;
     let sdk = aws_config::load_from_env().await;
-    let functions = &Functions::start(&setup, &sdk).await?;
+    let shell_mode = shell_runner_mode_from_env()?;
+    let functions = &Functions::start(&setup, &sdk)
+        .await?
+        .with_shell_mode(shell_mode);
     lambda_runtime::run(service_fn(
         move |event: LambdaEvent<ProvisionInput>| async move {
             // An error fails the task: the workflow records it on the job's item.
-            functions.provision(&event.payload, now_ms()).await
+            functions.provision_step(&event.payload, now_ms()).await
         },
     ))
     .await

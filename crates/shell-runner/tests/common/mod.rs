@@ -24,7 +24,7 @@ pub struct Setup {
 pub fn config(mock: &GitlabRunnerMock, root: &Path) -> Config {
     Config {
         gitlab_url: mock.uri(),
-        token_parameter: "/unused/in/tests".into(),
+        token_parameter: None,
         root: root.to_path_buf(),
         // One request: the mock answers at once.
         request_wait: Duration::ZERO,

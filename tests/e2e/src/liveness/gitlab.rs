@@ -4,7 +4,10 @@
 //! for; every transition of a job of a project with our hook becomes a Job Hook in a queue
 //! the driver delivers once (GitLab does not resend a hook answered non-2xx). It serves what
 //! the stack reads: one job, a project's pending jobs (paginated with `x-next-page`), runner
-//! creation and deletion, and a runner's running jobs. Modelled on collabora's
+//! creation and deletion, and a runner's running jobs; and, for a runner that really runs
+//! the job (the shell runner), the job protocol: the job's script in `jobs/request`, trace
+//! appends, the final status update, and a runner deleting itself with its own token
+//! (`DELETE /runners`), after which that token is refused. Modelled on collabora's
 //! `gitlab-runner-mock` (state behind a mutex, one handler per endpoint), on the loopback
 //! server of `crate::loopback` (one request per connection, a thread that ends with the
 //! test process).
@@ -36,6 +39,10 @@ pub struct SimJob {
     pub runner_id: Option<u64>,
     /// How many times `jobs/request` handed it to a runner.
     pub handed_out: u32,
+    /// What `jobs/request` hands a runner to run (`echo` of the job's name unless set).
+    pub script: Vec<String>,
+    /// The trace the runner sent (`PATCH /jobs/:id/trace`).
+    pub trace: String,
 }
 
 /// A registered runner.
@@ -90,6 +97,8 @@ pub struct GitLabState {
     pub calls: BTreeMap<String, u64>,
     /// Requests refused 401 (a wrong or missing token).
     pub unauthorized: u64,
+    /// `jobs/request` calls refused 403: a token no runner has (deleted, or never made).
+    pub refused_runner_tokens: u64,
 }
 
 impl GitLabState {
@@ -116,6 +125,8 @@ impl GitLabState {
             finished_ms: None,
             runner_id: None,
             handed_out: 0,
+            script: vec![format!("echo {name}")],
+            trace: String::new(),
         };
         self.jobs.insert((project_id, id), job);
         self.emit(project_id, id);
@@ -134,6 +145,11 @@ impl GitLabState {
     pub fn has_job_for(&self, token: &str) -> bool {
         self.runner_by_token(token)
             .is_some_and(|r| self.oldest_for(r).is_some())
+    }
+
+    /// Whether `token` authenticates a runner now.
+    pub fn token_is_valid(&self, token: &str) -> bool {
+        self.runner_by_token(token).is_some()
     }
 
     fn runner_by_token(&self, token: &str) -> Option<&SimRunner> {
@@ -199,6 +215,27 @@ impl GitLabState {
             body: crate::chain::hook_body(&event),
         };
         self.hooks.push_back(hook);
+    }
+
+    /// The job as `jobs/request` hands it to a runner: its script, GIT_STRATEGY none.
+    fn runner_payload(&self, job: &SimJob) -> serde_json::Value {
+        let variable = |key: &str, value: String| serde_json::json!({"key": key, "value": value, "public": true, "masked": false});
+        serde_json::json!({
+            "id": job.id,
+            "token": job_token(job.id),
+            "allow_git_fetch": false,
+            "job_info": {"id": job.id, "name": job.name, "stage": "test",
+                         "project_id": job.project_id, "project_name": "sim"},
+            "variables": [
+                variable("GIT_STRATEGY", "none".into()),
+                variable("CI_JOB_ID", job.id.to_string()),
+                variable("CI_PROJECT_ID", job.project_id.to_string()),
+            ],
+            "steps": [{"name": "script", "script": job.script, "timeout": 3600,
+                       "when": "on_success", "allow_failure": false}],
+            "dependencies": [],
+            "artifacts": [],
+        })
     }
 
     /// The job as `GET /projects/:id/jobs/:job_id` returns it.
@@ -311,7 +348,7 @@ fn query_value(target: &str, name: &str) -> Option<String> {
 }
 
 /// A form body's (`application/x-www-form-urlencoded`) values of `name`.
-fn form_value(body: &str, name: &str) -> Option<String> {
+pub fn form_value(body: &str, name: &str) -> Option<String> {
     body.split('&').find_map(|pair| {
         let (k, v) = pair.split_once('=')?;
         (k == name).then(|| {
@@ -338,6 +375,77 @@ fn form_value(body: &str, name: &str) -> Option<String> {
 
 type Answer = (u16, Vec<(String, String)>, String);
 
+/// The job token GitLab hands out with a job (`CI_JOB_TOKEN`).
+fn job_token(job_id: u64) -> String {
+    format!("glcbt-{job_id}")
+}
+
+/// The runner protocol's calls, which authenticate with a runner or job token, not the
+/// API token: `None` when `request` is not one of them.
+fn runner_protocol(
+    state: &mut GitLabState,
+    request: &Request,
+    segments: &[&str],
+) -> Option<Answer> {
+    let job_of = |state: &GitLabState, id: &str| {
+        let id: u64 = id.parse().ok()?;
+        state.jobs.keys().find(|(_, j)| *j == id).copied()
+    };
+    Some(match (request.method.as_str(), segments) {
+        ("POST", ["api", "v4", "jobs", "request"]) => {
+            let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+            let token = body["token"].as_str().unwrap_or_default();
+            match state.request_job(token) {
+                Err(()) => {
+                    state.refused_runner_tokens += 1;
+                    plain(403, r#"{"message":"403 Forbidden"}"#)
+                }
+                Ok(None) => plain(204, ""),
+                Ok(Some(key)) => plain(201, state.runner_payload(&state.jobs[&key]).to_string()),
+            }
+        }
+        ("PUT", ["api", "v4", "jobs", id]) => {
+            let Some(key) = job_of(state, id) else {
+                return Some(plain(404, ""));
+            };
+            let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
+            if body["token"].as_str() != Some(job_token(key.1).as_str()) {
+                return Some(plain(403, ""));
+            }
+            match body["state"].as_str() {
+                Some("success") => state.finish(key, JobStatus::Success),
+                Some("failed") => state.finish(key, JobStatus::Failed),
+                _ => {}
+            }
+            plain(200, "")
+        }
+        ("PATCH", ["api", "v4", "jobs", id, "trace"]) => {
+            let Some(key) = job_of(state, id) else {
+                return Some(plain(404, ""));
+            };
+            if request.header("job-token") != Some(job_token(key.1).as_str()) {
+                return Some(plain(403, ""));
+            }
+            let text = request.body_text();
+            state.jobs.get_mut(&key).unwrap().trace.push_str(&text);
+            plain(202, "")
+        }
+        // GitLab's "delete a runner by authentication token".
+        ("DELETE", ["api", "v4", "runners"]) => {
+            let token = form_value(&request.body_text(), "token").unwrap_or_default();
+            let id = state.runner_by_token(&token).map(|r| r.id);
+            match id.and_then(|id| state.runners.remove(&id)) {
+                Some(r) => {
+                    state.deleted_runners.insert(r.id);
+                    plain(204, "")
+                }
+                None => plain(403, r#"{"message":"403 Forbidden"}"#),
+            }
+        }
+        _ => return None,
+    })
+}
+
 fn plain(status: u16, body: impl Into<String>) -> Answer {
     (status, Vec::new(), body.into())
 }
@@ -354,23 +462,8 @@ fn answer(state: &mut GitLabState, request: &Request, api_token: &str) -> Answer
             .join("/")
     );
     *state.calls.entry(endpoint).or_default() += 1;
-    // The runner's own endpoint authenticates with the runner token in the body.
-    if let ("POST", ["api", "v4", "jobs", "request"]) = (request.method.as_str(), &segments[..]) {
-        let body: serde_json::Value = serde_json::from_slice(&request.body).unwrap_or_default();
-        let token = body["token"].as_str().unwrap_or_default();
-        return match state.request_job(token) {
-            Err(()) => {
-                state.unauthorized += 1;
-                plain(403, r#"{"message":"403 Forbidden"}"#)
-            }
-            Ok(None) => plain(204, ""),
-            Ok(Some(key)) => {
-                let job = &state.jobs[&key];
-                let mut json = state.job_json(job);
-                json["token"] = format!("glcbt-{}", job.id).into();
-                plain(201, json.to_string())
-            }
-        };
+    if let Some(answer) = runner_protocol(state, request, &segments) {
+        return answer;
     }
     if request.header("private-token") != Some(api_token) {
         state.unauthorized += 1;

@@ -768,7 +768,7 @@ impl Liveness {
             }
             let job: serde_json::Value = answer.json().await.unwrap();
             let key = (
-                job["pipeline"]["project_id"].as_u64().unwrap(),
+                job["job_info"]["project_id"].as_u64().unwrap(),
                 job["id"].as_u64().unwrap(),
             );
             self.tell(
