@@ -3,7 +3,8 @@
 # It holds no secret: the runner token waits in SSM under {{TOKEN_PARAMETER_PREFIX}}/<this
 # instance's id>, readable and deletable only by this instance, and is deleted once read.
 # AMI requirements (docs/ec2-runners.md): the AWS CLI v2, curl, sha256sum and systemd;
-# gitlab-runner {{RUNNER_VERSION}} and (docker executor) docker are installed when missing.
+# gitlab-runner {{RUNNER_VERSION}} and (docker executor, or a privileged shell route) docker
+# are installed when missing.
 # Whatever happens, the instance shuts down at the end (shutdown behaviour: terminate).
 set -uo pipefail
 trap 'shutdown -h now' EXIT
@@ -70,8 +71,10 @@ else
 fi
 
 # Docker from the distribution's own packages only (Amazon Linux: dnf; AL2: yum), never a
-# convenience script; bake it into your AMI to skip this.
-if [ "{{EXECUTOR}}" = docker ]; then
+# convenience script; bake it into your AMI to skip this. A privileged shell route gets it
+# too: its jobs build images with the host's docker.
+privileged={{PRIVILEGED}}
+if [ "{{EXECUTOR}}" = docker ] || [ "$privileged" = true ]; then
   if ! command -v docker >/dev/null; then
     dnf install -y docker || yum install -y docker || { echo "could not install docker"; exit 1; }
   fi
@@ -102,18 +105,26 @@ done
 aws ssm delete-parameter --region {{REGION}} --name "$parameter" || echo "could not delete $parameter"
 
 # The shell executor runs the job as the runner's own user: that is an unprivileged user
-# made here (no sudo, no docker group), not root. Docker jobs run in containers, and the
-# runner stays root to reach the docker socket; the instance's IMDS hop limit of 1 keeps
-# containers away from the instance role.
+# made here (no sudo; the docker group only on a privileged route, which makes it root's
+# equal on this one-job instance), not root. Docker jobs run in containers, and the runner
+# stays root to reach the docker socket; the instance's IMDS hop limit of 1 keeps containers
+# away from the instance role. A privileged docker route runs its containers privileged, with
+# the TLS certificate volume docker:dind shares with the job (DOCKER_TLS_CERTDIR=/certs).
 executor_args=()
 run_as=()
 if [ "{{EXECUTOR}}" = docker ]; then
-  executor_args=(--docker-image alpine:3)
+  executor_args=(--docker-image "{{DOCKER_IMAGE}}")
+  if [ "$privileged" = true ]; then
+    executor_args+=(--docker-privileged --docker-volumes /certs/client)
+  fi
 else
   job_user=gitlab-job
   id -u "$job_user" >/dev/null 2>&1 \
     || useradd --create-home --user-group --shell /bin/bash "$job_user" \
     || { echo "could not create the job user $job_user"; exit 1; }
+  if [ "$privileged" = true ]; then
+    usermod -aG docker "$job_user" || { echo "could not add $job_user to the docker group"; exit 1; }
+  fi
   job_home=$(getent passwd "$job_user" | cut -d: -f6)
   [ -n "$job_home" ] && cd "$job_home" || { echo "no home directory for $job_user"; exit 1; }
   executor_args=(--builds-dir "$job_home/builds" --cache-dir "$job_home/cache")

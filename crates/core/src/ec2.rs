@@ -49,6 +49,8 @@ pub struct Ec2Defaults {
     /// Tried in this order when a subnet has no capacity.
     pub subnets: Vec<String>,
     pub executor: RunnerExecutor,
+    /// The docker executor's image for jobs without `image:` (`DefaultDockerImage`).
+    pub docker_image: String,
     /// The stack's name: the `managed-by` tag value.
     pub stack: String,
     /// Extra tags for cost allocation, applied to every instance.
@@ -57,6 +59,9 @@ pub struct Ec2Defaults {
     /// [`ami_parameter_prefixes`].
     pub ami_parameter_prefix: String,
 }
+
+/// The docker executor's image for jobs without `image:` when the stack names none.
+pub const DEFAULT_DOCKER_IMAGE: &str = "alpine:3";
 
 /// AWS's public parameters (`/aws/service/ami-amazon-linux-latest/...`, Ubuntu's, ...).
 pub const PUBLIC_AMI_PARAMETER_PREFIX: &str = "/aws/service/";
@@ -115,6 +120,11 @@ pub struct LaunchPlan {
     pub instance_type: String,
     pub ami: AmiRef,
     pub executor: RunnerExecutor,
+    /// The docker executor's image for jobs that name none (the route's, else the stack's).
+    pub docker_image: String,
+    /// Docker-in-Docker: privileged containers (docker executor), the host's docker for the
+    /// job user (shell executor). The route's `privileged`; off unless asked for.
+    pub privileged: bool,
     /// Every (subnet, market) to try, in order: see [`attempts`].
     pub attempts: Vec<(String, Market)>,
     pub tags: Vec<(String, String)>,
@@ -187,6 +197,11 @@ pub fn launch_plan(
             .unwrap_or_else(|| defaults.instance_type.clone()),
         ami,
         executor: route.executor.unwrap_or(defaults.executor),
+        docker_image: route
+            .image
+            .clone()
+            .unwrap_or_else(|| defaults.docker_image.clone()),
+        privileged: route.privileged.unwrap_or(false),
         attempts: attempts(subnets, route.market.unwrap_or(defaults.market)),
         tags,
         runner_description: format!(
@@ -341,6 +356,8 @@ pub struct UserDataValues {
     /// its own instance id).
     pub token_parameter_prefix: String,
     pub executor: RunnerExecutor,
+    pub docker_image: String,
+    pub privileged: bool,
     pub wait_timeout_seconds: u64,
     pub region: String,
     pub runner: RunnerRelease,
@@ -378,10 +395,13 @@ pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<Strin
     };
     let wait = values.wait_timeout_seconds.to_string();
     let pinned = |arch| values.runner.sha256(arch).unwrap_or_default();
-    let pairs: [(&'static str, &str); 8] = [
+    let privileged = if values.privileged { "true" } else { "false" };
+    let pairs: [(&'static str, &str); 10] = [
         ("GITLAB_URL", &values.gitlab_url),
         ("TOKEN_PARAMETER_PREFIX", &values.token_parameter_prefix),
         ("EXECUTOR", executor),
+        ("DOCKER_IMAGE", &values.docker_image),
+        ("PRIVILEGED", privileged),
         ("WAIT_TIMEOUT", &wait),
         ("REGION", &values.region),
         ("RUNNER_VERSION", values.runner.version()),
@@ -490,10 +510,29 @@ mod tests {
             market: Market::Spot,
             subnets: vec!["subnet-aaaa1111".into(), "subnet-bbbb2222".into()],
             executor: RunnerExecutor::Docker,
+            docker_image: crate::ec2::DEFAULT_DOCKER_IMAGE.into(),
             stack: "ci-runners".into(),
             cost_tags: vec![("cost-center".into(), "ci".into())],
             ami_parameter_prefix: default_ami_parameter_prefix("ci-runners"),
         }
+    }
+
+    #[test]
+    fn a_privileged_route_and_its_image_reach_the_plan_and_the_stack_default_otherwise() {
+        let job = job_event(1, 2, "build", JobStatus::Pending);
+        let plain = launch_plan(&job, &Ec2Settings::default(), &defaults(), None).unwrap();
+        assert_eq!(plain.docker_image, DEFAULT_DOCKER_IMAGE);
+        assert!(!plain.privileged, "off unless a route asks");
+        let dind = Ec2Settings {
+            privileged: Some(true),
+            image: Some("docker:27".into()),
+            ..Ec2Settings::default()
+        };
+        let plan = launch_plan(&job, &dind, &defaults(), None).unwrap();
+        assert_eq!(
+            (plan.docker_image.as_str(), plan.privileged),
+            ("docker:27", true)
+        );
     }
 
     #[test]
@@ -631,13 +670,15 @@ mod tests {
         assert!(launch_plan(&job, &route, &own_prefix, None).is_ok());
     }
 
-    const TEMPLATE: &str = "#!/bin/bash\nurl={{GITLAB_URL}}\np={{TOKEN_PARAMETER_PREFIX}}\ne={{EXECUTOR}}\nw={{WAIT_TIMEOUT}}\nr={{REGION}}\nv={{RUNNER_VERSION}}\na=\"{{RUNNER_SHA256_ARM64}}\"\nx=\"{{RUNNER_SHA256_AMD64}}\"\n";
+    const TEMPLATE: &str = "#!/bin/bash\nurl={{GITLAB_URL}}\np={{TOKEN_PARAMETER_PREFIX}}\ne={{EXECUTOR}}\ni=\"{{DOCKER_IMAGE}}\"\npriv={{PRIVILEGED}}\nw={{WAIT_TIMEOUT}}\nr={{REGION}}\nv={{RUNNER_VERSION}}\na=\"{{RUNNER_SHA256_ARM64}}\"\nx=\"{{RUNNER_SHA256_AMD64}}\"\n";
 
     fn values() -> UserDataValues {
         UserDataValues {
             gitlab_url: "https://gitlab.example.com".into(),
             token_parameter_prefix: "/ephemeral-runners/ci-runners/runner-tokens".into(),
             executor: RunnerExecutor::Shell,
+            docker_image: DEFAULT_DOCKER_IMAGE.into(),
+            privileged: false,
             wait_timeout_seconds: 600,
             region: "eu-west-1".into(),
             runner: RunnerRelease::default(),
@@ -773,6 +814,14 @@ mod tests {
     /// runuser, systemctl, shutdown) and returns their log. tests/e2e/tests/user_data_moto.rs
     /// runs it with the real AWS CLI against moto, and downloads and checks gitlab-runner.
     fn run_user_data(executor: RunnerExecutor) -> String {
+        run_user_data_with(UserDataValues {
+            executor,
+            ..values()
+        })
+    }
+
+    fn run_user_data_with(values: UserDataValues) -> String {
+        let executor = values.executor;
         let dir = std::env::temp_dir().join(format!(
             "user-data-{}-{executor:?}-{}",
             std::process::id(),
@@ -806,6 +855,7 @@ mod tests {
         // The job user does not exist yet: `id -u` fails until useradd ran.
         stub("id", &format!("{record}\nexit 1"));
         stub("useradd", record);
+        stub("usermod", record);
         stub(
             "getent",
             &format!(
@@ -830,10 +880,7 @@ mod tests {
         stub("logger", "cat > /dev/null");
         let script = render_user_data(
             include_str!("../../../templates/runner-user-data.sh"),
-            &UserDataValues {
-                executor,
-                ..values()
-            },
+            &values,
         )
         .unwrap();
         let status = std::process::Command::new("bash")
@@ -915,6 +962,56 @@ mod tests {
                 .any(|l| l.starts_with("gitlab-runner run-single")
                     && l.contains("--docker-image alpine:3")),
             "{calls}"
+        );
+    }
+
+    #[test]
+    fn a_privileged_route_runs_docker_in_docker_or_gives_the_shell_job_user_docker() {
+        let run_single = |calls: &str| {
+            calls
+                .lines()
+                .find(|l| l.starts_with("gitlab-runner run-single"))
+                .unwrap_or_else(|| panic!("no run-single in:\n{calls}"))
+                .to_owned()
+        };
+        let dind = run_user_data_with(UserDataValues {
+            executor: RunnerExecutor::Docker,
+            privileged: true,
+            docker_image: "docker:27".into(),
+            ..values()
+        });
+        let run = run_single(&dind);
+        assert!(
+            run.contains("--docker-image docker:27")
+                && run.contains("--docker-privileged")
+                && run.contains("--docker-volumes /certs/client"),
+            "{run}"
+        );
+        // Unprivileged unless asked: the same route without it.
+        let plain = run_single(&run_user_data(RunnerExecutor::Docker));
+        assert!(!plain.contains("--docker-privileged"), "{plain}");
+
+        let shell = run_user_data_with(UserDataValues {
+            executor: RunnerExecutor::Shell,
+            privileged: true,
+            ..values()
+        });
+        assert!(
+            shell.lines().any(|l| l == "systemctl enable --now docker"),
+            "docker started for a privileged shell route:\n{shell}"
+        );
+        assert!(
+            shell
+                .lines()
+                .any(|l| l == format!("usermod -aG docker {SHELL_JOB_USER}")),
+            "{shell}"
+        );
+        let unprivileged = run_user_data(RunnerExecutor::Shell);
+        assert!(
+            !unprivileged
+                .lines()
+                .any(|l| l.starts_with("usermod") || l == "systemctl enable --now docker"),
+            "{unprivileged}"
         );
     }
 

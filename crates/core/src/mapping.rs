@@ -7,7 +7,8 @@
 //! - `sk = project#<project id or path>#tags#...` scopes an item to one project; it wins over
 //!   global items;
 //! - EC2 settings per route: `instance_type`, `ami` (`ami-...` or `ssm:<parameter>`), `market`
-//!   (`spot`|`on-demand`), `subnets` (list), `executor` (`shell`|`docker`).
+//!   (`spot`|`on-demand`), `subnets` (list), `executor` (`shell`|`docker`), `privileged`
+//!   (boolean: Docker-in-Docker), `image` (the docker executor's default image).
 //!
 //! Decision order (first match wins), see [`decide`]:
 //! 1. exact job name, project-scoped; 2. exact job name, global;
@@ -64,6 +65,13 @@ pub struct Ec2Settings {
     pub subnets: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<RunnerExecutor>,
+    /// Docker-in-Docker (`services: [docker:dind]`): privileged containers for the docker
+    /// executor, the host's docker for the shell executor's job user. Off unless set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privileged: Option<bool>,
+    /// The docker executor's image for jobs without `image:` (else the stack's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -200,6 +208,12 @@ impl Rule {
                 if let Some(e) = s.executor {
                     item.insert("executor".into(), serde_json::to_value(e).expect("enum"));
                 }
+                if let Some(p) = s.privileged {
+                    item.insert("privileged".into(), p.into());
+                }
+                if let Some(i) = &s.image {
+                    item.insert("image".into(), i.clone().into());
+                }
             }
             // Not a rule's executor: `rule_from_item` refuses the item this writes.
             Executor::Skip => {}
@@ -248,7 +262,7 @@ fn is_lambda_arn(arn: &str) -> bool {
 }
 
 /// Attributes an item may have; others are reported by `validate` (likely typos).
-pub const KNOWN_ATTRIBUTES: [&str; 10] = [
+pub const KNOWN_ATTRIBUTES: [&str; 12] = [
     "pk",
     "sk",
     "type",
@@ -258,18 +272,55 @@ pub const KNOWN_ATTRIBUTES: [&str; 10] = [
     "market",
     "subnets",
     "executor",
+    "privileged",
+    "image",
     "description",
 ];
 
-fn executor_from(
-    kind: &str,
-    arn: Option<&str>,
-    instance_type: Option<&str>,
-    ami: Option<&str>,
-    market: Option<&str>,
+/// A route's settings as an item or a registry entry writes them, before they are checked.
+#[derive(Debug, Default)]
+struct RouteFields<'a> {
+    arn: Option<&'a str>,
+    instance_type: Option<&'a str>,
+    ami: Option<&'a str>,
+    market: Option<&'a str>,
     subnets: Vec<String>,
-    executor: Option<&str>,
-) -> Result<Executor, RuleError> {
+    executor: Option<&'a str>,
+    privileged: Option<bool>,
+    image: Option<&'a str>,
+}
+
+/// A docker image reference as user-data can carry it: `name[:tag][@digest]`, registry and
+/// port included; nothing a shell would read.
+pub fn check_image(image: &str) -> Result<(), RuleError> {
+    let fine = !image.is_empty()
+        && image.len() <= 255
+        && image
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:@".contains(c));
+    if fine {
+        Ok(())
+    } else {
+        Err(err(
+            "image",
+            format!(
+                "`{image}` is not a docker image like alpine:3 or registry.example.com/group/image:tag"
+            ),
+        ))
+    }
+}
+
+fn executor_from(kind: &str, fields: RouteFields) -> Result<Executor, RuleError> {
+    let RouteFields {
+        arn,
+        instance_type,
+        ami,
+        market,
+        subnets,
+        executor,
+        privileged,
+        image,
+    } = fields;
     match kind {
         "LAMBDA" => {
             let arn = arn.ok_or_else(|| {
@@ -287,11 +338,14 @@ fn executor_from(
                 ));
             }
             // Settings a LAMBDA route cannot honour are errors, not silently dropped.
+            let privileged = privileged.map(|_| "set");
             for (field, value) in [
                 ("instance_type", instance_type),
                 ("ami", ami),
                 ("market", market),
                 ("executor", executor),
+                ("privileged", privileged),
+                ("image", image),
             ] {
                 if value.is_some() {
                     return Err(err(field, "only applies to type EC2"));
@@ -329,6 +383,15 @@ fn executor_from(
                     return Err(err("executor", format!("`{other}`: use shell or docker")));
                 }
             };
+            if let Some(image) = image {
+                check_image(image)?;
+                if executor == Some(RunnerExecutor::Shell) {
+                    return Err(err(
+                        "image",
+                        "only applies to executor docker (shell jobs run on the host)",
+                    ));
+                }
+            }
             if let Some(bad) = subnets.iter().find(|s| !s.starts_with("subnet-")) {
                 return Err(err(
                     "subnets",
@@ -344,9 +407,19 @@ fn executor_from(
                 market,
                 subnets,
                 executor,
+                privileged,
+                image: image.map(str::to_owned),
             }))
         }
         other => Err(err("type", format!("`{other}`: use LAMBDA or EC2"))),
+    }
+}
+
+fn flag(item: &Map<String, Value>, field: &'static str) -> Result<Option<bool>, RuleError> {
+    match item.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(other) => Err(err(field, format!("must be true or false, found {other}"))),
     }
 }
 
@@ -419,12 +492,16 @@ pub fn rule_from_item(item: &Map<String, Value>) -> Result<Rule, RuleError> {
     let kind = text(item, "type")?.ok_or_else(|| err("type", "missing: LAMBDA or EC2"))?;
     let executor = executor_from(
         kind,
-        text(item, "arn")?,
-        text(item, "instance_type")?,
-        text(item, "ami")?,
-        text(item, "market")?,
-        string_list(item.get("subnets"), "subnets")?,
-        text(item, "executor")?,
+        RouteFields {
+            arn: text(item, "arn")?,
+            instance_type: text(item, "instance_type")?,
+            ami: text(item, "ami")?,
+            market: text(item, "market")?,
+            subnets: string_list(item.get("subnets"), "subnets")?,
+            executor: text(item, "executor")?,
+            privileged: flag(item, "privileged")?,
+            image: text(item, "image")?,
+        },
     )?;
     Ok(Rule {
         job_name: job_name.to_owned(),
@@ -470,6 +547,10 @@ pub struct RegistryEntry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub executor: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub privileged: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
 
@@ -509,12 +590,16 @@ impl RegistryEntry {
             tags: self.tags.clone(),
             executor: executor_from(
                 &self.kind,
-                self.lambda_arn.as_deref(),
-                self.instance_type.as_deref(),
-                self.ami.as_deref(),
-                self.market.as_deref(),
-                self.subnets.clone(),
-                self.executor.as_deref(),
+                RouteFields {
+                    arn: self.lambda_arn.as_deref(),
+                    instance_type: self.instance_type.as_deref(),
+                    ami: self.ami.as_deref(),
+                    market: self.market.as_deref(),
+                    subnets: self.subnets.clone(),
+                    executor: self.executor.as_deref(),
+                    privileged: self.privileged,
+                    image: self.image.as_deref(),
+                },
             )?,
             description: self.description.clone(),
         })
@@ -546,6 +631,8 @@ impl RegistryEntry {
                 RunnerExecutor::Shell => "shell".to_owned(),
                 RunnerExecutor::Docker => "docker".to_owned(),
             }),
+            privileged: ec2.privileged,
+            image: ec2.image,
             description: rule.description.clone(),
         }
     }
@@ -1050,6 +1137,68 @@ mod tests {
         .await
         .unwrap_err();
         assert_eq!(token.error_type(), "DependencyFailed");
+    }
+
+    fn item(json: serde_json::Value) -> Result<Rule, RuleError> {
+        rule_from_item(json.as_object().unwrap())
+    }
+
+    #[test]
+    fn a_route_may_ask_for_docker_in_docker_and_its_own_image() {
+        let rule = item(serde_json::json!({"pk": "job#*", "sk": "tags#docker-build", "type": "EC2",
+            "executor": "docker", "privileged": true, "image": "registry.example.com:5000/ci/docker:27"}))
+        .unwrap();
+        let Executor::Ec2(route) = &rule.executor else {
+            panic!("{rule:?}")
+        };
+        assert_eq!(route.privileged, Some(true));
+        assert_eq!(
+            route.image.as_deref(),
+            Some("registry.example.com:5000/ci/docker:27")
+        );
+        // The item, the registry entry and back again keep both.
+        assert_eq!(rule_from_item(&rule.to_item()).unwrap(), rule);
+        assert_eq!(RegistryEntry::from_rule(&rule).to_rule().unwrap(), rule);
+        // A shell route may be privileged (the host's docker), not name an image.
+        assert!(
+            item(
+                serde_json::json!({"pk": "job#b", "sk": "tags#", "type": "EC2",
+            "executor": "shell", "privileged": true})
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn docker_fields_where_they_cannot_apply_are_refused_by_name() {
+        let refused = |json: serde_json::Value| item(json).unwrap_err().to_string();
+        let lambda = "arn:aws:lambda:us-east-1:123456789012:function:shell-runner";
+        assert_eq!(
+            refused(
+                serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "LAMBDA", "arn": lambda, "privileged": true})
+            ),
+            "privileged: only applies to type EC2"
+        );
+        assert_eq!(
+            refused(
+                serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "LAMBDA", "arn": lambda, "image": "alpine:3"})
+            ),
+            "image: only applies to type EC2"
+        );
+        assert!(
+            refused(serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "EC2", "executor": "shell", "image": "alpine:3"}))
+                .starts_with("image: only applies to executor docker")
+        );
+        assert!(
+            refused(serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "EC2", "image": "alpine:3; curl x|sh"}))
+                .starts_with("image: `alpine:3; curl x|sh` is not a docker image")
+        );
+        assert_eq!(
+            refused(
+                serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "EC2", "privileged": "yes"})
+            ),
+            "privileged: must be true or false, found \"yes\""
+        );
     }
 
     #[test]

@@ -309,6 +309,7 @@ fn defaults<G: Fn(&str) -> Option<String>>(env: &Env<G>) -> Result<Ec2Defaults, 
                 ("shell", RunnerExecutor::Shell),
             ],
         )?,
+        docker_image: docker_image(env)?,
         stack,
         cost_tags,
         ami_parameter_prefix,
@@ -332,6 +333,21 @@ fn runner_release<G: Fn(&str) -> Option<String>>(
         };
         ConfigError(format!("{name}: {e} (the stack parameter {parameter})"))
     })
+}
+
+/// `DEFAULT_DOCKER_IMAGE` (the stack parameter DefaultDockerImage), checked as a mapping
+/// item's `image` is.
+fn docker_image<G: Fn(&str) -> Option<String>>(env: &Env<G>) -> Result<String, ConfigError> {
+    let image = env
+        .value("DEFAULT_DOCKER_IMAGE")
+        .unwrap_or_else(|| ephemeral_core::ec2::DEFAULT_DOCKER_IMAGE.to_owned());
+    ephemeral_core::mapping::check_image(&image).map_err(|e| {
+        ConfigError(format!(
+            "DEFAULT_DOCKER_IMAGE: {} (the stack parameter DefaultDockerImage)",
+            e.problem
+        ))
+    })?;
+    Ok(image)
 }
 
 /// `AMI_PARAMETER_PREFIX` (the template resolves an empty `AmiParameterPrefix` to the stack's

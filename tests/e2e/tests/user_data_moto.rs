@@ -238,6 +238,8 @@ esac"#
                 gitlab_url: GITLAB_URL.into(),
                 token_parameter_prefix: self.prefix.clone(),
                 executor: RunnerExecutor::Docker,
+                docker_image: ephemeral_core::ec2::DEFAULT_DOCKER_IMAGE.into(),
+                privileged: false,
                 wait_timeout_seconds: 600,
                 region: "us-east-1".into(),
                 runner,
