@@ -85,6 +85,27 @@ pub async fn read_secret(ssm: &aws_sdk_ssm::Client, name: &str) -> Result<Secret
         .ok_or_else(|| PortError(format!("SSM parameter {name} has no value")))
 }
 
+/// The drain switch ([`ephemeral_core::drain`]): the jobs table's control item
+/// ([`ephemeral_core::jobs_table::DRAIN_KEY`]), read consistently. The provision step reads
+/// it before it starts a runner and the reconciler before it counts free slots.
+pub async fn read_drain(
+    client: &aws_sdk_dynamodb::Client,
+    jobs_table: &str,
+) -> Result<Option<ephemeral_core::drain::Drain>, PortError> {
+    use ephemeral_core::jobs_table::{DRAIN_KEY, KEY, drain_of};
+    let out = client
+        .get_item()
+        .table_name(jobs_table)
+        .key(KEY, AttributeValue::S(DRAIN_KEY.to_owned()))
+        .consistent_read(true)
+        .send()
+        .await
+        .map_err(|e| port_error("DynamoDB GetItem (jobs, the drain switch)", e))?;
+    Ok(drain_of(
+        out.item().map(|i| Value::Object(item_to_json(i))).as_ref(),
+    ))
+}
+
 /// A DynamoDB attribute as JSON: S as string, N as number (string if it does not fit), BOOL,
 /// NULL, L/SS/NS as arrays, M as object. Reading accepts whatever another tool may have
 /// written, so a surprising item is reported by the rule parser with its field named instead

@@ -16,6 +16,8 @@
 //!   (job, attempt)'s slot ([`crate::slots`]): taken once per attempt before the launch (a job
 //!   over a cap waits: [`Provisioned::WaitingForSlot`]), given back wherever the instance is
 //!   removed (failed launch or runner, teardown, reaper), and by the reaper when it leaked.
+//! - while the fleet is drained ([`crate::drain`]), a provision launches nothing and takes no
+//!   slot: the job waits as it would over a full cap ([`CapReached::Drained`]).
 //!
 //! One instance per (job, **attempt**): the jobs table's `attempt` (absent: 1; the reconciler
 //! claims the next one before it starts a provision again) is tagged on the instance
@@ -36,6 +38,7 @@ use std::future::Future;
 
 use serde::Serialize;
 
+use crate::drain::Drain;
 use crate::ec2::{
     Ec2Defaults, InstanceFacts, LaunchFailure, LaunchPlan, PlanError, ReaperAction, ReaperSettings,
     RunnerRelease, SPOT_ROLE_FIX, SPOT_ROLE_MISSING, TAG_ATTEMPT, TAG_JOB_ID, TAG_PROJECT_ID,
@@ -278,6 +281,9 @@ pub trait RunnerLedger {
     ) -> impl Future<Output = Result<Option<RunnerEntry>, PortError>> + Send;
     fn runners(&self) -> impl Future<Output = Result<Vec<RunnerEntry>, PortError>> + Send;
     fn forget_runner(&self, runner_id: u64) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// The drain switch ([`crate::drain`]; the jobs table's control item): `Some` while no
+    /// new runner may start.
+    fn drained(&self) -> impl Future<Output = Result<Option<Drain>, PortError>> + Send;
 }
 
 /// The four ports together, and the slots table when instances are capped.
@@ -618,6 +624,13 @@ async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
     attempt: u32,
     now_ms: u64,
 ) -> Result<Result<Launched, Provisioned>, ProvisionError> {
+    // Drained: waits like a job over a full cap, and takes no slot.
+    if let Some(waiting) = wait_if_drained(&ports.ledger, key, now_ms).await? {
+        return Ok(Err(match waiting {
+            Waiting::Noted(waiting_for) => Provisioned::WaitingForSlot { waiting_for },
+            Waiting::JobFinished => Provisioned::JobAlreadyFinished,
+        }));
+    }
     if let Some(slots) = &ports.slots {
         let claim = claim_slot(slots, key, attempt, now_ms)
             .await
@@ -668,6 +681,41 @@ async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
         let _ = give_back_slot(ports, key, attempt).await;
     }
     Ok(Ok(launched?))
+}
+
+/// What [`wait_if_drained`] did.
+pub(crate) enum Waiting {
+    /// The job's item notes that it waits for this.
+    Noted(CapReached),
+    /// The job has finished: nothing was noted, nothing is to start.
+    JobFinished,
+}
+
+/// While the fleet is drained, notes on the job's item that it waits ([`CapReached::Drained`],
+/// the way a full cap is noted) and answers what was done; `None`: not drained, go on.
+pub(crate) async fn wait_if_drained<L: RunnerLedger>(
+    ledger: &L,
+    key: JobKey,
+    now_ms: u64,
+) -> Result<Option<Waiting>, ProvisionError> {
+    if ledger
+        .drained()
+        .await
+        .map_err(step("reading the drain switch (the jobs table)"))?
+        .is_none()
+    {
+        return Ok(None);
+    }
+    let cap = CapReached::Drained;
+    let noted = ledger
+        .record_waiting(key, &cap.counter(), now_ms)
+        .await
+        .map_err(step("noting on the job's item that it waits (drained)"))?;
+    Ok(Some(if noted {
+        Waiting::Noted(cap)
+    } else {
+        Waiting::JobFinished
+    }))
 }
 
 /// Tries each (subnet, market) of the plan in turn: capacity errors move on (spot, then
@@ -1538,6 +1586,9 @@ mod tests {
         registry: Mutex<BTreeMap<u64, RunnerEntry>>,
         /// Every TerminateInstances call, by id.
         terminate_calls: Mutex<Vec<String>>,
+        /// The drain switch, and each job noted as waiting with its cap.
+        drained: Mutex<Option<Drain>>,
+        waiting: Mutex<Vec<(JobKey, String)>>,
     }
 
     impl Fleet for &World {
@@ -1649,10 +1700,14 @@ mod tests {
             record.phase = Some(JobPhase::Running);
             Ok(true)
         }
-        async fn record_waiting(&self, key: JobKey, _: &str, _: u64) -> Result<bool, PortError> {
+        async fn record_waiting(&self, key: JobKey, cap: &str, _: u64) -> Result<bool, PortError> {
             let jobs = self.jobs.lock().unwrap();
             let record = jobs.get(&(key.project_id, key.job_id));
-            Ok(record.is_none_or(|r| r.phase.is_none_or(|p| p < JobPhase::Finished)))
+            let noted = record.is_none_or(|r| r.phase.is_none_or(|p| p < JobPhase::Finished));
+            if noted {
+                self.waiting.lock().unwrap().push((key, cap.to_owned()));
+            }
+            Ok(noted)
         }
         async fn runner(&self, runner_id: u64) -> Result<Option<RunnerEntry>, PortError> {
             Ok(self.registry.lock().unwrap().get(&runner_id).cloned())
@@ -1663,6 +1718,9 @@ mod tests {
         async fn forget_runner(&self, runner_id: u64) -> Result<(), PortError> {
             self.registry.lock().unwrap().remove(&runner_id);
             Ok(())
+        }
+        async fn drained(&self) -> Result<Option<Drain>, PortError> {
+            Ok(self.drained.lock().unwrap().clone())
         }
     }
 
@@ -1914,6 +1972,38 @@ mod tests {
         );
         assert_eq!(world.live().len(), 2);
         assert_eq!(ports.slots.as_ref().unwrap().store.used("global"), 2);
+    }
+
+    #[test]
+    fn a_drained_fleet_launches_nothing_and_the_job_waits_with_or_without_caps() {
+        for cap in [0, 5] {
+            let world = World::default();
+            let ports = world.ports(cap);
+            let job = job_event(1, 10, "build", JobStatus::Pending);
+            *world.drained.lock().unwrap() = Some(Drain {
+                since_ms: 1,
+                by: None,
+                reason: None,
+            });
+            assert_eq!(
+                provision_now(&ports, &job),
+                Provisioned::WaitingForSlot {
+                    waiting_for: CapReached::Drained
+                }
+            );
+            assert!(world.live().is_empty(), "cap {cap}");
+            assert!(world.runners.lock().unwrap().is_empty());
+            assert_eq!(
+                *world.waiting.lock().unwrap(),
+                [(JobKey::of(&job), "drained".to_owned())]
+            );
+            if let Some(slots) = &ports.slots {
+                assert_eq!(slots.store.used("global"), 0, "a drained job takes no slot");
+            }
+            // Undrained: the same job's next provision launches.
+            *world.drained.lock().unwrap() = None;
+            launched(&provision_now(&ports, &job));
+        }
     }
 
     #[test]

@@ -144,6 +144,39 @@ pub fn record_of(item: &Value) -> JobRecord {
     }
 }
 
+/// The drain switch's control item ([`crate::drain`]): its key in the jobs table. Not a job's
+/// key ([`key_of`] answers `None`), so every reader of job items passes it by; it has no
+/// [`attr::EXPIRES_AT`], so it stays until `undrain` deletes it.
+pub const DRAIN_KEY: &str = "control#drain";
+
+/// The control item's attributes (besides [`KEY`]).
+pub mod drain_attr {
+    /// When the fleet was drained, ms since the epoch.
+    pub const SINCE_MS: &str = "drained_at_ms";
+    /// Who drained it (the operator's name, as `runner-ops drain --by` says).
+    pub const BY: &str = "drained_by";
+    pub const REASON: &str = "drain_reason";
+}
+
+/// The drain switch, read from the control item (given as JSON like [`record_of`]'s input);
+/// `None` for no item. An item without a readable time still drains (since 0): a switch
+/// someone wrote by hand must not be ignored.
+pub fn drain_of(item: Option<&Value>) -> Option<crate::drain::Drain> {
+    let item = item?.as_object()?;
+    let since_ms = match item.get(drain_attr::SINCE_MS) {
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) => s.parse().ok(),
+        _ => None,
+    }
+    .unwrap_or(0);
+    let text = |name: &str| item.get(name).and_then(Value::as_str).map(str::to_owned);
+    Some(crate::drain::Drain {
+        since_ms,
+        by: text(drain_attr::BY),
+        reason: text(drain_attr::REASON),
+    })
+}
+
 /// The key of an item, parsed back (`project#<id>#job#<id>`).
 pub fn key_of(table_key: &str) -> Option<JobKey> {
     let rest = table_key.strip_prefix("project#")?;
@@ -199,6 +232,27 @@ mod tests {
         assert_eq!(retried.attempt_started_at_ms, Some(9000));
         assert_eq!(retried.runner_id, Some(44));
         assert!(retried.gave_up);
+    }
+
+    #[test]
+    fn the_drain_switch_is_no_job_and_reads_with_or_without_its_details() {
+        assert_eq!(key_of(DRAIN_KEY), None);
+        assert_eq!(drain_of(None), None);
+        let drain = drain_of(Some(&json!({
+            "job_key": DRAIN_KEY, "drained_at_ms": 1000, "drained_by": "ops", "drain_reason": "AMI"
+        })))
+        .unwrap();
+        assert_eq!(
+            (drain.since_ms, drain.by.as_deref(), drain.reason.as_deref()),
+            (1000, Some("ops"), Some("AMI"))
+        );
+        // Written by hand, without a time: still drained.
+        assert_eq!(
+            drain_of(Some(&json!({"job_key": DRAIN_KEY})))
+                .unwrap()
+                .since_ms,
+            0
+        );
     }
 
     #[test]

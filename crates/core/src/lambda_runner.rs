@@ -23,11 +23,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::fleet::{
     Fleet, FleetPorts, FleetSettings, ProvisionError, RunnerApi, RunnerEntry, RunnerLedger,
-    RunnerRequest, TokenVault, cleanup_note, remove_runner, step,
+    RunnerRequest, TokenVault, Waiting, cleanup_note, remove_runner, step, wait_if_drained,
 };
 use crate::hook::JobEvent;
 use crate::jobs::{JobKey, JobPhase};
-use crate::slots::SlotStore;
+use crate::slots::{CapReached, SlotStore};
 
 /// What every Lambda host id starts with; no EC2 instance id does (`i-...`).
 pub const HOST_PREFIX: &str = "lambda-";
@@ -95,6 +95,35 @@ pub enum RunnerGrant {
     JobAlreadyFinished,
     /// The job finished while its runner was made: it was removed again.
     FinishedMeanwhile { runner_id: u64 },
+    /// No runner may start now (the fleet is drained, [`crate::drain`]): nothing was made and
+    /// nothing is invoked; the job's item notes that it waits, and the reconciler starts it
+    /// again once a runner may start.
+    WaitingForSlot { waiting_for: CapReached },
+}
+
+impl From<Waiting> for RunnerGrant {
+    fn from(waiting: Waiting) -> Self {
+        match waiting {
+            Waiting::Noted(waiting_for) => Self::WaitingForSlot { waiting_for },
+            Waiting::JobFinished => Self::JobAlreadyFinished,
+        }
+    }
+}
+
+/// The grant of a stack that runs the shell runner with its shared token
+/// (`ShellRunnerMode=shared-token`), unless the fleet is drained: then the job waits like
+/// any other. `ledger` is the jobs table; `None` only where the stack has none to read.
+pub async fn shared_token_grant<L: RunnerLedger>(
+    ledger: Option<&L>,
+    key: JobKey,
+    now_ms: u64,
+) -> Result<RunnerGrant, ProvisionError> {
+    if let Some(ledger) = ledger
+        && let Some(waiting) = wait_if_drained(ledger, key, now_ms).await?
+    {
+        return Ok(waiting.into());
+    }
+    Ok(RunnerGrant::SharedToken)
 }
 
 /// Makes the runner of `job`'s current attempt and puts its token in the attempt's parameter.
@@ -124,6 +153,9 @@ where
         .unwrap_or_default();
     if record.phase.is_some_and(|p| p >= JobPhase::Finished) {
         return Ok(RunnerGrant::JobAlreadyFinished);
+    }
+    if let Some(waiting) = wait_if_drained(&ports.ledger, key, now_ms).await? {
+        return Ok(waiting.into());
     }
     let attempt = record.attempt.max(1);
     let host = host_id(key, attempt);
@@ -260,6 +292,14 @@ mod tests {
         assert_eq!(
             serde_json::to_value(&grant).unwrap(),
             serde_json::json!({"outcome": "per_job", "runner_id": 5, "token_parameter": "/p/lambda-1-2-1"})
+        );
+        // The workflow's CheckLambdaRunner invokes nothing for this outcome.
+        let waiting = RunnerGrant::WaitingForSlot {
+            waiting_for: CapReached::Drained,
+        };
+        assert_eq!(
+            serde_json::to_value(&waiting).unwrap(),
+            serde_json::json!({"outcome": "waiting_for_slot", "waiting_for": {"cap": "drained"}})
         );
         let back: RunnerGrant =
             serde_json::from_value(serde_json::json!({"outcome": "shared_token"})).unwrap();

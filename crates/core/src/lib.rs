@@ -3,6 +3,7 @@
 //! Function crates translate Lambda events into these types and carry out what they decide.
 
 pub mod auth;
+pub mod drain;
 pub mod ec2;
 pub mod env;
 pub mod fleet;
@@ -13,6 +14,7 @@ pub mod lambda_runner;
 pub mod lease;
 pub mod mapping;
 pub mod metrics;
+pub mod ops;
 pub mod reconcile;
 pub mod secret_scope;
 pub mod secrets;

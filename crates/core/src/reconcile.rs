@@ -178,10 +178,14 @@ pub enum Reason {
     /// Its runner is alive but running another job (GitLab's runner status says busy while
     /// this job is still pending): the runner was taken, this job has none.
     RunnerTaken,
+    /// Not the reconciler's: an operator started the attempt (`runner-ops retry`), the same
+    /// way (the same claim, the same execution names). It counts toward the attempt limit,
+    /// and a job given up on is no longer (its next failure is given up on again).
+    OperatorRetry,
 }
 
 impl Reason {
-    pub const ALL: [Reason; 9] = [
+    pub const ALL: [Reason; 10] = [
         Self::LostHook,
         Self::ProvisionFailed,
         Self::RunnerGone,
@@ -191,6 +195,7 @@ impl Reason {
         Self::WaitingForSlot,
         Self::FinishedHookLost,
         Self::RunnerTaken,
+        Self::OperatorRetry,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -204,6 +209,7 @@ impl Reason {
             Self::WaitingForSlot => "waiting_for_slot",
             Self::FinishedHookLost => "finished_hook_lost",
             Self::RunnerTaken => "runner_taken",
+            Self::OperatorRetry => "operator_retry",
         }
     }
 }

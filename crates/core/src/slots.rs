@@ -33,7 +33,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::future::Future;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::jobs::JobKey;
 use crate::webhook::PortError;
@@ -115,11 +115,18 @@ impl SlotCaps {
 }
 
 /// The cap that refused a slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cap", rename_all = "snake_case")]
 pub enum CapReached {
-    Global { limit: u32 },
-    Project { project_id: u64, limit: u32 },
+    Global {
+        limit: u32,
+    },
+    Project {
+        project_id: u64,
+        limit: u32,
+    },
+    /// The fleet is drained ([`crate::drain`]): a cap of zero for every job, caps or not.
+    Drained,
 }
 
 impl CapReached {
@@ -128,6 +135,7 @@ impl CapReached {
         match self {
             Self::Global { .. } => GLOBAL_COUNTER.to_owned(),
             Self::Project { project_id, .. } => project_counter(*project_id),
+            Self::Drained => crate::drain::DRAINED.to_owned(),
         }
     }
 }
@@ -142,6 +150,9 @@ impl std::fmt::Display for CapReached {
             Self::Project { project_id, limit } => write!(
                 f,
                 "project {project_id}'s {limit} runner instances are in use (MaxRunnerInstancesPerProject)"
+            ),
+            Self::Drained => f.write_str(
+                "the fleet is drained (runner-ops drain): no runner starts until runner-ops undrain",
             ),
         }
     }
@@ -294,6 +305,17 @@ pub struct FreeSlots {
     pub global: Option<u32>,
     /// Per project asked for; absent from the map: no per-project cap.
     pub per_project: BTreeMap<u64, u32>,
+}
+
+impl FreeSlots {
+    /// No slot anywhere: what the reconciler counts while the fleet is drained, so that it
+    /// starts no waiting job, with caps or without.
+    pub fn none() -> Self {
+        Self {
+            global: Some(0),
+            per_project: BTreeMap::new(),
+        }
+    }
 }
 
 /// Free slots from the caps and the counters.
@@ -709,10 +731,13 @@ mod tests {
         // Without caps every waiting job starts, oldest first.
         let all = jobs_to_start(&waiting, &FreeSlots::default());
         assert_eq!(all, [job(7, 3), job(8, 20), job(8, 30), job(8, 40)]);
-        let none = FreeSlots {
-            global: Some(0),
-            ..FreeSlots::default()
-        };
-        assert!(jobs_to_start(&waiting, &none).is_empty());
+        assert!(jobs_to_start(&waiting, &FreeSlots::none()).is_empty());
+        // Drained: a cap of its own, recorded and explained as such.
+        assert_eq!(CapReached::Drained.counter(), "drained");
+        assert!(CapReached::Drained.to_string().contains("undrain"));
+        assert_eq!(
+            serde_json::to_value(CapReached::Drained).unwrap(),
+            serde_json::json!({"cap": "drained"})
+        );
     }
 }

@@ -540,21 +540,15 @@ impl RunnerLedger for DynamoRunnerLedger {
 
     async fn runners(&self) -> Result<Vec<RunnerEntry>, PortError> {
         let mut out = Vec::new();
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        loop {
-            let page = self
-                .client
-                .scan()
-                .table_name(&self.runners_table)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| port_error("DynamoDB Scan (runners)", e))?;
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(&self.runners_table)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| port_error("DynamoDB Scan (runners)", e))?;
             out.extend(page.items().iter().filter_map(entry_of));
-            match page.last_evaluated_key() {
-                Some(key) if !key.is_empty() => start = Some(key.clone()),
-                _ => break,
-            }
         }
         Ok(out)
     }
@@ -568,5 +562,9 @@ impl RunnerLedger for DynamoRunnerLedger {
             .await
             .map(|_| ())
             .map_err(|e| port_error("DynamoDB DeleteItem (runners)", e))
+    }
+
+    async fn drained(&self) -> Result<Option<ephemeral_core::drain::Drain>, PortError> {
+        ephemeral_aws::read_drain(&self.client, &self.jobs_table).await
     }
 }

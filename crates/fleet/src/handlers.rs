@@ -7,7 +7,10 @@ use ephemeral_core::fleet::{
     TornDown, launch_warnings, provision, reaper_pass, teardown,
 };
 use ephemeral_core::hook::JobEvent;
-use ephemeral_core::lambda_runner::{RunnerGrant, ShellRunnerMode, provision_lambda_runner};
+use ephemeral_core::jobs::JobKey;
+use ephemeral_core::lambda_runner::{
+    RunnerGrant, ShellRunnerMode, provision_lambda_runner, shared_token_grant,
+};
 use ephemeral_core::lease::{Lease, LeaseRun, REAPER_LEASE, with_lease};
 use ephemeral_core::mapping::{Executor, MapperOutput};
 use ephemeral_core::metrics::{emf_count, emf_value};
@@ -52,6 +55,20 @@ pub struct Functions {
     ec2: Option<Ec2Functions>,
     /// How LAMBDA jobs get their runner token (`SHELL_RUNNER_MODE`).
     shell_mode: ShellRunnerMode,
+    /// The jobs table where there are no EC2 ports (a Lambda-only stack): the shared-token
+    /// grant reads the drain switch there ([`Functions::with_jobs_ledger`]).
+    jobs: Option<DynamoRunnerLedger>,
+}
+
+/// The jobs table as the template names it for the provision function (`JOBS_TABLE_NAME`,
+/// `RUNNERS_TABLE_NAME`, set in every stack), for [`Functions::with_jobs_ledger`].
+pub fn jobs_ledger_from_env(sdk: &SdkConfig) -> Option<DynamoRunnerLedger> {
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    Some(DynamoRunnerLedger {
+        client: aws_sdk_dynamodb::Client::new(sdk),
+        jobs_table: var("JOBS_TABLE_NAME")?,
+        runners_table: var("RUNNERS_TABLE_NAME")?,
+    })
 }
 
 /// What the provision function answers: an EC2 runner, or the runner a LAMBDA job's shell
@@ -133,7 +150,15 @@ impl Functions {
         Self {
             ec2: None,
             shell_mode: ShellRunnerMode::default(),
+            jobs: None,
         }
+    }
+
+    /// The jobs table a stack without EC2 runners reads the drain switch from (a stack with
+    /// them reads it through its EC2 ports).
+    pub fn with_jobs_ledger(mut self, ledger: DynamoRunnerLedger) -> Self {
+        self.jobs = Some(ledger);
+        self
     }
 
     /// How LAMBDA jobs get their runner token (default: a runner per job).
@@ -209,6 +234,7 @@ impl Functions {
                 jobs,
             }),
             shell_mode: ShellRunnerMode::default(),
+            jobs: None,
         })
     }
 
@@ -276,7 +302,12 @@ impl Functions {
     ) -> Result<RunnerGrant, HandlerError> {
         let job = &input.job;
         let result = match (self.shell_mode, &self.ec2) {
-            (ShellRunnerMode::SharedToken, _) => Ok(RunnerGrant::SharedToken),
+            (ShellRunnerMode::SharedToken, ec2) => {
+                let ledger = ec2.as_ref().map(|e| &e.ports.ledger).or(self.jobs.as_ref());
+                shared_token_grant(ledger, JobKey::of(job), now_ms)
+                    .await
+                    .map_err(HandlerError::from)
+            }
             (ShellRunnerMode::PerJob, None) => {
                 Err(HandlerError::LambdaRunnerNotConfigured { job_id: job.job_id })
             }
@@ -477,7 +508,7 @@ fn log_provisioned(job: &JobEvent, result: &Result<Provisioned, HandlerError>, n
             job_id = job.job_id,
             delivery_id = %job.delivery_id,
             waiting_for = %waiting_for,
-            "job waits for a runner instance slot; the reconciler starts it when one frees (raise the cap to start more at once)"
+            "job waits for a runner instance slot (waiting_for: a full cap, or the fleet is drained); the reconciler starts it when one frees (raise the cap to start more at once; runner-ops undrain ends a drain)"
         );
         println!(
             "{}",

@@ -632,7 +632,7 @@ fn entry_columns(e: &RegistryEntry) -> [String; 4] {
     ]
 }
 
-fn columns(rows: &[Vec<String>]) -> String {
+pub fn columns(rows: &[Vec<String>]) -> String {
     let widths: Vec<usize> = (0..rows[0].len())
         .map(|c| rows.iter().map(|r| r[c].chars().count()).max().unwrap_or(0))
         .collect();

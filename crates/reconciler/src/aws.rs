@@ -106,8 +106,15 @@ impl JobsTable {
         } else {
             String::new()
         };
+        // An operator's retry of a job given up on: the reconciler watches it again (and
+        // gives it up again if this attempt fails too, the limit being reached).
+        let revive = if reason == Reason::OperatorRetry {
+            format!(", {}", attr::GAVE_UP_AT_MS)
+        } else {
+            String::new()
+        };
         let update = format!(
-            "SET {} = :attempt, {} = :now, {} = :reason, {} = :project, {} = :job, {} = :now, {} = :expires REMOVE {}, {}{slot_start}",
+            "SET {} = :attempt, {} = :now, {} = :reason, {} = :project, {} = :job, {} = :now, {} = :expires REMOVE {}, {}{revive}{slot_start}",
             attr::ATTEMPT,
             attr::ATTEMPT_STARTED_AT_MS,
             attr::RECONCILE_REASON,

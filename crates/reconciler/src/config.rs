@@ -243,6 +243,23 @@ mod tests {
         assert_eq!(keys.as_sequence().map(Vec::len), Some(1));
     }
 
+    /// The reconciler reads the drain switch: the template lets it read that item only.
+    #[test]
+    fn the_template_lets_it_read_the_drain_switch_only() {
+        let statements = statements();
+        let drain = statements
+            .iter()
+            .find(|s| s["Sid"].as_str() == Some("ReadDrainSwitch"))
+            .expect("ReadDrainSwitch statement");
+        assert_eq!(drain["Action"].as_str(), Some("dynamodb:GetItem"));
+        let keys = &drain["Condition"]["ForAllValues:StringEquals"]["dynamodb:LeadingKeys"];
+        assert_eq!(
+            keys[0].as_str(),
+            Some(ephemeral_core::jobs_table::DRAIN_KEY)
+        );
+        assert_eq!(keys.as_sequence().map(Vec::len), Some(1));
+    }
+
     /// The reconciler starts both workflows: the template lets it start exactly those two.
     #[test]
     fn the_template_lets_it_start_the_provision_and_teardown_workflows() {

@@ -156,6 +156,15 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
         for error in &report.errors {
             tracing::error!(error = %error, "reconciler: will retry on the next pass");
         }
+        if let Some(drain) = &report.drained {
+            tracing::warn!(
+                drained_at_ms = drain.since_ms,
+                drained_by = drain.by.as_deref(),
+                reason = drain.reason.as_deref(),
+                waiting = report.waiting_for_slot,
+                "reconciler: the fleet is drained, no waiting job is started (runner-ops undrain ends it)"
+            );
+        }
         tracing::info!(
             pending = report.pending,
             complete = report.listing_complete,
@@ -163,6 +172,7 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
             too_young = report.too_young,
             backing_off = report.backing_off,
             waiting_for_slot = report.waiting_for_slot,
+            drained = report.drained.is_some(),
             registered_runners = report.registered_runners,
             reconciled = report.reconciled_total(),
             gave_up = report.gave_up.len(),
@@ -225,6 +235,10 @@ impl<L: RunnerLedger + Sync> ReconcilePorts for Reconciler<L> {
                 )
             })
             .collect()
+    }
+
+    async fn drained(&self) -> Result<Option<ephemeral_core::drain::Drain>, PortError> {
+        ephemeral_aws::read_drain(&self.jobs.client, &self.jobs.table).await
     }
 
     async fn free_slots(&self, projects: &[u64]) -> Result<FreeSlots, PortError> {

@@ -10,6 +10,7 @@ use super::{
     Decision, GitLabJobState, JobRecord, LiveRunner, PendingJob, Reason, ReconcileSettings,
     RegisteredRunner, finished_hook_lost, lost_finish_candidates, plan_pass,
 };
+use crate::drain::Drain;
 use crate::jobs::{JobKey, JobPhase, Started};
 use crate::slots::FreeSlots;
 use crate::webhook::PortError;
@@ -40,6 +41,9 @@ pub trait ReconcilePorts {
         listed: &[PendingJob],
         registered: &[RegisteredRunner],
     ) -> Vec<LiveRunner>;
+    /// The drain switch ([`crate::drain`]): while it is set no waiting job is started (the
+    /// pass counts no free slot), caps or not.
+    fn drained(&self) -> impl Future<Output = Result<Option<Drain>, PortError>> + Send;
     /// Free slots under the instance caps, for `projects` (no caps: unlimited).
     fn free_slots(
         &self,
@@ -123,6 +127,8 @@ pub struct PassReport {
     pub waiting_for_slot: usize,
     /// EC2 runners of ours the registry holds (created, not torn down yet).
     pub registered_runners: usize,
+    /// The fleet was drained: no waiting job was started.
+    pub drained: Option<Drain>,
     /// Attempts started, by reason.
     pub reconciled: BTreeMap<Reason, u32>,
     pub gave_up: Vec<(JobKey, u32, Reason)>,
@@ -167,7 +173,11 @@ pub async fn reconcile_pass<P: ReconcilePorts>(
     let mut projects: Vec<u64> = listing.jobs.iter().map(|j| j.key.project_id).collect();
     projects.sort_unstable();
     projects.dedup();
-    let free = ports.free_slots(&projects).await?;
+    let drained = ports.drained().await?;
+    let free = match drained {
+        Some(_) => FreeSlots::none(),
+        None => ports.free_slots(&projects).await?,
+    };
     let mut report = PassReport {
         pending: listing.jobs.len(),
         listing_complete: listing.complete,
@@ -178,6 +188,7 @@ pub async fn reconcile_pass<P: ReconcilePorts>(
             .max()
             .unwrap_or(0),
         registered_runners: registered.len(),
+        drained,
         errors,
         ..PassReport::default()
     };
@@ -383,6 +394,7 @@ mod tests {
         /// Runners GitLab reports running a job; `None`: the stack cannot ask.
         busy: Option<Vec<u64>>,
         busy_asked: Mutex<Vec<u64>>,
+        drained: Mutex<Option<Drain>>,
     }
 
     impl ReconcilePorts for World {
@@ -405,6 +417,9 @@ mod tests {
         }
         fn live_runners(&self, _: &[PendingJob], _: &[RegisteredRunner]) -> Vec<LiveRunner> {
             self.runners.clone()
+        }
+        async fn drained(&self) -> Result<Option<Drain>, PortError> {
+            Ok(self.drained.lock().unwrap().clone())
         }
         async fn free_slots(&self, _: &[u64]) -> Result<FreeSlots, PortError> {
             Ok(FreeSlots::default())
@@ -571,6 +586,46 @@ mod tests {
         let report = reconcile_pass(&blind, &settings, 100 * MIN).await.unwrap();
         assert_eq!(report.reconciled_total(), 0);
         assert_eq!(*blind.busy_asked.lock().unwrap(), [11]);
+    }
+
+    #[tokio::test]
+    async fn a_drained_pass_starts_no_waiting_job_and_the_next_pass_after_undrain_does() {
+        // No caps: without the switch, every waiting job is started at once, oldest first.
+        let record = |since_ms| JobRecord {
+            phase: Some(JobPhase::Provisioning),
+            attempt: 1,
+            attempt_started_at_ms: Some(since_ms),
+            waiting_for_slot_since_ms: Some(since_ms),
+            ..JobRecord::default()
+        };
+        let world = World {
+            pending: vec![job(1, 10 * MIN), job(2, 20 * MIN)],
+            records: Mutex::new(HashMap::from([
+                (job(1, 0).key, record(90 * MIN)),
+                (job(2, 0).key, record(80 * MIN)),
+            ])),
+            drained: Mutex::new(Some(Drain {
+                since_ms: 85 * MIN,
+                by: Some("ops".into()),
+                reason: None,
+            })),
+            ..World::default()
+        };
+        let settings = ReconcileSettings::default();
+        let drained = reconcile_pass(&world, &settings, 100 * MIN).await.unwrap();
+        assert_eq!(drained.waiting_for_slot, 2);
+        assert_eq!(drained.reconciled_total(), 0);
+        assert!(drained.drained.is_some());
+        assert!(world.started.lock().unwrap().is_empty());
+
+        *world.drained.lock().unwrap() = None;
+        let undrained = reconcile_pass(&world, &settings, 101 * MIN).await.unwrap();
+        assert_eq!(undrained.reconciled.get(&Reason::WaitingForSlot), Some(&2));
+        assert_eq!(
+            *world.started.lock().unwrap(),
+            [(job(2, 0).key, 2), (job(1, 0).key, 2)],
+            "oldest waiting first"
+        );
     }
 
     #[tokio::test]

@@ -1,0 +1,202 @@
+//! Finding the stack's resources: an explicit flag, else the stack's output (read once per
+//! run), else an error that names both ways.
+
+use std::collections::BTreeMap;
+
+use aws_config::SdkConfig;
+use aws_sdk_cloudformation::error::DisplayErrorContext;
+use tokio::sync::OnceCell;
+
+use crate::cli::{Failure, Target};
+
+/// A resource a command needs, with the stack output that names it and the flag that
+/// overrides the output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    JobsTable,
+    RunnersTable,
+    ProvisionStateMachine,
+    TeardownStateMachine,
+    RouterDeadLetters,
+    IntakeDeadLetters,
+    WebhookDeadLetters,
+    IntakeQueue,
+    RouterFunction,
+}
+
+impl Resource {
+    /// The template's output (template.yaml, `Outputs`).
+    pub fn output(self) -> &'static str {
+        match self {
+            Self::JobsTable => "JobsTableName",
+            Self::RunnersTable => "RunnersTableName",
+            Self::ProvisionStateMachine => "ProvisionStateMachineArn",
+            Self::TeardownStateMachine => "TeardownStateMachineArn",
+            Self::RouterDeadLetters => "RouterDeadLetterQueueUrl",
+            Self::IntakeDeadLetters => "IntakeFallbackDeadLetterQueueUrl",
+            Self::WebhookDeadLetters => "DeadLetterQueueUrl",
+            Self::IntakeQueue => "IntakeFallbackQueueUrl",
+            Self::RouterFunction => "RouterFunctionName",
+        }
+    }
+
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::JobsTable => "--jobs-table NAME",
+            Self::RunnersTable => "--runners-table NAME",
+            Self::ProvisionStateMachine => "--provision-state-machine ARN",
+            Self::TeardownStateMachine => "--teardown-state-machine ARN",
+            Self::RouterDeadLetters => "--router-dlq URL",
+            Self::IntakeDeadLetters => "--intake-dlq URL",
+            Self::WebhookDeadLetters => "--webhook-dlq URL",
+            Self::IntakeQueue => "--intake-queue URL",
+            Self::RouterFunction => "--router-function NAME",
+        }
+    }
+
+    pub fn what(self) -> &'static str {
+        match self {
+            Self::JobsTable => "the jobs table",
+            Self::RunnersTable => "the runner registry table",
+            Self::ProvisionStateMachine => "the provision workflow",
+            Self::TeardownStateMachine => "the teardown workflow",
+            Self::RouterDeadLetters => "the router's dead-letter queue",
+            Self::IntakeDeadLetters => "the intake drainer's dead-letter queue",
+            Self::WebhookDeadLetters => "the webhook's dead-letter queue",
+            Self::IntakeQueue => "the intake fallback queue",
+            Self::RouterFunction => "the router function",
+        }
+    }
+}
+
+/// The flags that name resources directly.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub stack: Option<String>,
+    pub managed_by: Option<String>,
+    values: BTreeMap<&'static str, String>,
+}
+
+impl From<&Target> for Overrides {
+    fn from(t: &Target) -> Self {
+        let pairs = [
+            (Resource::JobsTable, &t.jobs_table),
+            (Resource::RunnersTable, &t.runners_table),
+            (Resource::ProvisionStateMachine, &t.provision_state_machine),
+            (Resource::TeardownStateMachine, &t.teardown_state_machine),
+            (Resource::RouterDeadLetters, &t.router_dlq),
+            (Resource::IntakeDeadLetters, &t.intake_dlq),
+            (Resource::WebhookDeadLetters, &t.webhook_dlq),
+            (Resource::IntakeQueue, &t.intake_queue),
+            (Resource::RouterFunction, &t.router_function),
+        ];
+        Self {
+            stack: t.stack.clone(),
+            managed_by: t.managed_by.clone().or_else(|| t.stack.clone()),
+            values: pairs
+                .into_iter()
+                .filter_map(|(r, v)| Some((r.output(), v.clone().filter(|v| !v.is_empty())?)))
+                .collect(),
+        }
+    }
+}
+
+/// Resolves resources for one run.
+pub struct Resolver {
+    sdk: SdkConfig,
+    overrides: Overrides,
+    outputs: OnceCell<BTreeMap<String, String>>,
+}
+
+impl Resolver {
+    pub fn new(sdk: &SdkConfig, overrides: Overrides) -> Self {
+        Self {
+            sdk: sdk.clone(),
+            overrides,
+            outputs: OnceCell::new(),
+        }
+    }
+
+    /// The stack name instances are tagged with, if known.
+    pub fn managed_by(&self) -> Option<&str> {
+        self.overrides.managed_by.as_deref()
+    }
+
+    /// The resource's name (or ARN, or URL): the flag, else the stack's output. An error
+    /// names both when neither is there.
+    pub async fn get(&self, resource: Resource) -> Result<String, Failure> {
+        match self.find(resource).await? {
+            Some(value) => Ok(value),
+            None => Err(Failure::usage(format!(
+                "name {}: --stack STACK (its output {}) or {}",
+                resource.what(),
+                resource.output(),
+                resource.flag()
+            ))),
+        }
+    }
+
+    /// The same, `None` when neither the flag nor a stack was given (a part a command can do
+    /// without). A stack without the output is an error all the same.
+    pub async fn find(&self, resource: Resource) -> Result<Option<String>, Failure> {
+        if let Some(value) = self.overrides.values.get(resource.output()) {
+            return Ok(Some(value.clone()));
+        }
+        let Some(stack) = &self.overrides.stack else {
+            return Ok(None);
+        };
+        let outputs = self
+            .outputs
+            .get_or_try_init(|| outputs_of(&self.sdk, stack))
+            .await?;
+        match outputs.get(resource.output()).filter(|v| !v.is_empty()) {
+            Some(value) => Ok(Some(value.clone())),
+            None => Err(Failure::usage(format!(
+                "stack `{stack}` has no output {} (its outputs: {}): deploy the current template.yaml, or name {} with {}",
+                resource.output(),
+                if outputs.is_empty() {
+                    "none".to_owned()
+                } else {
+                    outputs.keys().cloned().collect::<Vec<_>>().join(", ")
+                },
+                resource.what(),
+                resource.flag()
+            ))),
+        }
+    }
+}
+
+fn region(sdk: &SdkConfig) -> String {
+    sdk.region()
+        .map_or_else(|| "(none)".to_owned(), |r| r.to_string())
+}
+
+async fn outputs_of(sdk: &SdkConfig, stack: &str) -> Result<BTreeMap<String, String>, Failure> {
+    let described = aws_sdk_cloudformation::Client::new(sdk)
+        .describe_stacks()
+        .stack_name(stack)
+        .send()
+        .await
+        .map_err(|e| {
+            let text = DisplayErrorContext(&e).to_string();
+            if text.contains("does not exist") {
+                Failure::not_found(format!(
+                    "stack `{stack}` not found in region {}: check --stack and AWS_REGION",
+                    region(sdk)
+                ))
+            } else {
+                Failure::aws(format!("DescribeStacks `{stack}` failed: {text}"))
+            }
+        })?;
+    let Some(found) = described.stacks().first() else {
+        return Err(Failure::not_found(format!(
+            "stack `{stack}` not found in region {}: check --stack and AWS_REGION",
+            region(sdk)
+        )));
+    };
+    Ok(found
+        .outputs()
+        .iter()
+        .filter_map(|o| Some((o.output_key()?.to_owned(), o.output_value()?.to_owned())))
+        .collect())
+}

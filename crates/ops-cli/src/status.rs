@@ -1,0 +1,358 @@
+//! `status`: the fleet as the jobs table, the runner registry and EC2 hold it.
+
+use std::fmt::Write as _;
+
+use aws_sdk_dynamodb::error::DisplayErrorContext;
+use ephemeral_core::drain::Drain;
+use ephemeral_core::fleet::{Fleet, Instance, InstanceQuery, RunnerEntry, RunnerLedger};
+use ephemeral_core::jobs_table::{self, DRAIN_KEY};
+use ephemeral_core::ops::{JobView, Summary, job_view, summarize};
+use serde_json::{Value, json};
+
+use crate::Outcome;
+use crate::cli::{Context, Failure};
+use crate::show::{age, or_dash, plural, print_json, table, when};
+use crate::stack::Resource;
+
+/// Every item of the jobs table (consistent reads, every page), as JSON.
+pub async fn scan_jobs(
+    client: &aws_sdk_dynamodb::Client,
+    table: &str,
+) -> Result<Vec<Value>, Failure> {
+    let mut pages = client
+        .scan()
+        .table_name(table)
+        .consistent_read(true)
+        .into_paginator()
+        .send();
+    let mut items = Vec::new();
+    while let Some(page) = pages.next().await {
+        let page = page.map_err(|e| {
+            Failure::aws(format!(
+                "Scan of the jobs table `{table}` failed: {}",
+                DisplayErrorContext(&e)
+            ))
+        })?;
+        items.extend(
+            page.items()
+                .iter()
+                .map(|i| Value::Object(ephemeral_aws::item_to_json(i))),
+        );
+    }
+    Ok(items)
+}
+
+/// The drain switch among scanned items.
+pub fn drain_in(items: &[Value]) -> Option<Drain> {
+    jobs_table::drain_of(
+        items
+            .iter()
+            .find(|i| i.get(jobs_table::KEY).and_then(Value::as_str) == Some(DRAIN_KEY)),
+    )
+}
+
+/// The runner registry through the functions' own adapter.
+pub fn ledger(ctx: &Context<'_>, jobs: &str, runners: &str) -> fleet::aws::DynamoRunnerLedger {
+    fleet::aws::DynamoRunnerLedger {
+        client: aws_sdk_dynamodb::Client::new(ctx.sdk),
+        jobs_table: jobs.to_owned(),
+        runners_table: runners.to_owned(),
+    }
+}
+
+/// The stack's instances through the functions' own adapter (the `managed-by` tag).
+pub async fn instances(
+    ctx: &Context<'_>,
+    managed_by: &str,
+    query: InstanceQuery,
+) -> Result<Vec<Instance>, Failure> {
+    let fleet = fleet::aws::Ec2Fleet {
+        ec2: aws_sdk_ec2::Client::new(ctx.sdk),
+        ssm: aws_sdk_ssm::Client::new(ctx.sdk),
+        stack: managed_by.to_owned(),
+        security_group_ids: Vec::new(),
+        instance_profile_arn: None,
+    };
+    fleet
+        .instances(query)
+        .await
+        .map_err(|e| Failure::aws(e.to_string()))
+}
+
+pub fn drain_text(drain: &Drain, now_ms: u64) -> String {
+    let mut s = format!("drained since {}", when(drain.since_ms, now_ms));
+    if let Some(by) = &drain.by {
+        let _ = write!(s, " by {by}");
+    }
+    if let Some(reason) = &drain.reason {
+        let _ = write!(s, ": {reason}");
+    }
+    s
+}
+
+pub fn job_text(j: &JobView) -> String {
+    format!("project {} job {}", j.project_id, j.job_id)
+}
+
+pub fn runner_rows(runners: &[RunnerEntry], now_ms: u64) -> Vec<Vec<String>> {
+    runners
+        .iter()
+        .map(|r| {
+            vec![
+                r.runner_id.to_string(),
+                r.project_id.to_string(),
+                r.job_id.to_string(),
+                r.attempt.to_string(),
+                r.instance_id.clone(),
+                age(now_ms.saturating_sub(r.created_at_ms)),
+            ]
+        })
+        .collect()
+}
+pub const RUNNER_HEADER: [&str; 6] = ["RUNNER", "PROJECT", "JOB", "ATTEMPT", "HOST", "AGE"];
+
+pub fn instance_rows(instances: &[Instance], now_ms: u64) -> Vec<Vec<String>> {
+    instances
+        .iter()
+        .map(|i| {
+            let key = i.job_key();
+            vec![
+                i.id.clone(),
+                state_name(i),
+                or_dash(key.map(|k| k.project_id)),
+                or_dash(key.map(|k| k.job_id)),
+                i.attempt().to_string(),
+                or_dash(i.runner_id()),
+                age(now_ms.saturating_sub(i.launched_at_ms)),
+            ]
+        })
+        .collect()
+}
+/// EC2's name of the state (`running`, `shutting-down`, ...).
+pub fn state_name(i: &Instance) -> String {
+    serde_json::to_value(i.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+pub const INSTANCE_HEADER: [&str; 7] = [
+    "INSTANCE", "STATE", "PROJECT", "JOB", "ATTEMPT", "RUNNER", "AGE",
+];
+
+pub fn runner_json(r: &RunnerEntry, now_ms: u64) -> Value {
+    json!({"runner_id": r.runner_id, "project_id": r.project_id, "job_id": r.job_id,
+           "attempt": r.attempt, "host": r.instance_id, "created_at_ms": r.created_at_ms,
+           "age_ms": now_ms.saturating_sub(r.created_at_ms)})
+}
+
+pub fn instance_json(i: &Instance, now_ms: u64) -> Value {
+    let key = i.job_key();
+    json!({"instance_id": i.id, "state": i.state, "project_id": key.map(|k| k.project_id),
+           "job_id": key.map(|k| k.job_id), "attempt": i.attempt(), "runner_id": i.runner_id(),
+           "launched_at_ms": i.launched_at_ms, "age_ms": now_ms.saturating_sub(i.launched_at_ms)})
+}
+
+pub async fn status(out: &mut Outcome, ctx: &Context<'_>) -> Result<u8, Failure> {
+    let jobs_table = ctx.stack.get(Resource::JobsTable).await?;
+    let runners_table = ctx.stack.find(Resource::RunnersTable).await?;
+    let items = scan_jobs(&aws_sdk_dynamodb::Client::new(ctx.sdk), &jobs_table).await?;
+    let drain = drain_in(&items);
+    let views: Vec<JobView> = items.iter().filter_map(job_view).collect();
+    let summary = summarize(&views);
+    let runners = match &runners_table {
+        Some(table) => Some(
+            ledger(ctx, &jobs_table, table)
+                .runners()
+                .await
+                .map_err(|e| Failure::aws(e.to_string()))?,
+        ),
+        None => None,
+    };
+    let instances = match ctx.stack.managed_by() {
+        Some(stack) => Some(
+            instances(ctx, stack, InstanceQuery::All)
+                .await?
+                .into_iter()
+                .filter(|i| i.state.is_live())
+                .collect::<Vec<_>>(),
+        ),
+        None => None,
+    };
+    let now = ctx.now_ms;
+    if ctx.json {
+        print_json(
+            out,
+            &json!({
+                "jobs_table": jobs_table,
+                "drained": drain,
+                "jobs": views.len(),
+                "by_phase": summary.by_phase,
+                "pending": summary.pending,
+                "oldest_pending": summary.oldest_pending,
+                "waiting": summary.waiting,
+                "failed": summary.failed,
+                "given_up": summary.given_up,
+                "runners": runners.as_ref().map(|r| r.iter().map(|r| runner_json(r, now)).collect::<Vec<_>>()),
+                "instances": instances.as_ref().map(|i| i.iter().map(|i| instance_json(i, now)).collect::<Vec<_>>()),
+            }),
+        );
+        return Ok(0);
+    }
+    write_human(out, ctx, &jobs_table, drain.as_ref(), &views, &summary);
+    let s = &mut out.stdout;
+    match &runners {
+        Some(runners) => {
+            let _ = writeln!(
+                s,
+                "\nrunners we own (table {}): {}",
+                runners_table.as_deref().unwrap_or_default(),
+                runners.len()
+            );
+            let mut rows = runner_rows(runners, now);
+            rows.sort();
+            table(out, &RUNNER_HEADER, rows);
+        }
+        None => {
+            let _ = writeln!(
+                s,
+                "\nrunners: not read (name the registry: --stack STACK or --runners-table NAME)"
+            );
+        }
+    }
+    let s = &mut out.stdout;
+    match (&instances, ctx.stack.managed_by()) {
+        (Some(instances), Some(stack)) => {
+            let _ = writeln!(
+                s,
+                "\ninstances we own (tag ephemeral-runners:managed-by={stack}): {}",
+                instances.len()
+            );
+            table(out, &INSTANCE_HEADER, instance_rows(instances, now));
+        }
+        _ => {
+            let _ = writeln!(
+                s,
+                "\ninstances: not listed (they are found by their managed-by tag: --stack STACK or --managed-by STACK)"
+            );
+        }
+    }
+    Ok(0)
+}
+
+fn write_human(
+    out: &mut Outcome,
+    ctx: &Context<'_>,
+    jobs_table: &str,
+    drain: Option<&Drain>,
+    views: &[JobView],
+    summary: &Summary,
+) {
+    let now = ctx.now_ms;
+    let s = &mut out.stdout;
+    let _ = match drain {
+        Some(d) => writeln!(
+            s,
+            "fleet: {}; no runner starts, new jobs wait (runner-ops undrain)",
+            drain_text(d, now)
+        ),
+        None => writeln!(s, "fleet: not drained, runners start as jobs arrive"),
+    };
+    let phases: Vec<String> = summary
+        .by_phase
+        .iter()
+        .map(|(p, n)| format!("{p} {n}"))
+        .collect();
+    let _ = writeln!(
+        s,
+        "jobs (table {jobs_table}): {}{}",
+        views.len(),
+        if phases.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", phases.join(", "))
+        }
+    );
+    let _ = match &summary.oldest_pending {
+        Some(j) => writeln!(
+            s,
+            "pending (no runner took them yet): {}; oldest: {}, {}, attempt {}, since {}",
+            summary.pending,
+            job_text(j),
+            j.phase.unwrap_or("unknown"),
+            j.attempt,
+            j.pending_since_ms
+                .map_or("?".to_owned(), |ms| when(ms, now))
+        ),
+        None => writeln!(s, "pending (no runner took them yet): 0"),
+    };
+
+    let _ = writeln!(
+        s,
+        "\nwaiting for a runner slot, oldest first: {}",
+        summary.waiting.len()
+    );
+    let rows = summary
+        .waiting
+        .iter()
+        .map(|j| {
+            vec![
+                j.project_id.to_string(),
+                j.job_id.to_string(),
+                j.attempt.to_string(),
+                or_dash(j.waiting_for.clone()),
+                j.waiting_since_ms
+                    .map_or("-".to_owned(), |ms| when(ms, now)),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["PROJECT", "JOB", "ATTEMPT", "WAITING FOR", "SINCE"],
+        rows,
+    );
+
+    let _ = writeln!(
+        out.stdout,
+        "\nfailed provisions (the reconciler retries them): {}",
+        summary.failed.len()
+    );
+    let rows = summary
+        .failed
+        .iter()
+        .map(|j| {
+            vec![
+                j.project_id.to_string(),
+                j.job_id.to_string(),
+                j.attempt.to_string(),
+                or_dash(j.provision_error.clone()),
+                or_dash(j.provision_cause.clone()),
+            ]
+        })
+        .collect();
+    table(out, &["PROJECT", "JOB", "ATTEMPT", "ERROR", "CAUSE"], rows);
+
+    let _ = writeln!(
+        out.stdout,
+        "\ngiven up (runner-ops retry PROJECT JOB once the cause is fixed): {}",
+        plural(summary.given_up.len(), "job", "jobs")
+    );
+    let rows = summary
+        .given_up
+        .iter()
+        .map(|j| {
+            vec![
+                j.project_id.to_string(),
+                j.job_id.to_string(),
+                j.attempt.to_string(),
+                j.gave_up_at_ms.map_or("-".to_owned(), |ms| when(ms, now)),
+                or_dash(j.provision_error.clone()),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["PROJECT", "JOB", "ATTEMPTS", "GAVE UP", "ERROR"],
+        rows,
+    );
+}
