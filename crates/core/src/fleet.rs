@@ -259,13 +259,15 @@ pub trait RunnerLedger {
         &self,
         entry: &RunnerEntry,
     ) -> impl Future<Output = Result<(), PortError>> + Send;
-    /// Moves the job to `running` with its runner and instance, only from a lower phase.
-    /// `false` when the job is already further (it finished while we provisioned).
+    /// Moves the job to `running` with its runner and instance, only from a lower phase, and
+    /// notes `now_ms` as when its runner was first ready (`runner_ready_at_ms`, kept by a
+    /// repeat). `false` when the job is already further (it finished while we provisioned).
     fn record_running(
         &self,
         key: JobKey,
         runner_id: u64,
         instance_id: &str,
+        now_ms: u64,
     ) -> impl Future<Output = Result<bool, PortError>> + Send;
     /// Notes on the job's item that it waits for a slot of `cap` (a counter key), since the
     /// first time it did. `false` when the job has finished (nothing is noted).
@@ -482,7 +484,7 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         let (instance_id, runner_id) = done;
         ports
             .ledger
-            .record_running(key, runner_id, &instance_id)
+            .record_running(key, runner_id, &instance_id, now_ms)
             .await
             .map_err(step("recording the runner on the job's item"))?;
         return Ok(Provisioned::AlreadyProvisioned {
@@ -581,7 +583,7 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
     }
     let moved = ports
         .ledger
-        .record_running(key, runner_id, &instance_id)
+        .record_running(key, runner_id, &instance_id, now_ms)
         .await
         .map_err(step("recording the runner on the job's item"))?;
     if !moved {
@@ -1691,7 +1693,13 @@ mod tests {
             record.instance_id = Some(entry.instance_id.clone());
             Ok(())
         }
-        async fn record_running(&self, key: JobKey, _: u64, _: &str) -> Result<bool, PortError> {
+        async fn record_running(
+            &self,
+            key: JobKey,
+            _: u64,
+            _: &str,
+            _: u64,
+        ) -> Result<bool, PortError> {
             let mut jobs = self.jobs.lock().unwrap();
             let record = jobs.entry((key.project_id, key.job_id)).or_default();
             if record.phase.is_some_and(|p| p > JobPhase::Running) {

@@ -182,6 +182,8 @@ pub struct RecordedRoute {
     pub executor: Option<String>,
     /// The mapping item that matched (`pk/sk`), or `default`.
     pub matched: Option<String>,
+    /// When the provision step had the runner ready (`runner_ready_at_ms`), if it did.
+    pub runner_ready_at_ms: Option<u64>,
 }
 
 /// Result of recording a job's running hook.
@@ -288,13 +290,32 @@ impl Pickup {
     /// The `PickupLatency` EMF line (ms, by route and executor), when GitLab gave a duration.
     pub fn metric_line(&self) -> Option<String> {
         let queued_ms = self.queued_ms?;
-        let text = |v: &Option<String>| v.clone().unwrap_or_else(|| UNKNOWN_ROUTE.into());
         Some(charted::PICKUP_LATENCY.value_by(
-            &[&text(&self.route.matched), &text(&self.route.executor)],
+            &self.dimensions(),
             queued_ms,
             "Milliseconds",
             self.at_ms,
         ))
+    }
+
+    /// The `ReadyToRunning` EMF line (ms, by route and executor), when the provision step
+    /// recorded its runner ready before the hook arrived (a runner we did not make, or a clock
+    /// that disagrees, gives none).
+    pub fn ready_metric_line(&self) -> Option<String> {
+        let ready = self.route.runner_ready_at_ms.filter(|r| *r <= self.at_ms)?;
+        Some(charted::READY_TO_RUNNING.value_by(
+            &self.dimensions(),
+            self.at_ms - ready,
+            "Milliseconds",
+            self.at_ms,
+        ))
+    }
+
+    fn dimensions(&self) -> [&str; 2] {
+        fn text(v: &Option<String>) -> &str {
+            v.as_deref().unwrap_or(UNKNOWN_ROUTE)
+        }
+        [text(&self.route.matched), text(&self.route.executor)]
     }
 }
 
@@ -386,9 +407,24 @@ mod tests {
             RecordedRoute {
                 executor: Some("EC2".into()),
                 matched: Some("default".into()),
+                runner_ready_at_ms: Some(40),
             },
         );
         assert_eq!(routed.queued_ms, Some(12_346));
+        let ready: serde_json::Value =
+            serde_json::from_str(&routed.ready_metric_line().unwrap()).unwrap();
+        assert_eq!(ready["ReadyToRunning"], 99 - 40);
+        assert_eq!(ready["Executor"], "EC2");
+        // No runner of ours recorded ready (or after the hook): nothing to measure.
+        assert_eq!(
+            Pickup::of(&event, RecordedRoute::default()).ready_metric_line(),
+            None
+        );
+        let late = RecordedRoute {
+            runner_ready_at_ms: Some(100),
+            ..RecordedRoute::default()
+        };
+        assert_eq!(Pickup::of(&event, late).ready_metric_line(), None);
         let line: serde_json::Value = serde_json::from_str(&routed.metric_line().unwrap()).unwrap();
         assert_eq!(line["PickupLatency"], 12_346);
         assert_eq!(line["_aws"]["Timestamp"], 99);

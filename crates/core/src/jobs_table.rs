@@ -33,6 +33,10 @@ pub mod attr {
     /// in ms (absent when the hook had none).
     pub const PICKED_UP_AT_MS: &str = "picked_up_at_ms";
     pub const QUEUED_DURATION_MS: &str = "queued_duration_ms";
+    /// The provision step, when it first had the job's runner ready (an EC2 instance launched
+    /// with its runner and token, or a Lambda job's runner made): the router's
+    /// `ReadyToRunning` runs from here to the job's first running hook.
+    pub const RUNNER_READY_AT_MS: &str = "runner_ready_at_ms";
     // The provision workflow.
     pub const ROUTE_TYPE: &str = "route_type";
     pub const ROUTE_MATCHED: &str = "route_matched";

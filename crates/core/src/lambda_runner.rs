@@ -214,7 +214,7 @@ where
     }
     let moved = ports
         .ledger
-        .record_running(key, runner_id, &host)
+        .record_running(key, runner_id, &host, now_ms)
         .await
         .map_err(step("recording the runner on the job's item"))?;
     if !moved {

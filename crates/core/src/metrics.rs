@@ -221,6 +221,11 @@ metric_set! {
     /// matched (`route_matched` on the job's item, or `default`), `Executor` its type
     /// (`route_type`: `EC2`, `LAMBDA`); `unknown` when the item holds no route.
     PICKUP_LATENCY = "router", "PickupLatency" ["Route", "Executor"];
+    /// From the provision step having the job's runner ready (an instance launched with its
+    /// runner, or a Lambda job's runner made) to the job's first running hook, in ms: the
+    /// instance's boot, install and poll (or the shell runner's invoke and cold start), what
+    /// a baked AMI or a warm pool shortens. Same dimensions.
+    READY_TO_RUNNING = "router", "ReadyToRunning" ["Route", "Executor"];
 }
 
 #[cfg(test)]

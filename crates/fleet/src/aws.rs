@@ -454,6 +454,7 @@ impl RunnerLedger for DynamoRunnerLedger {
         key: JobKey,
         runner_id: u64,
         instance_id: &str,
+        now_ms: u64,
     ) -> Result<bool, PortError> {
         let running = JobPhase::Running;
         let result = self
@@ -463,14 +464,16 @@ impl RunnerLedger for DynamoRunnerLedger {
             .key(jobs_table::KEY, s(&key.table_key()))
             // No longer waiting for a slot, if it did.
             .update_expression(format!(
-                "SET {} = :phase, {} = :rank, {} = :runner, {} = :instance REMOVE {}, {}",
+                "SET {} = :phase, {} = :rank, {} = :runner, {} = :instance, {ready} = if_not_exists({ready}, :ready) REMOVE {}, {}",
                 attr::PHASE,
                 attr::PHASE_RANK,
                 attr::LAUNCHED_RUNNER_ID,
                 attr::INSTANCE_ID,
                 attr::WAITING_FOR_SLOT_SINCE_MS,
-                attr::WAITING_FOR_SLOT_CAP
+                attr::WAITING_FOR_SLOT_CAP,
+                ready = attr::RUNNER_READY_AT_MS,
             ))
+            .expression_attribute_values(":ready", n(now_ms))
             .condition_expression(ADVANCE_CONDITION)
             .expression_attribute_values(":phase", s(running.as_str()))
             .expression_attribute_values(":rank", n(u64::from(running.rank())))

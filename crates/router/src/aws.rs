@@ -161,6 +161,12 @@ impl JobStore for DynamoJobStore {
                 Ok(PickupRecord::First(RecordedRoute {
                     executor: text(attr::ROUTE_TYPE),
                     matched: text(attr::ROUTE_MATCHED),
+                    runner_ready_at_ms: out.attributes().and_then(|item| {
+                        match item.get(attr::RUNNER_READY_AT_MS) {
+                            Some(AttributeValue::N(v)) => v.parse().ok(),
+                            _ => None,
+                        }
+                    }),
                 }))
             }
             Err(e) => match e.into_service_error() {

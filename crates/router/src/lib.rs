@@ -83,6 +83,14 @@ pub fn metric_line(outcome: &RouterOutcome) -> Option<String> {
     }
 }
 
+/// The `ReadyToRunning` EMF line of a job's first running event, when its runner was ours.
+pub fn ready_metric_line(outcome: &RouterOutcome) -> Option<String> {
+    match outcome {
+        RouterOutcome::PickedUp(pickup) => pickup.ready_metric_line(),
+        _ => None,
+    }
+}
+
 /// The job event inside an EventBridge envelope, or why it is not one.
 pub fn job_event(envelope: &EventBridgeEvent<Value>) -> Result<Option<JobEvent>, RouterError> {
     if envelope.source != EVENT_SOURCE || envelope.detail_type != JOB_EVENT_DETAIL_TYPE {
@@ -171,7 +179,10 @@ impl<S: JobStore, W: Workflows> Router<S, W> {
             ),
         }
         let outcome = result?;
-        if let Some(line) = metric_line(&outcome) {
+        for line in [metric_line(&outcome), ready_metric_line(&outcome)]
+            .into_iter()
+            .flatten()
+        {
             println!("{line}");
         }
         Ok(outcome)

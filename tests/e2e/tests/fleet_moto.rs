@@ -111,8 +111,12 @@ async fn provision_then_teardown_leaves_nothing_and_no_token_leaks() {
     assert_eq!(item["instance_id"], AttributeValue::S(instance_id.clone()));
     assert_eq!(scan_items(&stack.sdk, &stack.runners_table).await.len(), 1);
 
-    // A repeat of the step (Step Functions retry, second start) launches nothing more.
-    let again = functions.provision(&input, now_ms()).await.unwrap();
+    // A repeat of the step (Step Functions retry, second start), a minute later, launches
+    // nothing more.
+    let again = functions
+        .provision(&input, now_ms() + 60_000)
+        .await
+        .unwrap();
     assert_eq!(
         again,
         Provisioned::AlreadyProvisioned {
@@ -122,6 +126,14 @@ async fn provision_then_teardown_leaves_nothing_and_no_token_leaks() {
     );
     assert_eq!(stack.live_instances().await.len(), 1);
     assert_eq!(stack.gitlab.state().runners.len(), 1);
+    // When the runner was first ready (the router's ReadyToRunning starts there): the repeat
+    // kept the first step's time.
+    let ready = |item: &std::collections::HashMap<String, AttributeValue>| match &item["runner_ready_at_ms"]
+    {
+        AttributeValue::N(ms) => ms.parse::<u64>().unwrap(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(ready(&stack.job_item(&job).await), ready(&item));
 
     // No token in user-data, the workflow's input and output, or any log line.
     let user_data = stack.user_data(&instance_id).await;

@@ -11,7 +11,7 @@ use ephemeral_core::jobs::{ProvisionOn, RouterOutcome};
 use ephemeral_core::jobs_table::{self, attr};
 use ephemeral_core::testing::{expected_provisions, job_event, redelivered_job_events};
 use router::aws::{DynamoJobStore, StepFunctions};
-use router::{Router, RouterError, metric_line};
+use router::{Router, RouterError, metric_line, ready_metric_line};
 
 const PASS: &str = r#"{"StartAt":"Done","States":{"Done":{"Type":"Pass","End":true}}}"#;
 
@@ -194,11 +194,17 @@ async fn a_running_event_emits_one_pickup_metric_with_the_route_on_the_item_and_
             jobs_table::KEY,
             aws_sdk_dynamodb::types::AttributeValue::S("project#4#job#1".into()),
         )
+        // ...and the provision step had its runner ready 42 s before the running hook.
         .update_expression(format!(
-            "SET {} = :t, {} = :m",
+            "SET {} = :t, {} = :m, {} = :ready",
             attr::ROUTE_TYPE,
-            attr::ROUTE_MATCHED
+            attr::ROUTE_MATCHED,
+            attr::RUNNER_READY_AT_MS
         ))
+        .expression_attribute_values(
+            ":ready",
+            aws_sdk_dynamodb::types::AttributeValue::N((1_795_460_400_001u64 - 42_000).to_string()),
+        )
         .expression_attribute_values(
             ":t",
             aws_sdk_dynamodb::types::AttributeValue::S("EC2".into()),
@@ -281,6 +287,15 @@ async fn a_running_event_emits_one_pickup_metric_with_the_route_on_the_item_and_
             ),
         ]
     );
+    // Runner ready to running: job 1's runner was ours, recorded ready; job 2's was not.
+    let ready: Vec<serde_json::Value> = outcomes
+        .iter()
+        .filter_map(ready_metric_line)
+        .map(|l| serde_json::from_str(&l).unwrap())
+        .collect();
+    assert_eq!(ready.len(), 1, "{ready:?}");
+    assert_eq!(ready[0]["ReadyToRunning"], 42_000);
+    assert_eq!(ready[0]["Route"], "job#build/tags#docker");
     let repeats = outcomes
         .iter()
         .filter(|o| **o == RouterOutcome::Skipped("running hook already recorded"))
