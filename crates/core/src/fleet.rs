@@ -551,16 +551,7 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         created_at_ms: now_ms,
     };
     let delivered = async {
-        ports
-            .ledger
-            .note_runner(&entry)
-            .await
-            .map_err(|e| ("registering the runner", e))?;
-        ports
-            .vault
-            .put(&instance_id, &token)
-            .await
-            .map_err(|e| ("storing the runner token", e))?;
+        register_and_store(ports, &entry, &token).await?;
         ports
             .fleet
             .tag(
@@ -609,6 +600,25 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         market,
         failed_attempts,
     })
+}
+
+/// Registers a runner the moment it exists, then puts its token in the parameter of its
+/// instance (or Lambda host): the first two steps of delivering any runner we made.
+pub(crate) async fn register_and_store<F, V: TokenVault, A, L: RunnerLedger, S>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    entry: &RunnerEntry,
+    token: &Secret,
+) -> Result<(), (&'static str, PortError)> {
+    ports
+        .ledger
+        .note_runner(entry)
+        .await
+        .map_err(|e| ("registering the runner", e))?;
+    ports
+        .vault
+        .put(&entry.instance_id, token)
+        .await
+        .map_err(|e| ("storing the runner token", e))
 }
 
 /// A launch: (instance id, subnet, market, the attempts that failed before it).

@@ -23,7 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::fleet::{
     Fleet, FleetPorts, FleetSettings, ProvisionError, RunnerApi, RunnerEntry, RunnerLedger,
-    RunnerRequest, TokenVault, Waiting, cleanup_note, remove_runner, step, wait_if_drained,
+    RunnerRequest, TokenVault, Waiting, cleanup_note, register_and_store, remove_runner, step,
+    wait_if_drained,
 };
 use crate::hook::JobEvent;
 use crate::jobs::{JobKey, JobPhase};
@@ -190,19 +191,7 @@ where
         instance_id: host.clone(),
         created_at_ms: now_ms,
     };
-    let delivered = async {
-        ports
-            .ledger
-            .note_runner(&entry)
-            .await
-            .map_err(|e| ("registering the runner", e))?;
-        ports
-            .vault
-            .put(&host, &token)
-            .await
-            .map_err(|e| ("storing the runner token", e))
-    }
-    .await;
+    let delivered = register_and_store(ports, &entry, &token).await;
     drop(token);
     if let Err((what, error)) = delivered {
         let cleanup = remove_runner(ports, runner_id, Some(&host)).await;
