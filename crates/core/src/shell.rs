@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use base64::Engine;
 
+use crate::secrets::Secret;
+
 /// What replaces a masked value in the trace (what GitLab's runner prints).
 pub const MASK: &str = "[MASKED]";
 
@@ -360,52 +362,146 @@ pub fn project_dir_name(project_path: Option<&str>) -> String {
 // ---------------------------------------------------------------------------------------------
 // Checkout
 
-/// What to check out, from the job's variables.
+/// `GIT_STRATEGY` other than `none`/`empty`. Every job starts in a fresh, empty directory,
+/// so `fetch` (reuse a previous clone) and `clone` do the same thing here: a fresh fetch.
+/// The strategy only changes the trace line, like GitLab's runner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GitStrategy {
+    Fetch,
+    Clone,
+}
+
+/// `GIT_SUBMODULE_STRATEGY`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubmoduleStrategy {
+    /// `none` (or unset): submodules are left empty.
+    None,
+    /// The submodules of the project, not theirs.
+    Normal,
+    /// Submodules of submodules too, at any depth.
+    Recursive,
+}
+
+/// The job token as an HTTP header for the one origin (`scheme://host[:port]`) it belongs to:
+/// the project's. A submodule elsewhere gets no token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpAuth {
+    pub origin: String,
+    /// `Authorization: Basic base64(gitlab-ci-token:<job token>)`: a secret, sent as a
+    /// request header; never in a URL, on a command line or in `.git/config`.
+    pub header: Secret,
+}
+
+/// What to check out, from the job's variables (the project) or from a `.gitmodules` entry
+/// (a submodule, [`submodule_checkout`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Checkout {
     /// The remote URL without credentials (safe to show and to keep in `.git/config`).
     pub url: String,
+    /// The full commit id to check out (a detached HEAD).
     pub sha: String,
+    /// What to fetch; empty: the commit itself ([`fetch_refspecs`]).
     pub refspecs: Vec<String>,
     /// `None`: full history.
     pub depth: Option<u32>,
-    /// `http.extraHeader` for https remotes: `Authorization: Basic gitlab-ci-token:<job
-    /// token>`. Given to git through the environment (`GIT_CONFIG_*`), never on a command
-    /// line or in `.git/config`. A secret.
-    pub auth_header: Option<String>,
+    pub auth: Option<HttpAuth>,
+    pub strategy: GitStrategy,
+    /// `CI_COMMIT_REF_NAME`, for the trace.
+    pub ref_name: Option<String>,
+    pub submodules: SubmoduleStrategy,
+    /// `GIT_SUBMODULE_DEPTH`, by default `GIT_DEPTH` (as GitLab's runner).
+    pub submodule_depth: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CheckoutError {
     #[error("the job has no {0} variable: cannot check out the repository")]
     Missing(&'static str),
-    #[error("CI_COMMIT_SHA `{0}` is not a commit id")]
+    #[error("CI_COMMIT_SHA `{0}` is not a full commit id")]
     BadSha(String),
-    #[error("GIT_DEPTH `{0}` is not a whole number")]
-    BadDepth(String),
+    #[error("{0} `{1}` is not a whole number")]
+    BadDepth(&'static str, String),
+    #[error("GIT_SUBMODULE_STRATEGY `{0}` is not one of none, normal, recursive")]
+    BadSubmoduleStrategy(String),
+    #[error(
+        "CI_REPOSITORY_URL `{0}`: only http and https remotes can be checked out (this runner \
+         has no git binary, ssh or file transport)"
+    )]
+    UnsupportedUrl(String),
 }
 
-/// `None` when `GIT_STRATEGY` is `none` (the job wants no checkout).
+/// Why a submodule cannot be checked out. The job fails, as with `git submodule update`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmoduleError {
+    #[error("submodule `{name}`: path `{path}` is not a plain relative path inside the project")]
+    BadPath { name: String, path: String },
+    #[error(
+        "submodule `{name}`: URL `{url}` is not http(s) or relative (ssh and local URLs cannot \
+         be fetched by this runner; use a relative URL such as ../other-project.git)"
+    )]
+    UnsupportedUrl { name: String, url: String },
+    #[error("submodule `{name}`: relative URL `{url}` climbs above the host of `{base}`")]
+    UrlAboveHost {
+        name: String,
+        url: String,
+        base: String,
+    },
+}
+
+fn parse_depth(name: &'static str, value: Option<String>) -> Result<Option<u32>, CheckoutError> {
+    match value {
+        None => Ok(None),
+        Some(d) => match d.parse::<u32>() {
+            Ok(0) => Ok(None),
+            Ok(n) => Ok(Some(n)),
+            Err(_) => Err(CheckoutError::BadDepth(name, d)),
+        },
+    }
+}
+
+fn is_full_commit_id(sha: &str) -> bool {
+    (sha.len() == 40 || sha.len() == 64) && sha.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn is_http(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    lower.starts_with("https://") || lower.starts_with("http://")
+}
+
+/// `scheme://host[:port]`, lower case: what a token is bound to.
+fn origin(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = rest.split('/').next()?;
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    (!host.is_empty()).then(|| format!("{scheme}://{host}").to_ascii_lowercase())
+}
+
+/// `None` when `GIT_STRATEGY` is `none` or `empty` (the job wants no checkout).
 pub fn checkout_plan(
     lookup: impl Fn(&str) -> Option<String>,
     job_token: &str,
 ) -> Result<Option<Checkout>, CheckoutError> {
     let get = |k: &str| lookup(k).filter(|v| !v.is_empty());
-    if get("GIT_STRATEGY").as_deref() == Some("none") {
-        return Ok(None);
-    }
+    let strategy = match get("GIT_STRATEGY").as_deref() {
+        Some("none" | "empty") => return Ok(None),
+        Some("clone") => GitStrategy::Clone,
+        _ => GitStrategy::Fetch,
+    };
     let raw_url = get("CI_REPOSITORY_URL").ok_or(CheckoutError::Missing("CI_REPOSITORY_URL"))?;
     let sha = get("CI_COMMIT_SHA").ok_or(CheckoutError::Missing("CI_COMMIT_SHA"))?;
-    if !(sha.len() >= 7 && sha.len() <= 64 && sha.bytes().all(|b| b.is_ascii_hexdigit())) {
+    if !is_full_commit_id(&sha) {
         return Err(CheckoutError::BadSha(sha));
     }
-    let depth = match get("GIT_DEPTH") {
-        None => None,
-        Some(d) => match d.parse::<u32>() {
-            Ok(0) => None,
-            Ok(n) => Some(n),
-            Err(_) => return Err(CheckoutError::BadDepth(d)),
-        },
+    let depth = parse_depth("GIT_DEPTH", get("GIT_DEPTH"))?;
+    let submodule_depth = match get("GIT_SUBMODULE_DEPTH") {
+        None => depth,
+        some => parse_depth("GIT_SUBMODULE_DEPTH", some)?,
+    };
+    let submodules = match get("GIT_SUBMODULE_STRATEGY").as_deref() {
+        None | Some("none") => SubmoduleStrategy::None,
+        Some("normal") => SubmoduleStrategy::Normal,
+        Some("recursive") => SubmoduleStrategy::Recursive,
+        Some(other) => return Err(CheckoutError::BadSubmoduleStrategy(other.to_owned())),
     };
     let mut refspecs = Vec::new();
     // GitLab keeps a ref per pipeline: it holds the pipeline's commit even for merge request
@@ -418,20 +514,35 @@ pub fn checkout_plan(
     } else if let Some(branch) = get("CI_COMMIT_BRANCH") {
         refspecs.push(format!("+refs/heads/{branch}:refs/remotes/origin/{branch}"));
     }
-    let (url, had_credentials) = strip_credentials(&raw_url);
-    let https = url.starts_with("https://") || url.starts_with("http://");
-    let auth_header = (https && (had_credentials || !job_token.is_empty())).then(|| {
-        let basic = base64::engine::general_purpose::STANDARD
-            .encode(format!("gitlab-ci-token:{job_token}"));
-        format!("Authorization: Basic {basic}")
-    });
+    let (url, _) = strip_credentials(&raw_url);
+    if !is_http(&url) {
+        return Err(CheckoutError::UnsupportedUrl(url));
+    }
+    // GitLab's URL carries `gitlab-ci-token:<token>`; the job's own token is what we send.
+    let auth = (!job_token.is_empty())
+        .then(|| origin(&url))
+        .flatten()
+        .map(|origin| HttpAuth {
+            origin,
+            header: basic_auth_header(job_token),
+        });
     Ok(Some(Checkout {
         url,
         sha,
         refspecs,
         depth,
-        auth_header,
+        auth,
+        strategy,
+        ref_name: get("CI_COMMIT_REF_NAME"),
+        submodules,
+        submodule_depth,
     }))
+}
+
+fn basic_auth_header(job_token: &str) -> Secret {
+    let basic =
+        base64::engine::general_purpose::STANDARD.encode(format!("gitlab-ci-token:{job_token}"));
+    Secret::new(format!("Authorization: Basic {basic}"))
 }
 
 /// `https://user:pass@host/p.git` -> (`https://host/p.git`, true). GitLab puts
@@ -449,32 +560,178 @@ fn strip_credentials(url: &str) -> (String, bool) {
     (url.to_owned(), false)
 }
 
-/// The git commands, as argument lists, run in the project directory.
-pub fn checkout_commands(plan: &Checkout) -> Vec<Vec<String>> {
-    let s = |v: &str| v.to_owned();
-    let mut fetch = vec![s("fetch"), s("--quiet"), s("--prune"), s("--no-tags")];
-    if let Some(depth) = plan.depth {
-        fetch.push(format!("--depth={depth}"));
-    }
-    fetch.push(s("origin"));
-    fetch.extend(plan.refspecs.iter().cloned());
+/// The refspecs to fetch: the plan's, or the commit itself when there are none (a submodule,
+/// or a job without pipeline and branch variables). Servers speaking git protocol v2 (GitLab,
+/// `git http-backend`) give any reachable commit asked for by id.
+pub fn fetch_refspecs(plan: &Checkout) -> Vec<String> {
     if plan.refspecs.is_empty() {
-        // Without a pipeline or branch ref, ask for the commit itself (GitLab allows it).
-        fetch.push(plan.sha.clone());
+        vec![plan.sha.clone()]
+    } else {
+        plan.refspecs.clone()
     }
-    vec![
-        vec![s("init"), s("--quiet"), s("--initial-branch=main"), s(".")],
-        vec![s("remote"), s("add"), s("origin"), plan.url.clone()],
-        fetch,
-        vec![
-            s("-c"),
-            s("advice.detachedHead=false"),
-            s("checkout"),
-            s("--quiet"),
-            s("--force"),
-            plan.sha.clone(),
-        ],
-    ]
+}
+
+/// The trace line before the fetch, as GitLab's runner prints it.
+pub fn fetch_message(plan: &Checkout) -> String {
+    let what = match plan.strategy {
+        GitStrategy::Fetch => "Fetching changes",
+        GitStrategy::Clone => "Cloning repository",
+    };
+    match plan.depth {
+        Some(d) => format!("{what} with git depth set to {d}..."),
+        None => format!("{what}..."),
+    }
+}
+
+/// `Checking out 1a2b3c4d as detached HEAD (ref is main)...`
+pub fn checkout_message(plan: &Checkout) -> String {
+    let short = &plan.sha[..plan.sha.len().min(8)];
+    match &plan.ref_name {
+        Some(r) => format!("Checking out {short} as detached HEAD (ref is {r})..."),
+        None => format!("Checking out {short} as detached HEAD..."),
+    }
+}
+
+/// The trace line before the submodules are set up (or skipped).
+pub fn submodules_message(strategy: SubmoduleStrategy) -> &'static str {
+    match strategy {
+        SubmoduleStrategy::None => "Skipping Git submodules setup",
+        SubmoduleStrategy::Normal => "Updating/initializing submodules...",
+        SubmoduleStrategy::Recursive => "Updating/initializing submodules recursively...",
+    }
+}
+
+/// One `.gitmodules` entry of a checked-out repository, with the commit its index records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SubmoduleEntry {
+    pub name: String,
+    pub path: String,
+    pub url: String,
+    /// The gitlink's commit; `None`: `.gitmodules` names a path the commit has no gitlink
+    /// for (git skips it).
+    pub commit: Option<String>,
+    /// `submodule.<name>.update`.
+    pub update: Option<String>,
+}
+
+/// How to check out one submodule of `parent` (with `parent.submodules` not `None`), or
+/// `None` when git would skip it (no gitlink, `update = none`). A relative URL is resolved
+/// against the parent's URL; the token goes only to the origin it was given for. The commit
+/// is fetched by id, `GIT_SUBMODULE_DEPTH` deep; its own submodules follow when recursive.
+pub fn submodule_checkout(
+    parent: &Checkout,
+    entry: &SubmoduleEntry,
+) -> Result<Option<Checkout>, SubmoduleError> {
+    let Some(commit) = entry.commit.clone().filter(|c| is_full_commit_id(c)) else {
+        return Ok(None);
+    };
+    if entry.update.as_deref() == Some("none") {
+        return Ok(None);
+    }
+    if !is_plain_relative_path(&entry.path) {
+        return Err(SubmoduleError::BadPath {
+            name: entry.name.clone(),
+            path: entry.path.clone(),
+        });
+    }
+    let url = resolve_submodule_url(&parent.url, &entry.url).map_err(|e| match e {
+        UrlError::Unsupported => SubmoduleError::UnsupportedUrl {
+            name: entry.name.clone(),
+            url: strip_credentials(&entry.url).0,
+        },
+        UrlError::AboveHost => SubmoduleError::UrlAboveHost {
+            name: entry.name.clone(),
+            url: entry.url.clone(),
+            base: parent.url.clone(),
+        },
+    })?;
+    let auth = parent
+        .auth
+        .clone()
+        .filter(|a| origin(&url).as_deref() == Some(a.origin.as_str()));
+    Ok(Some(Checkout {
+        url,
+        sha: commit,
+        refspecs: Vec::new(),
+        depth: parent.submodule_depth,
+        auth,
+        strategy: parent.strategy,
+        ref_name: None,
+        submodules: match parent.submodules {
+            SubmoduleStrategy::Recursive => SubmoduleStrategy::Recursive,
+            _ => SubmoduleStrategy::None,
+        },
+        submodule_depth: parent.submodule_depth,
+    }))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum UrlError {
+    Unsupported,
+    AboveHost,
+}
+
+/// git's rule: `./x` and `../x` are relative to the superproject's remote URL, each `../`
+/// dropping one path segment of it; anything else must be an http(s) URL (credentials in it
+/// are dropped: the token, if any, is ours to add).
+fn resolve_submodule_url(base: &str, url: &str) -> Result<String, UrlError> {
+    if !(url.starts_with("./") || url.starts_with("../")) {
+        let (url, _) = strip_credentials(url);
+        return if is_http(&url) {
+            Ok(url)
+        } else {
+            Err(UrlError::Unsupported)
+        };
+    }
+    let (scheme, rest) = base.split_once("://").ok_or(UrlError::Unsupported)?;
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let mut segments: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    let mut relative = url;
+    loop {
+        if let Some(rest) = relative.strip_prefix("./") {
+            relative = rest;
+        } else if let Some(rest) = relative.strip_prefix("../") {
+            segments.pop().ok_or(UrlError::AboveHost)?;
+            relative = rest;
+        } else {
+            break;
+        }
+    }
+    segments.extend(relative.split('/').filter(|s| !s.is_empty()));
+    Ok(format!("{scheme}://{authority}/{}", segments.join("/")))
+}
+
+/// Relative, no `.`/`..`/`.git` segment, no empty segment: cannot leave the work tree or
+/// write into a repository's own files.
+fn is_plain_relative_path(path: &str) -> bool {
+    !path.is_empty()
+        && !path.starts_with('/')
+        && !path.contains('\\')
+        && path.split('/').all(|seg| {
+            !seg.is_empty() && seg != "." && seg != ".." && !seg.eq_ignore_ascii_case(".git")
+        })
+}
+
+/// What GitLab's `artifacts: untracked: true` takes: the files of the project directory git
+/// does not track, ignored ones included (`git ls-files --others`), leaving out `.git` and
+/// the inside of submodules (`gitlinks`: their paths).
+pub fn untracked_files<'a>(
+    files: impl IntoIterator<Item = &'a str>,
+    tracked: &std::collections::BTreeSet<String>,
+    gitlinks: &[String],
+) -> Vec<String> {
+    files
+        .into_iter()
+        .filter(|f| !tracked.contains(*f))
+        .filter(|f| !f.split('/').any(|seg| seg == ".git"))
+        .filter(|f| {
+            !gitlinks.iter().any(|g| {
+                f.strip_prefix(g.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+            })
+        })
+        .map(str::to_owned)
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -703,11 +960,13 @@ mod tests {
             ("CI_COMMIT_SHA", sha),
             ("CI_PIPELINE_ID", "120"),
             ("CI_COMMIT_BRANCH", "main"),
+            ("CI_COMMIT_REF_NAME", "main"),
             ("GIT_DEPTH", "20"),
         ];
         let plan = checkout_plan(lookup(&vars), "jobtok").unwrap().unwrap();
         assert_eq!(plan.url, "https://gitlab.example.com/g/p.git");
         assert_eq!(plan.depth, Some(20));
+        assert_eq!(plan.strategy, GitStrategy::Fetch);
         assert_eq!(
             plan.refspecs,
             [
@@ -715,44 +974,246 @@ mod tests {
                 "+refs/heads/main:refs/remotes/origin/main"
             ]
         );
-        let header = plan.auth_header.clone().unwrap();
+        assert_eq!(fetch_refspecs(&plan), plan.refspecs);
+        let auth = plan.auth.clone().unwrap();
+        assert_eq!(auth.origin, "https://gitlab.example.com");
         assert_eq!(
-            header,
+            auth.header.expose(),
             format!(
                 "Authorization: Basic {}",
                 base64::engine::general_purpose::STANDARD.encode("gitlab-ci-token:jobtok")
             )
         );
-        let commands = checkout_commands(&plan);
-        assert!(commands.iter().flatten().all(|a| !a.contains("jobtok")));
-        assert_eq!(commands[2][4], "--depth=20");
-        assert_eq!(commands[3].last().unwrap(), sha);
+        // Nothing printable carries the token.
+        assert!(!format!("{plan:?}").contains(auth.header.expose()));
+        assert_eq!(
+            fetch_message(&plan),
+            "Fetching changes with git depth set to 20..."
+        );
+        assert_eq!(
+            checkout_message(&plan),
+            "Checking out 265c14cf as detached HEAD (ref is main)..."
+        );
+        // No submodules unless asked; their depth follows GIT_DEPTH.
+        assert_eq!(plan.submodules, SubmoduleStrategy::None);
+        assert_eq!(plan.submodule_depth, Some(20));
     }
 
     #[test]
-    fn checkout_of_a_tag_a_local_repo_or_none() {
+    fn checkout_of_a_tag_or_the_bare_commit_or_none() {
+        let sha = "abcdef1234567890abcdef1234567890abcdef12";
         let vars = [
-            ("CI_REPOSITORY_URL", "file:///srv/repo.git"),
-            ("CI_COMMIT_SHA", "abcdef1"),
+            ("CI_REPOSITORY_URL", "http://127.0.0.1:8080/g/p.git"),
+            ("CI_COMMIT_SHA", sha),
             ("CI_COMMIT_TAG", "v1"),
+            ("CI_COMMIT_BRANCH", "ignored-for-a-tag"),
+            ("GIT_STRATEGY", "clone"),
         ];
         let plan = checkout_plan(lookup(&vars), "t").unwrap().unwrap();
         assert_eq!(plan.refspecs, ["+refs/tags/v1:refs/tags/v1"]);
-        assert_eq!(plan.auth_header, None);
         assert_eq!(plan.depth, None);
-        let none = [("GIT_STRATEGY", "none")];
-        assert_eq!(checkout_plan(lookup(&none), "t").unwrap(), None);
-        let bad = [
-            ("CI_REPOSITORY_URL", "x"),
-            ("CI_COMMIT_SHA", "main; rm -rf"),
+        assert_eq!(plan.auth.unwrap().origin, "http://127.0.0.1:8080");
+        assert_eq!(plan.strategy, GitStrategy::Clone);
+        // Neither pipeline nor ref: the commit itself is fetched.
+        let bare = [
+            ("CI_REPOSITORY_URL", "https://h/g/p.git"),
+            ("CI_COMMIT_SHA", sha),
         ];
+        let plan = checkout_plan(lookup(&bare), "t").unwrap().unwrap();
+        assert_eq!(fetch_refspecs(&plan), [sha]);
+        assert_eq!(fetch_message(&plan), "Fetching changes...");
+        // No token, no header.
+        assert_eq!(
+            checkout_plan(lookup(&bare), "").unwrap().unwrap().auth,
+            None
+        );
+        for none in ["none", "empty"] {
+            let vars = [("GIT_STRATEGY", none)];
+            assert_eq!(checkout_plan(lookup(&vars), "t").unwrap(), None);
+        }
+    }
+
+    #[test]
+    fn checkout_refuses_what_it_cannot_fetch() {
+        let sha = "abcdef1234567890abcdef1234567890abcdef12";
+        let plan = |vars: &[(&str, &str)]| checkout_plan(lookup(vars), "t");
         assert!(matches!(
-            checkout_plan(lookup(&bad), "t"),
+            plan(&[
+                ("CI_REPOSITORY_URL", "x"),
+                ("CI_COMMIT_SHA", "main; rm -rf")
+            ]),
             Err(CheckoutError::BadSha(_))
         ));
+        // A short id cannot be asked for by id.
+        assert!(matches!(
+            plan(&[
+                ("CI_REPOSITORY_URL", "https://h/p.git"),
+                ("CI_COMMIT_SHA", "abcdef1")
+            ]),
+            Err(CheckoutError::BadSha(_))
+        ));
+        assert_eq!(plan(&[]), Err(CheckoutError::Missing("CI_REPOSITORY_URL")));
+        for url in [
+            "file:///srv/repo.git",
+            "git@h:g/p.git",
+            "ssh://git@h/g/p.git",
+        ] {
+            assert!(
+                matches!(
+                    plan(&[("CI_REPOSITORY_URL", url), ("CI_COMMIT_SHA", sha)]),
+                    Err(CheckoutError::UnsupportedUrl(_))
+                ),
+                "{url}"
+            );
+        }
+        let err = plan(&[
+            ("CI_REPOSITORY_URL", "ssh://gitlab-ci-token:tok@h/p.git"),
+            ("CI_COMMIT_SHA", sha),
+        ])
+        .unwrap_err();
+        assert!(!err.to_string().contains("tok@"), "{err}");
+        assert!(matches!(
+            plan(&[
+                ("CI_REPOSITORY_URL", "https://h/p.git"),
+                ("CI_COMMIT_SHA", sha),
+                ("GIT_SUBMODULE_STRATEGY", "sometimes"),
+            ]),
+            Err(CheckoutError::BadSubmoduleStrategy(_))
+        ));
         assert_eq!(
-            checkout_plan(lookup(&[]), "t"),
-            Err(CheckoutError::Missing("CI_REPOSITORY_URL"))
+            plan(&[
+                ("CI_REPOSITORY_URL", "https://h/p.git"),
+                ("CI_COMMIT_SHA", sha),
+                ("GIT_SUBMODULE_DEPTH", "x"),
+            ]),
+            Err(CheckoutError::BadDepth("GIT_SUBMODULE_DEPTH", "x".into()))
+        );
+    }
+
+    fn parent(strategy: SubmoduleStrategy) -> Checkout {
+        let vars = [
+            (
+                "CI_REPOSITORY_URL",
+                "https://gitlab-ci-token:tok@gitlab.example.com/group/sub/project.git",
+            ),
+            ("CI_COMMIT_SHA", "abcdef1234567890abcdef1234567890abcdef12"),
+            ("GIT_DEPTH", "3"),
+            ("GIT_SUBMODULE_DEPTH", "1"),
+        ];
+        let mut plan = checkout_plan(lookup(&vars), "tok").unwrap().unwrap();
+        plan.submodules = strategy;
+        plan
+    }
+
+    fn entry(url: &str) -> SubmoduleEntry {
+        SubmoduleEntry {
+            name: "lib".into(),
+            path: "vendor/lib".into(),
+            url: url.into(),
+            commit: Some("1111111111111111111111111111111111111111".into()),
+            update: None,
+        }
+    }
+
+    #[test]
+    fn submodules_resolve_relative_urls_and_get_the_token_only_on_the_projects_host() {
+        let p = parent(SubmoduleStrategy::Normal);
+        let sub = |url: &str| submodule_checkout(&p, &entry(url)).unwrap().unwrap();
+        for (url, resolved) in [
+            ("../lib.git", "https://gitlab.example.com/group/sub/lib.git"),
+            (
+                "../../other/lib.git",
+                "https://gitlab.example.com/group/other/lib.git",
+            ),
+            (
+                "./lib",
+                "https://gitlab.example.com/group/sub/project.git/lib",
+            ),
+            (
+                "https://gitlab.example.com/x/lib.git",
+                "https://gitlab.example.com/x/lib.git",
+            ),
+        ] {
+            let s = sub(url);
+            assert_eq!(s.url, resolved, "{url}");
+            assert_eq!(s.auth, p.auth, "same host: the job token, {url}");
+        }
+        let s = sub("https://user:secret@GitHub.com/o/lib.git");
+        assert_eq!(s.url, "https://GitHub.com/o/lib.git");
+        assert_eq!(s.auth, None, "another host never sees the job token");
+        let s = sub("http://gitlab.example.com/x/lib.git");
+        assert_eq!(s.auth, None, "another scheme is another origin");
+        // Fetched by id at GIT_SUBMODULE_DEPTH; no submodules of its own unless recursive.
+        let s = sub("../lib.git");
+        assert_eq!(
+            fetch_refspecs(&s),
+            ["1111111111111111111111111111111111111111"]
+        );
+        assert_eq!(s.depth, Some(1));
+        assert_eq!(s.submodules, SubmoduleStrategy::None);
+        let r = submodule_checkout(&parent(SubmoduleStrategy::Recursive), &entry("../lib.git"));
+        assert_eq!(r.unwrap().unwrap().submodules, SubmoduleStrategy::Recursive);
+    }
+
+    #[test]
+    fn submodules_git_would_skip_or_refuse() {
+        let p = parent(SubmoduleStrategy::Normal);
+        let mut no_gitlink = entry("../lib.git");
+        no_gitlink.commit = None;
+        assert_eq!(submodule_checkout(&p, &no_gitlink), Ok(None));
+        let mut update_none = entry("../lib.git");
+        update_none.update = Some("none".into());
+        assert_eq!(submodule_checkout(&p, &update_none), Ok(None));
+        for url in [
+            "git@gitlab.example.com:g/lib.git",
+            "/srv/lib.git",
+            "file:///srv/lib.git",
+        ] {
+            assert!(
+                matches!(
+                    submodule_checkout(&p, &entry(url)),
+                    Err(SubmoduleError::UnsupportedUrl { .. })
+                ),
+                "{url}"
+            );
+        }
+        assert!(matches!(
+            submodule_checkout(&p, &entry("../../../../lib.git")),
+            Err(SubmoduleError::UrlAboveHost { .. })
+        ));
+        for path in ["../escape", "/abs", "a/.git/hooks", "a//b", "./a", ""] {
+            let mut e = entry("../lib.git");
+            e.path = path.into();
+            assert!(
+                matches!(
+                    submodule_checkout(&p, &e),
+                    Err(SubmoduleError::BadPath { .. })
+                ),
+                "{path}"
+            );
+        }
+        assert_eq!(
+            submodules_message(SubmoduleStrategy::None),
+            "Skipping Git submodules setup"
+        );
+    }
+
+    #[test]
+    fn untracked_files_leave_out_the_index_git_and_submodules() {
+        let tracked: std::collections::BTreeSet<String> =
+            ["README".to_owned(), "src/a.rs".to_owned()].into();
+        let files = [
+            "README",
+            "src/a.rs",
+            "build.log",
+            "src/gen.rs",
+            ".git/config",
+            "vendor/lib/file",
+            "vendor/library.txt",
+        ];
+        assert_eq!(
+            untracked_files(files, &tracked, &["vendor/lib".to_owned()]),
+            ["build.log", "src/gen.rs", "vendor/library.txt"]
         );
     }
 

@@ -1,7 +1,8 @@
 //! Prints what the shell runner costs per job, against gitlab-runner-mock on loopback, through
 //! the Lambda handler: invocation to first trace byte (handed to the uploader, and seen by
 //! "GitLab"), runner overhead per job excluding the script (target < 100 ms without git),
-//! the git checkout of a small local repository, and the release binary's size.
+//! the git checkout (gix over smart HTTP from `git http-backend` on loopback) of a small
+//! repository, and the release binary's size.
 //!
 //! `cargo bench -p shell-runner` (numbers only; nothing is asserted).
 
@@ -10,6 +11,7 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::git_server::{GitServer, commit, git, publish};
 use common::*;
 use shell_runner::Outcome;
 
@@ -27,42 +29,35 @@ fn stats(name: &str, mut v: Vec<f64>) {
     );
 }
 
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "b")
-        .env("GIT_AUTHOR_EMAIL", "b@example.com")
-        .env("GIT_COMMITTER_NAME", "b")
-        .env("GIT_COMMITTER_EMAIL", "b@example.com")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
 async fn measure(
     with_git: bool,
     script: &str,
     jobs: usize,
 ) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
     let s = setup().await;
-    let repo = tempfile::tempdir().unwrap();
+    // A project of 20 files of 4 KiB behind `git http-backend` (the token is checked).
+    let served = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let server = GitServer::start(served.path(), "none-yet");
     let mut sha = String::new();
     if with_git {
-        git(repo.path(), &["init", "-q", "--initial-branch=custom"]);
-        for i in 0..20 {
-            std::fs::write(repo.path().join(format!("f{i}.txt")), "x".repeat(4096)).unwrap();
-        }
-        git(repo.path(), &["add", "."]);
-        git(repo.path(), &["commit", "-q", "-m", "c"]);
-        sha = git(repo.path(), &["rev-parse", "HEAD"]);
-        git(repo.path(), &["update-ref", "refs/pipelines/120", &sha]);
+        git(work.path(), &["init", "-q", "--initial-branch=custom"]);
+        let contents = "x".repeat(4096);
+        let files: Vec<(String, &str)> = (0..20)
+            .map(|i| (format!("f{i}.txt"), contents.as_str()))
+            .collect();
+        let files: Vec<(&str, &str)> = files.iter().map(|(n, c)| (n.as_str(), *c)).collect();
+        sha = commit(work.path(), &files, "c");
+        git(work.path(), &["update-ref", "refs/pipelines/120", &sha]);
+        publish(work.path(), served.path(), "p");
     }
-    let url = format!("file://{}", repo.path().display());
     let (mut first_local, mut first_gitlab, mut overhead, mut total, mut git_ms) =
         (vec![], vec![], vec![], vec![], vec![]);
     for i in 0..jobs {
+        // gitlab-runner-mock numbers jobs from 266 and gives job N `job-token-N`.
+        let token = format!("job-token-{}", 266 + i);
+        server.accept(&token);
+        let url = server.url_with_token("p.git", &token);
         let job = job(&s.mock, &format!("bench {i}"), &[script], &[], 600, |b| {
             if with_git {
                 b.add_variable("GIT_STRATEGY".into(), "fetch".into(), true, false);
@@ -112,7 +107,10 @@ fn main() {
     stats("runner overhead per job, excluding script", overhead);
     stats("whole invocation, no git", total);
     let (_, _, overhead, total, git_ms) = rt.block_on(measure(true, "true", JOBS));
-    stats("git checkout (file://, 20 files, depth 1)", git_ms);
+    stats(
+        "git checkout (gix, http-backend, 20 files, depth 1)",
+        git_ms,
+    );
     stats("runner overhead per job, excl. script and git", overhead);
     stats("whole invocation, with git", total);
     // A job that is still running when its first output exists: the output reaches GitLab

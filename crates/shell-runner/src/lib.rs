@@ -7,13 +7,16 @@
 //! every decision (time budget, masking, scripts, environment, checkout, failure reasons) is
 //! `ephemeral_core::shell`'s. This crate carries them out: directories, processes, git, files.
 
+pub mod git;
 pub mod process;
 pub mod sandbox;
 pub mod tokens;
 pub mod trace;
 
 use std::borrow::Cow;
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -333,6 +336,7 @@ impl ShellRunner {
         let report = Arc::new(Mutex::new(None::<JobReport>));
         let context = Arc::new(JobContext {
             config: self.config.clone(),
+            http: self.http.clone(),
             system_id: self.system_id.clone(),
             invoked_at: started,
             lambda_deadline: deadline,
@@ -448,6 +452,8 @@ pub async fn lambda_handler(
 /// What every job of one invocation shares.
 struct JobContext {
     config: Arc<Config>,
+    /// The runner's HTTP client (no redirects), for git too.
+    http: reqwest::Client,
     system_id: String,
     invoked_at: Instant,
     lambda_deadline: Instant,
@@ -504,11 +510,10 @@ impl ShellJob {
             .map(str::to_owned)
             .collect();
         if let Ok(Some(Checkout {
-            auth_header: Some(h),
-            ..
+            auth: Some(auth), ..
         })) = &checkout
         {
-            secrets.push(h.clone());
+            secrets.push(auth.header.expose().to_owned());
         }
         let trace = Arc::new(Trace::new(job.clone(), Masker::new(&secrets)));
         trace.line(&format!(
@@ -629,59 +634,137 @@ impl ShellJob {
         }
     }
 
+    /// The checkout the plan describes: the project, then its submodules as
+    /// `GIT_SUBMODULE_STRATEGY` asks, each fetched and written by gix on a blocking thread.
     async fn run_git(
         &mut self,
         checkout: &Checkout,
         deadline: Instant,
         cancel: &CancellationToken,
     ) -> Result<(), Ended> {
-        let mut env = self.runner_side.inherited.clone();
-        env.push(("HOME".into(), self.runner_side.home_dir.clone()));
-        env.push(("GIT_TERMINAL_PROMPT".into(), "0".into()));
-        env.push(("GIT_CONFIG_NOSYSTEM".into(), "1".into()));
-        if let Some(header) = &checkout.auth_header {
-            // Through the environment: not in argv, not in .git/config.
-            env.push(("GIT_CONFIG_COUNT".into(), "1".into()));
-            env.push(("GIT_CONFIG_KEY_0".into(), "http.extraHeader".into()));
-            env.push(("GIT_CONFIG_VALUE_0".into(), header.clone()));
-        }
-        match checkout.depth {
-            Some(d) => self
-                .trace
-                .line(&format!("Fetching changes with git depth set to {d}...")),
-            None => self.trace.line("Fetching changes..."),
-        }
-        self.trace.line(&format!(
-            "Checking out {} from {}...",
-            &checkout.sha[..checkout.sha.len().min(8)],
-            checkout.url
-        ));
-        for args in shell::checkout_commands(checkout) {
-            let ended = process::run(
-                "git",
-                &args,
-                &self.project_dir,
-                &env,
-                &self.marker,
+        self.trace.line(&shell::fetch_message(checkout));
+        self.trace.line("Created fresh repository.");
+        let project = self
+            .git_checkout(
+                checkout,
+                self.project_dir.clone(),
+                Some(shell::checkout_message(checkout)),
                 deadline,
                 cancel,
-                &self.trace,
             )
-            .await;
-            self.trace.flush();
-            match ended {
-                Ok(Ended::Exited(0)) => {}
-                Ok(other) => return Err(other),
-                Err(e) => {
-                    self.trace.line(&format!(
-                        "ERROR: cannot run git ({e}); jobs that need git use the container image \
-                         (see the shell-runner README)"
-                    ));
-                    return Err(Ended::Exited(-1));
+            .await?;
+        self.trace
+            .line(shell::submodules_message(checkout.submodules));
+        // Breadth first, like `git submodule update --init --recursive`; paths as git prints
+        // them, relative to the project.
+        let mut pending =
+            std::collections::VecDeque::from([(checkout.clone(), String::new(), project.gitlinks)]);
+        while let Some((parent, prefix, gitlinks)) = pending.pop_front() {
+            if parent.submodules == shell::SubmoduleStrategy::None {
+                continue;
+            }
+            let dir = self.project_dir.join(&prefix);
+            let entries =
+                tokio::task::spawn_blocking(move || git::submodule_entries(&dir, &gitlinks)).await;
+            let entries = match entries {
+                Ok(Ok(entries)) => entries,
+                Ok(Err(e)) => {
+                    self.trace.line(&format!("ERROR: {e}"));
+                    return Err(Ended::Exited(1));
                 }
+                Err(e) => {
+                    self.trace.line(&format!("ERROR: reading submodules: {e}"));
+                    return Err(Ended::Exited(1));
+                }
+            };
+            for entry in entries {
+                let sub = match shell::submodule_checkout(&parent, &entry) {
+                    Ok(Some(sub)) => sub,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        self.trace.line(&format!("ERROR: {e}"));
+                        return Err(Ended::Exited(1));
+                    }
+                };
+                let path = if prefix.is_empty() {
+                    entry.path.clone()
+                } else {
+                    format!("{prefix}/{}", entry.path)
+                };
+                if !no_symlink_on_the_way(&self.project_dir, &path) {
+                    // A checked-out symlink must not point the submodule's files elsewhere.
+                    self.trace.line(&format!(
+                        "ERROR: submodule `{}`: a symlink is on the way to `{path}`",
+                        entry.name
+                    ));
+                    return Err(Ended::Exited(1));
+                }
+                self.trace.line(&format!(
+                    "Submodule '{}' ({}) registered for path '{path}'",
+                    entry.name, sub.url
+                ));
+                let checked = self
+                    .git_checkout(&sub, self.project_dir.join(&path), None, deadline, cancel)
+                    .await?;
+                self.trace.line(&format!(
+                    "Submodule path '{path}': checked out '{}'",
+                    sub.sha
+                ));
+                pending.push_back((sub, path, checked.gitlinks));
             }
         }
         Ok(())
+    }
+
+    /// One repository: gix on a blocking thread, interrupted at the deadline or on cancel
+    /// (its HTTP requests also time out at the deadline, so the thread ends soon after).
+    /// `fetched` goes to the trace between the fetch and the checkout.
+    async fn git_checkout(
+        &self,
+        plan: &Checkout,
+        dir: PathBuf,
+        fetched: Option<String>,
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) -> Result<git::CheckedOut, Ended> {
+        let interrupt = Arc::new(AtomicBool::new(false));
+        let http = git::HttpClient {
+            client: self.ctx.http.clone(),
+            runtime: tokio::runtime::Handle::current(),
+        };
+        let mut task = tokio::task::spawn_blocking({
+            let (plan, trace, interrupt) = (plan.clone(), self.trace.clone(), interrupt.clone());
+            let until = deadline.into_std();
+            move || {
+                git::checkout(&plan, &dir, &http, &interrupt, until, &|| {
+                    if let Some(line) = &fetched {
+                        trace.line(line);
+                    }
+                })
+            }
+        });
+        let stopped = tokio::select! {
+            done = &mut task => {
+                return match done {
+                    Ok(Ok(checked_out)) => Ok(checked_out),
+                    Ok(Err(e)) => {
+                        self.trace.line(&format!("ERROR: {e}"));
+                        Err(Ended::Exited(1))
+                    }
+                    Err(e) => {
+                        self.trace.line(&format!("ERROR: the checkout stopped: {e}"));
+                        Err(Ended::Exited(1))
+                    }
+                };
+            }
+            _ = tokio::time::sleep_until(deadline) => Ended::TimedOut,
+            _ = cancel.cancelled() => Ended::Canceled,
+        };
+        interrupt.store(true, Ordering::Relaxed);
+        // gix checks the flag between reads and files; give it a moment to leave the
+        // directory alone before the job goes on to fail and clean up.
+        let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+        Err(stopped)
     }
 
     async fn download_dependencies(
@@ -853,22 +936,33 @@ impl ShellJob {
         }
         self.trace.line("Uploading artifacts...");
         let wants_untracked = self.job.artifacts().any(|a| a.untracked());
-        let untracked = if wants_untracked && self.checkout.is_some() {
-            git_untracked(&self.project_dir, &self.runner_side.inherited).await
-        } else {
-            Vec::new()
-        };
+        let with_index = wants_untracked && self.checkout.is_some();
         let dir = self.project_dir.clone();
-        let files = tokio::task::spawn_blocking(move || walk(&dir))
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(rel, abs)| ProjectFile {
-                untracked: untracked.contains(&rel),
-                rel,
-                abs,
-            })
-            .collect::<Vec<_>>();
+        let files = tokio::task::spawn_blocking(move || {
+            let files = walk(&dir);
+            let untracked: BTreeSet<String> = if with_index {
+                let (tracked, gitlinks) = git::tracked(&dir);
+                shell::untracked_files(
+                    files.iter().map(|(rel, _)| rel.as_str()),
+                    &tracked,
+                    &gitlinks,
+                )
+                .into_iter()
+                .collect()
+            } else {
+                BTreeSet::new()
+            };
+            files
+                .into_iter()
+                .map(|(rel, abs)| ProjectFile {
+                    untracked: untracked.contains(&rel),
+                    rel,
+                    abs,
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
         self.files = Some(files.clone());
         files
     }
@@ -936,6 +1030,19 @@ impl CancellableJobHandler<ProjectFile> for ShellJob {
     }
 }
 
+/// `root/rel` and every directory between them are real directories (or not there yet),
+/// none a symlink.
+fn no_symlink_on_the_way(root: &Path, rel: &str) -> bool {
+    let mut at = root.to_path_buf();
+    rel.split('/').all(|segment| {
+        at.push(segment);
+        match std::fs::symlink_metadata(&at) {
+            Ok(m) => m.file_type().is_dir(),
+            Err(_) => true,
+        }
+    })
+}
+
 /// A file of the project directory that an artifact may include.
 #[derive(Debug, Clone)]
 pub struct ProjectFile {
@@ -991,29 +1098,6 @@ fn walk(root: &Path) -> Vec<(String, PathBuf)> {
     out
 }
 
-/// Files git does not track, ignored ones included (GitLab's `untracked: true` ignores
-/// `.gitignore`).
-async fn git_untracked(project_dir: &Path, inherited: &[(String, String)]) -> Vec<String> {
-    let out = tokio::process::Command::new("git")
-        .args(["ls-files", "-z", "--others"])
-        .current_dir(project_dir)
-        .env_clear()
-        .envs(inherited.iter().map(|(k, v)| (k, v)))
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .output()
-        .await;
-    match out {
-        Ok(o) if o.status.success() => o
-            .stdout
-            .split(|b| *b == 0)
-            .filter(|s| !s.is_empty())
-            .filter_map(|s| std::str::from_utf8(s).ok().map(str::to_owned))
-            .collect(),
-        _ => Vec::new(),
-    }
-}
-
 /// Extracts an artifact into `dir`; paths that would leave `dir` are skipped (the archive's
 /// safe path check). Returns how many files were written.
 fn extract(mut artifact: gitlab_runner::artifact::Artifact, dir: &Path) -> std::io::Result<usize> {
@@ -1042,6 +1126,41 @@ fn extract(mut artifact: gitlab_runner::artifact::Artifact, dir: &Path) -> std::
         written += 1;
     }
     Ok(written)
+}
+
+/// The SSM client, configured from the environment Lambda gives the function: `AWS_REGION`,
+/// the role's credentials in `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`/`AWS_SESSION_TOKEN`
+/// (valid for the execution environment's lifetime), and `AWS_ENDPOINT_URL[_SSM]` (local
+/// tests). What `aws_config::load_from_env` would find in Lambda, without its other
+/// credential sources (profiles, SSO, web identity through STS, IMDS): 0.5 MB of binary this
+/// function never runs.
+pub fn ssm_client_from_env() -> aws_sdk_ssm::Client {
+    ssm_client(|k| std::env::var(k).ok())
+}
+
+fn ssm_client(get: impl Fn(&str) -> Option<String>) -> aws_sdk_ssm::Client {
+    use aws_sdk_ssm::config::{BehaviorVersion, Credentials, Region};
+    let get = |k: &str| get(k).filter(|v| !v.is_empty());
+    let mut config = aws_sdk_ssm::Config::builder()
+        .behavior_version(BehaviorVersion::latest())
+        .region(
+            get("AWS_REGION")
+                .or_else(|| get("AWS_DEFAULT_REGION"))
+                .map(Region::new),
+        );
+    if let (Some(id), Some(secret)) = (get("AWS_ACCESS_KEY_ID"), get("AWS_SECRET_ACCESS_KEY")) {
+        config = config.credentials_provider(Credentials::new(
+            id,
+            secret,
+            get("AWS_SESSION_TOKEN"),
+            None,
+            "environment",
+        ));
+    }
+    if let Some(url) = get("AWS_ENDPOINT_URL_SSM").or_else(|| get("AWS_ENDPOINT_URL")) {
+        config = config.endpoint_url(url);
+    }
+    aws_sdk_ssm::Client::from_conf(config.build())
 }
 
 /// A fresh `system_id` for this execution environment, from the kernel's randomness.
@@ -1138,6 +1257,44 @@ mod tests {
             function.contains(&format!("{SANDBOX_SCRATCH_ROOT}: /tmp\n")),
             "{function}"
         );
+    }
+
+    #[test]
+    fn the_ssm_client_takes_region_credentials_and_endpoint_from_the_environment() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |k: &str| {
+                pairs
+                    .iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            }
+        };
+        let client = ssm_client(env(&[
+            ("AWS_DEFAULT_REGION", "eu-west-1"),
+            ("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "secret"),
+            ("AWS_ENDPOINT_URL", "http://127.0.0.1:5000"),
+        ]));
+        let config = client.config();
+        assert_eq!(config.region().map(|r| r.as_ref()), Some("eu-west-1"));
+        let client = ssm_client(env(&[
+            ("AWS_REGION", "us-east-1"),
+            ("AWS_DEFAULT_REGION", "eu-west-1"),
+        ]));
+        assert_eq!(
+            client.config().region().map(|r| r.as_ref()),
+            Some("us-east-1")
+        );
+    }
+
+    #[test]
+    fn a_submodule_path_through_a_symlink_is_refused() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("vendor/lib")).unwrap();
+        std::os::unix::fs::symlink("/tmp", root.path().join("link")).unwrap();
+        assert!(no_symlink_on_the_way(root.path(), "vendor/lib"));
+        assert!(no_symlink_on_the_way(root.path(), "vendor/new/lib"));
+        assert!(!no_symlink_on_the_way(root.path(), "link/lib"));
     }
 
     #[test]

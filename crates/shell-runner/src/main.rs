@@ -10,8 +10,7 @@ use shell_runner::{
 async fn main() -> Result<(), lambda_runtime::Error> {
     ephemeral_aws::init_logging();
     let config = Config::from_env()?;
-    let sdk = aws_config::load_from_env().await;
-    let ssm = aws_sdk_ssm::Client::new(&sdk);
+    let ssm = shell_runner::ssm_client_from_env();
     // The shared token (ShellRunnerMode=shared-token only), read once per cold start. The
     // error names the parameter, never a value. Per-job tokens are taken per invocation.
     let shared = match &config.token_parameter {

@@ -1,5 +1,6 @@
 //! The shell runner against gitlab-runner-mock (GitLab's runner API over HTTP), with real
-//! bash and git processes, invoked through the Lambda handler the binary registers.
+//! bash processes, invoked through the Lambda handler the binary registers. The checkout is
+//! tested in checkout.rs, against a real git server.
 
 mod common;
 
@@ -291,85 +292,6 @@ async fn dependency_artifacts_are_extracted_before_the_script() {
         "{log}"
     );
     assert!(log.contains("tool-from-build-job\n"), "{log}");
-}
-
-fn git(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new("git")
-        .args(args)
-        .current_dir(dir)
-        .env("GIT_AUTHOR_NAME", "t")
-        .env("GIT_AUTHOR_EMAIL", "t@example.com")
-        .env("GIT_COMMITTER_NAME", "t")
-        .env("GIT_COMMITTER_EMAIL", "t@example.com")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap().trim().to_owned()
-}
-
-#[tokio::test]
-async fn checks_out_the_commit_from_a_local_repository_and_uploads_untracked_files() {
-    let s = setup().await;
-    let repo = tempfile::tempdir().unwrap();
-    git(repo.path(), &["init", "-q", "--initial-branch=custom"]);
-    std::fs::write(
-        repo.path().join("README"),
-        "checked out from the pipeline commit\n",
-    )
-    .unwrap();
-    git(repo.path(), &["add", "README"]);
-    git(repo.path(), &["commit", "-q", "-m", "first"]);
-    let sha = git(repo.path(), &["rev-parse", "HEAD"]);
-    // What GitLab keeps for every pipeline; a later commit on the branch must not be used.
-    git(repo.path(), &["update-ref", "refs/pipelines/120", &sha]);
-    std::fs::write(repo.path().join("README"), "a later commit\n").unwrap();
-    git(repo.path(), &["commit", "-q", "-am", "second"]);
-
-    let url = format!("file://{}", repo.path().display());
-    let job = job(
-        &s.mock,
-        "checkout",
-        &["cat README", "git rev-parse HEAD", "echo built > build.log"],
-        &[],
-        600,
-        |b| {
-            b.add_variable("GIT_STRATEGY".into(), "fetch".into(), true, false);
-            b.add_variable("CI_REPOSITORY_URL".into(), url.clone(), true, false);
-            b.add_variable("CI_COMMIT_SHA".into(), sha.clone(), true, false);
-            b.add_variable("GIT_DEPTH".into(), "1".into(), true, false);
-            b.add_artifact(
-                None,
-                true,
-                vec![],
-                None,
-                "archive".into(),
-                Some("zip".into()),
-                None,
-            );
-        },
-    );
-    let report = ran(invoke(&s.runner, job.id(), LAMBDA).await);
-
-    let log = log(&job);
-    assert_eq!(report.result, "success", "{log}");
-    assert!(
-        log.contains("checked out from the pipeline commit\n"),
-        "{log}"
-    );
-    assert!(log.contains(&format!("{sha}\n")), "{log}");
-    assert!(
-        log.contains("Fetching changes with git depth set to 1"),
-        "{log}"
-    );
-    let uploaded: Vec<_> = job.uploaded_artifacts().collect();
-    assert_eq!(uploaded.len(), 1);
-    let zip = zip::ZipArchive::new(std::io::Cursor::new(uploaded[0].data.to_vec())).unwrap();
-    let names: Vec<_> = zip.file_names().collect();
-    assert_eq!(names, ["build.log"], "untracked only, not README or .git");
 }
 
 #[tokio::test]

@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod git_server;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -137,4 +139,80 @@ pub fn processes_running(args: &[&str]) -> Vec<u32> {
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
         .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
         .collect()
+}
+
+/// Watches every process's command line while a test runs, for values that must never be
+/// passed as arguments (a token). Reports the pids and program names that had one.
+pub struct ArgvWatch {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<(Vec<String>, u64)>>,
+}
+
+impl ArgvWatch {
+    pub fn start(needles: Vec<String>) -> Self {
+        use std::sync::atomic::Ordering;
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut hits = Vec::new();
+                let mut scans = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    scans += 1;
+                    let Ok(dir) = std::fs::read_dir("/proc") else {
+                        break;
+                    };
+                    for pid in dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                    {
+                        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+                            continue;
+                        };
+                        if needles
+                            .iter()
+                            .any(|n| cmdline.windows(n.len()).any(|w| w == n.as_bytes()))
+                        {
+                            let program = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+                            hits.push(format!("pid {pid} ({})", String::from_utf8_lossy(program)));
+                        }
+                    }
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                (hits, scans)
+            })
+        };
+        Self {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// The processes seen with a needle in their arguments, and how many scans ran.
+    pub fn stop(mut self) -> (Vec<String>, u64) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+/// Files under `root` whose bytes contain any of `needles` (relative paths).
+pub fn files_containing(root: &Path, needles: &[String]) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+            let path = entry.path();
+            let kind = entry.file_type().unwrap();
+            if kind.is_dir() {
+                stack.push(path);
+            } else if kind.is_file() {
+                let bytes = std::fs::read(&path).unwrap();
+                if needles
+                    .iter()
+                    .any(|n| bytes.windows(n.len()).any(|w| w == n.as_bytes()))
+                {
+                    found.push(path.strip_prefix(root).unwrap().display().to_string());
+                }
+            }
+        }
+    }
+    found
 }
