@@ -1,6 +1,8 @@
 //! The mapping table in DynamoDB: finding it (by name or through a stack), reading every item,
 //! writing and deleting items.
 
+use std::collections::BTreeMap;
+
 use aws_config::SdkConfig;
 use aws_sdk_dynamodb::Client as Dynamo;
 use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata};
@@ -38,7 +40,7 @@ impl std::fmt::Display for Table {
     }
 }
 
-fn region(sdk: &SdkConfig) -> String {
+pub fn region(sdk: &SdkConfig) -> String {
     sdk.region()
         .map_or_else(|| "(none)".to_owned(), |r| r.to_string())
 }
@@ -102,11 +104,34 @@ pub async fn open(sdk: &SdkConfig, table: &TableRef) -> Result<Table, String> {
     })
 }
 
-/// The table named by a stack: its `MappingTableName` output, else a DynamoDB table resource
-/// with logical id `MappingTable` or (the seed's) `GitLabJobTagsMapping`.
-pub async fn table_of_stack(sdk: &SdkConfig, stack: &str) -> Result<(String, String), String> {
-    let cfn = aws_sdk_cloudformation::Client::new(sdk);
-    let described = cfn
+/// Why a stack's outputs could not be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StackError {
+    /// No such stack in the region (the message names both).
+    NotFound(String),
+    Failed(String),
+}
+
+impl std::fmt::Display for StackError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::NotFound(m) | Self::Failed(m) => f.write_str(m),
+        }
+    }
+}
+
+/// A stack's outputs, key to value (DescribeStacks). Both CLIs find their resources here.
+pub async fn stack_outputs(
+    sdk: &SdkConfig,
+    stack: &str,
+) -> Result<BTreeMap<String, String>, StackError> {
+    let not_found = || {
+        StackError::NotFound(format!(
+            "stack `{stack}` not found in region {}",
+            region(sdk)
+        ))
+    };
+    let described = aws_sdk_cloudformation::Client::new(sdk)
         .describe_stacks()
         .stack_name(stack)
         .send()
@@ -114,34 +139,31 @@ pub async fn table_of_stack(sdk: &SdkConfig, stack: &str) -> Result<(String, Str
         .map_err(|e| {
             let text = DisplayErrorContext(&e).to_string();
             if text.contains("does not exist") {
-                format!("stack `{stack}` not found in region {}", region(sdk))
+                not_found()
             } else {
-                format!("DescribeStacks `{stack}` failed: {text}")
+                StackError::Failed(format!("DescribeStacks `{stack}` failed: {text}"))
             }
         })?;
-    let Some(found) = described.stacks().first() else {
-        return Err(format!(
-            "stack `{stack}` not found in region {}",
-            region(sdk)
-        ));
-    };
-    if let Some(name) = found
+    let found = described.stacks().first().ok_or_else(not_found)?;
+    Ok(found
         .outputs()
         .iter()
-        .find(|o| o.output_key() == Some(STACK_OUTPUT))
-        .and_then(|o| o.output_value())
-        .filter(|v| !v.is_empty())
-    {
+        .filter_map(|o| Some((o.output_key()?.to_owned(), o.output_value()?.to_owned())))
+        .collect())
+}
+
+/// The table named by a stack: its `MappingTableName` output, else a DynamoDB table resource
+/// with logical id `MappingTable` or (the seed's) `GitLabJobTagsMapping`.
+pub async fn table_of_stack(sdk: &SdkConfig, stack: &str) -> Result<(String, String), String> {
+    let found = stack_outputs(sdk, stack).await.map_err(|e| e.to_string())?;
+    if let Some(name) = found.get(STACK_OUTPUT).filter(|v| !v.is_empty()) {
         return Ok((
-            name.to_owned(),
+            name.clone(),
             format!("stack `{stack}`, output {STACK_OUTPUT}"),
         ));
     }
-    let outputs: Vec<&str> = found
-        .outputs()
-        .iter()
-        .filter_map(|o| o.output_key())
-        .collect();
+    let outputs: Vec<&str> = found.keys().map(String::as_str).collect();
+    let cfn = aws_sdk_cloudformation::Client::new(sdk);
 
     let mut tables = Vec::new();
     let mut pages = cfn

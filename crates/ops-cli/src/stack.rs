@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use aws_config::SdkConfig;
-use aws_sdk_cloudformation::error::DisplayErrorContext;
+use mapping_cli::table::StackError;
 use tokio::sync::OnceCell;
 
 use crate::cli::{Failure, Target};
@@ -166,37 +166,12 @@ impl Resolver {
     }
 }
 
-fn region(sdk: &SdkConfig) -> String {
-    sdk.region()
-        .map_or_else(|| "(none)".to_owned(), |r| r.to_string())
-}
-
 async fn outputs_of(sdk: &SdkConfig, stack: &str) -> Result<BTreeMap<String, String>, Failure> {
-    let described = aws_sdk_cloudformation::Client::new(sdk)
-        .describe_stacks()
-        .stack_name(stack)
-        .send()
+    let hint = ": check --stack and AWS_REGION";
+    mapping_cli::table::stack_outputs(sdk, stack)
         .await
-        .map_err(|e| {
-            let text = DisplayErrorContext(&e).to_string();
-            if text.contains("does not exist") {
-                Failure::not_found(format!(
-                    "stack `{stack}` not found in region {}: check --stack and AWS_REGION",
-                    region(sdk)
-                ))
-            } else {
-                Failure::aws(format!("DescribeStacks `{stack}` failed: {text}"))
-            }
-        })?;
-    let Some(found) = described.stacks().first() else {
-        return Err(Failure::not_found(format!(
-            "stack `{stack}` not found in region {}: check --stack and AWS_REGION",
-            region(sdk)
-        )));
-    };
-    Ok(found
-        .outputs()
-        .iter()
-        .filter_map(|o| Some((o.output_key()?.to_owned(), o.output_value()?.to_owned())))
-        .collect())
+        .map_err(|e| match e {
+            StackError::NotFound(m) => Failure::not_found(format!("{m}{hint}")),
+            StackError::Failed(m) => Failure::aws(m),
+        })
 }
