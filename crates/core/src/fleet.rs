@@ -572,22 +572,7 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
             cleanup: cleanup_note(&cleanup),
         });
     }
-    let moved = ports
-        .ledger
-        .record_running(key, runner_id, &instance_id, now_ms)
-        .await
-        .map_err(step("recording the runner on the job's item"))?;
-    if !moved {
-        // The job finished while we launched: its teardown may have found nothing yet.
-        let mut cleanup = remove_runner(ports, runner_id, Some(&instance_id)).await;
-        free_slot_after(ports, key, attempt, &mut cleanup).await;
-        if let Some((what, Err(error))) = cleanup.into_iter().find(|(_, r)| r.is_err()) {
-            return Err(ProvisionError::Step {
-                what,
-                error,
-                cleanup: "; the job finished while its runner was being provisioned".into(),
-            });
-        }
+    if !record_running_or_undo(ports, key, attempt, runner_id, &instance_id, now_ms).await? {
         return Ok(Provisioned::FinishedMeanwhile {
             instance_id,
             runner_id,
@@ -600,6 +585,43 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         market,
         failed_attempts,
     })
+}
+
+/// Moves the job to `running` with the runner on `host` (an instance or a Lambda host). If the
+/// job finished meanwhile (its teardown may have found nothing yet), removes what was made
+/// again: the runner, its instance and slot, its parameter; then `Ok(false)`.
+pub(crate) async fn record_running_or_undo<
+    F: Fleet,
+    V: TokenVault,
+    A: RunnerApi,
+    L: RunnerLedger,
+    S: SlotStore,
+>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    key: JobKey,
+    attempt: u32,
+    runner_id: u64,
+    host: &str,
+    now_ms: u64,
+) -> Result<bool, ProvisionError> {
+    let moved = ports
+        .ledger
+        .record_running(key, runner_id, host, now_ms)
+        .await
+        .map_err(step("recording the runner on the job's item"))?;
+    if moved {
+        return Ok(true);
+    }
+    let mut cleanup = remove_runner(ports, runner_id, Some(host)).await;
+    free_slot_after(ports, key, attempt, &mut cleanup).await;
+    match cleanup.into_iter().find(|(_, r)| r.is_err()) {
+        Some((what, Err(error))) => Err(ProvisionError::Step {
+            what,
+            error,
+            cleanup: "; the job finished while its runner was being provisioned".into(),
+        }),
+        _ => Ok(false),
+    }
 }
 
 /// Registers a runner the moment it exists, then puts its token in the parameter of its

@@ -23,8 +23,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::fleet::{
     Fleet, FleetPorts, FleetSettings, ProvisionError, RunnerApi, RunnerEntry, RunnerLedger,
-    RunnerRequest, TokenVault, Waiting, cleanup_note, register_and_store, remove_runner, step,
-    wait_if_drained,
+    RunnerRequest, TokenVault, Waiting, cleanup_note, record_running_or_undo, register_and_store,
+    remove_runner, step, wait_if_drained,
 };
 use crate::hook::JobEvent;
 use crate::jobs::{JobKey, JobPhase};
@@ -201,20 +201,7 @@ where
             cleanup: cleanup_note(&cleanup),
         });
     }
-    let moved = ports
-        .ledger
-        .record_running(key, runner_id, &host, now_ms)
-        .await
-        .map_err(step("recording the runner on the job's item"))?;
-    if !moved {
-        let cleanup = remove_runner(ports, runner_id, Some(&host)).await;
-        if let Some((what, Err(error))) = cleanup.into_iter().find(|(_, r)| r.is_err()) {
-            return Err(ProvisionError::Step {
-                what,
-                error,
-                cleanup: "; the job finished while its runner was being made".into(),
-            });
-        }
+    if !record_running_or_undo(ports, key, attempt, runner_id, &host, now_ms).await? {
         return Ok(RunnerGrant::FinishedMeanwhile { runner_id });
     }
     Ok(RunnerGrant::PerJob {
