@@ -446,7 +446,7 @@ fn webhook_letter(letter: &mut SetAside, parsed: Option<Value>) {
     );
     letter.delivery_id = Some(dead.delivery_id);
     letter.replay = Replay::No {
-        why: "the webhook could not use this hook, so there is nothing to forward: fix the cause (the reason says it), then resend the hook from its webhook's Recent events in GitLab".into(),
+        why: "the webhook could not use this hook, so there is nothing to forward: fix the cause (the reason says it); the reconciler provisions a job GitLab still lists as pending without the hook (a Resend from the webhook's Recent events in GitLab only makes it sooner)".into(),
     };
 }
 
