@@ -11,6 +11,7 @@ use serde_json::Value;
 use crate::jobs::{JobKey, JobPhase};
 use crate::jobs_table::{self, attr};
 use crate::reconcile::{JobRecord, provision_execution_name};
+use crate::slots::{HeldSlot, SlotCaps, SlotUsage};
 use crate::webhook::{DEAD_LETTER_DETAIL_TYPE, DeadLetter, JOB_EVENT_DETAIL_TYPE, QueuedHook};
 
 fn number(item: &Value, name: &str) -> Option<u64> {
@@ -159,6 +160,69 @@ pub fn summarize(jobs: &[JobView]) -> Summary {
         .min_by_key(|j| (j.pending_since_ms.unwrap_or(u64::MAX), by_key(j)))
         .cloned();
     summary
+}
+
+/// The runner slots as `status` shows them: per scope (the stack, each project that holds a
+/// slot or counts one) the counter, the slot items it counts, and the cap. A counter that
+/// differs from its items is a leak the reaper gives back (see [`crate::slots`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct SlotView {
+    pub caps: SlotCaps,
+    pub global: SlotScope,
+    pub projects: Vec<(u64, SlotScope)>,
+    /// When the oldest slot item was taken (or last found in use by a provision).
+    pub oldest_taken_at_ms: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct SlotScope {
+    /// The counter's value (what the caps are checked against).
+    pub used: u32,
+    /// The slot items it counts.
+    pub items: u32,
+}
+
+impl SlotScope {
+    pub fn agrees(&self) -> bool {
+        self.used == self.items
+    }
+}
+
+pub fn slot_view(caps: SlotCaps, held: &[HeldSlot], usage: &SlotUsage) -> SlotView {
+    let mut projects: BTreeMap<u64, SlotScope> = usage
+        .per_project
+        .iter()
+        .map(|(p, used)| {
+            (
+                *p,
+                SlotScope {
+                    used: *used,
+                    items: 0,
+                },
+            )
+        })
+        .collect();
+    for slot in held {
+        projects.entry(slot.job.project_id).or_default().items += 1;
+    }
+    SlotView {
+        caps,
+        global: SlotScope {
+            used: usage.global,
+            items: u32::try_from(held.len()).unwrap_or(u32::MAX),
+        },
+        projects: projects.into_iter().collect(),
+        oldest_taken_at_ms: held.iter().map(|s| s.taken_at_ms).min(),
+    }
+}
+
+/// The projects whose counters `status` reads: those holding a slot item. (A project counter
+/// above 0 without any item shows only in the stack's counter disagreeing with its items.)
+pub fn slot_projects(held: &[HeldSlot]) -> Vec<u64> {
+    let mut projects: Vec<u64> = held.iter().map(|s| s.job.project_id).collect();
+    projects.sort_unstable();
+    projects.dedup();
+    projects
 }
 
 /// What `retry` does for a job.
@@ -470,6 +534,35 @@ mod tests {
             attempt_started_at_ms: Some(started),
             ..JobRecord::default()
         }
+    }
+
+    #[test]
+    fn a_slot_view_counts_items_per_scope_and_shows_a_counter_that_disagrees() {
+        let held = |project_id, job_id, taken_at_ms| HeldSlot {
+            job: JobKey { project_id, job_id },
+            attempt: 1,
+            taken_at_ms,
+        };
+        let slots = [held(7, 1, 500), held(7, 2, 300), held(9, 3, 400)];
+        assert_eq!(slot_projects(&slots), [7, 9]);
+        // Project 9's counter says 2 for its one item: a leak.
+        let usage = SlotUsage {
+            global: 4,
+            per_project: [(7, 2), (9, 2)].into(),
+        };
+        let view = slot_view(SlotCaps::from_values(10, 0), &slots, &usage);
+        assert_eq!(view.global, SlotScope { used: 4, items: 3 });
+        assert!(!view.global.agrees());
+        assert_eq!(
+            view.projects,
+            [
+                (7, SlotScope { used: 2, items: 2 }),
+                (9, SlotScope { used: 2, items: 1 })
+            ]
+        );
+        assert_eq!(view.oldest_taken_at_ms, Some(300));
+        assert_eq!(view.caps.global, Some(10));
+        assert_eq!(view.caps.per_project, None);
     }
 
     #[test]

@@ -537,6 +537,18 @@ impl GitLabJobState {
     }
 }
 
+/// Whether a teardown execution's name is one of the job's: the router's own
+/// ([`JobKey::execution_name`]) or one a reconciler pass gave it ([`teardown_execution_name`]).
+pub fn is_teardown_execution_of(key: JobKey, name: &str) -> bool {
+    let base = key.execution_name(Workflow::Teardown);
+    let short = format!("p{}-j{}-td-", key.project_id, key.job_id);
+    name == base
+        || name
+            .strip_prefix(&base)
+            .is_some_and(|rest| rest.starts_with('-'))
+        || name.starts_with(&short)
+}
+
 /// The teardown workflow's execution name for a lost finished hook, from GitLab's answer:
 /// deterministic (two passes start one execution), and never the router's own name (which a
 /// forged hook may have taken first).
@@ -993,9 +1005,21 @@ mod tests {
             },
             runner_id: Some(u64::MAX),
             status: JobStatus::Canceled,
-            ..job
+            ..job.clone()
         };
         assert!(teardown_execution_name(&big).len() <= 80);
+        // `runner-ops job` finds each of them, and no other job's.
+        for (job, name) in [
+            (&job, teardown_execution_name(&job)),
+            (&none, teardown_execution_name(&none)),
+            (&big, teardown_execution_name(&big)),
+            (&job, job.key.execution_name(Workflow::Teardown)),
+        ] {
+            assert!(is_teardown_execution_of(job.key, &name), "{name}");
+        }
+        assert!(!is_teardown_execution_of(key(3), "p7-j31-teardown"));
+        assert!(!is_teardown_execution_of(key(3), "p7-j3-teardownx"));
+        assert!(!is_teardown_execution_of(key(3), "p7-j3-provision"));
     }
 
     #[test]

@@ -72,6 +72,15 @@ pub struct Target {
     /// The router function (output RouterFunctionName)
     #[arg(long, value_name = "NAME", global = true)]
     pub router_function: Option<String>,
+    /// The runner slots table (output SlotsTableName)
+    #[arg(long, value_name = "NAME", global = true)]
+    pub slots_table: Option<String>,
+    /// The stack's instance cap, 0 for none (output InstanceCap)
+    #[arg(long, value_name = "N", global = true)]
+    pub instance_cap: Option<String>,
+    /// The per-project instance cap, 0 for none (output InstanceCapPerProject)
+    #[arg(long, value_name = "N", global = true)]
+    pub instance_cap_per_project: Option<String>,
     /// The stack name the instances are tagged with (ephemeral-runners:managed-by); default:
     /// --stack
     #[arg(long, value_name = "STACK", global = true)]

@@ -4,9 +4,9 @@ use std::fmt::Write as _;
 
 use aws_sdk_sfn::error::DisplayErrorContext;
 use ephemeral_core::fleet::{InstanceQuery, RunnerLedger};
-use ephemeral_core::jobs::{JobKey, Workflow};
+use ephemeral_core::jobs::JobKey;
 use ephemeral_core::jobs_table::{self, KEY};
-use ephemeral_core::reconcile::provision_execution_name;
+use ephemeral_core::reconcile::{is_teardown_execution_of, provision_execution_name};
 use serde_json::{Map, Value, json};
 
 use crate::Outcome;
@@ -107,6 +107,45 @@ pub async fn describe(
     }
 }
 
+/// How many of the teardown workflow's executions, newest first, `job` looks through: a
+/// reconciler's teardown is named after what GitLab answered (status, runner), which the
+/// stack does not record, so its name is found by listing, not derived.
+pub const TEARDOWN_LISTED: usize = 10_000;
+
+/// The job's teardown executions: the router's and any a reconciler pass started, oldest
+/// first, among the newest [`TEARDOWN_LISTED`].
+pub async fn teardown_names(
+    ctx: &Context<'_>,
+    state_machine_arn: &str,
+    key: JobKey,
+) -> Result<Vec<String>, Failure> {
+    let mut pages = aws_sdk_sfn::Client::new(ctx.sdk)
+        .list_executions()
+        .state_machine_arn(state_machine_arn)
+        .max_results(1000)
+        .into_paginator()
+        .items()
+        .send();
+    let mut names = Vec::new();
+    let mut listed = 0;
+    while listed < TEARDOWN_LISTED
+        && let Some(execution) = pages.next().await
+    {
+        listed += 1;
+        let execution = execution.map_err(|e| {
+            Failure::aws(format!(
+                "ListExecutions of the teardown workflow failed: {}",
+                DisplayErrorContext(&e)
+            ))
+        })?;
+        if is_teardown_execution_of(key, execution.name()) {
+            names.push(execution.name().to_owned());
+        }
+    }
+    names.reverse();
+    Ok(names)
+}
+
 /// How an attribute reads: ms and s times also as UTC.
 fn attribute_text(name: &str, value: &Value, now_ms: u64) -> String {
     let raw = match value {
@@ -150,9 +189,10 @@ pub async fn job(out: &mut Outcome, ctx: &Context<'_>, key: JobKey) -> Result<u8
         }
     }
     if let Some(arn) = &teardown {
-        let name = key.execution_name(Workflow::Teardown);
-        if let Some(e) = describe(ctx, "teardown", arn, &name).await? {
-            executions.push(e);
+        for name in teardown_names(ctx, arn, key).await? {
+            if let Some(e) = describe(ctx, "teardown", arn, &name).await? {
+                executions.push(e);
+            }
         }
     }
     let instances = match ctx.stack.managed_by() {

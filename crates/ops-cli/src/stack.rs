@@ -22,6 +22,9 @@ pub enum Resource {
     WebhookDeadLetters,
     IntakeQueue,
     RouterFunction,
+    SlotsTable,
+    InstanceCap,
+    InstanceCapPerProject,
 }
 
 impl Resource {
@@ -37,6 +40,9 @@ impl Resource {
             Self::WebhookDeadLetters => "DeadLetterQueueUrl",
             Self::IntakeQueue => "IntakeFallbackQueueUrl",
             Self::RouterFunction => "RouterFunctionName",
+            Self::SlotsTable => "SlotsTableName",
+            Self::InstanceCap => "InstanceCap",
+            Self::InstanceCapPerProject => "InstanceCapPerProject",
         }
     }
 
@@ -51,6 +57,9 @@ impl Resource {
             Self::WebhookDeadLetters => "--webhook-dlq URL",
             Self::IntakeQueue => "--intake-queue URL",
             Self::RouterFunction => "--router-function NAME",
+            Self::SlotsTable => "--slots-table NAME",
+            Self::InstanceCap => "--instance-cap N",
+            Self::InstanceCapPerProject => "--instance-cap-per-project N",
         }
     }
 
@@ -65,6 +74,9 @@ impl Resource {
             Self::WebhookDeadLetters => "the webhook's dead-letter queue",
             Self::IntakeQueue => "the intake fallback queue",
             Self::RouterFunction => "the router function",
+            Self::SlotsTable => "the runner slots table",
+            Self::InstanceCap => "the stack's instance cap (0: none)",
+            Self::InstanceCapPerProject => "the per-project instance cap (0: none)",
         }
     }
 }
@@ -89,6 +101,9 @@ impl From<&Target> for Overrides {
             (Resource::WebhookDeadLetters, &t.webhook_dlq),
             (Resource::IntakeQueue, &t.intake_queue),
             (Resource::RouterFunction, &t.router_function),
+            (Resource::SlotsTable, &t.slots_table),
+            (Resource::InstanceCap, &t.instance_cap),
+            (Resource::InstanceCapPerProject, &t.instance_cap_per_project),
         ];
         Self {
             stack: t.stack.clone(),
@@ -139,6 +154,16 @@ impl Resolver {
     /// The same, `None` when neither the flag nor a stack was given (a part a command can do
     /// without). A stack without the output is an error all the same.
     pub async fn find(&self, resource: Resource) -> Result<Option<String>, Failure> {
+        self.lookup(resource, false).await
+    }
+
+    /// The same, `None` also when the stack has no such output: for a part a stack deployed
+    /// before the output existed can do without.
+    pub async fn find_if_output(&self, resource: Resource) -> Result<Option<String>, Failure> {
+        self.lookup(resource, true).await
+    }
+
+    async fn lookup(&self, resource: Resource, absent_ok: bool) -> Result<Option<String>, Failure> {
         if let Some(value) = self.overrides.values.get(resource.output()) {
             return Ok(Some(value.clone()));
         }
@@ -151,6 +176,7 @@ impl Resolver {
             .await?;
         match outputs.get(resource.output()).filter(|v| !v.is_empty()) {
             Some(value) => Ok(Some(value.clone())),
+            None if absent_ok => Ok(None),
             None => Err(Failure::usage(format!(
                 "stack `{stack}` has no output {} (its outputs: {}): deploy the current template.yaml, or name {} with {}",
                 resource.output(),

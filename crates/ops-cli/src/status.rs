@@ -6,7 +6,12 @@ use aws_sdk_dynamodb::error::DisplayErrorContext;
 use ephemeral_core::drain::Drain;
 use ephemeral_core::fleet::{Fleet, Instance, InstanceQuery, RunnerEntry, RunnerLedger};
 use ephemeral_core::jobs_table::{self, DRAIN_KEY};
-use ephemeral_core::ops::{JobView, Summary, job_view, summarize};
+use ephemeral_core::ops::{
+    JobView, SlotScope, SlotView, Summary, job_view, slot_projects, slot_view, summarize,
+};
+use ephemeral_core::slots::{SlotCaps, SlotStore};
+use ephemeral_core::webhook::PortError;
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::Outcome;
@@ -78,6 +83,81 @@ pub async fn instances(
         .await
         .map_err(|e| Failure::aws(e.to_string()))
 }
+
+/// The runner slots: the counters the caps are checked against and the slot items they
+/// count, through the functions' own adapter. `None` when the table is not named.
+pub async fn slots(ctx: &Context<'_>) -> Result<Option<Slots>, Failure> {
+    let Some(table) = ctx.stack.find_if_output(Resource::SlotsTable).await? else {
+        return Ok(None);
+    };
+    let global = cap(ctx, Resource::InstanceCap).await?;
+    let per_project = cap(ctx, Resource::InstanceCapPerProject).await?;
+    let caps = SlotCaps::from_values(global.unwrap_or(0), per_project.unwrap_or(0));
+    let store = fleet::slots::DynamoSlots {
+        client: aws_sdk_dynamodb::Client::new(ctx.sdk),
+        table: table.clone(),
+    };
+    let failed = |e: PortError| Failure::aws(format!("the slots table `{table}`: {e}"));
+    let held = store.held().await.map_err(failed)?;
+    let usage = store.usage(&slot_projects(&held)).await.map_err(failed)?;
+    Ok(Some(Slots {
+        view: slot_view(caps, &held, &usage),
+        caps_known: global.is_some() && per_project.is_some(),
+        table,
+    }))
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Slots {
+    pub table: String,
+    pub view: SlotView,
+    /// False when neither a flag nor the stack gave the caps (a stack deployed before the
+    /// outputs existed): `view.caps` then shows none.
+    pub caps_known: bool,
+}
+
+/// A cap as deployed (0: none); `None` when neither the flag nor the stack's output gives it.
+async fn cap(ctx: &Context<'_>, resource: Resource) -> Result<Option<u32>, Failure> {
+    let Some(text) = ctx.stack.find_if_output(resource).await? else {
+        return Ok(None);
+    };
+    text.trim().parse().map(Some).map_err(|_| {
+        Failure::usage(format!(
+            "{} is `{text}`, not a number: give {}",
+            resource.what(),
+            resource.flag()
+        ))
+    })
+}
+
+pub fn slot_rows(view: &SlotView, caps_known: bool) -> Vec<Vec<String>> {
+    let cap = |c: Option<u32>| match c {
+        _ if !caps_known => "?".to_owned(),
+        Some(c) => c.to_string(),
+        None => "none".to_owned(),
+    };
+    let row = |scope: String, s: &SlotScope, c: Option<u32>| {
+        vec![
+            scope,
+            s.used.to_string(),
+            cap(c),
+            s.items.to_string(),
+            if s.agrees() {
+                "-".to_owned()
+            } else {
+                "counter and items differ: the reaper gives a leaked slot back".to_owned()
+            },
+        ]
+    };
+    std::iter::once(row("stack".to_owned(), &view.global, view.caps.global))
+        .chain(
+            view.projects
+                .iter()
+                .map(|(p, s)| row(format!("project {p}"), s, view.caps.per_project)),
+        )
+        .collect()
+}
+pub const SLOT_HEADER: [&str; 5] = ["SCOPE", "USED", "CAP", "SLOT ITEMS", "NOTE"];
 
 pub fn drain_text(drain: &Drain, now_ms: u64) -> String {
     let mut s = format!("drained since {}", when(drain.since_ms, now_ms));
@@ -179,12 +259,14 @@ pub async fn status(out: &mut Outcome, ctx: &Context<'_>) -> Result<u8, Failure>
         ),
         None => None,
     };
+    let slots = slots(ctx).await?;
     let now = ctx.now_ms;
     if ctx.json {
         print_json(
             out,
             &json!({
                 "jobs_table": jobs_table,
+                "slots": slots,
                 "drained": drain,
                 "jobs": views.len(),
                 "by_phase": summary.by_phase,
@@ -200,6 +282,7 @@ pub async fn status(out: &mut Outcome, ctx: &Context<'_>) -> Result<u8, Failure>
         return Ok(0);
     }
     write_human(out, ctx, &jobs_table, drain.as_ref(), &views, &summary);
+    write_slots(out, slots.as_ref(), now);
     let s = &mut out.stdout;
     match &runners {
         Some(runners) => {
@@ -238,6 +321,40 @@ pub async fn status(out: &mut Outcome, ctx: &Context<'_>) -> Result<u8, Failure>
         }
     }
     Ok(0)
+}
+
+fn write_slots(out: &mut Outcome, slots: Option<&Slots>, now_ms: u64) {
+    let Some(Slots {
+        table: name,
+        view,
+        caps_known,
+    }) = slots
+    else {
+        out.stdout.push_str(
+            "\nrunner slots: not read (name the slots table: --slots-table NAME, or --stack STACK of a stack deployed with its SlotsTableName output)\n",
+        );
+        return;
+    };
+    let _ = writeln!(
+        out.stdout,
+        "\nrunner slots (table {name}): {} in use, {}{}",
+        view.global.used,
+        match view.caps.global {
+            _ if !caps_known => "cap unknown".to_owned(),
+            Some(c) => format!("cap {c}"),
+            None => "no cap".to_owned(),
+        },
+        view.oldest_taken_at_ms.map_or(String::new(), |ms| format!(
+            ", oldest taken {}",
+            when(ms, now_ms)
+        ))
+    );
+    table(out, &SLOT_HEADER, slot_rows(view, *caps_known));
+    if !caps_known {
+        out.stdout.push_str(
+            "  the caps are not known (the stack has no InstanceCap output): deploy the current template.yaml, or give --instance-cap N --instance-cap-per-project N\n",
+        );
+    }
 }
 
 fn write_human(

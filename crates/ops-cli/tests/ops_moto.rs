@@ -24,7 +24,9 @@ use ephemeral_core::fleet::Provisioned;
 use ephemeral_core::hook::{JobEvent, JobStatus};
 use ephemeral_core::jobs::{JobKey, ProvisionOn};
 use ephemeral_core::lambda_runner::RunnerGrant;
-use ephemeral_core::reconcile::{Reason, ReconcileSettings};
+use ephemeral_core::reconcile::{
+    GitLabJobState, Reason, ReconcileSettings, teardown_execution_name,
+};
 use ephemeral_core::slots::CapReached;
 use ephemeral_core::testing::job_event;
 use ephemeral_gitlab::{GitLabClient, RetryPolicy, Secret};
@@ -464,6 +466,8 @@ async fn retry_starts_exactly_one_new_attempt() {
         "{status}"
     );
     assert!(status.contains("NoCapacity"), "{status}");
+    // A stack from before the SlotsTableName output: status works, without the slots.
+    assert!(status.contains("runner slots: not read"), "{status}");
 
     let (code, out, err) = ops(&["--stack", &stack, "retry", "83", "8301"], &[]);
     assert_eq!((code, err.as_str()), (0, ""), "{out}");
@@ -604,6 +608,161 @@ async fn retry_starts_exactly_one_new_attempt() {
     let (code, _, err) = ops(&["--stack", &stack, "retry", "83", "8302"], &[]);
     assert_eq!(code, 2);
     assert!(err.contains("is finished in the jobs table"), "{err}");
+}
+
+/// `status` shows the caps' counters, the slot items they count and a counter that disagrees
+/// (a leak); `job` shows every teardown of the job, the router's and a reconciler pass's
+/// (named after GitLab's answer), and no other job's.
+#[tokio::test]
+async fn status_shows_the_slot_counters_and_job_shows_every_teardown() {
+    let fleet = fleet_stack().await;
+    let sdk = fleet.sdk.clone();
+    let provision = create_state_machine(&sdk, "provision", PASS).await;
+    let teardown = create_state_machine(&sdk, "teardown", PASS).await;
+    let stack = stack_with_outputs(
+        &sdk,
+        &[
+            ("JobsTableName", &fleet.jobs_table),
+            ("RunnersTableName", &fleet.runners_table),
+            ("ProvisionStateMachineArn", &provision),
+            ("TeardownStateMachineArn", &teardown),
+            ("SlotsTableName", &fleet.slots_table),
+            ("InstanceCap", "5"),
+            ("InstanceCapPerProject", "3"),
+        ],
+    )
+    .await;
+    let functions = fleet
+        .functions(&fleet.config(&[
+            ("MAX_RUNNER_INSTANCES", "5"),
+            ("MAX_RUNNER_INSTANCES_PER_PROJECT", "3"),
+        ]))
+        .await;
+    let project = 84;
+    let router = router(&sdk, &fleet.jobs_table, &provision, &teardown);
+    for job_id in [8401, 8402] {
+        let job = job_event(project, job_id, "build", JobStatus::Pending);
+        router.handle(&envelope(&job), now_ms()).await.unwrap();
+        let ProvisionOutput::Ec2(outcome) = step(&functions, &job, ec2_route()).await else {
+            panic!("an EC2 route answers an EC2 outcome")
+        };
+        assert!(
+            matches!(outcome, Provisioned::Launched { .. }),
+            "{outcome:?}"
+        );
+    }
+    let (code, status, _) = ops(&["--stack", &stack, "status"], &[]);
+    assert_eq!(code, 0, "{status}");
+    let slots_line = format!(
+        "runner slots (table {}): 2 in use, cap 5",
+        fleet.slots_table
+    );
+    assert!(status.contains(&slots_line), "{status}");
+    assert!(
+        status.contains("stack       2     5    2           -"),
+        "{status}"
+    );
+    assert!(
+        status.contains("project 84  2     3    2           -"),
+        "{status}"
+    );
+
+    // A leak: the stack's counter counts one more than there are slot items.
+    aws_sdk_dynamodb::Client::new(&sdk)
+        .update_item()
+        .table_name(&fleet.slots_table)
+        .key("slot_key", AttributeValue::S("global".into()))
+        .update_expression("ADD used :one")
+        .expression_attribute_values(":one", AttributeValue::N("1".into()))
+        .send()
+        .await
+        .unwrap();
+    let (_, status, _) = ops(&["--stack", &stack, "status"], &[]);
+    assert!(
+        status.contains("stack       3     5    2           counter and items differ"),
+        "{status}"
+    );
+    let (_, json_out, _) = ops(&["--stack", &stack, "status", "--json"], &[]);
+    let v = json_of(&json_out);
+    assert_eq!(v["slots"]["view"]["global"], json!({"used": 3, "items": 2}));
+    assert_eq!(
+        v["slots"]["view"]["caps"],
+        json!({"global": 5, "per_project": 3})
+    );
+    assert_eq!(
+        v["slots"]["view"]["projects"][0],
+        json!([84, {"used": 2, "items": 2}])
+    );
+    assert_eq!(v["slots"]["caps_known"], true);
+    // Named by flag without the caps: they are said to be unknown, not absent.
+    let (code, status, _) = ops(
+        &[
+            "--jobs-table",
+            &fleet.jobs_table,
+            "--slots-table",
+            &fleet.slots_table,
+            "status",
+        ],
+        &[],
+    );
+    assert_eq!(code, 0);
+    assert!(status.contains("3 in use, cap unknown"), "{status}");
+    assert!(status.contains("the caps are not known"), "{status}");
+    let (code, _, err) = ops(
+        &["--stack", &stack, "--instance-cap", "five", "status"],
+        &[],
+    );
+    assert_eq!(code, 2);
+    assert!(
+        err.contains("the stack's instance cap (0: none) is `five`, not a number"),
+        "{err}"
+    );
+
+    // The router's teardown of job 8401, a reconciler pass's (its name from GitLab's answer),
+    // and job 8402's, which is not 8401's history.
+    let done = job_event(project, 8401, "build", JobStatus::Success);
+    router.handle(&envelope(&done), now_ms()).await.unwrap();
+    let lost_finish = |job_id, runner_id| GitLabJobState {
+        key: JobKey {
+            project_id: project,
+            job_id,
+        },
+        name: "build".into(),
+        status: JobStatus::Failed,
+        runner_id: Some(runner_id),
+        pipeline_id: Some(900),
+    };
+    let sfn = aws_sdk_sfn::Client::new(&sdk);
+    for job in [lost_finish(8401, 77), lost_finish(8402, 78)] {
+        sfn.start_execution()
+            .state_machine_arn(&teardown)
+            .name(teardown_execution_name(&job))
+            .input(json!({"job": job.to_event(now_ms())}).to_string())
+            .send()
+            .await
+            .unwrap();
+    }
+    let (code, history, _) = ops(&["--stack", &stack, "job", "84", "8401"], &[]);
+    assert_eq!(code, 0, "{history}");
+    for expected in [
+        "teardown   p84-j8401-teardown ",
+        "teardown   p84-j8401-teardown-failed-r77",
+    ] {
+        assert!(history.contains(expected), "{expected}: {history}");
+    }
+    assert!(!history.contains("p84-j8402"), "{history}");
+    let (_, history_json, _) = ops(&["--stack", &stack, "job", "84", "8401", "--json"], &[]);
+    let names: Vec<_> = json_of(&history_json)["executions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["workflow"] == "teardown")
+        .map(|e| e["name"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        names,
+        ["p84-j8401-teardown", "p84-j8401-teardown-failed-r77"]
+    );
 }
 
 /// A queue; its URL.
