@@ -135,7 +135,7 @@ pub async fn fleet_stack_in(sdk: aws_config::SdkConfig) -> FleetStack {
         runners_table: create_table(&sdk, "runners", "runner_id", None).await,
         leases_table: create_table(&sdk, "leases", "lease_name", None).await,
         slots_table: create_table(&sdk, "slots", "slot_key", None).await,
-        gitlab: RunnerApiStandIn::start(API_TOKEN, first_id),
+        gitlab: RunnerApiStandIn::start(API_TOKEN, first_id).await,
         prefix: format!("/{name}/runner-tokens"),
         subnets,
         api_token_parameter,

@@ -1,6 +1,8 @@
 //! Loopback servers for the fleet tests: a stand-in for GitLab's runner API that keeps state
-//! and records every call, and a fault-injecting proxy in front of moto. Both answer one
-//! request per connection (`Connection: close`) on a thread that ends with the test process.
+//! and records every call (on `wiremock`), and a fault-injecting proxy in front of moto (AWS
+//! errors as the SDK gets them on the wire, also for functions run as processes), which
+//! answers one request per connection (`Connection: close`) on a thread that ends with the
+//! test process.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead as _, BufReader, Read as _, Write as _};
@@ -120,32 +122,68 @@ pub struct RunnerApiState {
 /// /api/v4/runners/:id/jobs` lists one running job when the runner is marked busy, `GET
 /// /api/v4/projects/:id/jobs/:job_id` answers from `jobs` (status and runner). Requests
 /// without the expected `PRIVATE-TOKEN` get 401.
+///
+/// A `wiremock` server with one stateful responder, the way `gitlab-runner-mock` builds its
+/// GitLab: wiremock serves on a thread of its own, so a test may block on a child process
+/// that calls it. Dropping the stand-in stops the server.
 pub struct RunnerApiStandIn {
     pub url: String,
     pub state: Arc<Mutex<RunnerApiState>>,
+    _server: wiremock::MockServer,
+}
+
+/// The stand-in's one responder: every request, answered from the shared state.
+struct Stateful {
+    state: Arc<Mutex<RunnerApiState>>,
+    api_token: String,
+}
+
+impl wiremock::Respond for Stateful {
+    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let request = Request::from(request);
+        let (status, body) = answer(&mut self.state.lock().unwrap(), &request, &self.api_token);
+        wiremock::ResponseTemplate::new(status).set_body_raw(body, "application/json")
+    }
+}
+
+impl From<&wiremock::Request> for Request {
+    fn from(r: &wiremock::Request) -> Self {
+        let target = match r.url.query() {
+            Some(query) => format!("{}?{query}", r.url.path()),
+            None => r.url.path().to_owned(),
+        };
+        Self {
+            method: r.method.to_string(),
+            target,
+            headers: r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or_default().to_owned()))
+                .collect(),
+            body: r.body.clone(),
+        }
+    }
 }
 
 impl RunnerApiStandIn {
-    pub fn start(api_token: &str, first_id: u64) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+    pub async fn start(api_token: &str, first_id: u64) -> Self {
+        let server = wiremock::MockServer::start().await;
         let state = Arc::new(Mutex::new(RunnerApiState {
             next_id: first_id,
             ..Default::default()
         }));
-        let shared = state.clone();
-        let api_token = api_token.to_owned();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let Some(request) = read_request(&stream) else {
-                    continue;
-                };
-                let (status, body) = answer(&mut shared.lock().unwrap(), &request, &api_token);
-                respond(&stream, status, "application/json", &body);
-            }
-        });
-        Self { url, state }
+        wiremock::Mock::given(wiremock::matchers::any())
+            .respond_with(Stateful {
+                state: state.clone(),
+                api_token: api_token.to_owned(),
+            })
+            .mount(&server)
+            .await;
+        Self {
+            url: server.uri(),
+            state,
+            _server: server,
+        }
     }
 
     pub fn state(&self) -> std::sync::MutexGuard<'_, RunnerApiState> {
