@@ -504,62 +504,81 @@ async fn apply(
     let table = table::open(sdk, table).await?;
     let items = table.scan().await?;
     let plan = plan::plan(&rules, &items);
-    let deletes = if opts.prune {
-        plan.only_in_table.len()
-    } else {
-        0
-    };
-    let changed = plan.add.len() + plan.change.len() + deletes;
-
     if !opts.dry_run {
-        // Valid file, so every write is a valid item. Each write is idempotent: after a
-        // failure, running apply again finishes the job and skips what is done.
-        let mut done = 0;
-        let failed = |e: String, done: usize| {
-            format!(
-                "{e}\n{done} of {changed} writes were done before it; run apply again to finish (it skips what is already done)"
-            )
-        };
-        for item in plan.add.iter().chain(plan.change.iter().map(|c| &c.item)) {
-            table.put(item).await.map_err(|e| failed(e, done))?;
+        write_plan(&table, &plan, opts.prune).await?;
+    }
+    if opts.json {
+        apply_json(out, &table.name, &label, &plan, &opts);
+    } else {
+        apply_report(out, &table, &plan, &opts);
+    }
+    Ok(0)
+}
+
+/// How many writes the plan makes: adds, updates, and (with `--prune`) deletes.
+fn changed_count(plan: &Plan, prune: bool) -> usize {
+    plan.add.len() + plan.change.len() + if prune { plan.only_in_table.len() } else { 0 }
+}
+
+/// The plan's writes. The file was valid, so every write is a valid item. Each write is
+/// idempotent: after a failure, running apply again finishes the job and skips what is done.
+async fn write_plan(table: &table::Table, plan: &Plan<'_>, prune: bool) -> Result<(), String> {
+    let changed = changed_count(plan, prune);
+    let mut done = 0;
+    let failed = |e: String, done: usize| {
+        format!(
+            "{e}\n{done} of {changed} writes were done before it; run apply again to finish (it skips what is already done)"
+        )
+    };
+    for item in plan.add.iter().chain(plan.change.iter().map(|c| &c.item)) {
+        table.put(item).await.map_err(|e| failed(e, done))?;
+        done += 1;
+    }
+    if prune {
+        for item in &plan.only_in_table {
+            table
+                .delete(&item.pk, &item.sk)
+                .await
+                .map_err(|e| failed(e, done))?;
             done += 1;
         }
-        if opts.prune {
-            for item in &plan.only_in_table {
-                table
-                    .delete(&item.pk, &item.sk)
-                    .await
-                    .map_err(|e| failed(e, done))?;
-                done += 1;
-            }
-        }
     }
+    Ok(())
+}
 
-    if opts.json {
-        let keys = |items: Vec<(String, String)>| -> Vec<Value> {
-            items
-                .into_iter()
-                .map(|(pk, sk)| json!({"pk": pk, "sk": sk}))
-                .collect()
-        };
-        print_json(
-            out,
-            &json!({
-                "table": table.name,
-                "file": label,
-                "dry_run": opts.dry_run,
-                "changed": changed,
-                "added": keys(plan.add.iter().map(item_key).collect()),
-                "updated": plan.change.iter().map(|c| json!({"pk": c.pk, "sk": c.sk,
-                    "attributes": c.changes.iter().map(|a| a.attribute.clone()).collect::<Vec<_>>()})).collect::<Vec<_>>(),
-                "deleted": if opts.prune { keys(plan.only_in_table.iter().map(|i| (i.pk.clone(), i.sk.clone())).collect()) } else { vec![] },
-                "kept": if opts.prune { vec![] } else { keys(plan.only_in_table.iter().map(|i| (i.pk.clone(), i.sk.clone())).collect()) },
-                "unchanged": plan.unchanged,
-            }),
-        );
-        return Ok(0);
-    }
+fn apply_json(out: &mut Outcome, table: &str, label: &str, plan: &Plan, opts: &ApplyOptions) {
+    let keys = |items: Vec<(String, String)>| -> Vec<Value> {
+        items
+            .into_iter()
+            .map(|(pk, sk)| json!({"pk": pk, "sk": sk}))
+            .collect()
+    };
+    let only_in_table = || {
+        keys(
+            plan.only_in_table
+                .iter()
+                .map(|i| (i.pk.clone(), i.sk.clone()))
+                .collect(),
+        )
+    };
+    print_json(
+        out,
+        &json!({
+            "table": table,
+            "file": label,
+            "dry_run": opts.dry_run,
+            "changed": changed_count(plan, opts.prune),
+            "added": keys(plan.add.iter().map(item_key).collect()),
+            "updated": plan.change.iter().map(|c| json!({"pk": c.pk, "sk": c.sk,
+                "attributes": c.changes.iter().map(|a| a.attribute.clone()).collect::<Vec<_>>()})).collect::<Vec<_>>(),
+            "deleted": if opts.prune { only_in_table() } else { vec![] },
+            "kept": if opts.prune { vec![] } else { only_in_table() },
+            "unchanged": plan.unchanged,
+        }),
+    );
+}
 
+fn apply_report(out: &mut Outcome, table: &table::Table, plan: &Plan, opts: &ApplyOptions) {
     let (added, updated) = if opts.dry_run {
         ("would add     ", "would update  ")
     } else {
@@ -584,7 +603,7 @@ async fn apply(
             let _ = writeln!(s, "would delete  {}", item.key_text());
         }
     } else {
-        write_only_in_table(s, &plan, action);
+        write_only_in_table(s, plan, action);
     }
     let kept = if opts.prune || plan.only_in_table.is_empty() {
         String::new()
@@ -594,25 +613,30 @@ async fn apply(
             plan.only_in_table.len()
         )
     };
+    let deletes = if opts.prune {
+        plan.only_in_table.len()
+    } else {
+        0
+    };
+    let changed = changed_count(plan, opts.prune);
     let counts = format!(
         "{} added, {} updated, {deletes} deleted",
         plan.add.len(),
         plan.change.len()
     );
-    if opts.dry_run {
-        let _ = writeln!(
+    let _ = if opts.dry_run {
+        writeln!(
             s,
             "dry run, nothing written: {table} would get {changed} changed ({counts}), {} unchanged{kept}",
             plan.unchanged
-        );
+        )
     } else {
-        let _ = writeln!(
+        writeln!(
             s,
             "{table}: {changed} changed ({counts}), {} unchanged{kept}",
             plan.unchanged
-        );
-    }
-    Ok(0)
+        )
+    };
 }
 
 fn entry_columns(e: &RegistryEntry) -> [String; 4] {
