@@ -75,8 +75,48 @@ UNUSED_HANDLER_PERMISSIONS: dict[str, dict[str, list[str]]] = {
         "Layers": ["lambda:GetLayerVersion"],
         "CapacityProviderConfig": ["lambda:PassCapacityProvider"],
     },
+    # The baked runner AMI (RunnerAmiRecipe): no KMS key, no S3 component document, no
+    # launch template, no SNS notification, no image scanning.
+    "AWS::ImageBuilder::Component": {
+        "KmsKeyId": [
+            "kms:Decrypt", "kms:Encrypt", "kms:GenerateDataKey", "kms:GenerateDataKeyPair",
+            "kms:GenerateDataKeyPairWithoutPlaintext", "kms:GenerateDataKeyWithoutPlaintext",
+        ],
+        "Uri": ["s3:GetBucketLocation", "s3:HeadBucket"],
+    },
+    "AWS::ImageBuilder::DistributionConfiguration": {
+        "Distributions.LaunchTemplateConfigurations": [
+            "ec2:CreateLaunchTemplateVersion", "ec2:DescribeLaunchTemplates",
+            "ec2:ModifyLaunchTemplate",
+        ],
+    },
+    "AWS::ImageBuilder::InfrastructureConfiguration": {
+        "SnsTopicArn": ["sns:Publish"],
+    },
+    "AWS::ImageBuilder::ImagePipeline": {
+        "ImageScanningConfiguration": [
+            "ecr:BatchGetRepositoryScanningConfiguration", "inspector2:BatchGetAccountStatus",
+        ],
+    },
     "AWS::Lambda::EventSourceMapping": {
         "KmsKeyArn": ["kms:Decrypt", "kms:DescribeKey", "kms:GenerateDataKey"],
+    },
+    "AWS::S3::Bucket": {
+        # S3 Metadata tables (the cache bucket has none).
+        "MetadataTableConfiguration": [
+            "s3:CreateBucketMetadataTableConfiguration",
+            "s3:DeleteBucketMetadataTableConfiguration",
+            "s3:GetBucketMetadataTableConfiguration",
+        ],
+        "MetadataConfiguration": [
+            "s3:UpdateBucketMetadataAnnotationTableConfiguration",
+            "s3:UpdateBucketMetadataInventoryTableConfiguration",
+            "s3:UpdateBucketMetadataJournalTableConfiguration",
+            "s3tables:CreateNamespace", "s3tables:CreateTable", "s3tables:CreateTableBucket",
+            "s3tables:GetTable", "s3tables:GetTableMetadataLocation",
+            "s3tables:PutTableBucketPolicy", "s3tables:PutTableEncryption",
+            "s3tables:PutTablePolicy", "s3tables:UpdateTableMetadataLocation",
+        ],
     },
     "AWS::Logs::LogGroup": {
         # Not IAM actions of a log group's own: delivery to Firehose, and an S3 REST verb
@@ -324,6 +364,8 @@ FULLEST_CONFIGURATION = {
     "ShellRunnerTokenParameterName": "/ephemeral-runners/gitlab/shell-runner-token",
     "DefaultLambdaArn": "arn:aws:lambda:us-east-1:123456789012:function:shell-runner",
     "RunnerFunctionArns": "arn:aws:lambda:us-east-1:123456789012:function:shell-runner-big",
+    # Both baked runner AMI pipelines (Image Builder).
+    "RunnerAmiRecipe": "both",
 }
 
 

@@ -2,9 +2,10 @@
 # User-data of a per-job EC2 runner, rendered by ephemeral_core::ec2::render_user_data.
 # It holds no secret: the runner token waits in SSM under {{TOKEN_PARAMETER_PREFIX}}/<this
 # instance's id>, readable and deletable only by this instance, and is deleted once read.
-# AMI requirements (docs/ec2-runners.md): the AWS CLI v2, curl, sha256sum and systemd;
-# gitlab-runner {{RUNNER_VERSION}} and (docker executor, or a privileged shell route) docker
-# are installed when missing.
+# AMI requirements (docs/ec2-runners.md): curl, sha256sum and systemd; gitlab-runner
+# {{RUNNER_VERSION}}, the AWS CLI and (docker executor, or a privileged shell route) docker
+# are installed when missing: a baked AMI (template.yaml RunnerAmiRecipe) has them all, and
+# then nothing is downloaded or installed.
 # Whatever happens, the instance shuts down at the end (shutdown behaviour: terminate).
 set -uo pipefail
 trap 'shutdown -h now' EXIT
@@ -12,11 +13,14 @@ exec > >(logger -t ephemeral-runner) 2>&1
 
 # gitlab-runner: exactly the stack's GitLabRunnerVersion, and only once its SHA-256 matched:
 # the release's own release.sha256, or the stack's GitLabRunnerSha256 pin for this
-# architecture when one is set. An AMI with this version installed downloads nothing; an AMI
-# with another version gets this one in /usr/local/bin (its own copy is left unused).
+# architecture when one is set. An AMI with this version installed (and, pinned, with the
+# pinned binary) downloads nothing; an AMI with another version gets this one in
+# /usr/local/bin (its own copy is left unused).
 runner_version={{RUNNER_VERSION}}
 pinned_arm64="{{RUNNER_SHA256_ARM64}}"
 pinned_amd64="{{RUNNER_SHA256_AMD64}}"
+# >>> verified gitlab-runner install: template.yaml's RunnerAmiComponent bakes AMIs with these
+# very lines (tests/template/test_baked_ami.py keeps the two copies equal).
 downloads="https://gitlab-runner-downloads.s3.amazonaws.com/$runner_version"
 # Never set on an instance; the tests that run this script point it at a temporary directory.
 install_dir="${RUNNER_INSTALL_DIR:-/usr/local/bin}"
@@ -30,12 +34,22 @@ binary="binaries/gitlab-runner-linux-$arch"
 installed_version() {
   "$1" --version 2>/dev/null | awk '$1 == "Version:" { print $2; exit }'
 }
-runner=$(command -v gitlab-runner)
-if [ -n "$runner" ] && [ "$(installed_version "$runner")" = "${runner_version#v}" ]; then
+# A pin holds for an installed copy too: a baked binary runs only if it is the pinned one.
+pin_holds() {
+  [ -z "$pinned_arm64$pinned_amd64" ] \
+    || { [ -n "$pinned" ] && sha256sum -c --status <<< "$pinned  $1"; }
+}
+runner=$(command -v gitlab-runner || { [ -x "$install_dir/gitlab-runner" ] && echo "$install_dir/gitlab-runner"; })
+have=""
+[ -z "$runner" ] || have=$(installed_version "$runner")
+if [ -n "$runner" ] && [ "$have" = "${runner_version#v}" ] && pin_holds "$runner"; then
   echo "gitlab-runner $runner_version is installed: $runner"
 else
-  [ -z "$runner" ] \
-    || echo "replacing gitlab-runner $(installed_version "$runner") ($runner) with $runner_version"
+  if [ "$have" = "${runner_version#v}" ]; then
+    echo "replacing gitlab-runner $have ($runner): not the binary GitLabRunnerSha256 pins for $arch"
+  elif [ -n "$runner" ]; then
+    echo "replacing gitlab-runner $have ($runner) with $runner_version"
+  fi
   stage=$(mktemp -d) && mkdir -p "$stage/binaries" || { echo "no temporary directory"; exit 1; }
   curl -sSfL -o "$stage/$binary" "$downloads/$binary" \
     || { echo "could not download $downloads/$binary"; exit 1; }
@@ -69,6 +83,7 @@ else
   runner="$install_dir/gitlab-runner"
   echo "gitlab-runner $runner_version installed (SHA-256 checked against $checksum_source)"
 fi
+# <<< verified gitlab-runner install
 
 # Docker from the distribution's own packages only (Amazon Linux: dnf; AL2: yum), never a
 # convenience script; bake it into your AMI to skip this. A privileged shell route gets it
@@ -79,6 +94,12 @@ if [ "{{EXECUTOR}}" = docker ] || [ "$privileged" = true ]; then
     dnf install -y docker || yum install -y docker || { echo "could not install docker"; exit 1; }
   fi
   systemctl enable --now docker || { echo "could not start docker"; exit 1; }
+fi
+
+# The AWS CLI reads and deletes the token: Amazon Linux 2023 ships it (package awscli-2),
+# Amazon Linux 2 has v1 (yum awscli), a baked AMI has it.
+if ! command -v aws >/dev/null; then
+  dnf install -y awscli-2 || yum install -y awscli || { echo "could not install the AWS CLI"; exit 1; }
 fi
 
 imds() {
@@ -132,11 +153,24 @@ else
   run_as=(runuser -u "$job_user" --)
 fi
 
+# The job cache (cache: in .gitlab-ci.yml): gitlab-runner's own S3 cache in the stack's
+# bucket, signed with this instance's role (no key in any file). Shared, because every job
+# gets a new runner: an unshared cache lives under runner/<token>/ and no later job would
+# ever find it. Objects are {{CACHE_PATH}}/project/<project id>/<key>: the runner presigns a
+# URL for the job's own keys only (docs/ec2-runners.md says which jobs can reach the role).
+cache_bucket="{{CACHE_BUCKET}}"
+cache_args=()
+if [ -n "$cache_bucket" ]; then
+  cache_args=(--cache-type s3 --cache-shared --cache-path {{CACHE_PATH}}
+    --cache-s3-bucket-name "$cache_bucket" --cache-s3-bucket-location {{REGION}}
+    --cache-s3-authentication_type iam)
+fi
+
 # The token goes in the environment, not on the command line: argv is visible to every
 # process on the host (`ps`). gitlab-runner reads CI_SERVER_TOKEN for --token.
 CI_SERVER_TOKEN="$runner_token" "${run_as[@]}" "$runner" run-single \
   --url {{GITLAB_URL}} \
-  --executor {{EXECUTOR}} "${executor_args[@]}" \
+  --executor {{EXECUTOR}} "${executor_args[@]}" "${cache_args[@]}" \
   --max-builds 1 \
   --wait-timeout {{WAIT_TIMEOUT}}
 echo "run-single exited with $?"

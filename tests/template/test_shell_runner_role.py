@@ -59,10 +59,17 @@ def test_per_job_it_writes_its_own_logs_and_takes_only_per_job_token_parameters(
     own = "<ShellRunnerFunctionLogGroup.Arn>"
     per_job = f"parameter/ephemeral-runners/{STACK}/runner-tokens/lambda-*"
     actions = {action for action, _ in granted}
-    assert actions == {"logs:CreateLogStream", "logs:PutLogEvents", "ssm:GetParameter", "ssm:DeleteParameter"}
+    assert actions == {
+        "logs:CreateLogStream", "logs:PutLogEvents", "ssm:GetParameter", "ssm:DeleteParameter",
+        # The job cache (RunnerCache on, the default): objects of the cache prefix only, no
+        # list, no delete, no other bucket (docs/ec2-runners.md says it spans projects).
+        "s3:GetObject", "s3:PutObject",
+    }
     for action, resource in granted:
         if action.startswith("logs:"):
             assert resource == own
+        elif action.startswith("s3:"):
+            assert resource == "<CacheBucket.Arn>/cache/project/*", resource
         else:
             # Never an EC2 instance's token parameter (<prefix>/i-...), nor any other.
             assert resource.endswith(per_job), resource
@@ -86,3 +93,8 @@ def test_the_provision_function_is_told_the_mode():
         cfn = translated(values)
         env = cfn["Resources"]["Ec2ProvisionFunction"]["Properties"]["Environment"]["Variables"]
         assert facts.resolve(env["SHELL_RUNNER_MODE"], cfn, values) == values["ShellRunnerMode"]
+
+
+def test_without_a_cache_the_shell_runner_has_no_s3_right():
+    _, granted = grants({**PER_JOB, "RunnerCache": "off"})
+    assert not any(action.startswith("s3:") for action, _ in granted)

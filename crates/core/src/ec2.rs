@@ -361,6 +361,9 @@ pub struct UserDataValues {
     pub wait_timeout_seconds: u64,
     pub region: String,
     pub runner: RunnerRelease,
+    /// The stack's cache bucket (`CACHE_BUCKET_NAME`), in `region`: the runner keeps jobs'
+    /// `cache:` there with the instance role ([`crate::cache`]). `None`: no cache.
+    pub cache_bucket: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -380,13 +383,15 @@ pub enum UserDataError {
 /// Prefixes of GitLab and webhook secrets: none may ever reach user-data.
 const SECRET_PREFIXES: [&str; 6] = ["glrt-", "glpat-", "gldt-", "glptt-", "whsec_", "GR1348941"];
 
-/// Placeholders that may render empty: the pinned checksums, when not pinned.
-const MAY_BE_EMPTY: [&str; 2] = ["RUNNER_SHA256_ARM64", "RUNNER_SHA256_AMD64"];
+/// Placeholders that may render empty: the pinned checksums, when not pinned, and the cache
+/// bucket, when the stack has none.
+const MAY_BE_EMPTY: [&str; 3] = ["RUNNER_SHA256_ARM64", "RUNNER_SHA256_AMD64", "CACHE_BUCKET"];
 
 /// Renders `template` (placeholders `{{GITLAB_URL}}`, `{{TOKEN_PARAMETER_PREFIX}}`,
 /// `{{EXECUTOR}}`, `{{WAIT_TIMEOUT}}`, `{{REGION}}`, `{{RUNNER_VERSION}}`,
-/// `{{RUNNER_SHA256_ARM64}}`, `{{RUNNER_SHA256_AMD64}}`, each required; the last two are
-/// empty when not pinned). Values must be plain (no quotes, spaces or shell metacharacters)
+/// `{{RUNNER_SHA256_ARM64}}`, `{{RUNNER_SHA256_AMD64}}`, `{{CACHE_BUCKET}}`, `{{CACHE_PATH}}`,
+/// each required; the checksums are empty when not pinned, the bucket when there is no
+/// cache). Values must be plain (no quotes, spaces or shell metacharacters)
 /// and must not look like secrets.
 pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<String, UserDataError> {
     let executor = match values.executor {
@@ -396,7 +401,8 @@ pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<Strin
     let wait = values.wait_timeout_seconds.to_string();
     let pinned = |arch| values.runner.sha256(arch).unwrap_or_default();
     let privileged = if values.privileged { "true" } else { "false" };
-    let pairs: [(&'static str, &str); 10] = [
+    let cache_bucket = values.cache_bucket.as_deref().unwrap_or_default();
+    let pairs: [(&'static str, &str); 12] = [
         ("GITLAB_URL", &values.gitlab_url),
         ("TOKEN_PARAMETER_PREFIX", &values.token_parameter_prefix),
         ("EXECUTOR", executor),
@@ -407,6 +413,8 @@ pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<Strin
         ("RUNNER_VERSION", values.runner.version()),
         ("RUNNER_SHA256_ARM64", pinned("arm64")),
         ("RUNNER_SHA256_AMD64", pinned("amd64")),
+        ("CACHE_BUCKET", cache_bucket),
+        ("CACHE_PATH", crate::cache::PATH),
     ];
     let mut out = template.to_owned();
     for (name, value) in pairs {
@@ -670,7 +678,7 @@ mod tests {
         assert!(launch_plan(&job, &route, &own_prefix, None).is_ok());
     }
 
-    const TEMPLATE: &str = "#!/bin/bash\nurl={{GITLAB_URL}}\np={{TOKEN_PARAMETER_PREFIX}}\ne={{EXECUTOR}}\ni=\"{{DOCKER_IMAGE}}\"\npriv={{PRIVILEGED}}\nw={{WAIT_TIMEOUT}}\nr={{REGION}}\nv={{RUNNER_VERSION}}\na=\"{{RUNNER_SHA256_ARM64}}\"\nx=\"{{RUNNER_SHA256_AMD64}}\"\n";
+    const TEMPLATE: &str = "#!/bin/bash\nurl={{GITLAB_URL}}\np={{TOKEN_PARAMETER_PREFIX}}\ne={{EXECUTOR}}\ni=\"{{DOCKER_IMAGE}}\"\npriv={{PRIVILEGED}}\nw={{WAIT_TIMEOUT}}\nr={{REGION}}\nv={{RUNNER_VERSION}}\na=\"{{RUNNER_SHA256_ARM64}}\"\nx=\"{{RUNNER_SHA256_AMD64}}\"\nc=\"{{CACHE_BUCKET}}\"\ncp={{CACHE_PATH}}\n";
 
     fn values() -> UserDataValues {
         UserDataValues {
@@ -682,6 +690,7 @@ mod tests {
             wait_timeout_seconds: 600,
             region: "eu-west-1".into(),
             runner: RunnerRelease::default(),
+            cache_bucket: Some("ci-runners-cachebucket-1a2b3c".into()),
         }
     }
 
@@ -1012,6 +1021,50 @@ mod tests {
                 .lines()
                 .any(|l| l.starts_with("usermod") || l == "systemctl enable --now docker"),
             "{unprivileged}"
+        );
+    }
+
+    /// The job cache: gitlab-runner's shared S3 cache in the stack's bucket with the instance
+    /// role, for both executors; no cache flag at all when the stack has no bucket.
+    #[test]
+    fn the_runner_keeps_the_job_cache_in_the_stack_bucket_with_the_instance_role() {
+        for executor in [RunnerExecutor::Docker, RunnerExecutor::Shell] {
+            let calls = run_user_data(executor);
+            let run = calls
+                .lines()
+                .find(|l| l.starts_with("gitlab-runner run-single"))
+                .unwrap_or_else(|| panic!("no run-single in:\n{calls}"));
+            // Shared: each job has a runner of its own, and only a shared cache is found
+            // again (the object is cache/project/<id>/<key>, crate::cache::object_key).
+            assert!(
+                run.contains(&format!(
+                    " --cache-type s3 --cache-shared --cache-path {} --cache-s3-bucket-name ci-runners-cachebucket-1a2b3c --cache-s3-bucket-location eu-west-1 --cache-s3-authentication_type iam "
+                , crate::cache::PATH)),
+                "{run}"
+            );
+            assert!(
+                !run.contains("access-key") && !run.contains("secret-key"),
+                "{run}"
+            );
+        }
+        let without = run_user_data_with(UserDataValues {
+            cache_bucket: None,
+            ..values()
+        });
+        assert!(
+            !without.contains("--cache-type") && !without.contains("--cache-s3"),
+            "{without}"
+        );
+        // A bucket name is a plain value like every other.
+        assert_eq!(
+            render_user_data(
+                include_str!("../../../templates/runner-user-data.sh"),
+                &UserDataValues {
+                    cache_bucket: Some("b; rm -rf /".into()),
+                    ..values()
+                }
+            ),
+            Err(UserDataError::Unsafe("CACHE_BUCKET"))
         );
     }
 

@@ -344,6 +344,9 @@ pub struct FleetSettings {
     /// The gitlab-runner release instances download and check (`GitLabRunnerVersion`,
     /// `GitLabRunnerSha256`), rendered into the user-data.
     pub runner: RunnerRelease,
+    /// The stack's cache bucket (`CACHE_BUCKET_NAME`), rendered into the user-data; `None`:
+    /// no cache.
+    pub cache_bucket: Option<String>,
     pub reaper: ReaperSettings,
     /// A token parameter or a registered runner whose instance is gone is removed once it is
     /// this old (provisioning in flight is younger).
@@ -699,6 +702,7 @@ async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
                 wait_timeout_seconds: settings.wait_timeout_seconds,
                 region: settings.region.clone(),
                 runner: settings.runner.clone(),
+                cache_bucket: settings.cache_bucket.clone(),
             },
         )?;
         let image_id = ports
@@ -1827,6 +1831,7 @@ mod tests {
             wait_timeout_seconds: 600,
             region: "us-east-1".into(),
             runner: RunnerRelease::default(),
+            cache_bucket: None,
             reaper: ReaperSettings {
                 max_lifetime_ms: u64::MAX,
                 idle_grace_ms: u64::MAX,

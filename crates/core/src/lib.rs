@@ -3,6 +3,7 @@
 //! Function crates translate Lambda events into these types and carry out what they decide.
 
 pub mod auth;
+pub mod cache;
 pub mod drain;
 pub mod ec2;
 pub mod env;

@@ -258,6 +258,7 @@ fn settings<G: Fn(&str) -> Option<String>>(env: &Env<G>) -> Result<FleetSettings
         wait_timeout_seconds,
         region: env.required("AWS_REGION", "set by Lambda")?,
         runner: runner_release(env)?,
+        cache_bucket: env.value(ephemeral_core::cache::BUCKET_ENV),
         reaper: ReaperSettings {
             max_lifetime_ms: max_lifetime_seconds * 1000,
             // Boot, token pick-up and the runner's own wait for a job.
@@ -625,6 +626,19 @@ mod tests {
                 && provision.contains("GITLAB_RUNNER_SHA256: !Ref GitLabRunnerSha256\n"),
             "{provision}"
         );
+        // The job cache's bucket, empty when the stack has none (RunnerCache off).
+        assert!(
+            provision.contains(&format!(
+                "{}: !If [HasCache, !Ref CacheBucket, \"\"]\n",
+                ephemeral_core::cache::BUCKET_ENV
+            )),
+            "{provision}"
+        );
+        let c =
+            FleetConfig::from_lookup(env(&[(ephemeral_core::cache::BUCKET_ENV, "b-1")])).unwrap();
+        assert_eq!(c.settings.cache_bucket.as_deref(), Some("b-1"));
+        let c = FleetConfig::from_lookup(env(&[(ephemeral_core::cache::BUCKET_ENV, "")])).unwrap();
+        assert_eq!(c.settings.cache_bucket, None);
         let version = section("\n  GitLabRunnerVersion:\n");
         assert!(
             version.contains(&format!("Default: {DEFAULT_RUNNER_VERSION}\n")),

@@ -273,6 +273,23 @@ pub(crate) struct JobArtifact {
     pub exclude: Vec<String>,
 }
 
+// FORK: a `cache:` entry of the job (upstream leaves `cache` in `unparsed`).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq, Default)]
+pub(crate) struct JobCache {
+    #[serde(default, deserialize_with = "deserialize_null_default")]
+    pub key: String,
+    #[serde(default, deserialize_with = "deserialize_null_default")]
+    pub untracked: bool,
+    #[serde(default, deserialize_with = "deserialize_null_default")]
+    pub policy: String,
+    #[serde(default, deserialize_with = "deserialize_null_default")]
+    pub paths: Vec<String>,
+    #[serde(default, deserialize_with = "deserialize_null_default")]
+    pub when: String,
+    #[serde(default, deserialize_with = "deserialize_null_default")]
+    pub fallback_keys: Vec<String>,
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 pub(crate) struct JobArtifactFile {
     pub filename: String,
@@ -304,6 +321,9 @@ pub(crate) struct JobResponse {
     pub git_info: Option<GitInfo>,
     #[serde(default)]
     pub runner_info: Option<RunnerInfo>,
+    // FORK: the job's `cache:` entries.
+    #[serde(default, deserialize_with = "deserialize_null_default")]
+    pub cache: Vec<JobCache>,
     #[serde(flatten)]
     unparsed: JsonValue,
 }
@@ -394,6 +414,8 @@ impl Client {
                     // FORK: what the fork implements on top of upstream.
                     artifacts_exclude: true,
                     return_exit_code: true,
+                    // FORK: `Job::caches()`; the handler restores and saves them.
+                    cache: true,
                     ..Default::default()
                 },
                 metadata: &self.metadata,
@@ -632,6 +654,33 @@ mod test {
             },
             v
         );
+    }
+
+    /// FORK: GitLab's `cache` entries, with the nulls GitLab sends for unset fields.
+    #[test]
+    fn deserialize_cache_entries() {
+        #[derive(Debug, Deserialize)]
+        struct Test {
+            #[serde(default, deserialize_with = "deserialize_null_default")]
+            cache: Vec<JobCache>,
+        }
+        let json = json!({"cache": [
+            {"key": "deps-main", "untracked": false, "policy": "pull-push",
+             "paths": ["node_modules/"], "when": "on_success", "fallback_keys": ["deps"]},
+            {"key": "x", "untracked": null, "policy": null, "paths": null, "when": null}
+        ]});
+        let t: Test = serde_json::from_value(json).unwrap();
+        assert_eq!(t.cache[0].paths, ["node_modules/"]);
+        assert_eq!(t.cache[0].fallback_keys, ["deps"]);
+        assert_eq!(
+            t.cache[1],
+            JobCache {
+                key: "x".into(),
+                ..Default::default()
+            }
+        );
+        let t: Test = serde_json::from_value(json!({"cache": null})).unwrap();
+        assert!(t.cache.is_empty());
     }
 
     #[test]

@@ -85,6 +85,40 @@ impl<'a> ArtifactSpec<'a> {
     }
 }
 
+/// FORK: one `cache:` entry of the job, read-only, as GitLab sends it (the key not yet
+/// expanded or sanitized: that is the runner's job).
+#[derive(Debug, Clone, Copy)]
+pub struct CacheSpec<'a> {
+    c: &'a crate::client::JobCache,
+}
+
+impl<'a> CacheSpec<'a> {
+    /// `cache:key` (empty: the runner's default, `<job name>/<ref>`).
+    pub fn key(&self) -> &'a str {
+        &self.c.key
+    }
+    /// `cache:paths` globs, relative to the project directory.
+    pub fn paths(&self) -> &'a [String] {
+        &self.c.paths
+    }
+    /// `cache:untracked`: also the files git does not track.
+    pub fn untracked(&self) -> bool {
+        self.c.untracked
+    }
+    /// `cache:policy`: `pull`, `push`, `pull-push` or empty (pull-push).
+    pub fn policy(&self) -> &'a str {
+        &self.c.policy
+    }
+    /// `cache:when`: `on_success` (or empty), `on_failure`, `always`.
+    pub fn when(&self) -> &'a str {
+        &self.c.when
+    }
+    /// `cache:fallback_keys`.
+    pub fn fallback_keys(&self) -> &'a [String] {
+        &self.c.fallback_keys
+    }
+}
+
 /// A dependency of a gitlab job
 ///
 /// Dependencies in gitlab are the jobs that had to be run before this job could run.
@@ -409,5 +443,10 @@ impl Job {
     /// FORK: the job's `artifacts:` entries (paths, exclude, untracked, when).
     pub fn artifacts(&self) -> impl Iterator<Item = ArtifactSpec<'_>> {
         self.response.artifacts.iter().map(|a| ArtifactSpec { a })
+    }
+
+    /// FORK: the job's `cache:` entries (key, paths, untracked, policy, when, fallback keys).
+    pub fn caches(&self) -> impl Iterator<Item = CacheSpec<'_>> {
+        self.response.cache.iter().map(|c| CacheSpec { c })
     }
 }

@@ -54,6 +54,8 @@ macro_rules! outputln {
 pub type JobResult = Result<(), ()>;
 pub use client::Phase;
 pub use client::{GitInfo, JobFailure, RunnerInfo};
+/// FORK: the artifact path rules, for handlers that archive files themselves (a cache).
+pub use run::artifact_selects;
 
 /// A file that a [`JobHandler`] is willing to upload to the server
 ///

@@ -7,6 +7,7 @@
 //! every decision (time budget, masking, scripts, environment, checkout, failure reasons) is
 //! `ephemeral_core::shell`'s. This crate carries them out: directories, processes, git, files.
 
+pub mod cache;
 pub mod git;
 pub mod process;
 pub mod sandbox;
@@ -122,6 +123,9 @@ pub struct Config {
     /// and after each job ([`sandbox`]). Unset, only the job's own processes and `root` are
     /// cleaned (a test process that shares its process tree and `/tmp`).
     pub sandbox_scratch: Option<PathBuf>,
+    /// The job cache's bucket and the credentials to sign for it (`CACHE_BUCKET_NAME` and
+    /// Lambda's environment); `None`: `cache:` entries are skipped with a notice.
+    pub cache: Option<cache::CacheSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -194,6 +198,7 @@ impl Config {
             sandbox_scratch: value(SANDBOX_SCRATCH_ROOT)
                 .map(|root| scratch_root(&root))
                 .transpose()?,
+            cache: cache::CacheSettings::from_lookup(&get),
         })
     }
 
@@ -215,6 +220,7 @@ pub struct ShellRunner {
     gitlab: ephemeral_gitlab::GitLabClient,
     /// Lambda runs one invocation at a time per environment; the lock makes that explicit.
     one_at_a_time: tokio::sync::Mutex<()>,
+    cache: Option<Arc<cache::S3>>,
 }
 
 impl ShellRunner {
@@ -240,6 +246,12 @@ impl ShellRunner {
             config.gitlab_url.as_str(),
             ephemeral_gitlab::RetryPolicy::default(),
         );
+        let cache = config.cache.clone().map(|settings| {
+            Arc::new(cache::S3 {
+                http: http.clone(),
+                settings,
+            })
+        });
         Self {
             config: Arc::new(config),
             system_id,
@@ -248,6 +260,7 @@ impl ShellRunner {
             http,
             gitlab,
             one_at_a_time: tokio::sync::Mutex::new(()),
+            cache,
         }
     }
 
@@ -344,6 +357,7 @@ impl ShellRunner {
                 .checked_sub(self.config.margins.report)
                 .unwrap_or(started),
             report: report.clone(),
+            cache: self.cache.clone(),
         });
         runner.set_job_deadline(Some(JobDeadline {
             at: context.hard_deadline,
@@ -459,6 +473,7 @@ struct JobContext {
     lambda_deadline: Instant,
     hard_deadline: Instant,
     report: Arc<Mutex<Option<JobReport>>>,
+    cache: Option<Arc<cache::S3>>,
 }
 
 /// One job: its directories, environment, trace, and how it went.
@@ -874,6 +889,7 @@ impl ShellJob {
         } else {
             self.trace.line("Skipping git checkout (GIT_STRATEGY=none)");
         }
+        self.restore_caches(deadline, cancel).await;
         if let Err(ended) = self.download_dependencies(deadline, cancel).await {
             return match ended {
                 Ended::TimedOut | Ended::Canceled => self.ended_badly(ended, Some(budget)),
@@ -929,6 +945,273 @@ impl ShellJob {
         }
     }
 
+    /// The job's variables by name, for cache keys.
+    fn variable_map(&self) -> std::collections::HashMap<String, String> {
+        self.variables
+            .iter()
+            .map(|v| (v.key.clone(), v.value.clone()))
+            .collect()
+    }
+
+    /// The cache's bucket and the job's project, or why the job's `cache:` is skipped.
+    fn cache_target(&self) -> Result<(Arc<cache::S3>, u64), &'static str> {
+        let s3 = self
+            .ctx
+            .cache
+            .clone()
+            .ok_or("this stack keeps no cache (the stack parameter RunnerCache is off)")?;
+        let project = self
+            .variables
+            .iter()
+            .find(|v| v.key == "CI_PROJECT_ID")
+            .and_then(|v| v.value.parse().ok())
+            .ok_or("the job has no CI_PROJECT_ID")?;
+        Ok((s3, project))
+    }
+
+    /// gitlab-runner's restore_cache stage: for each `cache:` entry that pulls, its key, then
+    /// its fallback keys, then CACHE_FALLBACK_KEY, until one is found. Never fails the job.
+    async fn restore_caches(&mut self, deadline: Instant, cancel: &CancellationToken) {
+        let job = self.job.clone();
+        let specs: Vec<_> = job
+            .caches()
+            .filter(|c| !c.paths().is_empty() || c.untracked())
+            .collect();
+        if specs.is_empty() {
+            return;
+        }
+        self.trace.line("\x1b[36;1mRestoring cache\x1b[0;m");
+        let (s3, project) = match self.cache_target() {
+            Ok(target) => target,
+            Err(why) => {
+                self.trace
+                    .line(&format!("Skipping cache extraction: {why}"));
+                return;
+            }
+        };
+        let vars = self.variable_map();
+        let archive =
+            Path::new(&self.runner_side.tmp_dir).join(format!("{}-cache.zip", self.marker));
+        for spec in specs {
+            let mut warnings = Vec::new();
+            let keys = ephemeral_core::cache::restore_keys(
+                spec.key(),
+                spec.fallback_keys(),
+                &vars,
+                &mut warnings,
+            );
+            for warning in warnings {
+                self.trace
+                    .line(&format!("\x1b[0;33mWARNING: {warning}\x1b[0;m"));
+            }
+            let Some(first) = keys.first() else {
+                self.trace
+                    .line("Skipping cache extraction due to empty cache key");
+                continue;
+            };
+            match ephemeral_core::cache::Policy::parse(&ephemeral_core::cache::expand(
+                spec.policy(),
+                &vars,
+            )) {
+                Ok(policy) if policy.pulls() => {}
+                Ok(_) => {
+                    self.trace
+                        .line(&format!("Not downloading cache {first} due to policy"));
+                    continue;
+                }
+                Err(e) => {
+                    self.trace
+                        .line(&format!("\x1b[0;33mWARNING: {e} for {first}\x1b[0;m"));
+                    continue;
+                }
+            }
+            for key in &keys {
+                self.trace.line(&format!("Checking cache for {key}..."));
+                let Some(object) = ephemeral_core::cache::object_key(project, key) else {
+                    self.trace.line(&format!(
+                        "\x1b[0;33mWARNING: cache key {key:?} leaves the project's cache\x1b[0;m"
+                    ));
+                    continue;
+                };
+                let downloaded = tokio::select! {
+                    r = s3.download(&object, &archive) => r,
+                    _ = tokio::time::sleep_until(deadline) => Err("the job's time ran out".into()),
+                    _ = cancel.cancelled() => Err("the job was canceled".into()),
+                };
+                match downloaded {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        self.trace.line(&format!(
+                            "\x1b[0;33mWARNING: no cache archive for {key} yet\x1b[0;m"
+                        ));
+                        continue;
+                    }
+                    Err(e) => {
+                        self.trace.line(&format!(
+                            "\x1b[0;33mWARNING: Failed to download cache {key}: {e}\x1b[0;m"
+                        ));
+                        continue;
+                    }
+                }
+                let (from, dir) = (archive.clone(), self.project_dir.clone());
+                let extracted =
+                    tokio::task::spawn_blocking(move || cache::extract(&from, &dir)).await;
+                let _ = tokio::fs::remove_file(&archive).await;
+                match extracted {
+                    Ok(Ok(done)) => {
+                        for refused in &done.refused {
+                            self.trace.line(&format!(
+                                "\x1b[0;33mWARNING: {refused}: not extracted, it would be written outside the project directory\x1b[0;m"
+                            ));
+                        }
+                        self.trace.line(&format!(
+                            "Successfully extracted cache ({} files)",
+                            done.files
+                        ));
+                        break;
+                    }
+                    Ok(Err(e)) => self.trace.line(&format!(
+                        "\x1b[0;33mWARNING: Failed to extract cache {key}: {e}\x1b[0;m"
+                    )),
+                    Err(e) => self.trace.line(&format!(
+                        "\x1b[0;33mWARNING: Failed to extract cache {key}: {e}\x1b[0;m"
+                    )),
+                }
+            }
+        }
+    }
+
+    /// gitlab-runner's archive_cache stage, after the steps (and the artifacts): each
+    /// `cache:` entry whose `when` matches the job's result and whose policy pushes is zipped
+    /// and uploaded under its key. Canceled or out of time: nothing is saved. Never fails the
+    /// job.
+    async fn save_caches(&mut self) {
+        let job = self.job.clone();
+        let succeeded = !self.script_failed;
+        let specs: Vec<_> = job
+            .caches()
+            .filter(|c| !c.paths().is_empty() || c.untracked())
+            .filter(|c| ephemeral_core::cache::saves_when(c.when(), succeeded))
+            .collect();
+        let until = self
+            .ctx
+            .hard_deadline
+            .checked_sub(Duration::from_secs(5))
+            .unwrap_or(self.ctx.hard_deadline);
+        if specs.is_empty() || self.canceled || Instant::now() >= until {
+            return;
+        }
+        self.trace.line(if succeeded {
+            "\x1b[36;1mSaving cache for successful job\x1b[0;m"
+        } else {
+            "\x1b[36;1mSaving cache for failed job\x1b[0;m"
+        });
+        let (s3, project) = match self.cache_target() {
+            Ok(target) => target,
+            Err(why) => {
+                self.trace.line(&format!("Skipping cache archiving: {why}"));
+                return;
+            }
+        };
+        let vars = self.variable_map();
+        let files = self.list_files(specs.iter().any(|c| c.untracked())).await;
+        let archive =
+            Path::new(&self.runner_side.tmp_dir).join(format!("{}-cache.zip", self.marker));
+        for spec in specs {
+            let (key, warning) = ephemeral_core::cache::sanitize_key(
+                &ephemeral_core::cache::primary_key(spec.key(), &vars),
+            );
+            if let Some(warning) = warning {
+                self.trace
+                    .line(&format!("\x1b[0;33mWARNING: {warning}\x1b[0;m"));
+            }
+            let Some(key) = key else {
+                self.trace
+                    .line("Skipping cache archiving due to empty cache key");
+                continue;
+            };
+            match ephemeral_core::cache::Policy::parse(&ephemeral_core::cache::expand(
+                spec.policy(),
+                &vars,
+            )) {
+                Ok(policy) if policy.pushes() => {}
+                Ok(_) => {
+                    self.trace
+                        .line(&format!("Not uploading cache {key} due to policy"));
+                    continue;
+                }
+                Err(e) => {
+                    self.trace
+                        .line(&format!("\x1b[0;33mWARNING: {e} for {key}\x1b[0;m"));
+                    continue;
+                }
+            }
+            let Some(object) = ephemeral_core::cache::object_key(project, &key) else {
+                self.trace.line(&format!(
+                    "\x1b[0;33mWARNING: cache key {key:?} leaves the project's cache\x1b[0;m"
+                ));
+                continue;
+            };
+            let mut paths = Vec::new();
+            for path in spec.paths() {
+                match ephemeral_core::cache::path_problem(path) {
+                    Some(problem) => self
+                        .trace
+                        .line(&format!("\x1b[31;1mERROR: {problem}: not cached\x1b[0;m")),
+                    None => paths.push(path.clone()),
+                }
+            }
+            self.trace.line(&format!("Creating cache {key}..."));
+            let candidates: Vec<cache::Candidate> = files
+                .iter()
+                .map(|f| cache::Candidate {
+                    rel: f.rel.clone(),
+                    abs: f.abs.clone(),
+                    untracked: f.untracked,
+                })
+                .collect();
+            let (untracked, out) = (spec.untracked(), archive.clone());
+            let archived = tokio::task::spawn_blocking(move || {
+                cache::archive(&candidates, &paths, untracked, &out)
+            })
+            .await;
+            let count = match archived {
+                Ok(Ok(count)) => count,
+                Ok(Err(e)) => {
+                    self.trace.line(&format!(
+                        "\x1b[0;33mWARNING: Failed to create cache {key}: {e}\x1b[0;m"
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    self.trace.line(&format!(
+                        "\x1b[0;33mWARNING: Failed to create cache {key}: {e}\x1b[0;m"
+                    ));
+                    continue;
+                }
+            };
+            if count == 0 {
+                self.trace.line(&format!(
+                    "\x1b[0;33mWARNING: no files match the cache paths of {key}: nothing uploaded\x1b[0;m"
+                ));
+                let _ = tokio::fs::remove_file(&archive).await;
+                continue;
+            }
+            let uploaded = tokio::select! {
+                r = s3.upload(&object, &archive) => r,
+                _ = tokio::time::sleep_until(until) => Err("the job's time ran out".into()),
+            };
+            let _ = tokio::fs::remove_file(&archive).await;
+            match uploaded {
+                Ok(()) => self.trace.line(&format!("Created cache ({count} files)")),
+                Err(e) => self.trace.line(&format!(
+                    "\x1b[0;33mWARNING: Failed to upload cache {key}: {e}\x1b[0;m"
+                )),
+            }
+        }
+        self.trace.flush();
+    }
+
     /// Every regular file of the project directory, relative to it, once.
     async fn project_files(&mut self) -> Vec<ProjectFile> {
         if let Some(files) = &self.files {
@@ -936,9 +1219,17 @@ impl ShellJob {
         }
         self.trace.line("Uploading artifacts...");
         let wants_untracked = self.job.artifacts().any(|a| a.untracked());
+        let files = self.list_files(wants_untracked).await;
+        self.files = Some(files.clone());
+        files
+    }
+
+    /// Every regular file of the project directory now, marked untracked (by git's index)
+    /// when `wants_untracked` and there is a checkout.
+    async fn list_files(&self, wants_untracked: bool) -> Vec<ProjectFile> {
         let with_index = wants_untracked && self.checkout.is_some();
         let dir = self.project_dir.clone();
-        let files = tokio::task::spawn_blocking(move || {
+        tokio::task::spawn_blocking(move || {
             let files = walk(&dir);
             let untracked: BTreeSet<String> = if with_index {
                 let (tracked, gitlinks) = git::tracked(&dir);
@@ -962,9 +1253,7 @@ impl ShellJob {
                 .collect::<Vec<_>>()
         })
         .await
-        .unwrap_or_default();
-        self.files = Some(files.clone());
-        files
+        .unwrap_or_default()
     }
 }
 
@@ -997,6 +1286,7 @@ impl CancellableJobHandler<ProjectFile> for ShellJob {
 
     async fn cleanup(&mut self) {
         process::kill_marked(&self.marker).await;
+        self.save_caches().await;
         self.trace.flush();
         let hard_deadline_hit = Instant::now() >= self.ctx.hard_deadline;
         // The hard deadline fails the job in GitLab whatever phase it stopped, even before

@@ -18,6 +18,7 @@ use ephemeral_core::mapping::RunnerExecutor;
 const VERSION: &str = "v18.5.0";
 const BUCKET: &str = "https://gitlab-runner-downloads.s3.amazonaws.com";
 const GITLAB_URL: &str = "https://gitlab.example.com";
+const CACHE_BUCKET: &str = "ci-runners-cachebucket-1a2b3c";
 
 /// What the instance's own tools are, for the script and the stand-ins: nothing else of the
 /// host (no docker, no gitlab-runner, no systemctl) is on the PATH.
@@ -94,6 +95,21 @@ impl Booted {
             .collect()
     }
 
+    /// Every request to something else than IMDS (the download stand-in's requests).
+    fn requests_beyond_imds(&self) -> Vec<&str> {
+        self.calls
+            .lines()
+            .filter(|l| l.starts_with("curl ") && !l.contains("http://169.254.169.254/"))
+            .collect()
+    }
+
+    fn package_installs(&self) -> Vec<&str> {
+        self.calls
+            .lines()
+            .filter(|l| l.starts_with("dnf ") || l.starts_with("yum "))
+            .collect()
+    }
+
     fn refused(&self, why: &str) {
         assert!(!self.success, "{}", self.log);
         assert!(self.runner_argv.is_none(), "the runner ran:\n{}", self.log);
@@ -123,7 +139,16 @@ impl Boot {
         let pid = std::process::id();
         let dir = std::env::temp_dir().join(format!("user-data-moto-{pid}-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
-        for sub in ["bin", "fixtures", "install", "record", "tmp", "home"] {
+        for sub in [
+            "bin",
+            "fixtures",
+            "install",
+            "record",
+            "tmp",
+            "home",
+            "packages/docker",
+            "packages/awscli-2",
+        ] {
             std::fs::create_dir_all(dir.join(sub)).unwrap();
         }
         let boot = Self {
@@ -197,7 +222,18 @@ esac"#
         stub("logger", r#"cat >> "$LOG_FILE""#);
         stub("shutdown", "");
         stub("systemctl", "");
-        stub("dnf", "echo 'Installed: docker'");
+        // The package managers install what `packages/<name>/` holds onto the PATH.
+        for manager in ["dnf", "yum"] {
+            stub(
+                manager,
+                r#"shift 2; for p in "$@"; do [ -d "$PACKAGES/$p" ] && cp "$PACKAGES/$p"/* "$BIN_DIR/"; done
+echo "Installed: $*""#,
+            );
+        }
+        write_executable(
+            &self.dir.join("packages/docker/docker"),
+            &format!("#!/bin/bash\n{record}\n"),
+        );
         stub("sleep", "");
         stub(
             "uname",
@@ -227,6 +263,26 @@ esac"#
     }
 
     /// The AMI has gitlab-runner `version` installed (on the PATH).
+    /// The AMI is one RunnerAmiComponent (template.yaml) baked: gitlab-runner `version` in
+    /// the install directory (/usr/local/bin on an instance), docker and the AWS CLI.
+    fn bake(&self, version: &str) {
+        write_executable(&self.installed(), &fake_runner(version));
+        std::fs::copy(
+            self.dir.join("packages/docker/docker"),
+            self.bin().join("docker"),
+        )
+        .unwrap();
+    }
+
+    /// The AMI has no AWS CLI: only its distribution package does.
+    fn without_aws_cli(&self) {
+        std::fs::rename(
+            self.bin().join("aws"),
+            self.dir.join("packages/awscli-2/aws"),
+        )
+        .unwrap();
+    }
+
     fn preinstall(&self, version: &str) {
         write_executable(&self.bin().join("gitlab-runner"), &fake_runner(version));
     }
@@ -243,6 +299,7 @@ esac"#
                 wait_timeout_seconds: 600,
                 region: "us-east-1".into(),
                 runner,
+                cache_bucket: Some(CACHE_BUCKET.into()),
             },
         )
         .unwrap();
@@ -265,6 +322,8 @@ esac"#
             .env("FIXTURES", d("fixtures"))
             .env("RUNNER_INSTALL_DIR", d("install"))
             .env("RUNNER_RECORD", d("record"))
+            .env("PACKAGES", d("packages"))
+            .env("BIN_DIR", self.bin())
             .env("INSTANCE_ID", &self.instance_id)
             .env("MACHINE", self.machine)
             .env("AWS_CLI", aws_cli())
@@ -328,6 +387,19 @@ esac"#
             "docker",
             "--docker-image",
             "alpine:3",
+            // The job cache: the stack's bucket, shared (a new runner per job), signed with
+            // the instance role (ephemeral_core::cache).
+            "--cache-type",
+            "s3",
+            "--cache-shared",
+            "--cache-path",
+            ephemeral_core::cache::PATH,
+            "--cache-s3-bucket-name",
+            CACHE_BUCKET,
+            "--cache-s3-bucket-location",
+            "us-east-1",
+            "--cache-s3-authentication_type",
+            "iam",
             "--max-builds",
             "1",
             "--wait-timeout",
@@ -582,4 +654,137 @@ async fn an_ami_with_the_pinned_version_downloads_nothing_and_another_version_is
         booted.log
     );
     assert_eq!(booted.downloads().len(), 2, "{}", booted.calls);
+}
+
+#[tokio::test]
+async fn a_baked_ami_downloads_and_installs_nothing_and_still_runs_its_job() {
+    let boot = Boot::new("x86_64").await;
+    boot.bake(VERSION);
+    let booted = boot.run(release(""));
+
+    boot.assert_ran(&booted, &boot.installed());
+    assert_eq!(
+        booted.requests_beyond_imds(),
+        Vec::<&str>::new(),
+        "{}",
+        booted.calls
+    );
+    assert_eq!(
+        booted.package_installs(),
+        Vec::<&str>::new(),
+        "{}",
+        booted.calls
+    );
+    assert!(
+        booted.log.contains(&format!(
+            "gitlab-runner {VERSION} is installed: {}",
+            boot.installed().display()
+        )),
+        "{}",
+        booted.log
+    );
+    // The token: read, deleted, only in the runner's environment (assert_ran); docker runs.
+    assert!(!boot.token_parameter_exists().await);
+    let aws: Vec<_> = booted
+        .calls
+        .lines()
+        .filter(|l| l.starts_with("aws "))
+        .collect();
+    assert_eq!(aws.len(), 2, "{aws:?}");
+    assert!(
+        booted
+            .calls
+            .lines()
+            .any(|l| l == "systemctl enable --now docker"),
+        "{}",
+        booted.calls
+    );
+
+    // Pinned, and the baked binary is the pinned one: still nothing downloaded.
+    let boot = Boot::new("x86_64").await;
+    boot.bake(VERSION);
+    let pin = sha256_of(&boot.installed());
+    let booted = boot.run(release(&format!("amd64={pin}")));
+    boot.assert_ran(&booted, &boot.installed());
+    assert_eq!(
+        booted.requests_beyond_imds(),
+        Vec::<&str>::new(),
+        "{}",
+        booted.calls
+    );
+    assert_eq!(booted.package_installs(), Vec::<&str>::new());
+}
+
+#[tokio::test]
+async fn a_baked_runner_that_is_not_the_pinned_one_is_replaced_by_the_verified_download() {
+    // Another version baked (the AMI predates a GitLabRunnerVersion update): the pinned one
+    // is downloaded, checked and installed over it; docker is still not reinstalled.
+    let boot = Boot::new("x86_64").await;
+    boot.bake("v17.11.3");
+    boot.publish(VERSION);
+    let booted = boot.run(release(""));
+    boot.assert_ran(&booted, &boot.installed());
+    assert!(
+        booted.log.contains(&format!(
+            "replacing gitlab-runner 17.11.3 ({}) with {VERSION}",
+            boot.installed().display()
+        )),
+        "{}",
+        booted.log
+    );
+    assert_eq!(
+        booted.downloads(),
+        [
+            format!("{BUCKET}/{VERSION}/binaries/gitlab-runner-linux-amd64"),
+            format!("{BUCKET}/{VERSION}/release.sha256"),
+        ]
+    );
+    assert!(
+        std::fs::read_to_string(boot.installed())
+            .unwrap()
+            .contains("18.5.0"),
+        "the pinned version replaced the baked one"
+    );
+    assert_eq!(booted.package_installs(), Vec::<&str>::new());
+    assert!(!boot.token_parameter_exists().await);
+
+    // The pinned version, but not the pinned binary (GitLabRunnerSha256): replaced by the
+    // download, which is checked against the pin.
+    let boot = Boot::new("x86_64").await;
+    boot.bake(VERSION);
+    std::fs::write(
+        boot.installed(),
+        fake_runner(VERSION) + "# not the binary GitLab published\n",
+    )
+    .unwrap();
+    let release_dir = boot.publish(VERSION);
+    let pin = sha256_of(&release_dir.join("binaries/gitlab-runner-linux-amd64"));
+    let booted = boot.run(release(&format!("amd64={pin}")));
+    boot.assert_ran(&booted, &boot.installed());
+    assert!(
+        booted.log.contains(&format!(
+            "replacing gitlab-runner 18.5.0 ({}): not the binary GitLabRunnerSha256 pins for amd64",
+            boot.installed().display()
+        )),
+        "{}",
+        booted.log
+    );
+    assert_eq!(
+        booted.downloads(),
+        [format!(
+            "{BUCKET}/{VERSION}/binaries/gitlab-runner-linux-amd64"
+        )]
+    );
+    assert_eq!(sha256_of(&boot.installed()), pin);
+}
+
+#[tokio::test]
+async fn an_image_without_the_aws_cli_gets_it_from_the_distribution() {
+    let boot = Boot::new("aarch64").await;
+    boot.bake(VERSION);
+    boot.without_aws_cli();
+    let booted = boot.run(release(""));
+    boot.assert_ran(&booted, &boot.installed());
+    assert_eq!(booted.package_installs(), ["dnf install -y awscli-2"]);
+    assert!(!boot.token_parameter_exists().await);
 }

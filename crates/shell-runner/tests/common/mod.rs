@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod git_server;
+pub mod job_rewriter;
 
 use std::path::Path;
 use std::time::Duration;
@@ -37,6 +38,8 @@ pub fn config(mock: &GitlabRunnerMock, root: &Path) -> Config {
         inherit_env: vec!["PATH".into(), "LANG".into()],
         // Tests share their process and /tmp: the whole-sandbox sweep has its own binary.
         sandbox_scratch: None,
+        // No bucket: the cache tests (tests/cache_moto.rs) give one.
+        cache: None,
     }
 }
 
