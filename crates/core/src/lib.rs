@@ -21,6 +21,7 @@ pub mod secret_scope;
 pub mod secrets;
 pub mod shell;
 pub mod slots;
+pub mod task_error;
 pub mod testing;
 pub mod webhook;
 

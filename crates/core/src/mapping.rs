@@ -27,6 +27,8 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
+use crate::task_error::TaskError;
+
 /// Partition key of an item that matches any job name.
 pub const ANY_JOB: &str = "*";
 
@@ -874,8 +876,8 @@ pub const MATCHED_BY_GITLAB: &str = "gitlab";
 pub const API_TOKEN_PARAMETER: &str = "GitLabApiTokenParameterName";
 
 /// Why the mapper fails the workflow's MapJob step. Each has a stable `errorType`
-/// ([`MapError::error_type`]); those in [`MAP_JOB_RETRIED`] are retried by the workflow, the
-/// others fail at once; either way the workflow's Catch records it on the job's item.
+/// ([`MapError::error_type`]); those [`TaskError::is_retried`] are retried by the workflow,
+/// the others fail at once; either way the workflow's Catch records it on the job's item.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MapError {
     #[error(
@@ -895,18 +897,14 @@ pub enum MapError {
     Dependency(crate::webhook::PortError),
 }
 
-/// The `errorType`s the provision workflow's MapJob state retries
-/// (`statemachine/provision.asl.json`); the mapper's other errors fail the step at once.
-pub const MAP_JOB_RETRIED: [&str; 2] = ["GitLabUnavailable", "DependencyFailed"];
-
 impl MapError {
-    /// The `errorType` Step Functions sees.
-    pub fn error_type(&self) -> &'static str {
+    /// The `errorType` Step Functions sees; one of [`TaskError::MAPPER`].
+    pub fn error_type(&self) -> TaskError {
         match self {
-            Self::TokenMissing { .. } => "GitLabApiTokenMissing",
-            Self::GitLabUnavailable { .. } => "GitLabUnavailable",
-            Self::TokenRejected { .. } => "GitLabTokenRejected",
-            Self::Dependency(_) => "DependencyFailed",
+            Self::TokenMissing { .. } => TaskError::GitLabApiTokenMissing,
+            Self::GitLabUnavailable { .. } => TaskError::GitLabUnavailable,
+            Self::TokenRejected { .. } => TaskError::GitLabTokenRejected,
+            Self::Dependency(_) => TaskError::DependencyFailed,
         }
     }
 
@@ -1100,8 +1098,8 @@ mod tests {
         let e = map(GitLab(Ok(LookedUp::NotConfigured)), "docker-build")
             .await
             .unwrap_err();
-        assert_eq!(e.error_type(), "GitLabApiTokenMissing");
-        assert!(!MAP_JOB_RETRIED.contains(&e.error_type()));
+        assert_eq!(e.error_type(), TaskError::GitLabApiTokenMissing);
+        assert!(!e.error_type().is_retried());
         assert!(e.to_string().contains("GitLabApiTokenParameterName"), "{e}");
         let lambda = map(GitLab(Ok(LookedUp::NotConfigured)), "unit-test")
             .await
@@ -1119,16 +1117,16 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert_eq!(down.error_type(), "GitLabUnavailable");
-        assert!(MAP_JOB_RETRIED.contains(&down.error_type()));
+        assert_eq!(down.error_type(), TaskError::GitLabUnavailable);
+        assert!(down.error_type().is_retried());
         let refused = map(
             GitLab(Err(LookupError::Refused("GitLab answered 403".into()))),
             "unit-test",
         )
         .await
         .unwrap_err();
-        assert_eq!(refused.error_type(), "GitLabTokenRejected");
-        assert!(!MAP_JOB_RETRIED.contains(&refused.error_type()));
+        assert_eq!(refused.error_type(), TaskError::GitLabTokenRejected);
+        assert!(!refused.error_type().is_retried());
         assert!(refused.to_string().contains("read_api"), "{refused}");
         let token = map(
             GitLab(Err(LookupError::Token(PortError("ssm down".into())))),
@@ -1136,7 +1134,7 @@ mod tests {
         )
         .await
         .unwrap_err();
-        assert_eq!(token.error_type(), "DependencyFailed");
+        assert_eq!(token.error_type(), TaskError::DependencyFailed);
     }
 
     fn item(json: serde_json::Value) -> Result<Rule, RuleError> {

@@ -15,6 +15,7 @@ use ephemeral_core::lease::{Lease, LeaseRun, REAPER_LEASE, with_lease};
 use ephemeral_core::mapping::{Executor, MapperOutput};
 use ephemeral_core::metrics::{emf_count, emf_value};
 use ephemeral_core::slots::Capped;
+use ephemeral_core::task_error::TaskError;
 use ephemeral_core::webhook::PortError;
 use ephemeral_gitlab::{GitLabClient, Registration, RetryPolicy};
 use serde::{Deserialize, Serialize};
@@ -335,7 +336,7 @@ impl Functions {
                 pipeline_id = job.pipeline_id,
                 job_id = job.job_id,
                 delivery_id = %job.delivery_id,
-                error_type = e.error_type(),
+                error_type = %e.error_type(),
                 error = %e,
                 "lambda runner provisioning failed"
             ),
@@ -473,7 +474,7 @@ fn log_provisioned(job: &JobEvent, result: &Result<Provisioned, HandlerError>, n
                 pipeline_id = job.pipeline_id,
                 job_id = job.job_id,
                 delivery_id = %job.delivery_id,
-                error_type = e.error_type(),
+                error_type = %e.error_type(),
                 error = %e,
                 "provisioning failed"
             );
@@ -579,37 +580,29 @@ fn log_reaped(report: &ReapReport, now_ms: u64) {
     );
 }
 
-/// The provision step's error types that the provision workflow retries
-/// (`statemachine/provision.asl.json`, state `ProvisionEc2Runner`): a later attempt can fix
-/// them. Every other one (`LaunchRefused`, `Ec2Misconfigured`, `Ec2NotConfigured`, ...) fails
-/// the step at once and is recorded on the job's item by the workflow's `Catch`.
-pub const PROVISION_RETRIED: [&str; 4] = [
-    "Ec2Unavailable",
-    "ProvisionStepFailed",
-    "DependencyFailed",
-    "GitLabRunnerNotCreated",
-];
-
 impl HandlerError {
-    /// The `errorType` Step Functions sees: stable names a `Catch` or `Retry` can match.
-    pub fn error_type(&self) -> &'static str {
+    /// The `errorType` Step Functions sees: one of [`TaskError::EC2_PROVISION`] or
+    /// [`TaskError::EC2_TEARDOWN`] (the reaper's `FleetMisconfigured` goes to its schedule).
+    pub fn error_type(&self) -> TaskError {
         match self {
-            Self::Provision(ProvisionError::NoCapacity { .. }) => "NoCapacity",
-            Self::Provision(ProvisionError::LaunchUnavailable { .. }) => "Ec2Unavailable",
-            Self::Provision(ProvisionError::RunnerNotCreated { .. }) => "GitLabRunnerNotCreated",
+            Self::Provision(ProvisionError::NoCapacity { .. }) => TaskError::NoCapacity,
+            Self::Provision(ProvisionError::LaunchUnavailable { .. }) => TaskError::Ec2Unavailable,
+            Self::Provision(ProvisionError::RunnerNotCreated { .. }) => {
+                TaskError::GitLabRunnerNotCreated
+            }
             Self::Provision(ProvisionError::Plan(_) | ProvisionError::UserData(_)) => {
-                "Ec2Misconfigured"
+                TaskError::Ec2Misconfigured
             }
-            Self::Provision(ProvisionError::LaunchRefused { .. }) => "LaunchRefused",
+            Self::Provision(ProvisionError::LaunchRefused { .. }) => TaskError::LaunchRefused,
             Self::Provision(ProvisionError::Step { .. } | ProvisionError::SlotInFlight { .. }) => {
-                "ProvisionStepFailed"
+                TaskError::ProvisionStepFailed
             }
-            Self::Teardown(_) => "TeardownStepFailed",
-            Self::Port(_) => "DependencyFailed",
-            Self::Config(_) => "FleetMisconfigured",
-            Self::NotAnEc2Route { .. } => "NotAnEc2Route",
-            Self::Ec2NotConfigured { .. } => "Ec2NotConfigured",
-            Self::LambdaRunnerNotConfigured { .. } => "LambdaRunnerNotConfigured",
+            Self::Teardown(_) => TaskError::TeardownStepFailed,
+            Self::Port(_) => TaskError::DependencyFailed,
+            Self::Config(_) => TaskError::FleetMisconfigured,
+            Self::NotAnEc2Route { .. } => TaskError::NotAnEc2Route,
+            Self::Ec2NotConfigured { .. } => TaskError::Ec2NotConfigured,
+            Self::LambdaRunnerNotConfigured { .. } => TaskError::LambdaRunnerNotConfigured,
         }
     }
 }
@@ -617,7 +610,7 @@ impl HandlerError {
 impl From<HandlerError> for lambda_runtime::Diagnostic {
     fn from(e: HandlerError) -> Self {
         Self {
-            error_type: e.error_type().to_owned(),
+            error_type: e.error_type().name(),
             error_message: e.to_string(),
         }
     }
@@ -627,39 +620,32 @@ impl From<HandlerError> for lambda_runtime::Diagnostic {
 mod tests {
     use super::*;
 
-    /// A state of the provision definition that calls this function, as the workflow runs it.
-    fn provision_state(name: &str) -> serde_json::Value {
-        let definition: serde_json::Value =
-            serde_json::from_str(include_str!("../../../statemachine/provision.asl.json")).unwrap();
-        definition["States"][name].clone()
-    }
-
+    /// The errors this crate's own checks raise answer with a name the workflow expects from
+    /// its step (`tests/task_errors_contract.rs` in the core checks the definitions).
     #[test]
-    fn the_workflow_retries_exactly_the_retryable_errors_and_records_the_rest() {
-        for name in ["ProvisionEc2Runner", "ProvisionLambdaRunner"] {
-            retries_exactly_the_retryable_errors(&provision_state(name));
+    fn the_steps_answer_with_the_names_the_workflows_expect() {
+        let job_id = 1;
+        for e in [
+            HandlerError::Ec2NotConfigured {
+                job_id,
+                matched: "default".into(),
+            },
+            HandlerError::NotAnEc2Route {
+                job_id,
+                kind: "LAMBDA",
+            },
+            HandlerError::LambdaRunnerNotConfigured { job_id },
+            HandlerError::Port(PortError("ssm down".into())),
+        ] {
+            assert!(TaskError::EC2_PROVISION.contains(&e.error_type()), "{e}");
         }
-    }
-
-    fn retries_exactly_the_retryable_errors(state: &serde_json::Value) {
-        let retried: Vec<&str> = state["Retry"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .flat_map(|r| r["ErrorEquals"].as_array().unwrap())
-            .filter_map(|e| e.as_str())
-            .filter(|e| !e.starts_with("Lambda."))
-            .collect();
-        assert_eq!(retried, PROVISION_RETRIED);
-        let not_configured = HandlerError::Ec2NotConfigured {
-            job_id: 1,
-            matched: "default".into(),
-        };
-        assert!(!retried.contains(&not_configured.error_type()));
-        // ...and caught: RecordFailure puts provision_error / provision_cause on the item.
-        let catch = &state["Catch"][0];
-        assert_eq!(catch["ErrorEquals"], serde_json::json!(["States.ALL"]));
-        assert_eq!(catch["Next"], "RecordFailure");
+        let teardown = HandlerError::Teardown(TeardownError {
+            what: "delete the runner",
+            runner_id: 7,
+            error: PortError("GitLab down".into()),
+        });
+        assert!(TaskError::EC2_TEARDOWN.contains(&teardown.error_type()));
+        assert!(teardown.error_type().is_retried());
     }
 
     #[test]
@@ -669,7 +655,8 @@ mod tests {
             matched: "default".into(),
         };
         let text = e.to_string();
-        assert_eq!(e.error_type(), "Ec2NotConfigured");
+        assert_eq!(e.error_type(), TaskError::Ec2NotConfigured);
+        assert!(!e.error_type().is_retried());
         assert!(
             text.starts_with(
                 "job 42 was routed to EC2 (default), but EC2 runners are not configured"

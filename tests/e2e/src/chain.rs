@@ -29,6 +29,7 @@ use ephemeral_core::hook::JobEvent;
 use ephemeral_core::jobs::{JobKey, RouterOutcome, Started, Workflow, WorkflowInput};
 use ephemeral_core::lambda_runner::RunnerGrant;
 use ephemeral_core::mapping::Executor;
+use ephemeral_core::task_error::TaskError;
 use ephemeral_core::testing::{XorShift, expected_provisions, redelivered_job_events};
 use ephemeral_core::webhook::{DeadLetter, EventSink, PortError, QueuedHook};
 use fleet::{FleetSetup, Functions, ProvisionInput, ProvisionOutput, TeardownInput};
@@ -1391,7 +1392,8 @@ impl Chain {
     /// or the step failed: recorded like a failed EC2 provision).
     async fn lambda_runner(&self, job_key: &str, state: &serde_json::Value) -> Option<RunnerGrant> {
         let input: ProvisionInput = serde_json::from_value(state.clone()).unwrap();
-        for attempt in 0..4 {
+        let retries = crate::task_retries("provision.asl.json", "ProvisionLambdaRunner");
+        for attempt in 1.. {
             match self.fleet.provision_step(&input, fleet::now_ms()).await {
                 Ok(ProvisionOutput::Lambda(grant)) => {
                     self.note(
@@ -1402,10 +1404,7 @@ impl Chain {
                         .then_some(grant);
                 }
                 Ok(other) => panic!("a LAMBDA route answered {other:?}"),
-                Err(e)
-                    if attempt < 3
-                        && fleet::handlers::PROVISION_RETRIED.contains(&e.error_type()) =>
-                {
+                Err(e) if attempt < retries.attempts(&e.error_type().name()) => {
                     self.platform_retries.fetch_add(1, Ordering::SeqCst);
                 }
                 Err(e) => {
@@ -1450,7 +1449,12 @@ impl Chain {
     /// the error types the definition names).
     async fn provision_workflow(&self, input: WorkflowInput) {
         let decision = self
-            .retried("MapJob", 4, || self.mapper.handle(&input))
+            .retried(
+                "MapJob",
+                crate::task_retries("provision.asl.json", "MapJob")
+                    .attempts(&TaskError::GitLabUnavailable.name()),
+                || self.mapper.handle(&input),
+            )
             .await;
         // RecordRoute: a Step Functions DynamoDB task, retried 5 times on throttling.
         let kind = decision.decision.executor.kind();
@@ -1496,7 +1500,8 @@ impl Chain {
         let state = serde_json::json!({"job_key": input.job_key, "job": input.job,
                                        "mapped": {"decision": decision}});
         let provision_input: ProvisionInput = serde_json::from_value(state).unwrap();
-        for attempt in 0..4 {
+        let retries = crate::task_retries("provision.asl.json", "ProvisionEc2Runner");
+        for attempt in 1.. {
             match self
                 .fleet
                 .provision(&provision_input, fleet::now_ms())
@@ -1527,10 +1532,7 @@ impl Chain {
                     }
                     return;
                 }
-                Err(e)
-                    if attempt < 3
-                        && fleet::handlers::PROVISION_RETRIED.contains(&e.error_type()) =>
-                {
+                Err(e) if attempt < retries.attempts(&e.error_type().name()) => {
                     self.platform_retries.fetch_add(1, Ordering::SeqCst);
                 }
                 Err(e) => {
@@ -1578,15 +1580,16 @@ impl Chain {
         .await;
     }
 
-    /// TearDownRunners with the definition's retries (TeardownStepFailed, DependencyFailed: 3
-    /// more attempts); `false` when it failed, and the workflow ends in TeardownFailed.
+    /// TearDownRunners with the definition's retries; `false` when it failed, and the workflow
+    /// ends in TeardownFailed.
     async fn tear_down_runners(&self, input: &WorkflowInput) -> bool {
         let teardown = TeardownInput {
             job_key: input.job_key.clone(),
             job: input.job.clone(),
         };
         self.counts.lock().unwrap().teardowns += 1;
-        for attempt in 0.. {
+        let retries = crate::task_retries("teardown.asl.json", "TearDownRunners");
+        for attempt in 1.. {
             match self.fleet.teardown(&teardown).await {
                 Ok(done) => {
                     if done.skipped.is_some() {
@@ -1596,10 +1599,7 @@ impl Chain {
                     self.note(&input.job_key, format!("ec2-teardown: {json}"));
                     return true;
                 }
-                Err(e)
-                    if attempt < 3
-                        && matches!(e.error_type(), "TeardownStepFailed" | "DependencyFailed") =>
-                {
+                Err(e) if attempt < retries.attempts(&e.error_type().name()) => {
                     self.platform_retries.fetch_add(1, Ordering::SeqCst);
                 }
                 Err(e) => {

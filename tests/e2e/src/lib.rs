@@ -29,6 +29,18 @@ pub fn workspace_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The `Retry` of state `state` in `statemachine/<file>`, as Step Functions applies it: the
+/// harnesses that play a workflow's steps take their retries from the definition, so they
+/// retry what a deployed workflow would.
+pub fn task_retries(file: &str, state: &str) -> ephemeral_core::task_error::RetryRules {
+    let path = workspace_root().join("statemachine").join(file);
+    let definition: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let found = &definition["States"][state];
+    assert!(found.is_object(), "no state {state} in {}", path.display());
+    ephemeral_core::task_error::RetryRules::of_state(found).unwrap()
+}
+
 /// The venv `helper-scripts/install-tools` creates.
 pub fn tools_venv() -> PathBuf {
     std::env::var_os("EPHEMERAL_TOOLS_DIR")

@@ -267,7 +267,7 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
     route(&stack, &mut f.router, forwarded).await;
     let mut shell_jobs = Vec::new();
     for input in executions(&stack.sdk, &stack.provision_arn).await {
-        let decision = with_retries(&mut f.mapper, &input, 4, |_| true).await;
+        let decision = with_retries(&mut f.mapper, &input, |_| 4).await;
         let job_key = input["job_key"].as_str().unwrap().to_owned();
         // CheckDecision and RecordRoute read the answer's `type`.
         let kind = decision["type"]
@@ -287,29 +287,28 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
         if kind == "LAMBDA" {
             // ProvisionLambdaRunner: the stack's shared token (no runner made).
             let state = serde_json::json!({"job_key": job_key, "job": input["job"], "mapped": {"decision": decision}});
-            let grant = with_retries(&mut f.provision, &state, 4, |_| false).await;
+            let grant = with_retries(
+                &mut f.provision,
+                &state,
+                as_defined("provision.asl.json", "ProvisionLambdaRunner"),
+            )
+            .await;
             assert_eq!(grant["outcome"], "shared_token", "{grant}");
             // StartShellRunner: the invoke wakes the runner; the job comes from GitLab.
             shell_jobs.push(enqueue_shell_job(&stack.gitlab, &job_key));
             let payload =
                 serde_json::json!({"job_key": job_key, "job": input["job"], "runner": grant});
-            let answer = with_retries(&mut f.shell_runner, &payload, 1, |_| false).await;
+            let answer = with_retries(&mut f.shell_runner, &payload, |_| 1).await;
             assert_eq!(answer["outcome"], "ran", "shell runner: {answer}");
             *report.shell_invocations.entry(job_key).or_default() += 1;
             continue;
         }
         let state = serde_json::json!({"job_key": job_key, "job": input["job"], "mapped": {"decision": decision}});
-        let outcome = with_retries(&mut f.provision, &state, 4, |e| {
-            matches!(
-                e["errorType"].as_str(),
-                Some(
-                    "Ec2Unavailable"
-                        | "ProvisionStepFailed"
-                        | "DependencyFailed"
-                        | "GitLabRunnerNotCreated"
-                )
-            )
-        })
+        let outcome = with_retries(
+            &mut f.provision,
+            &state,
+            as_defined("provision.asl.json", "ProvisionEc2Runner"),
+        )
         .await;
         if outcome["outcome"] == "launched" {
             *report.launches.entry(job_key).or_default() += 1;
@@ -339,12 +338,11 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
         let item = stack.fleet.job_item(&job).await;
         let ec2 = item.get("route_type") == Some(&AttributeValue::S("EC2".into()));
         if ec2 || !input["job"]["runner"].is_null() {
-            with_retries(&mut f.teardown, &input, 4, |e| {
-                matches!(
-                    e["errorType"].as_str(),
-                    Some("TeardownStepFailed" | "DependencyFailed")
-                )
-            })
+            with_retries(
+                &mut f.teardown,
+                &input,
+                as_defined("teardown.asl.json", "TearDownRunners"),
+            )
             .await;
         }
     }
@@ -531,28 +529,36 @@ async fn start_all(stack: &Stack, endpoint: &str) -> Functions {
     }
 }
 
-/// Invokes until the answer is not a retryable error, at most `attempts` times; any other
-/// error fails the run with the function's own message.
+/// Invokes until the answer is not an error; `attempts` says how many attempts in all an
+/// error (`{errorType, errorMessage}`) gets, and one beyond them fails the run with the
+/// function's own message.
 async fn with_retries(
     process: &mut LambdaProcess,
     payload: &serde_json::Value,
-    attempts: u32,
-    retryable: impl Fn(&serde_json::Value) -> bool,
+    attempts: impl Fn(&serde_json::Value) -> u32,
 ) -> serde_json::Value {
     for attempt in 1.. {
         match process.invoke(payload).await {
             Answer::Ok(v) => return v,
             Answer::Error(e) => {
                 process.errors += 1;
+                let allowed = attempts(&e);
                 assert!(
-                    attempt < attempts && retryable(&e),
-                    "{} failed (attempt {attempt} of {attempts}): {e}",
+                    attempt < allowed,
+                    "{} failed (attempt {attempt} of {allowed}): {e}",
                     process.name
                 );
             }
         }
     }
     unreachable!()
+}
+
+/// The attempts the `Retry` of a Lambda task of the workflows gives the error its function
+/// answered (by `errorType`), as the definition says.
+fn as_defined(file: &str, state: &str) -> impl Fn(&serde_json::Value) -> u32 + use<> {
+    let rules = crate::task_retries(file, state);
+    move |e| rules.attempts(e["errorType"].as_str().unwrap_or_default())
 }
 
 /// Each hook as GitLab sends it: once (GitLab does not resend a hook answered 5xx; such a hook
@@ -684,7 +690,7 @@ async fn route(stack: &Stack, router: &mut LambdaProcess, forwarded: usize) {
     assert_eq!(envelopes.len(), forwarded, "events on the bus");
     for envelope in envelopes {
         if envelope["detail-type"] == "GitLab Job Event" {
-            with_retries(router, &envelope, 3, |_| true).await;
+            with_retries(router, &envelope, |_| 3).await;
         }
     }
 }

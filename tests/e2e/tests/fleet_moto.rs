@@ -10,6 +10,7 @@ use e2e_tests::loopback::{FaultProxy, ec2_error};
 use e2e_tests::{moto_endpoint, scan_items};
 use ephemeral_core::fleet::Provisioned;
 use ephemeral_core::hook::JobStatus;
+use ephemeral_core::task_error::TaskError;
 use ephemeral_core::testing::job_event;
 
 fn now_ms() -> u64 {
@@ -215,7 +216,7 @@ async fn a_step_that_launched_and_then_failed_is_retried_to_already_provisioned(
     assert!(
         matches!(
             failed.error_type(),
-            "ProvisionStepFailed" | "DependencyFailed"
+            TaskError::ProvisionStepFailed | TaskError::DependencyFailed
         ),
         "{}: {failed}: the workflow must retry it",
         failed.error_type()
@@ -570,7 +571,7 @@ async fn gitlab_failures_are_retried_then_fail_clearly_leaving_nothing() {
         .await
         .unwrap_err();
     let message = error.to_string();
-    assert_eq!(error.error_type(), "GitLabRunnerNotCreated");
+    assert_eq!(error.error_type(), TaskError::GitLabRunnerNotCreated);
     assert!(message.contains("POST /user/runners"), "{message}");
     assert!(message.contains("502"), "{message}");
     assert!(message.contains("4 attempts"), "{message}");
@@ -755,8 +756,8 @@ async fn a_stack_without_ec2_settings_starts_without_ssm_and_its_teardown_and_re
         .provision(&provision_input(&job, ec2_route()).0, now_ms())
         .await
         .unwrap_err();
-    assert_eq!(error.error_type(), "Ec2NotConfigured");
-    assert!(!fleet::handlers::PROVISION_RETRIED.contains(&error.error_type()));
+    assert_eq!(error.error_type(), TaskError::Ec2NotConfigured);
+    assert!(!error.error_type().is_retried());
     assert!(
         error.to_string().contains("RunnerApiTokenParameterName"),
         "{error}"

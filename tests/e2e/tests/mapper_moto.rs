@@ -8,6 +8,7 @@ use e2e_tests::*;
 use ephemeral_core::hook::JobStatus;
 use ephemeral_core::jobs::{JobKey, WorkflowInput};
 use ephemeral_core::mapping::Executor;
+use ephemeral_core::task_error::TaskError;
 use ephemeral_core::testing::job_event;
 use mapper::{DynamoMappingRules, GitLabJobs, Mapper, TokenSource};
 
@@ -129,7 +130,10 @@ async fn without_a_token_seed_items_route_by_name_and_an_ec2_route_fails_naming_
         .await
         .unwrap_err();
     let diagnostic = mapper::diagnostic(&e);
-    assert_eq!(diagnostic.error_type, "GitLabApiTokenMissing");
+    assert_eq!(
+        diagnostic.error_type,
+        TaskError::GitLabApiTokenMissing.name()
+    );
     assert!(
         diagnostic
             .error_message
@@ -137,7 +141,7 @@ async fn without_a_token_seed_items_route_by_name_and_an_ec2_route_fails_naming_
         "{}",
         diagnostic.error_message
     );
-    assert!(!ephemeral_core::mapping::MAP_JOB_RETRIED.contains(&e.error_type()));
+    assert!(!e.error_type().is_retried());
     let out = mapper.handle(&input(1, 12, "lint")).await.unwrap();
     assert_eq!(out.decision.matched, "default");
     assert_eq!(serde_json::to_value(&out).unwrap()["arn"], DEFAULT_ARN);
@@ -188,8 +192,8 @@ async fn gitlabs_status_and_tags_decide_and_a_gitlab_failure_fails_the_step() {
         .handle(&input(1, 23, "docker-build"))
         .await
         .unwrap_err();
-    assert_eq!(e.error_type(), "GitLabUnavailable", "{e}");
-    assert!(ephemeral_core::mapping::MAP_JOB_RETRIED.contains(&e.error_type()));
+    assert_eq!(e.error_type(), TaskError::GitLabUnavailable, "{e}");
+    assert!(e.error_type().is_retried());
     assert_eq!(gitlab.requests.load(Ordering::SeqCst) - before, 2);
 
     // The hook said pending; GitLab says otherwise: SKIP, naming GitLab's status. Each call
@@ -240,8 +244,8 @@ async fn a_token_gitlab_refuses_fails_the_step_at_once_telling_what_to_fix() {
         },
     };
     let e = mapper.handle(&input(1, 30, "lint")).await.unwrap_err();
-    assert_eq!(e.error_type(), "GitLabTokenRejected");
-    assert!(!ephemeral_core::mapping::MAP_JOB_RETRIED.contains(&e.error_type()));
+    assert_eq!(e.error_type(), TaskError::GitLabTokenRejected);
+    assert!(!e.error_type().is_retried());
     let text = e.to_string();
     assert!(
         text.contains("GitLabApiTokenParameterName") && text.contains("read_api"),

@@ -11,6 +11,7 @@ use e2e_tests::moto_endpoint;
 use ephemeral_core::fleet::Provisioned;
 use ephemeral_core::hook::{JobEvent, JobStatus};
 use ephemeral_core::slots::CapReached;
+use ephemeral_core::task_error::TaskError;
 use ephemeral_core::testing::job_event;
 
 fn now_ms() -> u64 {
@@ -77,7 +78,7 @@ async fn twelve_concurrent_provisions_under_a_cap_of_five_launch_five_and_seven_
     assert!(
         errors
             .iter()
-            .all(|e| e.error_type() == "ProvisionStepFailed"),
+            .all(|e| e.error_type() == TaskError::ProvisionStepFailed),
         "{errors:?}"
     );
     let already = outcomes
@@ -259,7 +260,7 @@ async fn a_launch_that_fails_gives_its_slot_back() {
         .provision(&provision_input(&job, ec2_route()).0, now_ms())
         .await
         .unwrap_err();
-    assert_eq!(e.error_type(), "LaunchRefused", "{e}");
+    assert_eq!(e.error_type(), TaskError::LaunchRefused, "{e}");
     assert!(proxy.fault_count() >= 1);
     assert_eq!(stack.slots_used("global").await, 0);
     assert!(stack.slot_items().await.is_empty());

@@ -19,6 +19,7 @@ use ephemeral_core::hook::JobStatus;
 use ephemeral_core::jobs::{JobKey, JobPhase, JobStore, WorkflowInput};
 use ephemeral_core::lambda_runner::RunnerGrant;
 use ephemeral_core::mapping::{Executor, Market};
+use ephemeral_core::task_error::{RetryRules, TaskError};
 use ephemeral_core::testing::job_event;
 use mapper::{DynamoMappingRules, GitLabJobs, Mapper, TokenSource};
 use router::aws::DynamoJobStore;
@@ -78,19 +79,9 @@ async fn create_from_file(
 }
 
 /// How many times MapJob's Retry retries an error the mapper answers with (0: not retried).
-fn map_job_retries(definition: &serde_json::Value, error_type: &str) -> u32 {
-    definition["States"]["MapJob"]["Retry"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|r| {
-            r["ErrorEquals"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|e| e == error_type || e == "States.ALL" || e == "States.TaskFailed")
-        })
-        .map_or(0, |r| r["MaxAttempts"].as_u64().unwrap() as u32)
+fn map_job_retries(definition: &serde_json::Value, error_type: TaskError) -> u32 {
+    let rules = RetryRules::of_state(&definition["States"]["MapJob"]).unwrap();
+    rules.attempts(&error_type.name()) - 1
 }
 
 async fn create_from_text(
@@ -481,13 +472,13 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
     };
     for (job_id, name, want_error, want_calls) in [
         // EC2 route (the docker-build item), no token: not retried.
-        (9, "docker-build", "GitLabApiTokenMissing", 1),
+        (9, "docker-build", TaskError::GitLabApiTokenMissing, 1),
         // GitLab 500: 1 call + MapJob's retries.
         (
             8,
             "docker-build",
-            "GitLabUnavailable",
-            1 + map_job_retries(&definition, "GitLabUnavailable"),
+            TaskError::GitLabUnavailable,
+            1 + map_job_retries(&definition, TaskError::GitLabUnavailable),
         ),
     ] {
         let event = job_event(9, job_id, name, JobStatus::Pending);
@@ -500,7 +491,7 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
             job_key: key.table_key(),
             job: event,
         };
-        let which = if want_error == "GitLabApiTokenMissing" {
+        let which = if want_error == TaskError::GitLabApiTokenMissing {
             &no_token
         } else {
             &mapper
@@ -517,7 +508,7 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
             }
         };
         assert_eq!(calls, want_calls, "{want_error}");
-        if want_error == "GitLabUnavailable" {
+        if want_error == TaskError::GitLabUnavailable {
             // Each call: the client's first try and its one retry.
             assert_eq!(
                 gitlab.requests.load(std::sync::atomic::Ordering::SeqCst) - before,
@@ -539,12 +530,12 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
             attribute(&sdk, &jobs, &key.table_key(), "provision_error")
                 .await
                 .as_deref(),
-            Some(want_error)
+            Some(want_error.name().as_str())
         );
         let cause = attribute(&sdk, &jobs, &key.table_key(), "provision_cause")
             .await
             .unwrap_or_default();
-        if want_error == "GitLabApiTokenMissing" {
+        if want_error == TaskError::GitLabApiTokenMissing {
             assert!(cause.contains("GitLabApiTokenParameterName"), "{cause}");
         }
         assert_eq!(

@@ -24,6 +24,7 @@ use ephemeral_core::jobs::{JobKey, RouterOutcome, Started, Workflow, WorkflowInp
 use ephemeral_core::mapping::Executor;
 use ephemeral_core::reconcile::{Reason, ReconcileSettings};
 use ephemeral_core::slots::{Capped, SlotCaps};
+use ephemeral_core::task_error::TaskError;
 use ephemeral_core::testing::XorShift;
 use ephemeral_gitlab::{GitLabClient, RetryPolicy, Secret};
 use fleet::{Functions, ProvisionInput, TeardownInput};
@@ -967,24 +968,23 @@ impl Liveness {
     /// `statemachine/provision.asl.json`, EC2 branch: MapJob (retried), RecordRoute,
     /// ProvisionEc2Runner (retried on the errors the definition names), RecordFailure.
     async fn provision_workflow(&mut self, input: WorkflowInput) {
-        // MapJob: the errors MAP_JOB_RETRIED names get 3 more tries; the Catch records any.
+        // MapJob: retried as the definition says; the Catch records any error.
         let mut decision = None;
-        for attempt in 0..4 {
+        let retries = crate::task_retries("provision.asl.json", "MapJob");
+        for attempt in 1.. {
             match self.mapper.handle(&input).await {
                 Ok(d) => {
                     decision = Some(d);
                     break;
                 }
-                Err(e)
-                    if attempt < 3
-                        && ephemeral_core::mapping::MAP_JOB_RETRIED.contains(&e.error_type()) => {}
+                Err(e) if attempt < retries.attempts(&e.error_type().name()) => {}
                 Err(e) => {
                     *self
                         .report
                         .provision_failures
-                        .entry(e.error_type().to_owned())
+                        .entry(e.error_type().name())
                         .or_default() += 1;
-                    self.record_failure(&input.job_key, e.error_type(), &e.to_string())
+                    self.record_failure(&input.job_key, &e.error_type().name(), &e.to_string())
                         .await;
                     return;
                 }
@@ -1027,7 +1027,8 @@ impl Liveness {
                                        "mapped": {"decision": decision}});
         let provision_input: ProvisionInput = serde_json::from_value(state).unwrap();
         let job_id = input.job.job_id;
-        for attempt in 0..4 {
+        let retries = crate::task_retries("provision.asl.json", "ProvisionEc2Runner");
+        for attempt in 1.. {
             let faults_before = self._fleet_proxy.fault_count();
             let result = self.fleet.provision(&provision_input, self.now_ms).await;
             self.report.faults.capacity_errors +=
@@ -1067,19 +1068,17 @@ impl Liveness {
                     }
                     return;
                 }
-                Err(e)
-                    if attempt < 3
-                        && fleet::handlers::PROVISION_RETRIED.contains(&e.error_type()) => {}
+                Err(e) if attempt < retries.attempts(&e.error_type().name()) => {}
                 Err(e) => {
-                    if e.error_type() == "NoCapacity" {
+                    if e.error_type() == TaskError::NoCapacity {
                         self.report.no_capacity_failures += 1;
                     }
                     *self
                         .report
                         .provision_failures
-                        .entry(e.error_type().to_owned())
+                        .entry(e.error_type().name())
                         .or_default() += 1;
-                    self.record_failure(&input.job_key, e.error_type(), &e.to_string())
+                    self.record_failure(&input.job_key, &e.error_type().name(), &e.to_string())
                         .await;
                     return;
                 }
@@ -1123,18 +1122,14 @@ impl Liveness {
                 job: input.job.clone(),
             };
             let mut ok = false;
-            for attempt in 0..4 {
+            let retries = crate::task_retries("teardown.asl.json", "TearDownRunners");
+            for attempt in 1.. {
                 match self.fleet.teardown(&teardown).await {
                     Ok(_) => {
                         ok = true;
                         break;
                     }
-                    Err(e)
-                        if attempt < 3
-                            && matches!(
-                                e.error_type(),
-                                "TeardownStepFailed" | "DependencyFailed"
-                            ) => {}
+                    Err(e) if attempt < retries.attempts(&e.error_type().name()) => {}
                     Err(e) => {
                         self.report.teardown_failures.push(format!(
                             "{}: {}: {e}",
