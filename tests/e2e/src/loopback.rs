@@ -123,27 +123,43 @@ pub struct RunnerApiState {
 /// /api/v4/projects/:id/jobs/:job_id` answers from `jobs` (status and runner). Requests
 /// without the expected `PRIVATE-TOKEN` get 401.
 ///
-/// A `wiremock` server with one stateful responder, the way `gitlab-runner-mock` builds its
-/// GitLab: wiremock serves on a thread of its own, so a test may block on a child process
-/// that calls it. Dropping the stand-in stops the server.
+/// On [`serve_stateful`]; dropping the stand-in stops its server.
 pub struct RunnerApiStandIn {
     pub url: String,
     pub state: Arc<Mutex<RunnerApiState>>,
     _server: wiremock::MockServer,
 }
 
-/// The stand-in's one responder: every request, answered from the shared state.
-struct Stateful {
-    state: Arc<Mutex<RunnerApiState>>,
-    api_token: String,
+/// A stateful responder: every request answered by one function (status, headers, body),
+/// the way `gitlab-runner-mock` answers from its state behind a mutex.
+struct Stateful<F>(F);
+
+impl<F> wiremock::Respond for Stateful<F>
+where
+    F: Fn(&Request) -> (u16, Vec<(String, String)>, String) + Send + Sync,
+{
+    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
+        let (status, headers, body) = (self.0)(&Request::from(request));
+        headers.into_iter().fold(
+            wiremock::ResponseTemplate::new(status).set_body_raw(body, "application/json"),
+            |answer, (k, v)| answer.insert_header(k.as_str(), v.as_str()),
+        )
+    }
 }
 
-impl wiremock::Respond for Stateful {
-    fn respond(&self, request: &wiremock::Request) -> wiremock::ResponseTemplate {
-        let request = Request::from(request);
-        let (status, body) = answer(&mut self.state.lock().unwrap(), &request, &self.api_token);
-        wiremock::ResponseTemplate::new(status).set_body_raw(body, "application/json")
-    }
+/// A wiremock server on loopback that answers every request with `answer`. wiremock serves
+/// on a thread of its own, so a test may block on a child process that calls it; dropping
+/// the server stops it.
+pub async fn serve_stateful<F>(answer: F) -> wiremock::MockServer
+where
+    F: Fn(&Request) -> (u16, Vec<(String, String)>, String) + Send + Sync + 'static,
+{
+    let server = wiremock::MockServer::start().await;
+    wiremock::Mock::given(wiremock::matchers::any())
+        .respond_with(Stateful(answer))
+        .mount(&server)
+        .await;
+    server
 }
 
 impl From<&wiremock::Request> for Request {
@@ -167,18 +183,17 @@ impl From<&wiremock::Request> for Request {
 
 impl RunnerApiStandIn {
     pub async fn start(api_token: &str, first_id: u64) -> Self {
-        let server = wiremock::MockServer::start().await;
         let state = Arc::new(Mutex::new(RunnerApiState {
             next_id: first_id,
             ..Default::default()
         }));
-        wiremock::Mock::given(wiremock::matchers::any())
-            .respond_with(Stateful {
-                state: state.clone(),
-                api_token: api_token.to_owned(),
-            })
-            .mount(&server)
-            .await;
+        let shared = state.clone();
+        let api_token = api_token.to_owned();
+        let server = serve_stateful(move |request| {
+            let (status, body) = answer(&mut shared.lock().unwrap(), request, &api_token);
+            (status, Vec::new(), body)
+        })
+        .await;
         Self {
             url: server.uri(),
             state,

@@ -41,7 +41,7 @@ async fn stolen_token_is_refused(sim: &GitLabSim, token: &str) -> u16 {
 async fn a_lambda_job_runs_on_its_own_runner_whose_token_is_useless_after_the_job() {
     let stack = fleet_stack().await;
     let first_runner = u64::from(std::process::id()) * 1000 + 500_000_000;
-    let sim = GitLabSim::start(API_TOKEN, first_runner, &[PROJECT]);
+    let sim = GitLabSim::start(API_TOKEN, first_runner, &[PROJECT]).await;
     let job = job_event(PROJECT, 4242, "unit", JobStatus::Pending);
     {
         let mut gitlab = sim.state();

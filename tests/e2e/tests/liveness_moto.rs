@@ -30,9 +30,9 @@ fn runner(
     token
 }
 
-#[test]
-fn a_runner_gets_the_oldest_pending_job_its_tags_and_scope_allow() {
-    let sim = GitLabSim::start(TOKEN, 100, &[1]);
+#[tokio::test]
+async fn a_runner_gets_the_oldest_pending_job_its_tags_and_scope_allow() {
+    let sim = GitLabSim::start(TOKEN, 100, &[1]).await;
     let mut s = sim.state();
     s.add_pending_job(1, 10, 3, "newest", &["docker"], 3_000);
     s.add_pending_job(1, 10, 2, "needs-gpu", &["docker", "gpu"], 1_000);
@@ -74,7 +74,7 @@ fn a_runner_gets_the_oldest_pending_job_its_tags_and_scope_allow() {
 
 #[tokio::test]
 async fn the_pending_list_pages_the_way_the_gitlab_client_follows() {
-    let sim = GitLabSim::start(TOKEN, 100, &[1]);
+    let sim = GitLabSim::start(TOKEN, 100, &[1]).await;
     {
         let mut s = sim.state();
         s.now_ms = 1_000_000;

@@ -8,19 +8,16 @@
 //! the job (the shell runner), the job protocol: the job's script in `jobs/request`, trace
 //! appends, the final status update, and a runner deleting itself with its own token
 //! (`DELETE /runners`), after which that token is refused. Modelled on collabora's
-//! `gitlab-runner-mock` (state behind a mutex, one handler per endpoint), on the loopback
-//! server of `crate::loopback` (one request per connection, a thread that ends with the
-//! test process).
+//! `gitlab-runner-mock` (state behind a mutex, one handler per endpoint), served by wiremock
+//! (`crate::loopback::serve_stateful`).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::io::Write as _;
-use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use ephemeral_core::hook::{JobEvent, JobStatus, RunnerRef};
 use ephemeral_core::testing::job_event;
 
-use crate::loopback::{Request, read_request};
+use crate::loopback::{Request, serve_stateful};
 
 /// One job, as GitLab holds it.
 #[derive(Debug, Clone)]
@@ -286,16 +283,15 @@ pub fn iso8601(ms: u64) -> String {
     )
 }
 
-/// The stand-in's HTTP server.
+/// The stand-in's HTTP server (on [`serve_stateful`]; dropping it stops the server).
 pub struct GitLabSim {
     pub url: String,
     pub state: Arc<Mutex<GitLabState>>,
+    _server: wiremock::MockServer,
 }
 
 impl GitLabSim {
-    pub fn start(api_token: &str, first_runner_id: u64, hooked: &[u64]) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
+    pub async fn start(api_token: &str, first_runner_id: u64, hooked: &[u64]) -> Self {
         let state = Arc::new(Mutex::new(GitLabState {
             next_runner_id: first_runner_id,
             hooked_projects: hooked.iter().copied().collect(),
@@ -303,38 +299,19 @@ impl GitLabSim {
         }));
         let shared = state.clone();
         let api_token = api_token.to_owned();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                let Some(request) = read_request(&stream) else {
-                    continue;
-                };
-                let (status, headers, body) =
-                    answer(&mut shared.lock().unwrap(), &request, &api_token);
-                respond(&stream, status, &headers, &body);
-            }
-        });
-        Self { url, state }
+        let server =
+            serve_stateful(move |request| answer(&mut shared.lock().unwrap(), request, &api_token))
+                .await;
+        Self {
+            url: server.uri(),
+            state,
+            _server: server,
+        }
     }
 
     pub fn state(&self) -> MutexGuard<'_, GitLabState> {
         self.state.lock().unwrap()
     }
-}
-
-fn respond(mut stream: &TcpStream, status: u16, headers: &[(String, String)], body: &str) {
-    let mut head = format!(
-        "HTTP/1.1 {status} Status\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    head.push_str(body);
-    // One write: a second small one would wait for the client's delayed ACK (Nagle).
-    let _ = stream.set_nodelay(true);
-    let _ = stream.write_all(head.as_bytes());
 }
 
 /// The query's value of `name` (first occurrence), `scope[]` and `scope%5B%5D` alike.

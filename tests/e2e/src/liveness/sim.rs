@@ -362,7 +362,7 @@ impl Liveness {
         let sdk = sdk_config_at(&endpoint);
         let fleet_stack = fleet_stack_in(sdk.clone()).await;
         let first_runner = 500_000 + u64::from(std::process::id() % 1000) * 10_000;
-        let gitlab = GitLabSim::start(API_TOKEN, first_runner, &[PROJECT]);
+        let gitlab = GitLabSim::start(API_TOKEN, first_runner, &[PROJECT]).await;
 
         // The webhook's DynamoDB and EventBridge calls fail `webhook_fault_percent` of the time;
         // its SDK retries throttles quickly (real backoff would only slow the run).
