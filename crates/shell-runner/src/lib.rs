@@ -971,6 +971,37 @@ impl ShellJob {
 
     /// gitlab-runner's restore_cache stage: for each `cache:` entry that pulls, its key, then
     /// its fallback keys, then CACHE_FALLBACK_KEY, until one is found. Never fails the job.
+    /// Whether the cache entry's `policy` lets this transfer happen, saying in the job's log
+    /// (as gitlab-runner does) why not.
+    fn cache_policy_allows(
+        &mut self,
+        policy: &str,
+        vars: &std::collections::HashMap<String, String>,
+        key: &str,
+        transfer: Transfer,
+    ) -> bool {
+        let parsed =
+            ephemeral_core::cache::Policy::parse(&ephemeral_core::cache::expand(policy, vars));
+        match parsed {
+            Ok(p) if transfer == Transfer::Download && p.pulls() => true,
+            Ok(p) if transfer == Transfer::Upload && p.pushes() => true,
+            Ok(_) => {
+                let verb = match transfer {
+                    Transfer::Download => "downloading",
+                    Transfer::Upload => "uploading",
+                };
+                self.trace
+                    .line(&format!("Not {verb} cache {key} due to policy"));
+                false
+            }
+            Err(e) => {
+                self.trace
+                    .line(&format!("\x1b[0;33mWARNING: {e} for {key}\x1b[0;m"));
+                false
+            }
+        }
+    }
+
     async fn restore_caches(&mut self, deadline: Instant, cancel: &CancellationToken) {
         let job = self.job.clone();
         let specs: Vec<_> = job
@@ -1009,21 +1040,8 @@ impl ShellJob {
                     .line("Skipping cache extraction due to empty cache key");
                 continue;
             };
-            match ephemeral_core::cache::Policy::parse(&ephemeral_core::cache::expand(
-                spec.policy(),
-                &vars,
-            )) {
-                Ok(policy) if policy.pulls() => {}
-                Ok(_) => {
-                    self.trace
-                        .line(&format!("Not downloading cache {first} due to policy"));
-                    continue;
-                }
-                Err(e) => {
-                    self.trace
-                        .line(&format!("\x1b[0;33mWARNING: {e} for {first}\x1b[0;m"));
-                    continue;
-                }
+            if !self.cache_policy_allows(spec.policy(), &vars, first, Transfer::Download) {
+                continue;
             }
             for key in &keys {
                 self.trace.line(&format!("Checking cache for {key}..."));
@@ -1130,21 +1148,8 @@ impl ShellJob {
                     .line("Skipping cache archiving due to empty cache key");
                 continue;
             };
-            match ephemeral_core::cache::Policy::parse(&ephemeral_core::cache::expand(
-                spec.policy(),
-                &vars,
-            )) {
-                Ok(policy) if policy.pushes() => {}
-                Ok(_) => {
-                    self.trace
-                        .line(&format!("Not uploading cache {key} due to policy"));
-                    continue;
-                }
-                Err(e) => {
-                    self.trace
-                        .line(&format!("\x1b[0;33mWARNING: {e} for {key}\x1b[0;m"));
-                    continue;
-                }
+            if !self.cache_policy_allows(spec.policy(), &vars, &key, Transfer::Upload) {
+                continue;
             }
             let Some(object) = ephemeral_core::cache::object_key(project, &key) else {
                 self.trace.line(&format!(
@@ -1461,6 +1466,13 @@ pub fn new_system_id() -> String {
         let _ = f.read_exact(&mut random);
     }
     shell::system_id(&random)
+}
+
+/// Which way a cache archive goes: restored before the script, saved after it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    Download,
+    Upload,
 }
 
 #[cfg(test)]
