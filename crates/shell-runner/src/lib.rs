@@ -995,8 +995,7 @@ impl ShellJob {
                 false
             }
             Err(e) => {
-                self.trace
-                    .line(&format!("\x1b[0;33mWARNING: {e} for {key}\x1b[0;m"));
+                self.trace.warning(&format!("{e} for {key}"));
                 false
             }
         }
@@ -1032,8 +1031,7 @@ impl ShellJob {
                 &mut warnings,
             );
             for warning in warnings {
-                self.trace
-                    .line(&format!("\x1b[0;33mWARNING: {warning}\x1b[0;m"));
+                self.trace.warning(&warning);
             }
             let Some(first) = keys.first() else {
                 self.trace
@@ -1046,9 +1044,8 @@ impl ShellJob {
             for key in &keys {
                 self.trace.line(&format!("Checking cache for {key}..."));
                 let Some(object) = ephemeral_core::cache::object_key(project, key) else {
-                    self.trace.line(&format!(
-                        "\x1b[0;33mWARNING: cache key {key:?} leaves the project's cache\x1b[0;m"
-                    ));
+                    self.trace
+                        .warning(&format!("cache key {key:?} leaves the project's cache"));
                     continue;
                 };
                 let downloaded = tokio::select! {
@@ -1059,27 +1056,25 @@ impl ShellJob {
                 match downloaded {
                     Ok(true) => {}
                     Ok(false) => {
-                        self.trace.line(&format!(
-                            "\x1b[0;33mWARNING: no cache archive for {key} yet\x1b[0;m"
-                        ));
+                        self.trace
+                            .warning(&format!("no cache archive for {key} yet"));
                         continue;
                     }
                     Err(e) => {
-                        self.trace.line(&format!(
-                            "\x1b[0;33mWARNING: Failed to download cache {key}: {e}\x1b[0;m"
-                        ));
+                        self.trace
+                            .warning(&format!("Failed to download cache {key}: {e}"));
                         continue;
                     }
                 }
                 let (from, dir) = (archive.clone(), self.project_dir.clone());
                 let extracted =
-                    tokio::task::spawn_blocking(move || cache::extract(&from, &dir)).await;
+                    joined(tokio::task::spawn_blocking(move || cache::extract(&from, &dir)).await);
                 let _ = tokio::fs::remove_file(&archive).await;
                 match extracted {
-                    Ok(Ok(done)) => {
+                    Ok(done) => {
                         for refused in &done.refused {
-                            self.trace.line(&format!(
-                                "\x1b[0;33mWARNING: {refused}: not extracted, it would be written outside the project directory\x1b[0;m"
+                            self.trace.warning(&format!(
+                                "{refused}: not extracted, it would be written outside the project directory"
                             ));
                         }
                         self.trace.line(&format!(
@@ -1088,12 +1083,9 @@ impl ShellJob {
                         ));
                         break;
                     }
-                    Ok(Err(e)) => self.trace.line(&format!(
-                        "\x1b[0;33mWARNING: Failed to extract cache {key}: {e}\x1b[0;m"
-                    )),
-                    Err(e) => self.trace.line(&format!(
-                        "\x1b[0;33mWARNING: Failed to extract cache {key}: {e}\x1b[0;m"
-                    )),
+                    Err(e) => self
+                        .trace
+                        .warning(&format!("Failed to extract cache {key}: {e}")),
                 }
             }
         }
@@ -1140,8 +1132,7 @@ impl ShellJob {
                 &ephemeral_core::cache::primary_key(spec.key(), &vars),
             );
             if let Some(warning) = warning {
-                self.trace
-                    .line(&format!("\x1b[0;33mWARNING: {warning}\x1b[0;m"));
+                self.trace.warning(&warning);
             }
             let Some(key) = key else {
                 self.trace
@@ -1152,9 +1143,8 @@ impl ShellJob {
                 continue;
             }
             let Some(object) = ephemeral_core::cache::object_key(project, &key) else {
-                self.trace.line(&format!(
-                    "\x1b[0;33mWARNING: cache key {key:?} leaves the project's cache\x1b[0;m"
-                ));
+                self.trace
+                    .warning(&format!("cache key {key:?} leaves the project's cache"));
                 continue;
             };
             let mut paths = Vec::new();
@@ -1180,24 +1170,17 @@ impl ShellJob {
                 cache::archive(&candidates, &paths, untracked, &out)
             })
             .await;
-            let count = match archived {
-                Ok(Ok(count)) => count,
-                Ok(Err(e)) => {
-                    self.trace.line(&format!(
-                        "\x1b[0;33mWARNING: Failed to create cache {key}: {e}\x1b[0;m"
-                    ));
-                    continue;
-                }
+            let count = match joined(archived) {
+                Ok(count) => count,
                 Err(e) => {
-                    self.trace.line(&format!(
-                        "\x1b[0;33mWARNING: Failed to create cache {key}: {e}\x1b[0;m"
-                    ));
+                    self.trace
+                        .warning(&format!("Failed to create cache {key}: {e}"));
                     continue;
                 }
             };
             if count == 0 {
-                self.trace.line(&format!(
-                    "\x1b[0;33mWARNING: no files match the cache paths of {key}: nothing uploaded\x1b[0;m"
+                self.trace.warning(&format!(
+                    "no files match the cache paths of {key}: nothing uploaded"
                 ));
                 let _ = tokio::fs::remove_file(&archive).await;
                 continue;
@@ -1209,9 +1192,9 @@ impl ShellJob {
             let _ = tokio::fs::remove_file(&archive).await;
             match uploaded {
                 Ok(()) => self.trace.line(&format!("Created cache ({count} files)")),
-                Err(e) => self.trace.line(&format!(
-                    "\x1b[0;33mWARNING: Failed to upload cache {key}: {e}\x1b[0;m"
-                )),
+                Err(e) => self
+                    .trace
+                    .warning(&format!("Failed to upload cache {key}: {e}")),
             }
         }
         self.trace.flush();
@@ -1466,6 +1449,15 @@ pub fn new_system_id() -> String {
         let _ = f.read_exact(&mut random);
     }
     shell::system_id(&random)
+}
+
+/// A blocking task's answer, its own error and a panic alike as text (for the job's log).
+fn joined<T, E: std::fmt::Display>(
+    answer: Result<Result<T, E>, tokio::task::JoinError>,
+) -> Result<T, String> {
+    answer
+        .map_err(|e| e.to_string())
+        .and_then(|r| r.map_err(|e| e.to_string()))
 }
 
 /// Which way a cache archive goes: restored before the script, saved after it.

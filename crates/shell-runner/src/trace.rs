@@ -43,6 +43,11 @@ impl Trace {
     }
 
     /// Releases what the masker held back (the end of a command's output).
+    /// A warning line, yellow in GitLab's job log as gitlab-runner writes its own.
+    pub fn warning(&self, text: &str) {
+        self.line(&format!("\x1b[0;33mWARNING: {text}\x1b[0;m"));
+    }
+
     pub fn flush(&self) {
         let out = self.masker.lock().expect("masker lock").finish();
         if !out.is_empty() {
