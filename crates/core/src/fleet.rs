@@ -65,9 +65,12 @@ pub enum InstanceState {
 }
 
 impl InstanceState {
+    /// The states [`is_live`](Self::is_live) accepts, for a query to ask EC2 for them only.
+    pub const LIVE: [Self; 4] = [Self::Pending, Self::Running, Self::Stopping, Self::Stopped];
+
     /// Still costs money or may still run a job.
     pub fn is_live(self) -> bool {
-        !matches!(self, Self::ShuttingDown | Self::Terminated)
+        Self::LIVE.contains(&self)
     }
 }
 
@@ -109,12 +112,19 @@ impl Instance {
 /// Which of the stack's instances to list.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum InstanceQuery {
-    /// Launched for this job (any attempt).
+    /// Launched for this job (any attempt), terminated ones included: what an operator reads.
     Job(JobKey),
-    /// Running this GitLab runner.
+    /// Launched for this job and [live](InstanceState::is_live): what provisioning may reuse.
+    LiveForJob(JobKey),
+    /// Running this GitLab runner, terminated ones included: their tags still say which
+    /// job's slot to give back.
     Runner(u64),
     /// All of them.
     All,
+    /// Every [live](InstanceState::is_live) one: what the reaper acts on. Terminated instances
+    /// stay listed for about an hour; asking for live ones keeps a busy stack's reaper and
+    /// provisioning from reading (and paging through) every job of the last hour.
+    Live,
 }
 
 /// One RunInstances call.
@@ -471,7 +481,7 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         .push((TAG_ATTEMPT.to_owned(), attempt.to_string()));
     let instances = ports
         .fleet
-        .instances(InstanceQuery::Job(key))
+        .instances(InstanceQuery::LiveForJob(key))
         .await
         .map_err(step("looking for the job's instance"))?;
     // Only this attempt's instance is this step's: an older attempt's may be running another
@@ -1256,7 +1266,7 @@ pub async fn reaper_pass<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger,
     now_ms: u64,
 ) -> Result<ReapReport, PortError> {
     let mut report = ReapReport::default();
-    let instances = ports.fleet.instances(InstanceQuery::All).await?;
+    let instances = ports.fleet.instances(InstanceQuery::Live).await?;
     let live: HashSet<String> = instances
         .iter()
         .filter(|i| i.state.is_live())
@@ -1636,8 +1646,10 @@ mod tests {
                 .into_iter()
                 .filter(|i| match query {
                     InstanceQuery::Job(key) => i.job_key() == Some(key),
+                    InstanceQuery::LiveForJob(key) => i.state.is_live() && i.job_key() == Some(key),
                     InstanceQuery::Runner(id) => i.runner_id() == Some(id),
                     InstanceQuery::All => true,
+                    InstanceQuery::Live => i.state.is_live(),
                 })
                 .collect())
         }

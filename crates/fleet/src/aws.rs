@@ -53,6 +53,36 @@ fn state_of(name: Option<&InstanceStateName>) -> InstanceState {
     }
 }
 
+/// EC2's name for a state (the inverse of [`state_of`]).
+fn ec2_state_name(state: InstanceState) -> InstanceStateName {
+    match state {
+        InstanceState::Pending => InstanceStateName::Pending,
+        InstanceState::Running => InstanceStateName::Running,
+        InstanceState::Stopping => InstanceStateName::Stopping,
+        InstanceState::Stopped => InstanceStateName::Stopped,
+        InstanceState::ShuttingDown => InstanceStateName::ShuttingDown,
+        InstanceState::Terminated => InstanceStateName::Terminated,
+    }
+}
+
+fn instance_of(instance: &aws_sdk_ec2::types::Instance) -> Option<Instance> {
+    let tags: BTreeMap<String, String> = instance
+        .tags()
+        .iter()
+        .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
+        .collect();
+    Some(Instance {
+        id: instance.instance_id()?.to_owned(),
+        state: state_of(instance.state().and_then(|s| s.name())),
+        launched_at_ms: instance
+            .launch_time()
+            .and_then(|t| t.to_millis().ok())
+            .and_then(|ms| u64::try_from(ms).ok())
+            .unwrap_or(0),
+        tags,
+    })
+}
+
 fn launch_error<E, R>(e: aws_sdk_ec2::error::SdkError<E, R>) -> LaunchError
 where
     E: aws_sdk_ec2::error::ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -73,50 +103,39 @@ where
 
 impl Fleet for Ec2Fleet {
     async fn instances(&self, query: InstanceQuery) -> Result<Vec<Instance>, PortError> {
+        // The state filter first: it is the cheapest to apply, and moto applies filters in
+        // order (its tag filters scan every tag it holds).
+        let live = Filter::builder()
+            .name("instance-state-name")
+            .set_values(Some(
+                InstanceState::LIVE
+                    .map(|s| ec2_state_name(s).as_str().to_owned())
+                    .to_vec(),
+            ))
+            .build();
         let mut filters = vec![tag_filter(TAG_MANAGED_BY, &self.stack)];
         match query {
-            InstanceQuery::Job(key) => {
+            InstanceQuery::Job(key) | InstanceQuery::LiveForJob(key) => {
                 filters.push(tag_filter(TAG_PROJECT_ID, key.project_id.to_string()));
                 filters.push(tag_filter(TAG_JOB_ID, key.job_id.to_string()));
             }
             InstanceQuery::Runner(id) => filters.push(tag_filter(TAG_RUNNER_ID, id.to_string())),
-            InstanceQuery::All => {}
+            InstanceQuery::All | InstanceQuery::Live => {}
         }
+        if matches!(query, InstanceQuery::LiveForJob(_) | InstanceQuery::Live) {
+            filters.insert(0, live);
+        }
+        let mut pages = self
+            .ec2
+            .describe_instances()
+            .set_filters(Some(filters))
+            .into_paginator()
+            .send();
         let mut out = Vec::new();
-        let mut next: Option<String> = None;
-        loop {
-            let page = self
-                .ec2
-                .describe_instances()
-                .set_filters(Some(filters.clone()))
-                .set_next_token(next.take())
-                .send()
-                .await
-                .map_err(|e| port_error("EC2 DescribeInstances", e))?;
-            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
-                let Some(id) = instance.instance_id() else {
-                    continue;
-                };
-                let tags: BTreeMap<String, String> = instance
-                    .tags()
-                    .iter()
-                    .filter_map(|t| Some((t.key()?.to_owned(), t.value()?.to_owned())))
-                    .collect();
-                out.push(Instance {
-                    id: id.to_owned(),
-                    state: state_of(instance.state().and_then(|s| s.name())),
-                    launched_at_ms: instance
-                        .launch_time()
-                        .and_then(|t| t.to_millis().ok())
-                        .and_then(|ms| u64::try_from(ms).ok())
-                        .unwrap_or(0),
-                    tags,
-                });
-            }
-            match page.next_token() {
-                Some(token) if !token.is_empty() => next = Some(token.to_owned()),
-                _ => break,
-            }
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| port_error("EC2 DescribeInstances", e))?;
+            let found = page.reservations().iter().flat_map(|r| r.instances());
+            out.extend(found.filter_map(instance_of));
         }
         Ok(out)
     }
@@ -307,40 +326,31 @@ impl TokenVault for SsmTokenVault {
 
     async fn list(&self) -> Result<Vec<(String, u64)>, PortError> {
         // DescribeParameters: names and dates only, never a value.
+        let one_level = ParameterStringFilter::builder()
+            .key("Path")
+            .option("OneLevel")
+            .values(&self.prefix)
+            .build()
+            .map_err(|e| port_error("SSM filter", e))?;
+        let mut pages = self
+            .ssm
+            .describe_parameters()
+            .parameter_filters(one_level)
+            .into_paginator()
+            .send();
+        let prefix = format!("{}/", self.prefix);
         let mut out = Vec::new();
-        let mut next: Option<String> = None;
-        loop {
-            let page = self
-                .ssm
-                .describe_parameters()
-                .parameter_filters(
-                    ParameterStringFilter::builder()
-                        .key("Path")
-                        .option("OneLevel")
-                        .values(&self.prefix)
-                        .build()
-                        .map_err(|e| port_error("SSM filter", e))?,
-                )
-                .set_next_token(next.take())
-                .send()
-                .await
-                .map_err(|e| port_error("SSM DescribeParameters", e))?;
-            for p in page.parameters() {
-                let Some(name) = p.name() else { continue };
-                let Some(instance_id) = name.strip_prefix(&format!("{}/", self.prefix)) else {
-                    continue;
-                };
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| port_error("SSM DescribeParameters", e))?;
+            out.extend(page.parameters().iter().filter_map(|p| {
+                let instance_id = p.name()?.strip_prefix(&prefix)?;
                 let modified = p
                     .last_modified_date()
                     .and_then(|t| t.to_millis().ok())
                     .and_then(|ms| u64::try_from(ms).ok())
                     .unwrap_or(0);
-                out.push((instance_id.to_owned(), modified));
-            }
-            match page.next_token() {
-                Some(token) if !token.is_empty() => next = Some(token.to_owned()),
-                _ => break,
-            }
+                Some((instance_id.to_owned(), modified))
+            }));
         }
         Ok(out)
     }

@@ -36,6 +36,22 @@ fn n(v: impl ToString) -> AttributeValue {
     AttributeValue::N(v.to_string())
 }
 
+/// A slot item as [`SlotStore::held`] reports it (`None` for a counter item).
+fn held_slot(item: &HashMap<String, AttributeValue>) -> Option<HeldSlot> {
+    Some(HeldSlot {
+        job: JobKey {
+            project_id: num(item, ATTR_PROJECT_ID)?,
+            job_id: num(item, ATTR_JOB_ID)?,
+        },
+        // Taken before attempts had slots of their own: attempt 1.
+        attempt: num(item, ATTR_ATTEMPT)
+            .and_then(|a| u32::try_from(a).ok())
+            .filter(|a| *a >= 1)
+            .unwrap_or(1),
+        taken_at_ms: num(item, ATTR_TAKEN_AT_MS)?,
+    })
+}
+
 fn num(item: &HashMap<String, AttributeValue>, key: &str) -> Option<u64> {
     match item.get(key)? {
         AttributeValue::N(v) | AttributeValue::S(v) => v.parse().ok(),
@@ -231,36 +247,17 @@ impl SlotStore for DynamoSlots {
     }
 
     async fn held(&self) -> Result<Vec<HeldSlot>, PortError> {
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .consistent_read(true)
+            .into_paginator()
+            .send();
         let mut out = Vec::new();
-        let mut start: Option<HashMap<String, AttributeValue>> = None;
-        loop {
-            let page = self
-                .client
-                .scan()
-                .table_name(&self.table)
-                .consistent_read(true)
-                .set_exclusive_start_key(start.take())
-                .send()
-                .await
-                .map_err(|e| port_error("DynamoDB Scan (slots)", e))?;
-            out.extend(page.items().iter().filter_map(|item| {
-                Some(HeldSlot {
-                    job: JobKey {
-                        project_id: num(item, ATTR_PROJECT_ID)?,
-                        job_id: num(item, ATTR_JOB_ID)?,
-                    },
-                    // Taken before attempts had slots of their own: attempt 1.
-                    attempt: num(item, ATTR_ATTEMPT)
-                        .and_then(|a| u32::try_from(a).ok())
-                        .filter(|a| *a >= 1)
-                        .unwrap_or(1),
-                    taken_at_ms: num(item, ATTR_TAKEN_AT_MS)?,
-                })
-            }));
-            match page.last_evaluated_key() {
-                Some(key) if !key.is_empty() => start = Some(key.clone()),
-                _ => break,
-            }
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| port_error("DynamoDB Scan (slots)", e))?;
+            out.extend(page.items().iter().filter_map(held_slot));
         }
         Ok(out)
     }

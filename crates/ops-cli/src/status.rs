@@ -250,13 +250,7 @@ pub async fn status(out: &mut Outcome, ctx: &Context<'_>) -> Result<u8, Failure>
         None => None,
     };
     let instances = match ctx.stack.managed_by() {
-        Some(stack) => Some(
-            instances(ctx, stack, InstanceQuery::All)
-                .await?
-                .into_iter()
-                .filter(|i| i.state.is_live())
-                .collect::<Vec<_>>(),
-        ),
+        Some(stack) => Some(instances(ctx, stack, InstanceQuery::Live).await?),
         None => None,
     };
     let slots = slots(ctx).await?;

@@ -1200,3 +1200,87 @@ async fn the_reaper_destroys_nothing_while_gitlab_cannot_say_whether_the_runner_
     assert_eq!(report.killed.len(), 1, "{report:?}");
     assert!(stack.live_instances().await.is_empty());
 }
+
+/// The EC2 adapter's queries against moto: a terminated instance is listed for the job and
+/// the runner (its tags say which slot to give back) and left out of the live queries that
+/// provisioning and the reaper use (EC2 keeps terminated instances listed for about an hour).
+#[tokio::test]
+async fn live_queries_leave_out_terminated_instances() {
+    use ephemeral_core::fleet::{Fleet as _, InstanceQuery, InstanceState};
+    use ephemeral_core::jobs::JobKey;
+    let stack = fleet_stack().await;
+    let launch = |job: &str, runner: &str| {
+        let tags = aws_sdk_ec2::types::TagSpecification::builder()
+            .resource_type(aws_sdk_ec2::types::ResourceType::Instance)
+            .set_tags(Some(
+                [
+                    ("ephemeral-runners:managed-by", stack.name.as_str()),
+                    ("ephemeral-runners:project-id", "43"),
+                    ("ephemeral-runners:job-id", job),
+                    ("ephemeral-runners:runner-id", runner),
+                ]
+                .map(|(k, v)| aws_sdk_ec2::types::Tag::builder().key(k).value(v).build())
+                .to_vec(),
+            ))
+            .build();
+        stack
+            .ec2
+            .run_instances()
+            .image_id("ami-12c6146b")
+            .min_count(1)
+            .max_count(1)
+            .tag_specifications(tags)
+            .send()
+    };
+    let id = |out: aws_sdk_ec2::operation::run_instances::RunInstancesOutput| {
+        out.instances()[0].instance_id().unwrap().to_owned()
+    };
+    let old = id(launch("4301", "71").await.unwrap());
+    let new = id(launch("4301", "72").await.unwrap());
+    let other = id(launch("4302", "73").await.unwrap());
+    stack
+        .ec2
+        .terminate_instances()
+        .instance_ids(&old)
+        .send()
+        .await
+        .unwrap();
+    let fleet = fleet::aws::Ec2Fleet {
+        ec2: stack.ec2.clone(),
+        ssm: stack.ssm.clone(),
+        stack: stack.name.clone(),
+        security_group_ids: Vec::new(),
+        instance_profile_arn: None,
+    };
+    let ids = |query| {
+        let fleet = fleet.clone();
+        async move {
+            let mut found: Vec<(String, InstanceState)> = fleet
+                .instances(query)
+                .await
+                .unwrap()
+                .into_iter()
+                .map(|i| (i.id, i.state))
+                .collect();
+            found.sort_by(|a, b| a.0.cmp(&b.0));
+            found
+        }
+    };
+    let (terminated, running) = (InstanceState::Terminated, InstanceState::Running);
+    let mut both = vec![(old.clone(), terminated), (new.clone(), running)];
+    both.sort_by(|a, b| a.0.cmp(&b.0));
+    let job = JobKey {
+        project_id: 43,
+        job_id: 4301,
+    };
+    assert_eq!(ids(InstanceQuery::Job(job)).await, both);
+    assert_eq!(
+        ids(InstanceQuery::LiveForJob(job)).await,
+        [(new.clone(), running)]
+    );
+    assert_eq!(ids(InstanceQuery::Runner(71)).await, [(old, terminated)]);
+    let mut live = vec![(new, running), (other, running)];
+    live.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(ids(InstanceQuery::Live).await, live);
+    assert_eq!(ids(InstanceQuery::All).await.len(), 3);
+}
