@@ -14,31 +14,13 @@ mod common;
 use std::time::Instant;
 
 use common::job_rewriter::JobRewriter;
+use common::s3::{new_bucket, settings};
 use common::*;
 use ephemeral_core::secrets::Secret;
 use gitlab_runner_mock::{GitlabRunnerMock, MockJob, MockJobState};
 use serde_json::json;
-use shell_runner::cache::{CacheSettings, S3, S3Credentials};
+use shell_runner::cache::S3;
 use shell_runner::{Outcome, ShellRunner};
-
-fn moto() -> String {
-    std::env::var("MOTO_ENDPOINT").expect(
-        "MOTO_ENDPOINT: start `moto_server -H 127.0.0.1 -p 5102` and set MOTO_ENDPOINT=http://127.0.0.1:5102",
-    )
-}
-
-fn settings(bucket: &str) -> CacheSettings {
-    CacheSettings {
-        bucket: bucket.to_owned(),
-        region: "us-east-1".into(),
-        endpoint: Some(moto().parse().unwrap()),
-        credentials: S3Credentials {
-            access_key_id: "testing".into(),
-            secret_access_key: Secret::new("testing"),
-            session_token: None,
-        },
-    }
-}
 
 struct Cache {
     mock: GitlabRunnerMock,
@@ -50,19 +32,7 @@ struct Cache {
 
 impl Cache {
     async fn new() -> Self {
-        let bucket = format!(
-            "cache-test-{}",
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        );
-        let made = reqwest::Client::new()
-            .put(format!("{}/{bucket}", moto()))
-            .send()
-            .await
-            .unwrap();
-        assert!(made.status().is_success(), "{}", made.status());
+        let bucket = new_bucket().await;
         let mock = GitlabRunnerMock::start().await;
         let bridge = JobRewriter::start(mock.uri()).await;
         let root = tempfile::tempdir().unwrap();

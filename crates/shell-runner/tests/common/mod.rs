@@ -5,6 +5,7 @@
 
 pub mod git_server;
 pub mod job_rewriter;
+pub mod s3;
 
 use std::path::Path;
 use std::time::Duration;
