@@ -394,10 +394,7 @@ const MAY_BE_EMPTY: [&str; 3] = ["RUNNER_SHA256_ARM64", "RUNNER_SHA256_AMD64", "
 /// cache). Values must be plain (no quotes, spaces or shell metacharacters)
 /// and must not look like secrets.
 pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<String, UserDataError> {
-    let executor = match values.executor {
-        RunnerExecutor::Shell => "shell",
-        RunnerExecutor::Docker => "docker",
-    };
+    let executor = values.executor.to_string();
     let wait = values.wait_timeout_seconds.to_string();
     let pinned = |arch| values.runner.sha256(arch).unwrap_or_default();
     let privileged = if values.privileged { "true" } else { "false" };
@@ -405,7 +402,7 @@ pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<Strin
     let pairs: [(&'static str, &str); 12] = [
         ("GITLAB_URL", &values.gitlab_url),
         ("TOKEN_PARAMETER_PREFIX", &values.token_parameter_prefix),
-        ("EXECUTOR", executor),
+        ("EXECUTOR", &executor),
         ("DOCKER_IMAGE", &values.docker_image),
         ("PRIVILEGED", privileged),
         ("WAIT_TIMEOUT", &wait),

@@ -846,11 +846,9 @@ pub fn launch_warnings(outcome: &Provisioned) -> Vec<&'static str> {
     }
 }
 
-pub fn market_name(market: Market) -> &'static str {
-    match market {
-        Market::Spot => "spot",
-        Market::OnDemand => "on-demand",
-    }
+/// The market as items and the operator write it (its serde name: `spot`, `on-demand`).
+pub fn market_name(market: Market) -> String {
+    market.to_string()
 }
 
 /// Removes one runner and everything of it: the instance (a Lambda host has none), the

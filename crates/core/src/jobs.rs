@@ -11,6 +11,7 @@ use std::future::Future;
 use serde::{Deserialize, Serialize};
 
 use crate::hook::{JobEvent, JobStatus};
+use crate::mapping::ExecutorKind;
 use crate::metrics::charted;
 use crate::webhook::PortError;
 
@@ -178,8 +179,9 @@ pub enum Advance {
 /// as far as it holds one.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RecordedRoute {
-    /// `EC2`, `LAMBDA` (or `SKIP`).
-    pub executor: Option<String>,
+    /// `EC2`, `LAMBDA` (or `SKIP`); `None` when the item holds none (or a text that is no
+    /// kind).
+    pub executor: Option<ExecutorKind>,
     /// The mapping item that matched (`pk/sk`), or `default`.
     pub matched: Option<String>,
     /// When the provision step had the runner ready (`runner_ready_at_ms`), if it did.
@@ -291,7 +293,7 @@ impl Pickup {
     pub fn metric_line(&self) -> Option<String> {
         let queued_ms = self.queued_ms?;
         Some(charted::PICKUP_LATENCY.value_by(
-            &self.dimensions(),
+            &self.dimensions().each_ref().map(String::as_str),
             queued_ms,
             "Milliseconds",
             self.at_ms,
@@ -304,18 +306,24 @@ impl Pickup {
     pub fn ready_metric_line(&self) -> Option<String> {
         let ready = self.route.runner_ready_at_ms.filter(|r| *r <= self.at_ms)?;
         Some(charted::READY_TO_RUNNING.value_by(
-            &self.dimensions(),
+            &self.dimensions().each_ref().map(String::as_str),
             self.at_ms - ready,
             "Milliseconds",
             self.at_ms,
         ))
     }
 
-    fn dimensions(&self) -> [&str; 2] {
-        fn text(v: &Option<String>) -> &str {
-            v.as_deref().unwrap_or(UNKNOWN_ROUTE)
-        }
-        [text(&self.route.matched), text(&self.route.executor)]
+    fn dimensions(&self) -> [String; 2] {
+        [
+            self.route
+                .matched
+                .as_deref()
+                .unwrap_or(UNKNOWN_ROUTE)
+                .to_owned(),
+            self.route
+                .executor
+                .map_or_else(|| UNKNOWN_ROUTE.to_owned(), |k| k.to_string()),
+        ]
     }
 }
 
@@ -405,7 +413,7 @@ mod tests {
         let routed = Pickup::of(
             &event,
             RecordedRoute {
-                executor: Some("EC2".into()),
+                executor: Some(ExecutorKind::Ec2),
                 matched: Some("default".into()),
                 runner_ready_at_ms: Some(40),
             },

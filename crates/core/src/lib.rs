@@ -23,6 +23,7 @@ pub mod shell;
 pub mod slots;
 pub mod task_error;
 pub mod testing;
+pub mod text;
 pub mod webhook;
 
 pub use hook::{JobEvent, JobStatus, RunnerRef};

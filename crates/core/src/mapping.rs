@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 use crate::task_error::TaskError;
+use crate::text::{TextError, one_of, serde_text};
 
 /// Partition key of an item that matches any job name.
 pub const ANY_JOB: &str = "*";
@@ -46,11 +47,46 @@ pub enum Executor {
 }
 
 impl Executor {
-    pub fn kind(&self) -> &'static str {
+    pub fn kind(&self) -> ExecutorKind {
         match self {
-            Self::Lambda { .. } => "LAMBDA",
-            Self::Ec2(_) => "EC2",
-            Self::Skip => "SKIP",
+            Self::Lambda { .. } => ExecutorKind::Lambda,
+            Self::Ec2(_) => ExecutorKind::Ec2,
+            Self::Skip => ExecutorKind::Skip,
+        }
+    }
+}
+
+/// An [`Executor`]'s `type` without its settings: the text items, registry entries, the
+/// mapper's answer (`$.mapped.decision.type`, which the provision workflow's Choice states
+/// compare), the jobs table's `route_type` and the `Executor` metric dimension carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum ExecutorKind {
+    Lambda,
+    Ec2,
+    Skip,
+}
+serde_text!(ExecutorKind, Market, RunnerExecutor);
+
+impl ExecutorKind {
+    /// The kinds a route may name (a mapping item, a registry entry, the stack's default);
+    /// `SKIP` is the mapper's answer alone.
+    pub const ROUTES: [Self; 2] = [Self::Lambda, Self::Ec2];
+
+    /// The route kinds as a sentence's end: `LAMBDA or EC2`.
+    pub fn routes_text() -> String {
+        one_of(&Self::ROUTES.map(|k| k.to_string()))
+    }
+
+    /// A route's kind from its text; anything else, `SKIP` included, is answered with
+    /// [`Self::ROUTES`].
+    pub fn parse_route(text: &str) -> Result<Self, TextError> {
+        match text.parse() {
+            Ok(kind) if Self::ROUTES.contains(&kind) => Ok(kind),
+            _ => Err(TextError::not_one_of(
+                text,
+                Self::ROUTES.map(|k| k.to_string()),
+            )),
         }
     }
 }
@@ -189,7 +225,7 @@ impl Rule {
         let mut item = Map::new();
         item.insert("pk".into(), self.pk().into());
         item.insert("sk".into(), self.sk().into());
-        item.insert("type".into(), self.executor.kind().into());
+        item.insert("type".into(), self.executor.kind().to_string().into());
         match &self.executor {
             Executor::Lambda { arn } => {
                 item.insert("arn".into(), arn.clone().into());
@@ -202,13 +238,13 @@ impl Rule {
                     item.insert("ami".into(), a.to_text().into());
                 }
                 if let Some(m) = s.market {
-                    item.insert("market".into(), serde_json::to_value(m).expect("enum"));
+                    item.insert("market".into(), m.to_string().into());
                 }
                 if !s.subnets.is_empty() {
                     item.insert("subnets".into(), s.subnets.clone().into());
                 }
                 if let Some(e) = s.executor {
-                    item.insert("executor".into(), serde_json::to_value(e).expect("enum"));
+                    item.insert("executor".into(), e.to_string().into());
                 }
                 if let Some(p) = s.privileged {
                     item.insert("privileged".into(), p.into());
@@ -312,7 +348,19 @@ pub fn check_image(image: &str) -> Result<(), RuleError> {
     }
 }
 
+/// A route's executor from its `type` and the settings written beside it: each kind checks
+/// its own settings ([`lambda_route`], [`ec2_route`]).
 fn executor_from(kind: &str, fields: RouteFields) -> Result<Executor, RuleError> {
+    let kind = ExecutorKind::parse_route(kind).map_err(|e| err("type", e.to_string()))?;
+    match kind {
+        ExecutorKind::Lambda => lambda_route(fields),
+        ExecutorKind::Ec2 => ec2_route(fields).map(Executor::Ec2),
+        ExecutorKind::Skip => unreachable!("parse_route answers route kinds only"),
+    }
+}
+
+/// A LAMBDA route: its function's ARN, and none of the EC2 settings.
+fn lambda_route(fields: RouteFields) -> Result<Executor, RuleError> {
     let RouteFields {
         arn,
         instance_type,
@@ -323,98 +371,97 @@ fn executor_from(kind: &str, fields: RouteFields) -> Result<Executor, RuleError>
         privileged,
         image,
     } = fields;
-    match kind {
-        "LAMBDA" => {
-            let arn = arn.ok_or_else(|| {
-                err(
-                    "arn",
-                    "required when type is LAMBDA: the shell-runner function's ARN",
-                )
-            })?;
-            if !is_lambda_arn(arn) {
-                return Err(err(
-                    "arn",
-                    format!(
-                        "`{arn}` is not a Lambda function ARN (arn:aws:lambda:REGION:ACCOUNT:function:NAME)"
-                    ),
-                ));
-            }
-            // Settings a LAMBDA route cannot honour are errors, not silently dropped.
-            let privileged = privileged.map(|_| "set");
-            for (field, value) in [
-                ("instance_type", instance_type),
-                ("ami", ami),
-                ("market", market),
-                ("executor", executor),
-                ("privileged", privileged),
-                ("image", image),
-            ] {
-                if value.is_some() {
-                    return Err(err(field, "only applies to type EC2"));
-                }
-            }
-            if !subnets.is_empty() {
-                return Err(err("subnets", "only applies to type EC2"));
-            }
-            Ok(Executor::Lambda {
-                arn: arn.to_owned(),
-            })
-        }
-        "EC2" => {
-            if let Some(t) = instance_type
-                && (t.is_empty() || !t.contains('.'))
-            {
-                return Err(err(
-                    "instance_type",
-                    format!("`{t}` is not an instance type like t3.large"),
-                ));
-            }
-            let market = match market {
-                None => None,
-                Some("spot") => Some(Market::Spot),
-                Some("on-demand") => Some(Market::OnDemand),
-                Some(other) => {
-                    return Err(err("market", format!("`{other}`: use spot or on-demand")));
-                }
-            };
-            let executor = match executor {
-                None => None,
-                Some("shell") => Some(RunnerExecutor::Shell),
-                Some("docker") => Some(RunnerExecutor::Docker),
-                Some(other) => {
-                    return Err(err("executor", format!("`{other}`: use shell or docker")));
-                }
-            };
-            if let Some(image) = image {
-                check_image(image)?;
-                if executor == Some(RunnerExecutor::Shell) {
-                    return Err(err(
-                        "image",
-                        "only applies to executor docker (shell jobs run on the host)",
-                    ));
-                }
-            }
-            if let Some(bad) = subnets.iter().find(|s| !s.starts_with("subnet-")) {
-                return Err(err(
-                    "subnets",
-                    format!("`{bad}` is not a subnet id (subnet-...)"),
-                ));
-            }
-            Ok(Executor::Ec2(Ec2Settings {
-                instance_type: instance_type.map(str::to_owned),
-                ami: ami
-                    .map(AmiRef::parse)
-                    .transpose()
-                    .map_err(|e| err("ami", e))?,
-                market,
-                subnets,
-                executor,
-                privileged,
-                image: image.map(str::to_owned),
-            }))
-        }
-        other => Err(err("type", format!("`{other}`: use LAMBDA or EC2"))),
+    let arn = arn.ok_or_else(|| {
+        err(
+            "arn",
+            "required when type is LAMBDA: the shell-runner function's ARN",
+        )
+    })?;
+    if !is_lambda_arn(arn) {
+        return Err(err(
+            "arn",
+            format!(
+                "`{arn}` is not a Lambda function ARN (arn:aws:lambda:REGION:ACCOUNT:function:NAME)"
+            ),
+        ));
     }
+    // Settings a LAMBDA route cannot honour are errors, not silently dropped.
+    let privileged = privileged.map(|_| "set");
+    for (field, value) in [
+        ("instance_type", instance_type),
+        ("ami", ami),
+        ("market", market),
+        ("executor", executor),
+        ("privileged", privileged),
+        ("image", image),
+    ] {
+        if value.is_some() {
+            return Err(err(field, "only applies to type EC2"));
+        }
+    }
+    if !subnets.is_empty() {
+        return Err(err("subnets", "only applies to type EC2"));
+    }
+    Ok(Executor::Lambda {
+        arn: arn.to_owned(),
+    })
+}
+
+/// An EC2 route's settings, each checked (an `arn` beside them is not read).
+fn ec2_route(fields: RouteFields) -> Result<Ec2Settings, RuleError> {
+    let RouteFields {
+        arn: _,
+        instance_type,
+        ami,
+        market,
+        subnets,
+        executor,
+        privileged,
+        image,
+    } = fields;
+    if let Some(t) = instance_type
+        && (t.is_empty() || !t.contains('.'))
+    {
+        return Err(err(
+            "instance_type",
+            format!("`{t}` is not an instance type like t3.large"),
+        ));
+    }
+    let market: Option<Market> = market
+        .map(str::parse)
+        .transpose()
+        .map_err(|e: TextError| err("market", e.to_string()))?;
+    let executor: Option<RunnerExecutor> = executor
+        .map(str::parse)
+        .transpose()
+        .map_err(|e: TextError| err("executor", e.to_string()))?;
+    if let Some(image) = image {
+        check_image(image)?;
+        if executor == Some(RunnerExecutor::Shell) {
+            return Err(err(
+                "image",
+                "only applies to executor docker (shell jobs run on the host)",
+            ));
+        }
+    }
+    if let Some(bad) = subnets.iter().find(|s| !s.starts_with("subnet-")) {
+        return Err(err(
+            "subnets",
+            format!("`{bad}` is not a subnet id (subnet-...)"),
+        ));
+    }
+    Ok(Ec2Settings {
+        instance_type: instance_type.map(str::to_owned),
+        ami: ami
+            .map(AmiRef::parse)
+            .transpose()
+            .map_err(|e| err("ami", e))?,
+        market,
+        subnets,
+        executor,
+        privileged,
+        image: image.map(str::to_owned),
+    })
 }
 
 fn flag(item: &Map<String, Value>, field: &'static str) -> Result<Option<bool>, RuleError> {
@@ -491,7 +538,8 @@ pub fn rule_from_item(item: &Map<String, Value>) -> Result<Rule, RuleError> {
             .collect(),
     };
     check_tags(&tags).map_err(|e| err("sk", e.problem))?;
-    let kind = text(item, "type")?.ok_or_else(|| err("type", "missing: LAMBDA or EC2"))?;
+    let kind = text(item, "type")?
+        .ok_or_else(|| err("type", format!("missing: {}", ExecutorKind::routes_text())))?;
     let executor = executor_from(
         kind,
         RouteFields {
@@ -615,7 +663,7 @@ impl RegistryEntry {
         };
         Self {
             name: rule.job_name.clone(),
-            kind: rule.executor.kind().to_owned(),
+            kind: rule.executor.kind().to_string(),
             tags: rule.tags.clone(),
             lambda_arn,
             project: rule.project.as_ref().map(|p| match p {
@@ -624,15 +672,9 @@ impl RegistryEntry {
             }),
             instance_type: ec2.instance_type,
             ami: ec2.ami.map(|a| a.to_text()),
-            market: ec2.market.map(|m| match m {
-                Market::Spot => "spot".to_owned(),
-                Market::OnDemand => "on-demand".to_owned(),
-            }),
+            market: ec2.market.map(|m| m.to_string()),
             subnets: ec2.subnets,
-            executor: ec2.executor.map(|e| match e {
-                RunnerExecutor::Shell => "shell".to_owned(),
-                RunnerExecutor::Docker => "docker".to_owned(),
-            }),
+            executor: ec2.executor.map(|e| e.to_string()),
             privileged: ec2.privileged,
             image: ec2.image,
             description: rule.description.clone(),
@@ -1088,7 +1130,7 @@ mod tests {
                 .await
                 .unwrap();
             assert!(mapped.confirmed);
-            assert_eq!(mapped.output.decision.executor.kind(), "EC2");
+            assert_eq!(mapped.output.decision.executor.kind(), ExecutorKind::Ec2);
             assert_eq!(mapped.output.tags, Some(vec!["docker".to_owned()]));
         }
     }
@@ -1105,7 +1147,7 @@ mod tests {
             .await
             .unwrap();
         assert!(!lambda.confirmed);
-        assert_eq!(lambda.output.decision.executor.kind(), "LAMBDA");
+        assert_eq!(lambda.output.decision.executor.kind(), ExecutorKind::Lambda);
         assert_eq!(lambda.output.tags, None);
     }
 
@@ -1197,6 +1239,83 @@ mod tests {
             ),
             "privileged: must be true or false, found \"yes\""
         );
+    }
+
+    /// The texts an item may write are the enums' serde names, no more: what the mapper
+    /// answers, the registry writes and the workflows compare are one list.
+    #[test]
+    fn accepted_texts_are_exactly_the_serde_names() {
+        use crate::text::names;
+        assert_eq!(names::<Market>(), ["spot", "on-demand"]);
+        assert_eq!(names::<RunnerExecutor>(), ["shell", "docker"]);
+        assert_eq!(names::<ExecutorKind>(), ["LAMBDA", "EC2", "SKIP"]);
+        let refused = |json: serde_json::Value| item(json).unwrap_err().to_string();
+        for market in [Market::Spot, Market::OnDemand] {
+            let text = market.to_string();
+            assert_eq!(serde_json::to_value(market).unwrap(), text.as_str());
+            let rule = item(
+                serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "EC2", "market": text}),
+            )
+            .unwrap();
+            let Executor::Ec2(route) = &rule.executor else {
+                panic!("{rule:?}")
+            };
+            assert_eq!(route.market, Some(market));
+            assert_eq!(rule.to_item()["market"], text.as_str());
+            assert_eq!(RegistryEntry::from_rule(&rule).market, Some(text));
+        }
+        for executor in [RunnerExecutor::Shell, RunnerExecutor::Docker] {
+            let text = executor.to_string();
+            assert_eq!(serde_json::to_value(executor).unwrap(), text.as_str());
+            let rule = item(
+                serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "EC2", "executor": text}),
+            )
+            .unwrap();
+            assert_eq!(rule.to_item()["executor"], text.as_str());
+            assert_eq!(RegistryEntry::from_rule(&rule).executor, Some(text));
+        }
+        // Anything else (another spelling, the Rust name) is refused, naming the values.
+        for (field, value, problem) in [
+            ("market", "Spot", "`Spot`: use spot or on-demand"),
+            ("market", "on_demand", "`on_demand`: use spot or on-demand"),
+            ("executor", "Docker", "`Docker`: use shell or docker"),
+            ("executor", "podman", "`podman`: use shell or docker"),
+        ] {
+            let mut json = serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "EC2"});
+            json[field] = value.into();
+            assert_eq!(refused(json), format!("{field}: {problem}"));
+        }
+        for kind in ["SKIP", "lambda", "Ec2", "FARGATE"] {
+            assert_eq!(
+                refused(
+                    serde_json::json!({"pk": "job#a", "sk": "tags#", "type": kind, "arn": ARN})
+                ),
+                format!("type: `{kind}`: use LAMBDA or EC2")
+            );
+        }
+        assert_eq!(
+            refused(serde_json::json!({"pk": "job#a", "sk": "tags#"})),
+            "type: missing: LAMBDA or EC2"
+        );
+    }
+
+    /// An executor's kind is the `type` tag it serializes with (the mapper's answer).
+    #[test]
+    fn an_executors_kind_is_its_type_tag() {
+        for executor in [
+            Executor::Lambda { arn: ARN.into() },
+            Executor::Ec2(Ec2Settings::default()),
+            Executor::Skip,
+        ] {
+            let json = serde_json::to_value(&executor).unwrap();
+            assert_eq!(json["type"], executor.kind().to_string().as_str(), "{json}");
+            assert_eq!(
+                json["type"].as_str().unwrap().parse::<ExecutorKind>(),
+                Ok(executor.kind())
+            );
+        }
+        assert_eq!(ExecutorKind::routes_text(), "LAMBDA or EC2");
+        assert_eq!(ExecutorKind::parse_route("EC2"), Ok(ExecutorKind::Ec2));
     }
 
     #[test]

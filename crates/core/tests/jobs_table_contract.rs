@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 
 use ephemeral_core::jobs::JobPhase;
 use ephemeral_core::jobs_table::{ALL, KEY, attr};
+use ephemeral_core::mapping::ExecutorKind;
 use serde_json::Value;
 
 fn definition(name: &str) -> Value {
@@ -119,5 +120,8 @@ fn record_skip_writes_the_owned_attribute_and_ends_the_workflow() {
         .filter(|c| c["Next"] == "RecordSkip")
         .collect();
     assert_eq!(to_skip.len(), 1);
-    assert_eq!(to_skip[0]["And"][0]["StringEquals"], "SKIP");
+    assert_eq!(
+        to_skip[0]["And"][0]["StringEquals"],
+        ExecutorKind::Skip.to_string().as_str()
+    );
 }

@@ -49,7 +49,7 @@ fn seed_items_route_as_the_seed_intended_with_the_arn_as_a_string() {
 
     // Tags unknown (no API token): the seed took the name's item whatever its tags.
     let d = decide(&job("docker-build", None), &table, &default());
-    assert_eq!(d.executor.kind(), "EC2");
+    assert_eq!(d.executor.kind(), ExecutorKind::Ec2);
     assert_eq!(serde_json::to_value(&d).unwrap()["type"], "EC2");
 
     // No item: the default route, never a dropped job.

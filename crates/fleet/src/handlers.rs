@@ -12,7 +12,7 @@ use ephemeral_core::lambda_runner::{
     RunnerGrant, ShellRunnerMode, provision_lambda_runner, shared_token_grant,
 };
 use ephemeral_core::lease::{Lease, LeaseRun, REAPER_LEASE, with_lease};
-use ephemeral_core::mapping::{Executor, MapperOutput};
+use ephemeral_core::mapping::{Executor, ExecutorKind, MapperOutput};
 use ephemeral_core::metrics::{emf_count, emf_value};
 use ephemeral_core::slots::Capped;
 use ephemeral_core::task_error::TaskError;
@@ -122,7 +122,7 @@ pub enum HandlerError {
     #[error(
         "the mapper routed job {job_id} to {kind}, not EC2: the provision workflow's ChooseExecutor should not have called this step"
     )]
-    NotAnEc2Route { job_id: u64, kind: &'static str },
+    NotAnEc2Route { job_id: u64, kind: ExecutorKind },
     #[error("job {job_id} was routed to EC2 ({matched}), but {NOT_CONFIGURED}")]
     Ec2NotConfigured { job_id: u64, matched: String },
     #[error(
@@ -632,7 +632,7 @@ mod tests {
             },
             HandlerError::NotAnEc2Route {
                 job_id,
-                kind: "LAMBDA",
+                kind: ExecutorKind::Lambda,
             },
             HandlerError::LambdaRunnerNotConfigured { job_id },
             HandlerError::Port(PortError("ssm down".into())),

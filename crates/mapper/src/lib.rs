@@ -9,8 +9,8 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use ephemeral_aws::{item_to_json, port_error};
 use ephemeral_core::jobs::WorkflowInput;
 use ephemeral_core::mapping::{
-    ANY_JOB, Executor, GitLabJobView, InvalidItem, JobLookup, LookedUp, LookupError, MapError,
-    MapperOutput, MappingRules, Rule, map_job, rule_from_item,
+    ANY_JOB, Executor, ExecutorKind, GitLabJobView, InvalidItem, JobLookup, LookedUp, LookupError,
+    MapError, MapperOutput, MappingRules, Rule, map_job, rule_from_item,
 };
 use ephemeral_core::metrics::charted;
 use ephemeral_core::webhook::PortError;
@@ -37,14 +37,19 @@ impl MapperConfig {
         };
         let mapping_table_name = value("MAPPING_TABLE_NAME")
             .ok_or_else(|| ConfigError("MAPPING_TABLE_NAME is not set".into()))?;
-        let default_route = match value("DEFAULT_EXECUTOR").as_deref().unwrap_or("EC2") {
-            "EC2" => Executor::Ec2(Default::default()),
-            "LAMBDA" => Executor::Lambda {
+        let default_kind = match value("DEFAULT_EXECUTOR") {
+            None => ExecutorKind::Ec2,
+            Some(text) => ExecutorKind::parse_route(&text)
+                .map_err(|e| ConfigError(format!("DEFAULT_EXECUTOR={e}")))?,
+        };
+        let default_route = match default_kind {
+            ExecutorKind::Ec2 => Executor::Ec2(Default::default()),
+            ExecutorKind::Lambda => Executor::Lambda {
                 arn: value("DEFAULT_LAMBDA_ARN").ok_or_else(|| {
-                    ConfigError("DEFAULT_EXECUTOR=LAMBDA needs DEFAULT_LAMBDA_ARN (the shell-runner function ARN)".into())
+                    ConfigError(format!("DEFAULT_EXECUTOR={default_kind} needs DEFAULT_LAMBDA_ARN (the shell-runner function ARN)"))
                 })?,
             },
-            other => return Err(ConfigError(format!("DEFAULT_EXECUTOR=`{other}`: use LAMBDA or EC2"))),
+            ExecutorKind::Skip => unreachable!("parse_route answers route kinds only"),
         };
         let gitlab_url = value("GITLAB_URL").map(|u| u.trim_end_matches('/').to_owned());
         let gitlab_api_token_parameter = value("GITLAB_API_TOKEN_PARAMETER");
@@ -214,7 +219,7 @@ impl<R: MappingRules, J: JobLookup> Mapper<R, J> {
             tracing::error!(item = %item, "invalid mapping item skipped: fix it with runner-mappings");
         }
         tracing::info!(
-            decision = output.decision.executor.kind(), matched = %output.decision.matched,
+            decision = %output.decision.executor.kind(), matched = %output.decision.matched,
             reason = %output.decision.reason, project_id = job.project_id, pipeline_id = job.pipeline_id,
             job_id = job.job_id, job_name = %job.job_name, delivery_id = %job.delivery_id, "job mapped"
         );

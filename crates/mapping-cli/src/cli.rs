@@ -6,7 +6,7 @@ use std::io::Read;
 
 use aws_config::SdkConfig;
 use clap::{Args, Parser, Subcommand};
-use ephemeral_core::mapping::{Registry, RegistryEntry, Rule, rule_from_item};
+use ephemeral_core::mapping::{ExecutorKind, Registry, RegistryEntry, Rule, rule_from_item};
 use serde_json::{Map, Value, json};
 
 use crate::plan::{self, Plan, rule_error_text};
@@ -241,9 +241,14 @@ fn print_json(out: &mut Outcome, value: &Value) {
 fn kinds(rules: &[Rule]) -> String {
     let lambda = rules
         .iter()
-        .filter(|r| r.executor.kind() == "LAMBDA")
+        .filter(|r| r.executor.kind() == ExecutorKind::Lambda)
         .count();
-    format!("{lambda} LAMBDA, {} EC2", rules.len() - lambda)
+    format!(
+        "{lambda} {}, {} {}",
+        ExecutorKind::Lambda,
+        rules.len() - lambda,
+        ExecutorKind::Ec2
+    )
 }
 
 fn plural(n: usize, one: &str, many: &str) -> String {

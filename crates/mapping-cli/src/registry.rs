@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::fmt;
 
-use ephemeral_core::mapping::{Registry, RegistryEntry, RegistryError, Rule};
+use ephemeral_core::mapping::{ExecutorKind, Registry, RegistryEntry, RegistryError, Rule};
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -282,7 +282,7 @@ fn read_entry(index: usize, value: &Value) -> Result<RegistryEntry, Vec<Problem>
         // problem whatever the rest of the entry holds.
         let mut alone = Map::new();
         alone.insert("name".into(), "n".into());
-        alone.insert("type".into(), "EC2".into());
+        alone.insert("type".into(), ExecutorKind::Ec2.to_string().into());
         alone.insert(key.clone(), field_value.clone());
         let Err(e) = serde_json::from_value::<RegistryEntry>(Value::Object(alone)) else {
             continue;
@@ -321,8 +321,11 @@ fn read_entry(index: usize, value: &Value) -> Result<RegistryEntry, Vec<Problem>
         }
     }
     for (required, what) in [
-        ("name", "the GitLab job name, or \"*\" for any job"),
-        ("type", "LAMBDA or EC2"),
+        (
+            "name",
+            "the GitLab job name, or \"*\" for any job".to_owned(),
+        ),
+        ("type", ExecutorKind::routes_text()),
     ] {
         if !obj.contains_key(required) {
             problems.push(at(required, format!("missing: {what}")));
@@ -347,7 +350,7 @@ fn read_entry(index: usize, value: &Value) -> Result<RegistryEntry, Vec<Problem>
 /// What core's `RegistryEntry::to_rule` accepts but the operator should hear about.
 fn lint_entry(index: usize, entry: &RegistryEntry, out: &mut Checked) {
     // A warning, not an error: seed files may carry it, and the seed ignored it too.
-    if entry.kind == "EC2" && entry.lambda_arn.is_some() {
+    if entry.kind.parse() == Ok(ExecutorKind::Ec2) && entry.lambda_arn.is_some() {
         out.warnings.push(Problem {
             index: Some(index),
             name: Some(entry.name.clone()),

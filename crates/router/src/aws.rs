@@ -159,7 +159,8 @@ impl JobStore for DynamoJobStore {
             Ok(out) => {
                 let text = |name| out.attributes().and_then(|item| text_of(item, name));
                 Ok(PickupRecord::First(RecordedRoute {
-                    executor: text(attr::ROUTE_TYPE),
+                    // Written by the provision workflow from the mapper's `type`.
+                    executor: text(attr::ROUTE_TYPE).and_then(|kind| kind.parse().ok()),
                     matched: text(attr::ROUTE_MATCHED),
                     runner_ready_at_ms: out.attributes().and_then(|item| {
                         match item.get(attr::RUNNER_READY_AT_MS) {

@@ -154,7 +154,7 @@ impl<S: JobStore, W: Workflows> Router<S, W> {
             Ok(RouterOutcome::PickedUp(pickup)) => tracing::info!(
                 decision = "picked_up",
                 queued_duration_ms = pickup.queued_ms,
-                route_type = pickup.route.executor.as_deref(),
+                route_type = pickup.route.executor.map(tracing::field::display),
                 route_matched = pickup.route.matched.as_deref(),
                 runner_id = event.runner.as_ref().map(|r| r.id),
                 project_id,

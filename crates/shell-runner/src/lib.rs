@@ -21,7 +21,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ephemeral_core::hook::JobEvent;
+use ephemeral_core::hook::{JobEvent, JobStatus};
 pub use ephemeral_core::lambda_runner::RunnerGrant;
 pub use ephemeral_core::secrets::Secret;
 use ephemeral_core::shell::{
@@ -490,10 +490,84 @@ struct ShellJob {
     prepare: Duration,
     git: Duration,
     steps: Duration,
-    failure: Option<JobFailure>,
-    canceled: bool,
-    script_failed: bool,
+    outcome: JobOutcome,
     files: Option<Vec<ProjectFile>>,
+}
+
+/// How the job has gone so far, as GitLab is told it: the script step's result and failure
+/// reason, after_script's `CI_JOB_STATUS`, whether caches are saved, the invocation's report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum JobOutcome {
+    /// Nothing has failed (yet).
+    Succeeded,
+    /// The job cannot run (its checkout was refused before any step): the script step fails
+    /// at once with this, running nothing. Until it does, nothing has failed.
+    CannotRun(JobFailure),
+    /// The script step failed; GitLab is told why.
+    ScriptFailed(JobFailure),
+    /// The job was canceled, in its script or its after_script. Canceled wins over a failed
+    /// script, whose failure GitLab is still told with the failed update.
+    Canceled { failure: Option<JobFailure> },
+}
+
+impl JobOutcome {
+    /// The failure GitLab is told when the script step failed.
+    fn failure(&self) -> Option<JobFailure> {
+        match self {
+            Self::Succeeded => None,
+            Self::CannotRun(failure) | Self::ScriptFailed(failure) => Some(failure.clone()),
+            Self::Canceled { failure } => failure.clone(),
+        }
+    }
+
+    /// The script failed with `failure`; a canceled job stays canceled.
+    fn script_failed(&mut self, failure: JobFailure) {
+        *self = match self {
+            Self::Canceled { .. } => Self::Canceled {
+                failure: Some(failure),
+            },
+            _ => Self::ScriptFailed(failure),
+        };
+    }
+
+    /// The job was canceled: that wins over whatever happened before.
+    fn canceled(&mut self) {
+        *self = Self::Canceled {
+            failure: self.failure(),
+        };
+    }
+
+    fn is_canceled(&self) -> bool {
+        matches!(self, Self::Canceled { .. })
+    }
+
+    /// after_script's `CI_JOB_STATUS`, and the report's result: canceled, else failed when
+    /// the script failed, else success (a job that could not run has not failed until its
+    /// script step).
+    fn status(&self) -> JobStatus {
+        match self {
+            Self::Canceled { .. } => JobStatus::Canceled,
+            Self::ScriptFailed(_) => JobStatus::Failed,
+            Self::Succeeded | Self::CannotRun(_) => JobStatus::Success,
+        }
+    }
+
+    /// The invocation's report: its status, with the failure only when it failed.
+    fn reported(&self) -> (JobStatus, Option<JobFailure>) {
+        let status = self.status();
+        let failure = match status {
+            JobStatus::Failed => self.failure(),
+            _ => None,
+        };
+        (status, failure)
+    }
+}
+
+/// The job's directories, made, and what the steps are told of them.
+struct JobDirs {
+    project: PathBuf,
+    files: PathBuf,
+    runner_side: RunnerSide,
 }
 
 fn lambda_remaining(ctx: &JobContext) -> Duration {
@@ -501,19 +575,112 @@ fn lambda_remaining(ctx: &JobContext) -> Duration {
         .saturating_duration_since(Instant::now())
 }
 
+/// The job's variables as GitLab sent them.
+fn job_variables(job: &Job) -> Vec<JobVariable> {
+    job.variables()
+        .map(|v| JobVariable {
+            key: v.key().to_owned(),
+            value: v.value().to_owned(),
+            masked: v.masked(),
+            file: v.file(),
+        })
+        .collect()
+}
+
+/// The job's log, masking its secrets (the checkout's credentials too), opened with the
+/// runner's banner.
+fn open_trace(
+    job: &Arc<Job>,
+    ctx: &JobContext,
+    variables: &[JobVariable],
+    checkout: &Result<Option<Checkout>, shell::CheckoutError>,
+) -> Arc<Trace> {
+    let mut secrets: Vec<String> = shell::secrets_to_mask(variables, job.token())
+        .map(str::to_owned)
+        .collect();
+    if let Ok(Some(Checkout {
+        auth: Some(auth), ..
+    })) = checkout
+    {
+        secrets.push(auth.header.expose().to_owned());
+    }
+    let trace = Arc::new(Trace::new(job.clone(), Masker::new(&secrets)));
+    trace.line(&format!(
+        "Running with ephemeral-runners shell-runner {VERSION} on AWS Lambda (system id {})",
+        ctx.system_id
+    ));
+    trace
+}
+
+/// The project, home, tmp and file-variable directories under the job's builds directory,
+/// made; a failure is in the job's log.
+async fn make_dirs(
+    job: &Job,
+    ctx: &JobContext,
+    trace: &Trace,
+    project_path: Option<&str>,
+) -> Result<JobDirs, ()> {
+    let builds_dir = job.build_dir().to_path_buf();
+    let project_dir = builds_dir.join(shell::project_dir_name(project_path));
+    let home = builds_dir.join(".home");
+    let tmp = builds_dir.join(".tmp");
+    let files = builds_dir.join(".files");
+    for dir in [&project_dir, &home, &tmp, &files] {
+        if let Err(e) = tokio::fs::create_dir_all(dir).await {
+            trace.line(&format!("ERROR: creating {}: {e}", dir.display()));
+            return Err(());
+        }
+    }
+    let inherited = ctx
+        .config
+        .inherit_env
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
+        .collect();
+    let runner_side = RunnerSide {
+        builds_dir: builds_dir.display().to_string(),
+        project_dir: project_dir.display().to_string(),
+        home_dir: home.display().to_string(),
+        tmp_dir: tmp.display().to_string(),
+        files_dir: files.display().to_string(),
+        job_timeout: job.timeout(),
+        runner_version: VERSION.to_owned(),
+        arch: format!("linux/{}", std::env::consts::ARCH),
+        inherited,
+    };
+    Ok(JobDirs {
+        project: project_dir,
+        files,
+        runner_side,
+    })
+}
+
+/// File-type variables: written once, owner-only, under the job's directory.
+async fn write_file_variables(
+    trace: &Trace,
+    variables: &[JobVariable],
+    dirs: &JobDirs,
+) -> Result<(), ()> {
+    for (name, contents) in shell::step_environment(variables, &dirs.runner_side, None).files {
+        let path = dirs.files.join(name);
+        let written = async {
+            tokio::fs::write(&path, contents).await?;
+            use std::os::unix::fs::PermissionsExt;
+            tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).await
+        };
+        if let Err(e) = written.await {
+            trace.line(&format!("ERROR: writing a file variable: {e}"));
+            return Err(());
+        }
+    }
+    Ok(())
+}
+
 impl ShellJob {
     async fn start(job: Job, ctx: Arc<JobContext>) -> Result<Self, ()> {
         let started = Instant::now();
         let job = Arc::new(job);
-        let variables: Vec<JobVariable> = job
-            .variables()
-            .map(|v| JobVariable {
-                key: v.key().to_owned(),
-                value: v.value().to_owned(),
-                masked: v.masked(),
-                file: v.file(),
-            })
-            .collect();
+        let variables = job_variables(&job);
         let lookup = |k: &str| {
             variables
                 .iter()
@@ -521,80 +688,23 @@ impl ShellJob {
                 .map(|v| v.value.clone())
         };
         let checkout = shell::checkout_plan(lookup, job.token());
-        let mut secrets: Vec<String> = shell::secrets_to_mask(&variables, job.token())
-            .map(str::to_owned)
-            .collect();
-        if let Ok(Some(Checkout {
-            auth: Some(auth), ..
-        })) = &checkout
-        {
-            secrets.push(auth.header.expose().to_owned());
-        }
-        let trace = Arc::new(Trace::new(job.clone(), Masker::new(&secrets)));
-        trace.line(&format!(
-            "Running with ephemeral-runners shell-runner {VERSION} on AWS Lambda (system id {})",
-            ctx.system_id
-        ));
-
-        let builds_dir = job.build_dir().to_path_buf();
-        let project_dir = builds_dir.join(shell::project_dir_name(
-            lookup("CI_PROJECT_PATH").as_deref(),
-        ));
-        let home = builds_dir.join(".home");
-        let tmp = builds_dir.join(".tmp");
-        let files = builds_dir.join(".files");
-        for dir in [&project_dir, &home, &tmp, &files] {
-            if let Err(e) = tokio::fs::create_dir_all(dir).await {
-                trace.line(&format!("ERROR: creating {}: {e}", dir.display()));
-                return Err(());
-            }
-        }
-        let inherited = ctx
-            .config
-            .inherit_env
-            .iter()
-            .filter_map(|k| std::env::var(k).ok().map(|v| (k.clone(), v)))
-            .collect();
-        let runner_side = RunnerSide {
-            builds_dir: builds_dir.display().to_string(),
-            project_dir: project_dir.display().to_string(),
-            home_dir: home.display().to_string(),
-            tmp_dir: tmp.display().to_string(),
-            files_dir: files.display().to_string(),
-            job_timeout: job.timeout(),
-            runner_version: VERSION.to_owned(),
-            arch: format!("linux/{}", std::env::consts::ARCH),
-            inherited,
-        };
-        // File-type variables: written once, owner-only, under the job's directory.
-        for (name, contents) in shell::step_environment(&variables, &runner_side, None).files {
-            let path = files.join(name);
-            let written = async {
-                tokio::fs::write(&path, contents).await?;
-                use std::os::unix::fs::PermissionsExt;
-                tokio::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).await
-            };
-            if let Err(e) = written.await {
-                trace.line(&format!("ERROR: writing a file variable: {e}"));
-                return Err(());
-            }
-        }
+        let trace = open_trace(&job, &ctx, &variables, &checkout);
+        let dirs = make_dirs(&job, &ctx, &trace, lookup("CI_PROJECT_PATH").as_deref()).await?;
+        write_file_variables(&trace, &variables, &dirs).await?;
         let mut this = Self {
             marker: format!("{}-{}", ctx.system_id, job.id()),
             job,
             ctx,
             trace,
             variables,
-            runner_side,
-            project_dir,
+            runner_side: dirs.runner_side,
+            project_dir: dirs.project,
             checkout: None,
             started,
             prepare: Duration::ZERO,
             git: Duration::ZERO,
             steps: Duration::ZERO,
-            failure: None,
-            canceled: false,
-            script_failed: false,
+            outcome: JobOutcome::Succeeded,
             files: None,
         };
         match checkout {
@@ -602,15 +712,15 @@ impl ShellJob {
             Err(e) => {
                 // Reported when the script step starts, so the job fails with a reason.
                 this.trace.line(&format!("ERROR: {e}"));
-                this.failure = Some(JobFailure::new(failure_reason::RUNNER_SYSTEM_FAILURE));
+                this.outcome =
+                    JobOutcome::CannotRun(JobFailure::new(failure_reason::RUNNER_SYSTEM_FAILURE));
             }
         }
         Ok(this)
     }
 
     fn fail(&mut self, reason: &str, exit_code: Option<i32>) -> JobResult {
-        self.script_failed = true;
-        self.failure = Some(JobFailure {
+        self.outcome.script_failed(JobFailure {
             reason: reason.to_owned(),
             exit_code,
         });
@@ -640,8 +750,7 @@ impl ShellJob {
                 self.fail(failure_reason::JOB_EXECUTION_TIMEOUT, None)
             }
             Ended::Canceled => {
-                self.canceled = true;
-                self.script_failed = true;
+                self.outcome.canceled();
                 self.trace
                     .line("\nERROR: Job was canceled; its processes were killed");
                 Err(())
@@ -865,8 +974,11 @@ impl ShellJob {
     }
 
     async fn script_step(&mut self, script: &[String], cancel: &CancellationToken) -> JobResult {
-        if self.failure.is_some() {
-            self.script_failed = true;
+        if let Some(failure) = self.outcome.failure() {
+            // A job that cannot run fails here, running nothing.
+            if let JobOutcome::CannotRun(_) = self.outcome {
+                self.outcome = JobOutcome::ScriptFailed(failure);
+            }
             return Err(());
         }
         let budget = shell::script_budget(
@@ -915,14 +1027,9 @@ impl ShellJob {
 
     async fn after_script_step(&mut self, script: &[String], cancel: &CancellationToken) {
         self.trace.line("\x1b[36;1mRunning after_script\x1b[0;m");
-        let status = if self.canceled {
-            "canceled"
-        } else if self.script_failed {
-            "failed"
-        } else {
-            "success"
-        };
-        let env = shell::step_environment(&self.variables, &self.runner_side, Some(status)).vars;
+        let status = self.outcome.status();
+        let env =
+            shell::step_environment(&self.variables, &self.runner_side, Some(status.as_str())).vars;
         let limit =
             shell::after_script_budget(lambda_remaining(&self.ctx), self.ctx.config.margins);
         let started = Instant::now();
@@ -936,7 +1043,7 @@ impl ShellJob {
                 "WARNING: after_script timed out after {}",
                 shell::format_duration(limit)
             )),
-            Ok(Ended::Canceled) => self.canceled = true,
+            Ok(Ended::Canceled) => self.outcome.canceled(),
             // GitLab ignores after_script's result; so do we, but say it.
             Ok(other) => self
                 .trace
@@ -969,8 +1076,6 @@ impl ShellJob {
         Ok((s3, project))
     }
 
-    /// gitlab-runner's restore_cache stage: for each `cache:` entry that pulls, its key, then
-    /// its fallback keys, then CACHE_FALLBACK_KEY, until one is found. Never fails the job.
     /// Whether the cache entry's `policy` lets this transfer happen, saying in the job's log
     /// (as gitlab-runner does) why not.
     fn cache_policy_allows(
@@ -1001,6 +1106,8 @@ impl ShellJob {
         }
     }
 
+    /// gitlab-runner's restore_cache stage: for each `cache:` entry that pulls, its key, then
+    /// its fallback keys, then CACHE_FALLBACK_KEY, until one is found. Never fails the job.
     async fn restore_caches(&mut self, deadline: Instant, cancel: &CancellationToken) {
         let job = self.job.clone();
         let specs: Vec<_> = job
@@ -1020,8 +1127,7 @@ impl ShellJob {
             }
         };
         let vars = self.variable_map();
-        let archive =
-            Path::new(&self.runner_side.tmp_dir).join(format!("{}-cache.zip", self.marker));
+        let archive = self.cache_archive();
         for spec in specs {
             let mut warnings = Vec::new();
             let keys = ephemeral_core::cache::restore_keys(
@@ -1041,52 +1147,84 @@ impl ShellJob {
             if !self.cache_policy_allows(spec.policy(), &vars, first, Transfer::Download) {
                 continue;
             }
-            for key in &keys {
-                self.trace.line(&format!("Checking cache for {key}..."));
-                let Some(object) = ephemeral_core::cache::object_key(project, key) else {
+            let from = CacheStore {
+                s3: &s3,
+                project,
+                archive: &archive,
+            };
+            self.restore_first_found(from, &keys, deadline, cancel)
+                .await;
+        }
+    }
+
+    /// Where a cache archive is written on its way to or from the bucket.
+    fn cache_archive(&self) -> PathBuf {
+        Path::new(&self.runner_side.tmp_dir).join(format!("{}-cache.zip", self.marker))
+    }
+
+    /// One `cache:` entry: each of its keys in turn, until one is downloaded and extracted.
+    async fn restore_first_found(
+        &mut self,
+        from: CacheStore<'_>,
+        keys: &[String],
+        deadline: Instant,
+        cancel: &CancellationToken,
+    ) {
+        for key in keys {
+            self.trace.line(&format!("Checking cache for {key}..."));
+            let Some(object) = ephemeral_core::cache::object_key(from.project, key) else {
+                self.trace
+                    .warning(&format!("cache key {key:?} leaves the project's cache"));
+                continue;
+            };
+            let downloaded = tokio::select! {
+                r = from.s3.download(&object, from.archive) => r,
+                _ = tokio::time::sleep_until(deadline) => Err("the job's time ran out".into()),
+                _ = cancel.cancelled() => Err("the job was canceled".into()),
+            };
+            match downloaded {
+                Ok(true) => {}
+                Ok(false) => {
                     self.trace
-                        .warning(&format!("cache key {key:?} leaves the project's cache"));
+                        .warning(&format!("no cache archive for {key} yet"));
                     continue;
-                };
-                let downloaded = tokio::select! {
-                    r = s3.download(&object, &archive) => r,
-                    _ = tokio::time::sleep_until(deadline) => Err("the job's time ran out".into()),
-                    _ = cancel.cancelled() => Err("the job was canceled".into()),
-                };
-                match downloaded {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        self.trace
-                            .warning(&format!("no cache archive for {key} yet"));
-                        continue;
-                    }
-                    Err(e) => {
-                        self.trace
-                            .warning(&format!("Failed to download cache {key}: {e}"));
-                        continue;
-                    }
                 }
-                let (from, dir) = (archive.clone(), self.project_dir.clone());
-                let extracted =
-                    joined(tokio::task::spawn_blocking(move || cache::extract(&from, &dir)).await);
-                let _ = tokio::fs::remove_file(&archive).await;
-                match extracted {
-                    Ok(done) => {
-                        for refused in &done.refused {
-                            self.trace.warning(&format!(
-                                "{refused}: not extracted, it would be written outside the project directory"
-                            ));
-                        }
-                        self.trace.line(&format!(
-                            "Successfully extracted cache ({} files)",
-                            done.files
-                        ));
-                        break;
-                    }
-                    Err(e) => self
-                        .trace
-                        .warning(&format!("Failed to extract cache {key}: {e}")),
+                Err(e) => {
+                    self.trace
+                        .warning(&format!("Failed to download cache {key}: {e}"));
+                    continue;
                 }
+            }
+            if self.extract_cache(from.archive, key).await {
+                break;
+            }
+        }
+    }
+
+    /// The downloaded archive of `key` into the project directory (then removed); whether
+    /// it was extracted.
+    async fn extract_cache(&mut self, archive: &Path, key: &str) -> bool {
+        let (from, dir) = (archive.to_path_buf(), self.project_dir.clone());
+        let extracted =
+            joined(tokio::task::spawn_blocking(move || cache::extract(&from, &dir)).await);
+        let _ = tokio::fs::remove_file(archive).await;
+        match extracted {
+            Ok(done) => {
+                for refused in &done.refused {
+                    self.trace.warning(&format!(
+                        "{refused}: not extracted, it would be written outside the project directory"
+                    ));
+                }
+                self.trace.line(&format!(
+                    "Successfully extracted cache ({} files)",
+                    done.files
+                ));
+                true
+            }
+            Err(e) => {
+                self.trace
+                    .warning(&format!("Failed to extract cache {key}: {e}"));
+                false
             }
         }
     }
@@ -1097,7 +1235,7 @@ impl ShellJob {
     /// job.
     async fn save_caches(&mut self) {
         let job = self.job.clone();
-        let succeeded = !self.script_failed;
+        let succeeded = self.outcome.status() == JobStatus::Success;
         let specs: Vec<_> = job
             .caches()
             .filter(|c| !c.paths().is_empty() || c.untracked())
@@ -1108,7 +1246,7 @@ impl ShellJob {
             .hard_deadline
             .checked_sub(Duration::from_secs(5))
             .unwrap_or(self.ctx.hard_deadline);
-        if specs.is_empty() || self.canceled || Instant::now() >= until {
+        if specs.is_empty() || self.outcome.is_canceled() || Instant::now() >= until {
             return;
         }
         self.trace.line(if succeeded {
@@ -1125,66 +1263,14 @@ impl ShellJob {
         };
         let vars = self.variable_map();
         let files = self.list_files(specs.iter().any(|c| c.untracked())).await;
-        let archive =
-            Path::new(&self.runner_side.tmp_dir).join(format!("{}-cache.zip", self.marker));
+        let archive = self.cache_archive();
         for spec in specs {
-            let (key, warning) = ephemeral_core::cache::sanitize_key(
-                &ephemeral_core::cache::primary_key(spec.key(), &vars),
-            );
-            if let Some(warning) = warning {
-                self.trace.warning(&warning);
-            }
-            let Some(key) = key else {
-                self.trace
-                    .line("Skipping cache archiving due to empty cache key");
+            let Some((key, object)) = self.upload_key(&spec, &vars, project) else {
                 continue;
             };
-            if !self.cache_policy_allows(spec.policy(), &vars, &key, Transfer::Upload) {
-                continue;
-            }
-            let Some(object) = ephemeral_core::cache::object_key(project, &key) else {
-                self.trace
-                    .warning(&format!("cache key {key:?} leaves the project's cache"));
+            let Some(count) = self.archive_cache(&spec, &key, &files, &archive).await else {
                 continue;
             };
-            let mut paths = Vec::new();
-            for path in spec.paths() {
-                match ephemeral_core::cache::path_problem(path) {
-                    Some(problem) => self
-                        .trace
-                        .line(&format!("\x1b[31;1mERROR: {problem}: not cached\x1b[0;m")),
-                    None => paths.push(path.clone()),
-                }
-            }
-            self.trace.line(&format!("Creating cache {key}..."));
-            let candidates: Vec<cache::Candidate> = files
-                .iter()
-                .map(|f| cache::Candidate {
-                    rel: f.rel.clone(),
-                    abs: f.abs.clone(),
-                    untracked: f.untracked,
-                })
-                .collect();
-            let (untracked, out) = (spec.untracked(), archive.clone());
-            let archived = tokio::task::spawn_blocking(move || {
-                cache::archive(&candidates, &paths, untracked, &out)
-            })
-            .await;
-            let count = match joined(archived) {
-                Ok(count) => count,
-                Err(e) => {
-                    self.trace
-                        .warning(&format!("Failed to create cache {key}: {e}"));
-                    continue;
-                }
-            };
-            if count == 0 {
-                self.trace.warning(&format!(
-                    "no files match the cache paths of {key}: nothing uploaded"
-                ));
-                let _ = tokio::fs::remove_file(&archive).await;
-                continue;
-            }
             let uploaded = tokio::select! {
                 r = s3.upload(&object, &archive) => r,
                 _ = tokio::time::sleep_until(until) => Err("the job's time ran out".into()),
@@ -1198,6 +1284,87 @@ impl ShellJob {
             }
         }
         self.trace.flush();
+    }
+
+    /// The key a `cache:` entry is saved under and its object in the bucket, or `None`
+    /// (saying why in the job's log) when it is not saved: no key, a policy that does not
+    /// push, a key that would leave the project's cache.
+    fn upload_key(
+        &mut self,
+        spec: &gitlab_runner::job::CacheSpec<'_>,
+        vars: &std::collections::HashMap<String, String>,
+        project: u64,
+    ) -> Option<(String, String)> {
+        let (key, warning) = ephemeral_core::cache::sanitize_key(
+            &ephemeral_core::cache::primary_key(spec.key(), vars),
+        );
+        if let Some(warning) = warning {
+            self.trace.warning(&warning);
+        }
+        let Some(key) = key else {
+            self.trace
+                .line("Skipping cache archiving due to empty cache key");
+            return None;
+        };
+        if !self.cache_policy_allows(spec.policy(), vars, &key, Transfer::Upload) {
+            return None;
+        }
+        let Some(object) = ephemeral_core::cache::object_key(project, &key) else {
+            self.trace
+                .warning(&format!("cache key {key:?} leaves the project's cache"));
+            return None;
+        };
+        Some((key, object))
+    }
+
+    /// The files of a `cache:` entry zipped into `archive`: how many, or `None` (saying why
+    /// in the job's log, with no archive left) when there is nothing to upload.
+    async fn archive_cache(
+        &mut self,
+        spec: &gitlab_runner::job::CacheSpec<'_>,
+        key: &str,
+        files: &[ProjectFile],
+        archive: &Path,
+    ) -> Option<usize> {
+        let mut paths = Vec::new();
+        for path in spec.paths() {
+            match ephemeral_core::cache::path_problem(path) {
+                Some(problem) => self
+                    .trace
+                    .line(&format!("\x1b[31;1mERROR: {problem}: not cached\x1b[0;m")),
+                None => paths.push(path.clone()),
+            }
+        }
+        self.trace.line(&format!("Creating cache {key}..."));
+        let candidates: Vec<cache::Candidate> = files
+            .iter()
+            .map(|f| cache::Candidate {
+                rel: f.rel.clone(),
+                abs: f.abs.clone(),
+                untracked: f.untracked,
+            })
+            .collect();
+        let (untracked, out) = (spec.untracked(), archive.to_path_buf());
+        let archived = tokio::task::spawn_blocking(move || {
+            cache::archive(&candidates, &paths, untracked, &out)
+        })
+        .await;
+        let count = match joined(archived) {
+            Ok(count) => count,
+            Err(e) => {
+                self.trace
+                    .warning(&format!("Failed to create cache {key}: {e}"));
+                return None;
+            }
+        };
+        if count == 0 {
+            self.trace.warning(&format!(
+                "no files match the cache paths of {key}: nothing uploaded"
+            ));
+            let _ = tokio::fs::remove_file(archive).await;
+            return None;
+        }
+        Some(count)
     }
 
     /// Every regular file of the project directory, relative to it, once.
@@ -1269,7 +1436,7 @@ impl CancellableJobHandler<ProjectFile> for ShellJob {
     }
 
     fn failure(&self) -> Option<JobFailure> {
-        self.failure.clone()
+        self.outcome.failure()
     }
 
     async fn cleanup(&mut self) {
@@ -1278,22 +1445,18 @@ impl CancellableJobHandler<ProjectFile> for ShellJob {
         self.trace.flush();
         let hard_deadline_hit = Instant::now() >= self.ctx.hard_deadline;
         // The hard deadline fails the job in GitLab whatever phase it stopped, even before
-        // the script started (the fork then runs no step, so `canceled` stays false).
+        // the script started (the fork then runs no step, so the job is not canceled).
         let (result, failure) = if hard_deadline_hit {
             (
-                "failed",
+                JobStatus::Failed,
                 Some(JobFailure::new(failure_reason::JOB_EXECUTION_TIMEOUT)),
             )
-        } else if self.canceled {
-            ("canceled", None)
-        } else if self.script_failed {
-            ("failed", self.failure.clone())
         } else {
-            ("success", None)
+            self.outcome.reported()
         };
         let report = JobReport {
             job_id: self.job.id(),
-            result: result.to_owned(),
+            result: result.as_str().to_owned(),
             failure_reason: failure.as_ref().map(|f| f.reason.clone()),
             exit_code: failure.as_ref().and_then(|f| f.exit_code),
             first_trace_ms: self
@@ -1460,6 +1623,14 @@ fn joined<T, E: std::fmt::Display>(
         .and_then(|r| r.map_err(|e| e.to_string()))
 }
 
+/// The bucket, the job's project and the local archive file a cache goes through.
+#[derive(Clone, Copy)]
+struct CacheStore<'a> {
+    s3: &'a cache::S3,
+    project: u64,
+    archive: &'a Path,
+}
+
 /// Which way a cache archive goes: restored before the script, saved after it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Transfer {
@@ -1470,6 +1641,69 @@ enum Transfer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What GitLab and the report are told, as the job's steps go: canceled wins over a
+    /// failed script (whose reason GitLab still gets), a job that could not run has not
+    /// failed until its script step.
+    #[test]
+    fn a_job_outcome_keeps_the_precedence_gitlab_is_told() {
+        let script = JobFailure {
+            reason: failure_reason::SCRIPT_FAILURE.into(),
+            exit_code: Some(2),
+        };
+        let told = |o: &JobOutcome| (o.status(), o.failure(), o.reported());
+        let mut ok = JobOutcome::Succeeded;
+        assert_eq!(
+            told(&ok),
+            (JobStatus::Success, None, (JobStatus::Success, None))
+        );
+        let refused = JobFailure::new(failure_reason::RUNNER_SYSTEM_FAILURE);
+        let cannot = JobOutcome::CannotRun(refused.clone());
+        assert_eq!(
+            told(&cannot),
+            (
+                JobStatus::Success,
+                Some(refused.clone()),
+                (JobStatus::Success, None)
+            )
+        );
+        let mut failed = JobOutcome::Succeeded;
+        failed.script_failed(script.clone());
+        assert_eq!(
+            told(&failed),
+            (
+                JobStatus::Failed,
+                Some(script.clone()),
+                (JobStatus::Failed, Some(script.clone()))
+            )
+        );
+        // Canceled in after_script, after the script failed: canceled, the reason kept.
+        failed.canceled();
+        assert_eq!(
+            told(&failed),
+            (
+                JobStatus::Canceled,
+                Some(script.clone()),
+                (JobStatus::Canceled, None)
+            )
+        );
+        assert!(failed.is_canceled());
+        // Canceled in the script (or in after_script after it succeeded): no reason.
+        ok.canceled();
+        assert_eq!(ok, JobOutcome::Canceled { failure: None });
+        assert_eq!(
+            told(&ok),
+            (JobStatus::Canceled, None, (JobStatus::Canceled, None))
+        );
+        // A failure after a cancel leaves the job canceled.
+        ok.script_failed(script.clone());
+        assert_eq!(
+            ok,
+            JobOutcome::Canceled {
+                failure: Some(script)
+            }
+        );
+    }
 
     #[test]
     fn the_sample_event_is_an_invocation() {

@@ -28,7 +28,7 @@ use ephemeral_core::fleet::Provisioned;
 use ephemeral_core::hook::JobEvent;
 use ephemeral_core::jobs::{JobKey, RouterOutcome, Started, Workflow, WorkflowInput};
 use ephemeral_core::lambda_runner::RunnerGrant;
-use ephemeral_core::mapping::Executor;
+use ephemeral_core::mapping::{Executor, ExecutorKind};
 use ephemeral_core::task_error::TaskError;
 use ephemeral_core::testing::{XorShift, expected_provisions, redelivered_job_events};
 use ephemeral_core::webhook::{DeadLetter, EventSink, PortError, QueuedHook};
@@ -331,7 +331,7 @@ pub fn record_route(
     dynamo: &aws_sdk_dynamodb::Client,
     jobs_table: &str,
     job_key: &str,
-    kind: &str,
+    kind: ExecutorKind,
     matched: &str,
 ) -> aws_sdk_dynamodb::operation::update_item::builders::UpdateItemFluentBuilder {
     dynamo
@@ -339,7 +339,7 @@ pub fn record_route(
         .table_name(jobs_table)
         .key("job_key", AttributeValue::S(job_key.into()))
         .update_expression("SET route_type = :t, route_matched = :m")
-        .expression_attribute_values(":t", AttributeValue::S(kind.into()))
+        .expression_attribute_values(":t", AttributeValue::S(kind.to_string()))
         .expression_attribute_values(":m", AttributeValue::S(matched.into()))
 }
 
@@ -1564,7 +1564,7 @@ impl Chain {
             .await
             .item
             .unwrap_or_default();
-        let ec2 = item.get("route_type") == Some(&AttributeValue::S("EC2".into()));
+        let ec2 = item.get("route_type") == Some(&AttributeValue::S(ExecutorKind::Ec2.to_string()));
         if (ec2 || input.job.runner.is_some()) && !self.tear_down_runners(&input).await {
             return;
         }

@@ -29,6 +29,7 @@ use aws_config::SdkConfig;
 use aws_sdk_dynamodb::types::AttributeValue;
 use ephemeral_core::hook::JobEvent;
 use ephemeral_core::jobs::JobKey;
+use ephemeral_core::mapping::ExecutorKind;
 use gitlab_runner_mock::{
     GitlabRunnerMock, MockJob, MockJobState, MockJobStepName, MockJobStepWhen,
 };
@@ -270,9 +271,11 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
         let decision = with_retries(&mut f.mapper, &input, |_| 4).await;
         let job_key = input["job_key"].as_str().unwrap().to_owned();
         // CheckDecision and RecordRoute read the answer's `type`.
-        let kind = decision["type"]
+        let kind: ExecutorKind = decision["type"]
             .as_str()
-            .expect("the mapper answers a type");
+            .expect("the mapper answers a type")
+            .parse()
+            .expect("the mapper's type is an executor kind");
         let matched = decision["matched"].as_str().unwrap_or_default();
         record_route(
             &aws_sdk_dynamodb::Client::new(&stack.sdk),
@@ -284,7 +287,7 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
         .send()
         .await
         .unwrap();
-        if kind == "LAMBDA" {
+        if kind == ExecutorKind::Lambda {
             // ProvisionLambdaRunner: the stack's shared token (no runner made).
             let state = serde_json::json!({"job_key": job_key, "job": input["job"], "mapped": {"decision": decision}});
             let grant = with_retries(
@@ -336,7 +339,7 @@ pub async fn run(options: &ChainOptions, bin_dir: &Path, logs: &Path) -> Process
         // LookUpJob, then TearDownRunners when the job went to EC2 or a runner ran it.
         let job: JobEvent = serde_json::from_value(input["job"].clone()).unwrap();
         let item = stack.fleet.job_item(&job).await;
-        let ec2 = item.get("route_type") == Some(&AttributeValue::S("EC2".into()));
+        let ec2 = item.get("route_type") == Some(&AttributeValue::S(ExecutorKind::Ec2.to_string()));
         if ec2 || !input["job"]["runner"].is_null() {
             with_retries(
                 &mut f.teardown,

@@ -5,7 +5,8 @@ use aws_lambda_events::eventbridge::EventBridgeEvent;
 use e2e_tests::workspace_root;
 use ephemeral_core::jobs::{ProvisionOn, RouterOutcome, Workflow, WorkflowInput};
 use ephemeral_core::mapping::{
-    Executor, GitLabJobView, JobLookup, LookedUp, LookupError, MappingRules, Rule, rule_from_item,
+    Executor, ExecutorKind, GitLabJobView, JobLookup, LookedUp, LookupError, MappingRules, Rule,
+    rule_from_item,
 };
 use ephemeral_core::testing::{InMemoryJobs, RecordingWorkflows};
 use ephemeral_core::webhook::PortError;
@@ -98,7 +99,7 @@ async fn mapper_samples_are_workflow_inputs() {
     let unit: WorkflowInput = sample("mapper/unit-test.json");
     assert_eq!(
         mapper.handle(&unit).await.unwrap().decision.executor.kind(),
-        "LAMBDA"
+        ExecutorKind::Lambda
     );
     let docker: WorkflowInput = sample("mapper/docker-build.json");
     assert_eq!(

@@ -18,7 +18,7 @@ use ephemeral_core::fleet::{Provisioned, TornDown};
 use ephemeral_core::hook::JobStatus;
 use ephemeral_core::jobs::{JobKey, JobPhase, JobStore, WorkflowInput};
 use ephemeral_core::lambda_runner::RunnerGrant;
-use ephemeral_core::mapping::{Executor, Market};
+use ephemeral_core::mapping::{Executor, ExecutorKind, Market};
 use ephemeral_core::task_error::{RetryRules, TaskError};
 use ephemeral_core::testing::job_event;
 use mapper::{DynamoMappingRules, GitLabJobs, Mapper, TokenSource};
@@ -353,7 +353,7 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
         // against moto in fleet_moto.rs).
         let output = mapper.handle(&input).await.unwrap();
         let mut replies = vec![serde_json::to_string(&output).unwrap()];
-        if output.decision.executor.kind() == "LAMBDA" {
+        if output.decision.executor.kind() == ExecutorKind::Lambda {
             replies.push(
                 serde_json::to_string(&RunnerGrant::PerJob {
                     runner_id: 700 + job_id,
@@ -362,7 +362,7 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
                 .unwrap(),
             );
             replies.push("{}".into());
-        } else if output.decision.executor.kind() == "EC2" {
+        } else if output.decision.executor.kind() == ExecutorKind::Ec2 {
             replies.push(
                 serde_json::to_string(&Provisioned::Launched {
                     instance_id: format!("i-00000000000000{job_id:03}"),

@@ -21,7 +21,7 @@ use aws_sdk_dynamodb::types::AttributeValue;
 use ephemeral_core::fleet::Provisioned;
 use ephemeral_core::hook::{JobEvent, JobStatus};
 use ephemeral_core::jobs::{JobKey, RouterOutcome, Started, Workflow, WorkflowInput};
-use ephemeral_core::mapping::Executor;
+use ephemeral_core::mapping::{Executor, ExecutorKind};
 use ephemeral_core::reconcile::{Reason, ReconcileSettings};
 use ephemeral_core::slots::{Capped, SlotCaps};
 use ephemeral_core::task_error::TaskError;
@@ -1115,7 +1115,7 @@ impl Liveness {
             .unwrap()
             .item
             .unwrap_or_default();
-        let ec2 = item.get("route_type") == Some(&AttributeValue::S("EC2".into()));
+        let ec2 = item.get("route_type") == Some(&AttributeValue::S(ExecutorKind::Ec2.to_string()));
         if ec2 || input.job.runner.is_some() {
             let teardown = TeardownInput {
                 job_key: input.job_key.clone(),
