@@ -484,77 +484,13 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         .instances(InstanceQuery::LiveForJob(key))
         .await
         .map_err(step("looking for the job's instance"))?;
-    // Only this attempt's instance is this step's: an older attempt's may be running another
-    // job (that is why this attempt was started), and is left alone.
-    let existing = instances
-        .iter()
-        .find(|i| i.state.is_live() && i.attempt() == attempt)
-        .cloned();
-    if let Some(done) = existing
-        .as_ref()
-        .and_then(|i| Some((i.id.clone(), i.runner_id()?)))
-    {
-        let (instance_id, runner_id) = done;
-        ports
-            .ledger
-            .record_running(key, runner_id, &instance_id, now_ms)
-            .await
-            .map_err(step("recording the runner on the job's item"))?;
-        return Ok(Provisioned::AlreadyProvisioned {
-            instance_id,
-            runner_id,
-        });
-    }
-
-    let (instance_id, subnet, market, failed_attempts) = match existing {
-        Some(instance) => (
-            instance.id,
-            "(launched by an earlier attempt)".to_owned(),
-            plan.attempts[0].1,
-            Vec::new(),
-        ),
-        None => match launch_in_slot(ports, settings, &plan, key, attempt, now_ms).await? {
-            Ok(launched) => launched,
-            Err(waiting) => return Ok(waiting),
-        },
-    };
-
-    // A runner from an earlier run that never reached its instance (no runner-id tag): its
-    // token was lost with that run, so it can never be used. Remove it first. A runner an
-    // instance is tagged with is complete (an older attempt's, maybe running another job):
-    // not this step's to remove.
-    let complete = |id: u64| {
-        instances
-            .iter()
-            .any(|i| i.state.is_live() && i.runner_id() == Some(id))
-    };
-    if let Some(stale) = record.runner_id.filter(|id| !complete(*id)) {
-        ports.api.delete(stale).await.map_err(step(
-            "removing the runner of an earlier, interrupted attempt",
-        ))?;
-        ports
-            .ledger
-            .forget_runner(stale)
-            .await
-            .map_err(step("forgetting the runner of an earlier attempt"))?;
-    }
-
-    let request = RunnerRequest {
-        description: plan.runner_description.clone(),
-        project_id: key.project_id,
-        tags: plan.runner_tags.clone(),
-    };
-    let (runner_id, token) = match ports.api.create(&request).await {
-        Ok(created) => created,
-        Err(error) => {
-            let mut cleanup = vec![(TERMINATING, ports.fleet.terminate(&instance_id).await)];
-            free_slot_after(ports, key, attempt, &mut cleanup).await;
-            return Err(ProvisionError::RunnerNotCreated {
-                error,
-                cleanup: cleanup_note(&cleanup),
-            });
-        }
-    };
+    let (instance_id, subnet, market, failed_attempts) =
+        match ensure_instance(ports, settings, &plan, &instances, key, attempt, now_ms).await? {
+            Ok(instance) => instance,
+            Err(outcome) => return Ok(outcome),
+        };
+    remove_stale_runner(ports, record.runner_id, &instances).await?;
+    let (runner_id, token) = create_runner(ports, &plan, key, attempt, &instance_id).await?;
     let entry = RunnerEntry {
         runner_id,
         project_id: key.project_id,
@@ -563,28 +499,7 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         instance_id: instance_id.clone(),
         created_at_ms: now_ms,
     };
-    let delivered = async {
-        register_and_store(ports, &entry, &token).await?;
-        ports
-            .fleet
-            .tag(
-                &instance_id,
-                &[(TAG_RUNNER_ID.to_owned(), runner_id.to_string())],
-            )
-            .await
-            .map_err(|e| ("tagging the instance with its runner", e))
-    }
-    .await;
-    drop(token);
-    if let Err((what, error)) = delivered {
-        let mut cleanup = remove_runner(ports, runner_id, Some(&instance_id)).await;
-        free_slot_after(ports, key, attempt, &mut cleanup).await;
-        return Err(ProvisionError::Step {
-            what,
-            error,
-            cleanup: cleanup_note(&cleanup),
-        });
-    }
+    deliver_runner(ports, &entry, token, key).await?;
     if !record_running_or_undo(ports, key, attempt, runner_id, &instance_id, now_ms).await? {
         return Ok(Provisioned::FinishedMeanwhile {
             instance_id,
@@ -597,6 +512,135 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         subnet,
         market,
         failed_attempts,
+    })
+}
+
+/// This attempt's instance, found among the job's live `instances` or launched in a slot.
+/// `Ok(Err(outcome))` when provisioning ends here: the instance already has its runner (it is
+/// recorded on the job's item again, as the run that made it may have died before), or no slot
+/// is free.
+async fn ensure_instance<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    settings: &FleetSettings,
+    plan: &LaunchPlan,
+    instances: &[Instance],
+    key: JobKey,
+    attempt: u32,
+    now_ms: u64,
+) -> Result<Result<Launched, Provisioned>, ProvisionError> {
+    // Only this attempt's instance is this step's: an older attempt's may be running another
+    // job (that is why this attempt was started), and is left alone.
+    let Some(existing) = instances
+        .iter()
+        .find(|i| i.state.is_live() && i.attempt() == attempt)
+    else {
+        return launch_in_slot(ports, settings, plan, key, attempt, now_ms).await;
+    };
+    if let Some(runner_id) = existing.runner_id() {
+        ports
+            .ledger
+            .record_running(key, runner_id, &existing.id, now_ms)
+            .await
+            .map_err(step("recording the runner on the job's item"))?;
+        return Ok(Err(Provisioned::AlreadyProvisioned {
+            instance_id: existing.id.clone(),
+            runner_id,
+        }));
+    }
+    Ok(Ok((
+        existing.id.clone(),
+        "(launched by an earlier attempt)".to_owned(),
+        plan.attempts[0].1,
+        Vec::new(),
+    )))
+}
+
+/// A runner from an earlier run that never reached its instance (no runner-id tag): its
+/// token was lost with that run, so it can never be used. Remove it first. A runner an
+/// instance is tagged with is complete (an older attempt's, maybe running another job):
+/// not this step's to remove.
+async fn remove_stale_runner<F, V, A: RunnerApi, L: RunnerLedger, S>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    recorded_runner: Option<u64>,
+    instances: &[Instance],
+) -> Result<(), ProvisionError> {
+    let complete = |id: u64| {
+        instances
+            .iter()
+            .any(|i| i.state.is_live() && i.runner_id() == Some(id))
+    };
+    let Some(stale) = recorded_runner.filter(|id| !complete(*id)) else {
+        return Ok(());
+    };
+    ports.api.delete(stale).await.map_err(step(
+        "removing the runner of an earlier, interrupted attempt",
+    ))?;
+    ports
+        .ledger
+        .forget_runner(stale)
+        .await
+        .map_err(step("forgetting the runner of an earlier attempt"))
+}
+
+/// Creates the GitLab runner for this attempt's instance. When GitLab refuses, the instance
+/// and its slot are removed again, so the failed step leaves nothing running.
+async fn create_runner<F: Fleet, V, A: RunnerApi, L, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    plan: &LaunchPlan,
+    key: JobKey,
+    attempt: u32,
+    instance_id: &str,
+) -> Result<(u64, Secret), ProvisionError> {
+    let request = RunnerRequest {
+        description: plan.runner_description.clone(),
+        project_id: key.project_id,
+        tags: plan.runner_tags.clone(),
+    };
+    match ports.api.create(&request).await {
+        Ok(created) => Ok(created),
+        Err(error) => {
+            let mut cleanup = vec![(TERMINATING, ports.fleet.terminate(instance_id).await)];
+            free_slot_after(ports, key, attempt, &mut cleanup).await;
+            Err(ProvisionError::RunnerNotCreated {
+                error,
+                cleanup: cleanup_note(&cleanup),
+            })
+        }
+    }
+}
+
+/// Delivers the new runner to its instance: registers it, stores its token in the instance's
+/// parameter, then tags the instance with it, the tag that says the runner is complete (so it
+/// comes last). On failure the runner, its instance and slot are removed again.
+async fn deliver_runner<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    entry: &RunnerEntry,
+    token: Secret,
+    key: JobKey,
+) -> Result<(), ProvisionError> {
+    let delivered = async {
+        register_and_store(ports, entry, &token).await?;
+        ports
+            .fleet
+            .tag(
+                &entry.instance_id,
+                &[(TAG_RUNNER_ID.to_owned(), entry.runner_id.to_string())],
+            )
+            .await
+            .map_err(|e| ("tagging the instance with its runner", e))
+    }
+    .await;
+    // Stored or not, the token is needed no longer: out of memory before the cleanup's calls.
+    drop(token);
+    let Err((what, error)) = delivered else {
+        return Ok(());
+    };
+    let mut cleanup = remove_runner(ports, entry.runner_id, Some(&entry.instance_id)).await;
+    free_slot_after(ports, key, entry.attempt, &mut cleanup).await;
+    Err(ProvisionError::Step {
+        what,
+        error,
+        cleanup: cleanup_note(&cleanup),
     })
 }
 
@@ -1379,6 +1423,7 @@ async fn reap_slots<S: SlotStore>(
     }
 }
 
+/// One live instance through the reaper: what [`reaper_action`] decides, then done.
 async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S: SlotStore>(
     ports: &FleetPorts<F, V, A, L, S>,
     settings: &FleetSettings,
@@ -1387,40 +1432,7 @@ async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
     report: &mut ReapReport,
 ) -> Result<(), PortError> {
     let runner_id = instance.runner_id();
-    let job_finished = match instance.job_key() {
-        Some(key) => ports
-            .ledger
-            .job(key)
-            .await?
-            .and_then(|r| r.phase)
-            .is_some_and(|p| p >= JobPhase::Finished),
-        None => false,
-    };
-    let mut facts = InstanceFacts {
-        launched_at_ms: instance.launched_at_ms,
-        bypass: instance.tag(TAG_REAPER_BYPASS).is_some(),
-        marked_at_ms: instance.tag(TAG_REAPER_MARK).and_then(|t| t.parse().ok()),
-        // First as if idle: only an instance that would then be marked or killed is worth a
-        // question to GitLab (below). Without a runner it cannot have picked anything.
-        picked_a_job: false,
-        job_finished,
-        runner_busy: None,
-        busy_unknown: false,
-    };
-    let mut action = reap(&facts, &settings.reaper, now_ms);
-    if !matches!(action, ReaperAction::Keep(_))
-        && let Some(id) = runner_id
-    {
-        // Asked once, right before acting: a runner that looks orphaned may have just taken
-        // a job. An unanswered question counts as busy: nothing is destroyed on a guess.
-        facts.runner_busy = ports.api.busy(id).await.ok();
-        facts.busy_unknown = facts.runner_busy.is_none();
-        // Busy now means it has a job. Idle now means it never got one, or its job ended
-        // and the finished hook was lost: either way it is done. Unknown: assume busy.
-        facts.picked_a_job = facts.runner_busy.unwrap_or(true);
-        action = reap(&facts, &settings.reaper, now_ms);
-    }
-    match action {
+    match reaper_action(ports, settings, instance, now_ms).await? {
         ReaperAction::Keep(_) => {}
         ReaperAction::Mark(why) => {
             ports
@@ -1466,6 +1478,50 @@ async fn reap_instance<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         }
     }
     Ok(())
+}
+
+/// What the reaper does with `instance`: [`reap`] over its tags and its job's item, asking
+/// GitLab whether its runner is busy only when the answer could change the decision.
+async fn reaper_action<F, V, A: RunnerApi, L: RunnerLedger, S>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    settings: &FleetSettings,
+    instance: &Instance,
+    now_ms: u64,
+) -> Result<ReaperAction, PortError> {
+    let job_finished = match instance.job_key() {
+        Some(key) => ports
+            .ledger
+            .job(key)
+            .await?
+            .and_then(|r| r.phase)
+            .is_some_and(|p| p >= JobPhase::Finished),
+        None => false,
+    };
+    let mut facts = InstanceFacts {
+        launched_at_ms: instance.launched_at_ms,
+        bypass: instance.tag(TAG_REAPER_BYPASS).is_some(),
+        marked_at_ms: instance.tag(TAG_REAPER_MARK).and_then(|t| t.parse().ok()),
+        // First as if idle: only an instance that would then be marked or killed is worth a
+        // question to GitLab (below). Without a runner it cannot have picked anything.
+        picked_a_job: false,
+        job_finished,
+        runner_busy: None,
+        busy_unknown: false,
+    };
+    let mut action = reap(&facts, &settings.reaper, now_ms);
+    if !matches!(action, ReaperAction::Keep(_))
+        && let Some(id) = instance.runner_id()
+    {
+        // Asked once, right before acting: a runner that looks orphaned may have just taken
+        // a job. An unanswered question counts as busy: nothing is destroyed on a guess.
+        facts.runner_busy = ports.api.busy(id).await.ok();
+        facts.busy_unknown = facts.runner_busy.is_none();
+        // Busy now means it has a job. Idle now means it never got one, or its job ended
+        // and the finished hook was lost: either way it is done. Unknown: assume busy.
+        facts.picked_a_job = facts.runner_busy.unwrap_or(true);
+        action = reap(&facts, &settings.reaper, now_ms);
+    }
+    Ok(action)
 }
 
 #[cfg(test)]

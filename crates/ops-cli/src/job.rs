@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 
 use aws_sdk_sfn::error::DisplayErrorContext;
-use ephemeral_core::fleet::{InstanceQuery, RunnerLedger};
+use ephemeral_core::fleet::{Instance, InstanceQuery, RunnerEntry, RunnerLedger};
 use ephemeral_core::jobs::JobKey;
 use ephemeral_core::jobs_table::{self, KEY};
 use ephemeral_core::reconcile::{is_teardown_execution_of, provision_execution_name};
@@ -166,6 +166,18 @@ fn attribute_text(name: &str, value: &Value, now_ms: u64) -> String {
     }
 }
 
+/// What `job` found of one job; `None`: that place was not read (not named).
+struct History {
+    key: JobKey,
+    jobs_table: String,
+    item: Option<Map<String, Value>>,
+    /// Empty too when neither workflow is named (`workflows_named`).
+    executions: Vec<Execution>,
+    workflows_named: bool,
+    instances: Option<Vec<Instance>>,
+    runners: Option<Vec<RunnerEntry>>,
+}
+
 pub async fn job(out: &mut Outcome, ctx: &Context<'_>, key: JobKey) -> Result<u8, Failure> {
     let jobs_table = ctx.stack.get(Resource::JobsTable).await?;
     let provision = ctx.stack.find(Resource::ProvisionStateMachine).await?;
@@ -176,25 +188,14 @@ pub async fn job(out: &mut Outcome, ctx: &Context<'_>, key: JobKey) -> Result<u8
         .as_ref()
         .map(|i| jobs_table::record_of(&Value::Object(i.clone())))
         .unwrap_or_default();
-
-    let mut executions = Vec::new();
-    if let Some(arn) = &provision {
-        // Every attempt's name (the router's is attempt 1), and one past the last in case a
-        // claim's start is what the item does not show yet.
-        for attempt in 1..=record.attempt.max(1) + 1 {
-            let name = provision_execution_name(key, attempt);
-            if let Some(e) = describe(ctx, "provision", arn, &name).await? {
-                executions.push(e);
-            }
-        }
-    }
-    if let Some(arn) = &teardown {
-        for name in teardown_names(ctx, arn, key).await? {
-            if let Some(e) = describe(ctx, "teardown", arn, &name).await? {
-                executions.push(e);
-            }
-        }
-    }
+    let executions = executions(
+        ctx,
+        provision.as_deref(),
+        teardown.as_deref(),
+        key,
+        record.attempt,
+    )
+    .await?;
     let instances = match ctx.stack.managed_by() {
         Some(stack) => Some(instances(ctx, stack, InstanceQuery::Job(key)).await?),
         None => None,
@@ -228,31 +229,93 @@ pub async fn job(out: &mut Outcome, ctx: &Context<'_>, key: JobKey) -> Result<u8
             if runners.is_some() { ", no runner" } else { "" },
         )));
     }
-
-    let now = ctx.now_ms;
+    let history = History {
+        key,
+        jobs_table,
+        item,
+        executions,
+        workflows_named: provision.is_some() || teardown.is_some(),
+        instances,
+        runners,
+    };
     if ctx.json {
-        print_json(
-            out,
-            &json!({
-                "project_id": key.project_id,
-                "job_id": key.job_id,
-                "item": item,
-                "executions": executions.iter().map(|e| json!({
-                    "workflow": e.workflow, "name": e.name, "status": e.status,
-                    "started_ms": e.started_ms, "stopped_ms": e.stopped_ms, "error": e.error,
-                })).collect::<Vec<_>>(),
-                "instances": instances.as_ref().map(|i| i.iter().map(|i| instance_json(i, now)).collect::<Vec<_>>()),
-                "runners": runners.as_ref().map(|r| r.iter().map(|r| runner_json(r, now)).collect::<Vec<_>>()),
-            }),
-        );
-        return Ok(0);
+        write_json(out, &history, ctx.now_ms);
+    } else {
+        write_human(out, &history, ctx.now_ms);
     }
+    Ok(0)
+}
+
+/// The job's executions of the workflows that are named: provision's, then teardown's.
+async fn executions(
+    ctx: &Context<'_>,
+    provision: Option<&str>,
+    teardown: Option<&str>,
+    key: JobKey,
+    attempt: u32,
+) -> Result<Vec<Execution>, Failure> {
+    let mut executions = Vec::new();
+    if let Some(arn) = provision {
+        // Every attempt's name (the router's is attempt 1), and one past the last in case a
+        // claim's start is what the item does not show yet.
+        for attempt in 1..=attempt.max(1) + 1 {
+            let name = provision_execution_name(key, attempt);
+            if let Some(e) = describe(ctx, "provision", arn, &name).await? {
+                executions.push(e);
+            }
+        }
+    }
+    if let Some(arn) = teardown {
+        for name in teardown_names(ctx, arn, key).await? {
+            if let Some(e) = describe(ctx, "teardown", arn, &name).await? {
+                executions.push(e);
+            }
+        }
+    }
+    Ok(executions)
+}
+
+fn write_json(out: &mut Outcome, history: &History, now: u64) {
+    let History {
+        key,
+        item,
+        executions,
+        instances,
+        runners,
+        ..
+    } = history;
+    print_json(
+        out,
+        &json!({
+            "project_id": key.project_id,
+            "job_id": key.job_id,
+            "item": item,
+            "executions": executions.iter().map(|e| json!({
+                "workflow": e.workflow, "name": e.name, "status": e.status,
+                "started_ms": e.started_ms, "stopped_ms": e.stopped_ms, "error": e.error,
+            })).collect::<Vec<_>>(),
+            "instances": instances.as_ref().map(|i| i.iter().map(|i| instance_json(i, now)).collect::<Vec<_>>()),
+            "runners": runners.as_ref().map(|r| r.iter().map(|r| runner_json(r, now)).collect::<Vec<_>>()),
+        }),
+    );
+}
+
+fn write_human(out: &mut Outcome, history: &History, now: u64) {
+    let History {
+        key,
+        jobs_table,
+        item,
+        executions,
+        workflows_named,
+        instances,
+        runners,
+    } = history;
     let _ = writeln!(
         out.stdout,
         "project {} job {}\n\nitem (table {jobs_table}):",
         key.project_id, key.job_id
     );
-    match &item {
+    match item {
         Some(item) => {
             let mut rows: Vec<Vec<String>> = item
                 .iter()
@@ -266,43 +329,46 @@ pub async fn job(out: &mut Outcome, ctx: &Context<'_>, key: JobKey) -> Result<u8
             .push_str("  none (expired, or never written: the hook path never saw the job)\n"),
     }
     out.stdout.push_str("\nexecutions:\n");
-    if provision.is_none() && teardown.is_none() {
+    if *workflows_named {
+        write_executions(out, executions);
+    } else {
         out.stdout.push_str(
             "  not read (name the workflows: --stack STACK or --provision-state-machine ARN)\n",
         );
-    } else {
-        let rows = executions
-            .iter()
-            .map(|e| {
-                vec![
-                    e.workflow.to_owned(),
-                    e.name.clone(),
-                    e.status.clone(),
-                    e.started_ms.map_or("-".into(), utc),
-                    e.stopped_ms.map_or("-".into(), utc),
-                    or_dash(e.error.clone()),
-                ]
-            })
-            .collect();
-        table(
-            out,
-            &["WORKFLOW", "NAME", "STATUS", "STARTED", "STOPPED", "ERROR"],
-            rows,
-        );
     }
     out.stdout.push_str("\ninstances:\n");
-    match &instances {
+    match instances {
         Some(instances) => table(out, &INSTANCE_HEADER, instance_rows(instances, now)),
         None => out.stdout.push_str(
             "  not listed (found by their managed-by tag: --stack STACK or --managed-by STACK)\n",
         ),
     }
     out.stdout.push_str("\nrunners:\n");
-    match &runners {
+    match runners {
         Some(runners) => table(out, &RUNNER_HEADER, runner_rows(runners, now)),
         None => out
             .stdout
             .push_str("  not read (name the registry: --stack STACK or --runners-table NAME)\n"),
     }
-    Ok(0)
+}
+
+fn write_executions(out: &mut Outcome, executions: &[Execution]) {
+    let rows = executions
+        .iter()
+        .map(|e| {
+            vec![
+                e.workflow.to_owned(),
+                e.name.clone(),
+                e.status.clone(),
+                e.started_ms.map_or("-".into(), utc),
+                e.stopped_ms.map_or("-".into(), utc),
+                or_dash(e.error.clone()),
+            ]
+        })
+        .collect();
+    table(
+        out,
+        &["WORKFLOW", "NAME", "STATUS", "STARTED", "STOPPED", "ERROR"],
+        rows,
+    );
 }

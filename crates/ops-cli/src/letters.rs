@@ -402,51 +402,16 @@ pub async fn replay(out: &mut Outcome, ctx: &Context<'_>, ids: &[String]) -> Res
     let sqs = aws_sdk_sqs::Client::new(ctx.sdk);
     let read = read(ctx, &sqs, &LetterQueue::ALL, false).await?;
     let all: Vec<&Letter> = read.iter().flat_map(|(_, _, l)| l).collect();
-    let mut chosen: Vec<&Letter> = Vec::new();
-    let mut missing = Vec::new();
-    for id in ids {
-        match all.iter().find(|l| &l.id == id) {
-            Some(l) if !chosen.iter().any(|c| c.id == l.id) => chosen.push(l),
-            Some(_) => {}
-            None => missing.push(id.as_str()),
+    let chosen = match chosen_letters(ids, &all, &read) {
+        Ok(chosen) => chosen,
+        Err(failure) => {
+            release_all(&sqs, &read).await;
+            return Err(failure);
         }
-    }
-    let refused: Vec<String> = chosen
-        .iter()
-        .filter_map(|l| match &l.set_aside.replay {
-            Replay::No { why } => Some(format!("{}: {why}", l.id)),
-            _ => None,
-        })
-        .collect();
-    // All or nothing before anything is sent: a typo must not leave half a replay behind.
-    let refusal = if !missing.is_empty() {
-        Some(not_found(&missing, &read))
-    } else if !refused.is_empty() {
-        Some(Failure::usage(format!(
-            "not replayable, nothing was replayed: {}",
-            refused.join("; ")
-        )))
-    } else {
-        None
     };
-    if let Some(failure) = refusal {
-        release_all(&sqs, &read).await;
-        return Err(failure);
-    }
-    let needs = |f: fn(&Replay) -> bool| chosen.iter().any(|l| f(&l.set_aside.replay));
-    let router = if needs(|r| matches!(r, Replay::InvokeRouter { .. })) {
-        Some(ctx.stack.get(Resource::RouterFunction).await)
-    } else {
-        None
-    };
-    let intake = if needs(|r| matches!(r, Replay::FallbackQueue { .. })) {
-        Some(ctx.stack.get(Resource::IntakeQueue).await)
-    } else {
-        None
-    };
-    let (router, intake) = match (router.transpose(), intake.transpose()) {
-        (Ok(r), Ok(i)) => (r, i),
-        (Err(e), _) | (_, Err(e)) => {
+    let (router, intake) = match replay_targets(ctx, &chosen).await {
+        Ok(targets) => targets,
+        Err(e) => {
             release_all(&sqs, &read).await;
             return Err(e);
         }
@@ -454,49 +419,7 @@ pub async fn replay(out: &mut Outcome, ctx: &Context<'_>, ids: &[String]) -> Res
 
     let mut results = Vec::new();
     for letter in &chosen {
-        let sent = match &letter.set_aside.replay {
-            Replay::InvokeRouter { event } => {
-                let function = router.as_deref().unwrap_or_default();
-                invoke_router(ctx, function, event)
-                    .await
-                    .map(|()| format!("the router ({function}) took it"))
-            }
-            Replay::FallbackQueue { body } => {
-                let queue = intake.as_deref().unwrap_or_default();
-                sqs.send_message()
-                    .queue_url(queue)
-                    .message_body(body)
-                    .send()
-                    .await
-                    .map(|_| {
-                        "back on the intake fallback queue; the drainer forwards it".to_owned()
-                    })
-                    .map_err(|e| {
-                        format!("SendMessage to {queue} failed: {}", DisplayErrorContext(&e))
-                    })
-            }
-            Replay::No { .. } => unreachable!("refused above"),
-        };
-        let result = match sent {
-            Ok(done) => match sqs
-                .delete_message()
-                .queue_url(&letter.url)
-                .receipt_handle(&letter.receipt)
-                .send()
-                .await
-            {
-                Ok(_) => Ok(format!(
-                    "{done}; deleted from {}",
-                    resource(letter.queue).what()
-                )),
-                Err(e) => Err(format!(
-                    "{done}, but it could not be deleted from {} ({}): a second replay is deduplicated",
-                    resource(letter.queue).what(),
-                    DisplayErrorContext(&e)
-                )),
-            },
-            Err(e) => Err(format!("{e}; kept in {}", resource(letter.queue).what())),
-        };
+        let result = replay_letter(ctx, &sqs, letter, router.as_deref(), intake.as_deref()).await;
         results.push((letter.id.clone(), result));
     }
     // Everything else read (and the failed ones) is visible again at once.
@@ -530,4 +453,113 @@ pub async fn replay(out: &mut Outcome, ctx: &Context<'_>, ids: &[String]) -> Res
         }
     }
     Ok(if failed > 0 { OPERATIONAL } else { 0 })
+}
+
+/// The letters `ids` name, each once, in the order given; the failure when any is missing or
+/// not replayable. All or nothing before anything is sent: a typo must not leave half a
+/// replay behind.
+fn chosen_letters<'a>(
+    ids: &[String],
+    all: &[&'a Letter],
+    read: &[(LetterQueue, String, Vec<Letter>)],
+) -> Result<Vec<&'a Letter>, Failure> {
+    let mut chosen: Vec<&Letter> = Vec::new();
+    let mut missing = Vec::new();
+    for id in ids {
+        match all.iter().find(|l| &l.id == id) {
+            Some(l) if !chosen.iter().any(|c| c.id == l.id) => chosen.push(l),
+            Some(_) => {}
+            None => missing.push(id.as_str()),
+        }
+    }
+    let refused: Vec<String> = chosen
+        .iter()
+        .filter_map(|l| match &l.set_aside.replay {
+            Replay::No { why } => Some(format!("{}: {why}", l.id)),
+            _ => None,
+        })
+        .collect();
+    if !missing.is_empty() {
+        Err(not_found(&missing, read))
+    } else if !refused.is_empty() {
+        Err(Failure::usage(format!(
+            "not replayable, nothing was replayed: {}",
+            refused.join("; ")
+        )))
+    } else {
+        Ok(chosen)
+    }
+}
+
+/// Where the chosen letters go: the router function and the intake fallback queue, each
+/// looked up only when a letter needs it (a stack may name only one of them).
+async fn replay_targets(
+    ctx: &Context<'_>,
+    chosen: &[&Letter],
+) -> Result<(Option<String>, Option<String>), Failure> {
+    let needs = |f: fn(&Replay) -> bool| chosen.iter().any(|l| f(&l.set_aside.replay));
+    let router = if needs(|r| matches!(r, Replay::InvokeRouter { .. })) {
+        Some(ctx.stack.get(Resource::RouterFunction).await)
+    } else {
+        None
+    };
+    let intake = if needs(|r| matches!(r, Replay::FallbackQueue { .. })) {
+        Some(ctx.stack.get(Resource::IntakeQueue).await)
+    } else {
+        None
+    };
+    match (router.transpose(), intake.transpose()) {
+        (Ok(r), Ok(i)) => Ok((r, i)),
+        (Err(e), _) | (_, Err(e)) => Err(e),
+    }
+}
+
+/// Replays one letter, then deletes it from its queue: what was done, or why it was not (or
+/// not completely).
+async fn replay_letter(
+    ctx: &Context<'_>,
+    sqs: &aws_sdk_sqs::Client,
+    letter: &Letter,
+    router: Option<&str>,
+    intake: Option<&str>,
+) -> Result<String, String> {
+    let sent = match &letter.set_aside.replay {
+        Replay::InvokeRouter { event } => {
+            let function = router.unwrap_or_default();
+            invoke_router(ctx, function, event)
+                .await
+                .map(|()| format!("the router ({function}) took it"))
+        }
+        Replay::FallbackQueue { body } => {
+            let queue = intake.unwrap_or_default();
+            sqs.send_message()
+                .queue_url(queue)
+                .message_body(body)
+                .send()
+                .await
+                .map(|_| "back on the intake fallback queue; the drainer forwards it".to_owned())
+                .map_err(|e| format!("SendMessage to {queue} failed: {}", DisplayErrorContext(&e)))
+        }
+        Replay::No { .. } => unreachable!("refused by chosen_letters"),
+    };
+    match sent {
+        Ok(done) => match sqs
+            .delete_message()
+            .queue_url(&letter.url)
+            .receipt_handle(&letter.receipt)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(format!(
+                "{done}; deleted from {}",
+                resource(letter.queue).what()
+            )),
+            Err(e) => Err(format!(
+                "{done}, but it could not be deleted from {} ({}): a second replay is deduplicated",
+                resource(letter.queue).what(),
+                DisplayErrorContext(&e)
+            )),
+        },
+        Err(e) => Err(format!("{e}; kept in {}", resource(letter.queue).what())),
+    }
 }

@@ -86,32 +86,13 @@ pub async fn retry(
     };
     let running = current.as_ref().is_some_and(|e| e.status == "RUNNING");
     let now = ctx.now_ms;
-    let job = format!("project {} job {}", key.project_id, key.job_id);
+    let job = job_text(key);
     match plan_retry(key, &record, running, now, young_ms, force) {
         RetryPlan::Finished { phase } => Err(Failure::usage(format!(
             "{job} is {phase} in the jobs table: there is nothing to provision. If GitLab still lists it as pending, the reconciler moves it back and provisions it on its next pass (reason marked_finished)"
         ))),
         plan @ RetryPlan::InFlight { .. } => {
-            let RetryPlan::InFlight {
-                attempt,
-                execution,
-                why,
-                ..
-            } = &plan
-            else {
-                unreachable!()
-            };
-            if ctx.json {
-                print_json(
-                    out,
-                    &json!({"project_id": key.project_id, "job_id": key.job_id, "started": false, "plan": plan}),
-                );
-            } else {
-                let _ = writeln!(
-                    out.stdout,
-                    "not started: {job}'s attempt {attempt} ({execution}) is in flight: {why}. A second attempt now would run beside it; run retry again once it has failed or is older, or pass --force"
-                );
-            }
+            write_in_flight(out, ctx.json, key, &plan);
             Ok(0)
         }
         RetryPlan::Start {
@@ -120,32 +101,8 @@ pub async fn retry(
             notes,
         } => {
             let pending = pending_job(key, &item, current.as_ref().and_then(|e| e.input.as_ref()))?;
-            let expires_in = item
-                .get(attr::EXPIRES_AT)
-                .and_then(Value::as_u64)
-                .map_or(0, |at| at.saturating_sub(now / 1000));
-            let jobs = JobsTable {
-                client: aws_sdk_dynamodb::Client::new(ctx.sdk),
-                table: jobs_table.clone(),
-                ttl_seconds: JOB_TTL_SECONDS.max(expires_in),
-            };
-            let claimed = jobs
-                .claim_attempt(key, attempt, Reason::OperatorRetry, now)
-                .await
-                .map_err(|e| Failure::aws(format!("claiming attempt {attempt} of {job}: {e}")))?;
-            if !claimed {
-                let text = format!(
-                    "not started: attempt {attempt} of {job} was claimed meanwhile (by the reconciler or another retry), which starts it"
-                );
-                if ctx.json {
-                    print_json(
-                        out,
-                        &json!({"project_id": key.project_id, "job_id": key.job_id, "started": false,
-                                "claimed_by_another": attempt}),
-                    );
-                } else {
-                    let _ = writeln!(out.stdout, "{text}");
-                }
+            if !claim_attempt(ctx, &jobs_table, &item, key, attempt).await? {
+                write_claimed_meanwhile(out, ctx.json, key, attempt);
                 return Ok(0);
             }
             let workflow = ProvisionWorkflow {
@@ -158,24 +115,113 @@ pub async fn retry(
                 ))
             })?;
             let new = started == Started::New;
-            if ctx.json {
-                print_json(
-                    out,
-                    &json!({"project_id": key.project_id, "job_id": key.job_id, "started": true,
-                            "attempt": attempt, "execution": execution, "new_execution": new,
-                            "notes": notes}),
-                );
-            } else {
-                let _ = writeln!(
-                    out.stdout,
-                    "started attempt {attempt} of {job}: execution {execution}{}",
-                    if new { "" } else { " (it existed already)" }
-                );
-                for note in &notes {
-                    let _ = writeln!(out.stdout, "note: {note}");
-                }
-            }
+            write_started(out, ctx.json, key, attempt, &execution, &notes, new);
             Ok(0)
+        }
+    }
+}
+
+fn job_text(key: JobKey) -> String {
+    format!("project {} job {}", key.project_id, key.job_id)
+}
+
+/// Claims `attempt` on the job's item with the reconciler's conditional update: false when
+/// another claimer won it.
+async fn claim_attempt(
+    ctx: &Context<'_>,
+    jobs_table: &str,
+    item: &Map<String, Value>,
+    key: JobKey,
+    attempt: u32,
+) -> Result<bool, Failure> {
+    let now = ctx.now_ms;
+    let expires_in = item
+        .get(attr::EXPIRES_AT)
+        .and_then(Value::as_u64)
+        .map_or(0, |at| at.saturating_sub(now / 1000));
+    let jobs = JobsTable {
+        client: aws_sdk_dynamodb::Client::new(ctx.sdk),
+        table: jobs_table.to_owned(),
+        ttl_seconds: JOB_TTL_SECONDS.max(expires_in),
+    };
+    jobs.claim_attempt(key, attempt, Reason::OperatorRetry, now)
+        .await
+        .map_err(|e| {
+            Failure::aws(format!(
+                "claiming attempt {attempt} of {}: {e}",
+                job_text(key)
+            ))
+        })
+}
+
+/// Says that nothing was started: `plan` is a [`RetryPlan::InFlight`].
+fn write_in_flight(out: &mut Outcome, json: bool, key: JobKey, plan: &RetryPlan) {
+    let RetryPlan::InFlight {
+        attempt,
+        execution,
+        why,
+        ..
+    } = plan
+    else {
+        unreachable!("called for an in-flight plan only")
+    };
+    if json {
+        print_json(
+            out,
+            &json!({"project_id": key.project_id, "job_id": key.job_id, "started": false, "plan": plan}),
+        );
+    } else {
+        let _ = writeln!(
+            out.stdout,
+            "not started: {}'s attempt {attempt} ({execution}) is in flight: {why}. A second attempt now would run beside it; run retry again once it has failed or is older, or pass --force",
+            job_text(key)
+        );
+    }
+}
+
+/// Says that nothing was started: another claimer won `attempt`, and starts it.
+fn write_claimed_meanwhile(out: &mut Outcome, json: bool, key: JobKey, attempt: u32) {
+    if json {
+        print_json(
+            out,
+            &json!({"project_id": key.project_id, "job_id": key.job_id, "started": false,
+                    "claimed_by_another": attempt}),
+        );
+    } else {
+        let _ = writeln!(
+            out.stdout,
+            "not started: attempt {attempt} of {} was claimed meanwhile (by the reconciler or another retry), which starts it",
+            job_text(key)
+        );
+    }
+}
+
+/// Says which attempt was started; `new`: its execution did not exist yet.
+fn write_started(
+    out: &mut Outcome,
+    json: bool,
+    key: JobKey,
+    attempt: u32,
+    execution: &str,
+    notes: &[String],
+    new: bool,
+) {
+    if json {
+        print_json(
+            out,
+            &json!({"project_id": key.project_id, "job_id": key.job_id, "started": true,
+                    "attempt": attempt, "execution": execution, "new_execution": new,
+                    "notes": notes}),
+        );
+    } else {
+        let _ = writeln!(
+            out.stdout,
+            "started attempt {attempt} of {}: execution {execution}{}",
+            job_text(key),
+            if new { "" } else { " (it existed already)" }
+        );
+        for note in notes {
+            let _ = writeln!(out.stdout, "note: {note}");
         }
     }
 }

@@ -277,16 +277,28 @@ pub async fn status(out: &mut Outcome, ctx: &Context<'_>) -> Result<u8, Failure>
     }
     write_human(out, ctx, &jobs_table, drain.as_ref(), &views, &summary);
     write_slots(out, slots.as_ref(), now);
+    write_runners(out, runners.as_deref(), runners_table.as_deref(), now);
+    write_instances(out, instances.as_deref(), ctx.stack.managed_by(), now);
+    Ok(0)
+}
+
+/// The runner registry's section; `runners` is `None` when the registry is not named.
+fn write_runners(
+    out: &mut Outcome,
+    runners: Option<&[RunnerEntry]>,
+    runners_table: Option<&str>,
+    now_ms: u64,
+) {
     let s = &mut out.stdout;
-    match &runners {
+    match runners {
         Some(runners) => {
             let _ = writeln!(
                 s,
                 "\nrunners we own (table {}): {}",
-                runners_table.as_deref().unwrap_or_default(),
+                runners_table.unwrap_or_default(),
                 runners.len()
             );
-            let mut rows = runner_rows(runners, now);
+            let mut rows = runner_rows(runners, now_ms);
             rows.sort();
             table(out, &RUNNER_HEADER, rows);
         }
@@ -297,15 +309,24 @@ pub async fn status(out: &mut Outcome, ctx: &Context<'_>) -> Result<u8, Failure>
             );
         }
     }
+}
+
+/// The instances' section; `instances` is `None` when the stack's tag is not named.
+fn write_instances(
+    out: &mut Outcome,
+    instances: Option<&[Instance]>,
+    managed_by: Option<&str>,
+    now_ms: u64,
+) {
     let s = &mut out.stdout;
-    match (&instances, ctx.stack.managed_by()) {
+    match (instances, managed_by) {
         (Some(instances), Some(stack)) => {
             let _ = writeln!(
                 s,
                 "\ninstances we own (tag ephemeral-runners:managed-by={stack}): {}",
                 instances.len()
             );
-            table(out, &INSTANCE_HEADER, instance_rows(instances, now));
+            table(out, &INSTANCE_HEADER, instance_rows(instances, now_ms));
         }
         _ => {
             let _ = writeln!(
@@ -314,7 +335,6 @@ pub async fn status(out: &mut Outcome, ctx: &Context<'_>) -> Result<u8, Failure>
             );
         }
     }
-    Ok(0)
 }
 
 fn write_slots(out: &mut Outcome, slots: Option<&Slots>, now_ms: u64) {
@@ -397,14 +417,19 @@ fn write_human(
         ),
         None => writeln!(s, "pending (no runner took them yet): 0"),
     };
+    write_waiting(out, &summary.waiting, now);
+    write_failed(out, &summary.failed);
+    write_given_up(out, &summary.given_up, now);
+}
 
+/// The jobs waiting for a runner slot (under a cap, or drained), oldest first.
+fn write_waiting(out: &mut Outcome, waiting: &[JobView], now_ms: u64) {
     let _ = writeln!(
-        s,
+        out.stdout,
         "\nwaiting for a runner slot, oldest first: {}",
-        summary.waiting.len()
+        waiting.len()
     );
-    let rows = summary
-        .waiting
+    let rows = waiting
         .iter()
         .map(|j| {
             vec![
@@ -413,7 +438,7 @@ fn write_human(
                 j.attempt.to_string(),
                 or_dash(j.waiting_for.clone()),
                 j.waiting_since_ms
-                    .map_or("-".to_owned(), |ms| when(ms, now)),
+                    .map_or("-".to_owned(), |ms| when(ms, now_ms)),
             ]
         })
         .collect();
@@ -422,14 +447,16 @@ fn write_human(
         &["PROJECT", "JOB", "ATTEMPT", "WAITING FOR", "SINCE"],
         rows,
     );
+}
 
+/// The open jobs whose last provision failed, which the reconciler retries.
+fn write_failed(out: &mut Outcome, failed: &[JobView]) {
     let _ = writeln!(
         out.stdout,
         "\nfailed provisions (the reconciler retries them): {}",
-        summary.failed.len()
+        failed.len()
     );
-    let rows = summary
-        .failed
+    let rows = failed
         .iter()
         .map(|j| {
             vec![
@@ -442,21 +469,24 @@ fn write_human(
         })
         .collect();
     table(out, &["PROJECT", "JOB", "ATTEMPT", "ERROR", "CAUSE"], rows);
+}
 
+/// The jobs the reconciler stopped provisioning, newest first.
+fn write_given_up(out: &mut Outcome, given_up: &[JobView], now_ms: u64) {
     let _ = writeln!(
         out.stdout,
         "\ngiven up (runner-ops retry PROJECT JOB once the cause is fixed): {}",
-        plural(summary.given_up.len(), "job", "jobs")
+        plural(given_up.len(), "job", "jobs")
     );
-    let rows = summary
-        .given_up
+    let rows = given_up
         .iter()
         .map(|j| {
             vec![
                 j.project_id.to_string(),
                 j.job_id.to_string(),
                 j.attempt.to_string(),
-                j.gave_up_at_ms.map_or("-".to_owned(), |ms| when(ms, now)),
+                j.gave_up_at_ms
+                    .map_or("-".to_owned(), |ms| when(ms, now_ms)),
                 or_dash(j.provision_error.clone()),
             ]
         })
