@@ -262,6 +262,13 @@ pub fn classify_launch_error(code: &str) -> LaunchFailure {
     }
 }
 
+/// A failed RunInstances whose instance may exist all the same: EC2 failed inside (500, 503)
+/// or no answer came (`Unavailable`: a timeout or a dropped connection, after the SDK's
+/// retries). Throttling and every refusal launched nothing.
+pub fn launch_may_have_run(code: &str) -> bool {
+    matches!(code, "InternalError" | "ServiceUnavailable" | "Unavailable")
+}
+
 /// The gitlab-runner release of the stack default when `GITLAB_RUNNER_VERSION` is absent (the
 /// teardown and reaper functions, which render no user-data, are not given it). The template's
 /// `GitLabRunnerVersion` default is the same (a test checks).

@@ -767,10 +767,19 @@ async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
         launch(ports, plan, &key, image_id, user_data, now_ms).await
     }
     .await;
-    if launched.is_err() {
+    match &launched {
+        // The instance may run (tagged with the job and attempt at launch): the slot stays
+        // taken, or another job could launch in it and pass the cap. The step's retry finds
+        // that instance; if there is none, the reaper gives the slot back once it is older
+        // than ORPHAN_GRACE_SECONDS.
+        Err(ProvisionError::LaunchUnavailable { error, .. })
+            if crate::ec2::launch_may_have_run(&error.code) => {}
         // Nothing runs: the slot is free again. Should this fail, the reaper gives it back
-        // once it is older than ORPHAN_GRACE_SECONDS.
-        let _ = give_back_slot(ports, key, attempt).await;
+        // as above.
+        Err(_) => {
+            let _ = give_back_slot(ports, key, attempt).await;
+        }
+        Ok(_) => {}
     }
     Ok(Ok(launched?))
 }
@@ -1691,6 +1700,8 @@ mod tests {
         /// The drain switch, and each job noted as waiting with its cap.
         drained: Mutex<Option<Drain>>,
         waiting: Mutex<Vec<(JobKey, String)>>,
+        /// Launches whose answer is lost: the instance runs, the caller hears `Unavailable`.
+        lost_launch_answers: Mutex<u32>,
     }
 
     impl Fleet for &World {
@@ -1719,6 +1730,14 @@ mod tests {
                 launched_at_ms: 0,
                 tags: request.tags.iter().cloned().collect(),
             });
+            let mut lost = self.lost_launch_answers.lock().unwrap();
+            if *lost > 0 {
+                *lost -= 1;
+                return Err(LaunchError {
+                    code: "Unavailable".into(),
+                    message: "no answer (dropped connection)".into(),
+                });
+            }
             Ok(id)
         }
         async fn tag(&self, instance_id: &str, tags: &[(String, String)]) -> Result<(), PortError> {
@@ -2178,6 +2197,49 @@ mod tests {
         block_on(teardown(&ports, &finished_a, &answer)).unwrap();
         assert_eq!(slot_held(&ports), [(12, 1)]);
         assert_eq!(ports.slots.as_ref().unwrap().store.used("global"), 1);
+    }
+
+    #[test]
+    fn a_launch_whose_answer_was_lost_keeps_its_slot_and_its_retry_uses_the_instance() {
+        let world = World::default();
+        let ports = world.ports(1);
+        let (a, b) = (
+            job_event(1, 10, "build", JobStatus::Pending),
+            job_event(1, 11, "build", JobStatus::Pending),
+        );
+        *world.lost_launch_answers.lock().unwrap() = 1;
+        let step = block_on(provision(
+            &ports,
+            &settings(),
+            &a,
+            &Ec2Settings::default(),
+            None,
+            10 * crate::slots::SLOT_IN_FLIGHT_MS,
+        ));
+        assert!(
+            matches!(step, Err(ProvisionError::LaunchUnavailable { .. })),
+            "{step:?}"
+        );
+        assert_eq!(
+            *world.lost_launch_answers.lock().unwrap(),
+            0,
+            "the fault happened"
+        );
+        assert_eq!(world.live().len(), 1, "the instance runs all the same");
+        // Its slot stays taken: B waits instead of passing the cap of 1.
+        assert_eq!(slot_held(&ports), [(10, 1)]);
+        assert_eq!(
+            provision_now(&ports, &b),
+            Provisioned::WaitingForSlot {
+                waiting_for: CapReached::Global { limit: 1 }
+            }
+        );
+        assert_eq!(world.live().len(), 1);
+        // The step's retry finds A's instance and gives it its runner: nothing new launched.
+        let (instance, _) = launched(&provision_now(&ports, &a));
+        assert_eq!(world.live().len(), 1);
+        assert_eq!(world.live()[0].id, instance);
+        assert_eq!(slot_held(&ports), [(10, 1)]);
     }
 
     #[test]
