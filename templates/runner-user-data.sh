@@ -6,9 +6,32 @@
 # {{RUNNER_VERSION}}, the AWS CLI and (docker executor, or a privileged shell route) docker
 # are installed when missing: a baked AMI (template.yaml RunnerAmiRecipe) has them all, and
 # then nothing is downloaded or installed.
-# Whatever happens, the instance shuts down at the end (shutdown behaviour: terminate).
+# Whatever happens, the instance shuts down at the end (shutdown behaviour: terminate; a
+# warm-pool instance's is stop until a provision starts it for its job, which sets it to
+# terminate first). The one exception is a failed warm-up, below.
+# A warm-pool instance (pooled=true) is launched with no job: its first boot installs and
+# verifies all of the above, never touches the token parameter, and stops. cloud-init runs
+# user-data on the first boot only, so that boot leaves a copy of this script in cloud-init's
+# per-boot directory: the job runs at the next boot, once a provision has claimed the
+# instance, started it and put its token parameter.
 set -uo pipefail
-trap 'shutdown -h now' EXIT
+pooled={{POOLED}}
+# Both overrides are never set on an instance; the tests that run this script point them at
+# temporary directories.
+state_dir="${EPHEMERAL_STATE_DIR:-/var/lib/ephemeral-runner}"
+per_boot_dir="${CLOUD_PER_BOOT_DIR:-/var/lib/cloud/scripts/per-boot}"
+# A warm-pool instance whose warm-up failed stays up instead: stopped, it would look ready
+# and be started for a job it cannot run. Running, it is never claimed (only stopped ones
+# are), and the reaper terminates it as an instance that never picked a job.
+finish() {
+  local status=$?
+  if [ "$status" -ne 0 ] && [ "$pooled" = true ] && [ ! -e "$state_dir/warmed" ]; then
+    echo "warm-up failed (exit $status): staying up, never claimed, until the reaper terminates this instance"
+    return
+  fi
+  shutdown -h now
+}
+trap finish EXIT
 exec > >(logger -t ephemeral-runner) 2>&1
 
 # gitlab-runner: exactly the stack's GitLabRunnerVersion, and only once its SHA-256 matched:
@@ -100,6 +123,20 @@ fi
 # Amazon Linux 2 has v1 (yum awscli), a baked AMI has it.
 if ! command -v aws >/dev/null; then
   dnf install -y awscli-2 || yum install -y awscli || { echo "could not install the AWS CLI"; exit 1; }
+fi
+
+# Warm pool: everything is installed and verified now, and the token is not ours to read yet
+# (no provision has claimed this instance). Run again at every later boot (cloud-init's
+# per-boot scripts), mark this one warmed and stop (the EXIT trap; shutdown behaviour stop).
+# The next boot finds the marker and goes on as any instance does, with nothing left to
+# install. A failure before the marker leaves the instance running unmarked (`finish`).
+if [ "$pooled" = true ] && [ ! -e "$state_dir/warmed" ]; then
+  mkdir -p "$per_boot_dir" && install -m 0700 "$0" "$per_boot_dir/ephemeral-runner.sh" \
+    || { echo "could not copy $0 to $per_boot_dir"; exit 1; }
+  mkdir -p "$state_dir" && : > "$state_dir/warmed" \
+    || { echo "could not mark this instance warmed in $state_dir"; exit 1; }
+  echo "warmed for the warm pool: stopping until a provision starts this instance for a job"
+  exit 0
 fi
 
 imds() {

@@ -133,6 +133,8 @@ pub struct LaunchPlan {
     /// The runner's tags: the job's own, so that it can take the job; empty when unknown
     /// (then the runner must be allowed to run untagged jobs).
     pub runner_tags: Vec<String>,
+    /// The route's warm pool size ([`crate::pool`]); 0: none.
+    pub warm_pool: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -213,6 +215,7 @@ pub fn launch_plan(
             job.job_name
         ),
         runner_tags: job_tags.map(<[String]>::to_vec).unwrap_or_default(),
+        warm_pool: route.warm_pool.unwrap_or(0),
     })
 }
 
@@ -371,6 +374,10 @@ pub struct UserDataValues {
     /// The stack's cache bucket (`CACHE_BUCKET_NAME`), in `region`: the runner keeps jobs'
     /// `cache:` there with the instance role ([`crate::cache`]). `None`: no cache.
     pub cache_bucket: Option<String>,
+    /// A warm-pool instance ([`crate::pool`]): its first boot installs what it needs and stops
+    /// the instance (launched with shutdown behaviour `stop`); the job runs on its next boot,
+    /// once a provision has claimed and started it.
+    pub pooled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -406,7 +413,8 @@ pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<Strin
     let pinned = |arch| values.runner.sha256(arch).unwrap_or_default();
     let privileged = if values.privileged { "true" } else { "false" };
     let cache_bucket = values.cache_bucket.as_deref().unwrap_or_default();
-    let pairs: [(&'static str, &str); 12] = [
+    let pooled = if values.pooled { "true" } else { "false" };
+    let pairs: [(&'static str, &str); 13] = [
         ("GITLAB_URL", &values.gitlab_url),
         ("TOKEN_PARAMETER_PREFIX", &values.token_parameter_prefix),
         ("EXECUTOR", &executor),
@@ -419,6 +427,7 @@ pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<Strin
         ("RUNNER_SHA256_AMD64", pinned("amd64")),
         ("CACHE_BUCKET", cache_bucket),
         ("CACHE_PATH", crate::cache::PATH),
+        ("POOLED", pooled),
     ];
     let mut out = template.to_owned();
     for (name, value) in pairs {
@@ -450,6 +459,8 @@ pub fn render_user_data(template: &str, values: &UserDataValues) -> Result<Strin
 pub struct InstanceFacts {
     pub launched_at_ms: u64,
     pub bypass: bool,
+    /// Stopped in a warm pool, launched for no job ([`crate::pool::is_ready`]).
+    pub pooled: bool,
     /// When an earlier pass marked it, if one did.
     pub marked_at_ms: Option<u64>,
     /// Whether the runner on it has ever picked a job (GitLab says, or the jobs table does).
@@ -489,6 +500,15 @@ pub fn reap(facts: &InstanceFacts, settings: &ReaperSettings, now_ms: u64) -> Re
         return ReaperAction::Keep("bypass tag set");
     }
     let age = now_ms.saturating_sub(facts.launched_at_ms);
+    // Stopped, it runs nothing and has no runner: the lifetime and idle limits are for
+    // running instances. One still running after its first boot is not ready: the rules below.
+    if facts.pooled {
+        return if age >= crate::pool::POOL_MAX_IDLE_MS {
+            ReaperAction::Kill("unused in the warm pool for a day")
+        } else {
+            ReaperAction::Keep("stopped in the warm pool")
+        };
+    }
     if age >= settings.max_lifetime_ms {
         return ReaperAction::Kill("past the maximum lifetime");
     }
@@ -682,7 +702,7 @@ mod tests {
         assert!(launch_plan(&job, &route, &own_prefix, None).is_ok());
     }
 
-    const TEMPLATE: &str = "#!/bin/bash\nurl={{GITLAB_URL}}\np={{TOKEN_PARAMETER_PREFIX}}\ne={{EXECUTOR}}\ni=\"{{DOCKER_IMAGE}}\"\npriv={{PRIVILEGED}}\nw={{WAIT_TIMEOUT}}\nr={{REGION}}\nv={{RUNNER_VERSION}}\na=\"{{RUNNER_SHA256_ARM64}}\"\nx=\"{{RUNNER_SHA256_AMD64}}\"\nc=\"{{CACHE_BUCKET}}\"\ncp={{CACHE_PATH}}\n";
+    const TEMPLATE: &str = "#!/bin/bash\nurl={{GITLAB_URL}}\np={{TOKEN_PARAMETER_PREFIX}}\ne={{EXECUTOR}}\ni=\"{{DOCKER_IMAGE}}\"\npriv={{PRIVILEGED}}\nw={{WAIT_TIMEOUT}}\nr={{REGION}}\nv={{RUNNER_VERSION}}\na=\"{{RUNNER_SHA256_ARM64}}\"\nx=\"{{RUNNER_SHA256_AMD64}}\"\nc=\"{{CACHE_BUCKET}}\"\ncp={{CACHE_PATH}}\npool={{POOLED}}\n";
 
     fn values() -> UserDataValues {
         UserDataValues {
@@ -695,6 +715,7 @@ mod tests {
             region: "eu-west-1".into(),
             runner: RunnerRelease::default(),
             cache_bucket: Some("ci-runners-cachebucket-1a2b3c".into()),
+            pooled: false,
         }
     }
 
@@ -901,6 +922,9 @@ mod tests {
             .arg(&script)
             .env("PATH", format!("{}:/usr/bin:/bin", bin.display()))
             .env("CALLS", &log)
+            // A warm-pool boot's marker and per-boot copy: never /var/lib on the test host.
+            .env("EPHEMERAL_STATE_DIR", dir.join("state"))
+            .env("CLOUD_PER_BOOT_DIR", dir.join("per-boot"))
             .current_dir(&dir)
             .status()
             .expect("bash");
@@ -1076,6 +1100,7 @@ mod tests {
         InstanceFacts {
             launched_at_ms: 0,
             bypass: false,
+            pooled: false,
             marked_at_ms: None,
             picked_a_job: true,
             job_finished: false,
@@ -1172,5 +1197,31 @@ mod tests {
             reap(&kept, &SETTINGS, 9_000_000),
             ReaperAction::Keep(_)
         ));
+    }
+
+    #[test]
+    fn a_stopped_pooled_instance_outlives_the_running_limits_for_a_day_then_goes() {
+        let pooled = InstanceFacts {
+            pooled: true,
+            picked_a_job: false,
+            ..facts()
+        };
+        // Past the lifetime and the idle grace of a running instance: kept, it runs nothing.
+        let waiting = reap(&pooled, &SETTINGS, crate::pool::POOL_MAX_IDLE_MS - 1);
+        assert_eq!(waiting, ReaperAction::Keep("stopped in the warm pool"));
+        let expired = reap(&pooled, &SETTINGS, crate::pool::POOL_MAX_IDLE_MS);
+        assert_eq!(
+            expired,
+            ReaperAction::Kill("unused in the warm pool for a day")
+        );
+        // The same instance not (yet) stopped: the running instance's rules.
+        let warming = InstanceFacts {
+            pooled: false,
+            ..pooled
+        };
+        assert_eq!(
+            reap(&warming, &SETTINGS, SETTINGS.max_lifetime_ms),
+            ReaperAction::Kill("past the maximum lifetime")
+        );
     }
 }

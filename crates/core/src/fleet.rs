@@ -49,6 +49,7 @@ use crate::hook::{JobEvent, JobStatus};
 use crate::jobs::{JobKey, JobPhase};
 use crate::lambda_runner::{self, is_lambda_host};
 use crate::mapping::{AmiRef, Ec2Settings, Market};
+use crate::pool::{self, PoolKey, PoolReport};
 use crate::secrets::Secret;
 use crate::slots::{CapReached, Capped, SlotClaim, SlotStore, claim_slot, leaked_slots, slot_name};
 use crate::webhook::PortError;
@@ -125,6 +126,9 @@ pub enum InstanceQuery {
     /// stay listed for about an hour; asking for live ones keeps a busy stack's reaper and
     /// provisioning from reading (and paging through) every job of the last hour.
     Live,
+    /// Every live one with a [warm pool](crate::pool) tag (claimed ones included: the tag's
+    /// value tells them apart).
+    Pooled,
 }
 
 /// One RunInstances call.
@@ -139,6 +143,9 @@ pub struct LaunchRequest {
     pub user_data: String,
     /// Makes the SDK's own retries of this call idempotent (EC2 returns the same instance).
     pub client_token: String,
+    /// `shutdown` stops the instance instead of terminating it: a [warm pool](crate::pool)
+    /// instance, which stops after its first boot and is started again for a job.
+    pub stop_on_shutdown: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -171,6 +178,10 @@ pub trait Fleet {
     ) -> impl Future<Output = Result<(), PortError>> + Send;
     /// Terminates; an instance already terminated or unknown is done.
     fn terminate(&self, instance_id: &str) -> impl Future<Output = Result<(), PortError>> + Send;
+    /// Starts a stopped [warm pool](crate::pool) instance for its job, its shutdown behaviour
+    /// set to terminate first; a running one is done. EC2 may refuse for capacity, like a
+    /// launch.
+    fn start(&self, instance_id: &str) -> impl Future<Output = Result<(), LaunchError>> + Send;
 }
 
 /// The per-instance runner token parameters (SSM SecureString `<prefix>/<instance id>`).
@@ -296,6 +307,16 @@ pub trait RunnerLedger {
     /// The drain switch ([`crate::drain`]; the jobs table's control item): `Some` while no
     /// new runner may start.
     fn drained(&self) -> impl Future<Output = Result<Option<Drain>, PortError>> + Send;
+    /// Claims the [warm pool](crate::pool) instance `instance_id` for the job's `attempt`, in
+    /// one conditional write: `true` if it was free or already this attempt's, `false` if
+    /// another attempt (of any job) has it.
+    fn claim_pooled(
+        &self,
+        instance_id: &str,
+        key: JobKey,
+        attempt: u32,
+        now_ms: u64,
+    ) -> impl Future<Output = Result<bool, PortError>> + Send;
 }
 
 /// The four ports together, and the slots table when instances are capped.
@@ -374,6 +395,9 @@ pub enum Provisioned {
         market: Market,
         /// Attempts that failed before this one: `<subnet> <market>: <error>`.
         failed_attempts: Vec<String>,
+        /// The route's warm pool: taken from, refilled (routes with `warm_pool` only).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        warm_pool: Option<PoolReport>,
     },
     /// An earlier run of this step finished the runner of the job's current attempt (a retry
     /// or a repeated start).
@@ -484,11 +508,12 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
         .instances(InstanceQuery::LiveForJob(key))
         .await
         .map_err(step("looking for the job's instance"))?;
-    let (instance_id, subnet, market, failed_attempts) =
+    let launched =
         match ensure_instance(ports, settings, &plan, &instances, key, attempt, now_ms).await? {
             Ok(instance) => instance,
             Err(outcome) => return Ok(outcome),
         };
+    let instance_id = launched.instance_id.clone();
     remove_stale_runner(ports, record.runner_id, &instances).await?;
     let (runner_id, token) = create_runner(ports, &plan, key, attempt, &instance_id).await?;
     let entry = RunnerEntry {
@@ -506,12 +531,22 @@ pub async fn provision<F: Fleet, V: TokenVault, A: RunnerApi, L: RunnerLedger, S
             runner_id,
         });
     }
+    // Last: the job's runner is on its way, and a refill's launches must not delay it.
+    let warm_pool = match launched.pool {
+        Some(mut visit) => {
+            let pool = (visit.key, visit.image_id.as_str(), visit.user_data.as_str());
+            pool::refill(ports, &plan, pool, now_ms, &mut visit.report).await;
+            Some(visit.report)
+        }
+        None => None,
+    };
     Ok(Provisioned::Launched {
         instance_id,
         runner_id,
-        subnet,
-        market,
-        failed_attempts,
+        subnet: launched.subnet,
+        market: launched.market,
+        failed_attempts: launched.failed_attempts,
+        warm_pool,
     })
 }
 
@@ -547,12 +582,22 @@ async fn ensure_instance<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
             runner_id,
         }));
     }
-    Ok(Ok((
-        existing.id.clone(),
-        "(launched by an earlier attempt)".to_owned(),
-        plan.attempts[0].1,
-        Vec::new(),
-    )))
+    // A warm pool instance claimed and tagged by an earlier run that did not start it.
+    if existing.state == InstanceState::Stopped {
+        ports.fleet.start(&existing.id).await.map_err(|error| {
+            ProvisionError::LaunchUnavailable {
+                subnet: "(warm pool)".into(),
+                error,
+            }
+        })?;
+    }
+    Ok(Ok(Launched {
+        instance_id: existing.id.clone(),
+        subnet: "(launched by an earlier attempt)".to_owned(),
+        market: plan.attempts[0].1,
+        failed_attempts: Vec::new(),
+        pool: None,
+    }))
 }
 
 /// A runner from an earlier run that never reached its instance (no runner-id tag): its
@@ -700,8 +745,26 @@ pub(crate) async fn register_and_store<F, V: TokenVault, A, L: RunnerLedger, S>(
         .map_err(|e| ("storing the runner token", e))
 }
 
-/// A launch: (instance id, subnet, market, the attempts that failed before it).
-type Launched = (String, String, Market, Vec<String>);
+/// The job's instance, as the provision got it.
+#[derive(Debug)]
+struct Launched {
+    instance_id: String,
+    subnet: String,
+    market: Market,
+    /// The attempts that failed before it.
+    failed_attempts: Vec<String>,
+    /// The route's warm pool as this provision saw it, to refill it at the end.
+    pool: Option<PoolVisit>,
+}
+
+/// What [`pool::refill`] needs after [`pool::take`]: the pool, and how its instances launch.
+#[derive(Debug)]
+struct PoolVisit {
+    key: PoolKey,
+    image_id: String,
+    user_data: String,
+    report: PoolReport,
+}
 
 /// A new instance for the job's attempt, in a slot: takes the attempt's slot first (without
 /// caps there is none to take) and gives it back when nothing was launched.
@@ -745,26 +808,49 @@ async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
         }
     }
     let launched = async {
-        let user_data = render_user_data(
-            &settings.user_data_template,
-            &UserDataValues {
-                gitlab_url: settings.gitlab_url.clone(),
-                token_parameter_prefix: settings.token_parameter_prefix.clone(),
-                executor: plan.executor,
-                docker_image: plan.docker_image.clone(),
-                privileged: plan.privileged,
-                wait_timeout_seconds: settings.wait_timeout_seconds,
-                region: settings.region.clone(),
-                runner: settings.runner.clone(),
-                cache_bucket: settings.cache_bucket.clone(),
-            },
-        )?;
+        let user_data = plan_user_data(settings, plan, false)?;
         let image_id = ports
             .fleet
             .resolve_image(&plan.ami)
             .await
             .map_err(step("resolving the AMI"))?;
-        launch(ports, plan, &key, image_id, user_data, now_ms).await
+        if plan.warm_pool == 0 {
+            return launch(ports, plan, &key, image_id, user_data, now_ms).await;
+        }
+        let pooled_user_data = plan_user_data(settings, plan, true)?;
+        let pool_key = PoolKey::of(plan, &image_id, &pooled_user_data);
+        let mut visit = PoolVisit {
+            key: pool_key,
+            image_id,
+            user_data: pooled_user_data,
+            report: PoolReport {
+                pool: pool_key.to_string(),
+                ..PoolReport::default()
+            },
+        };
+        let taken = pool::take(
+            ports,
+            plan,
+            key,
+            attempt,
+            visit.key,
+            now_ms,
+            &mut visit.report,
+        )
+        .await
+        .map_err(step("taking an instance from the warm pool"))?;
+        let mut launched = match taken {
+            Some(instance_id) => Launched {
+                instance_id,
+                subnet: "(warm pool)".into(),
+                market: Market::OnDemand,
+                failed_attempts: visit.report.not_started.clone(),
+                pool: None,
+            },
+            None => launch(ports, plan, &key, visit.image_id.clone(), user_data, now_ms).await?,
+        };
+        launched.pool = Some(visit);
+        Ok(launched)
     }
     .await;
     match &launched {
@@ -782,6 +868,29 @@ async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
         Ok(_) => {}
     }
     Ok(Ok(launched?))
+}
+
+/// The user-data of the plan's instances (`pooled`: of its warm pool's).
+fn plan_user_data(
+    settings: &FleetSettings,
+    plan: &LaunchPlan,
+    pooled: bool,
+) -> Result<String, UserDataError> {
+    render_user_data(
+        &settings.user_data_template,
+        &UserDataValues {
+            gitlab_url: settings.gitlab_url.clone(),
+            token_parameter_prefix: settings.token_parameter_prefix.clone(),
+            executor: plan.executor,
+            docker_image: plan.docker_image.clone(),
+            privileged: plan.privileged,
+            wait_timeout_seconds: settings.wait_timeout_seconds,
+            region: settings.region.clone(),
+            runner: settings.runner.clone(),
+            cache_bucket: settings.cache_bucket.clone(),
+            pooled,
+        },
+    )
 }
 
 /// What [`wait_if_drained`] did.
@@ -846,9 +955,18 @@ async fn launch<F: Fleet, V, A, L, S>(
             // Unique per call and attempt: EC2 would hand back an instance an earlier (failed,
             // cleaned up) call launched under the same token.
             client_token: format!("p{}-j{}-{now_ms}-{n}", key.project_id, key.job_id),
+            stop_on_shutdown: false,
         };
         match ports.fleet.launch(&request).await {
-            Ok(id) => return Ok((id, subnet.clone(), *market, tried)),
+            Ok(id) => {
+                return Ok(Launched {
+                    instance_id: id,
+                    subnet: subnet.clone(),
+                    market: *market,
+                    failed_attempts: tried,
+                    pool: None,
+                });
+            }
             Err(error) => match classify_launch_error(&error.code) {
                 LaunchFailure::SpotRefused if *market == Market::Spot => {
                     spot_refused = true;
@@ -1509,6 +1627,7 @@ async fn reaper_action<F, V, A: RunnerApi, L: RunnerLedger, S>(
     let mut facts = InstanceFacts {
         launched_at_ms: instance.launched_at_ms,
         bypass: instance.tag(TAG_REAPER_BYPASS).is_some(),
+        pooled: pool::is_ready(instance),
         marked_at_ms: instance.tag(TAG_REAPER_MARK).and_then(|t| t.parse().ok()),
         // First as if idle: only an instance that would then be marked or killed is worth a
         // question to GitLab (below). Without a runner it cannot have picked anything.
@@ -1570,6 +1689,9 @@ mod tests {
         async fn terminate(&self, _: &str) -> Result<(), PortError> {
             Ok(())
         }
+        async fn start(&self, _: &str) -> Result<(), LaunchError> {
+            unreachable!("no warm pool here")
+        }
     }
 
     fn plan(market: Market) -> LaunchPlan {
@@ -1626,7 +1748,13 @@ mod tests {
             },
             Market::Spot,
         );
-        let (instance, subnet, market, failed) = result.unwrap();
+        let Launched {
+            instance_id: instance,
+            subnet,
+            market,
+            failed_attempts: failed,
+            ..
+        } = result.unwrap();
         assert_eq!(
             (instance.as_str(), subnet.as_str(), market),
             ("i-od", "subnet-a", Market::OnDemand)
@@ -1650,6 +1778,7 @@ mod tests {
             subnet,
             market,
             failed_attempts: failed,
+            warm_pool: None,
         };
         assert_eq!(launch_warnings(&outcome), [SPOT_ROLE_FIX]);
     }
@@ -1665,7 +1794,12 @@ mod tests {
             },
             Market::Spot,
         );
-        let (_, subnet, market, failed) = result.unwrap();
+        let Launched {
+            subnet,
+            market,
+            failed_attempts: failed,
+            ..
+        } = result.unwrap();
         assert_eq!(
             (subnet.as_str(), market, failed.len()),
             ("subnet-b", Market::OnDemand, 3)
@@ -1702,6 +1836,12 @@ mod tests {
         waiting: Mutex<Vec<(JobKey, String)>>,
         /// Launches whose answer is lost: the instance runs, the caller hears `Unavailable`.
         lost_launch_answers: Mutex<u32>,
+        /// Warm pool: which instances stop on shutdown, each claim, each StartInstances
+        /// call, and starts to refuse (no capacity).
+        stop_on_shutdown: Mutex<HashSet<String>>,
+        pool_claims: Mutex<BTreeMap<String, (JobKey, u32)>>,
+        start_calls: Mutex<Vec<String>>,
+        refused_starts: Mutex<u32>,
     }
 
     impl Fleet for &World {
@@ -1715,6 +1855,7 @@ mod tests {
                     InstanceQuery::Runner(id) => i.runner_id() == Some(id),
                     InstanceQuery::All => true,
                     InstanceQuery::Live => i.state.is_live(),
+                    InstanceQuery::Pooled => i.state.is_live() && i.tag(pool::TAG_POOL).is_some(),
                 })
                 .collect())
         }
@@ -1724,6 +1865,9 @@ mod tests {
         async fn launch(&self, request: &LaunchRequest) -> Result<String, LaunchError> {
             let mut instances = self.instances.lock().unwrap();
             let id = format!("i-{}", instances.len() + 1);
+            if request.stop_on_shutdown {
+                self.stop_on_shutdown.lock().unwrap().insert(id.clone());
+            }
             instances.push(Instance {
                 id: id.clone(),
                 state: InstanceState::Running,
@@ -1755,6 +1899,22 @@ mod tests {
             if let Some(i) = instances.iter_mut().find(|i| i.id == instance_id) {
                 i.state = InstanceState::Terminated;
             }
+            Ok(())
+        }
+        async fn start(&self, instance_id: &str) -> Result<(), LaunchError> {
+            self.start_calls.lock().unwrap().push(instance_id.into());
+            let mut refused = self.refused_starts.lock().unwrap();
+            if *refused > 0 {
+                *refused -= 1;
+                return Err(LaunchError {
+                    code: "InsufficientInstanceCapacity".into(),
+                    message: "scripted".into(),
+                });
+            }
+            let mut instances = self.instances.lock().unwrap();
+            let instance = instances.iter_mut().find(|i| i.id == instance_id).unwrap();
+            assert!(instance.state.is_live(), "started a terminated instance");
+            instance.state = InstanceState::Running;
             Ok(())
         }
     }
@@ -1851,6 +2011,17 @@ mod tests {
         async fn drained(&self) -> Result<Option<Drain>, PortError> {
             Ok(self.drained.lock().unwrap().clone())
         }
+        async fn claim_pooled(
+            &self,
+            instance_id: &str,
+            key: JobKey,
+            attempt: u32,
+            _: u64,
+        ) -> Result<bool, PortError> {
+            let mut claims = self.pool_claims.lock().unwrap();
+            let holder = *claims.entry(instance_id.into()).or_insert((key, attempt));
+            Ok(holder == (key, attempt))
+        }
     }
 
     impl World {
@@ -1894,6 +2065,21 @@ mod tests {
 
         fn terminate_outside(&self, instance_id: &str) {
             block_on((&self).terminate(instance_id)).unwrap();
+        }
+
+        /// A pooled instance's first boot ends: `shutdown` stops it (it was launched to).
+        fn first_boots_end(&self) -> usize {
+            let stopping = self.stop_on_shutdown.lock().unwrap();
+            let mut instances = self.instances.lock().unwrap();
+            let mut stopped = 0;
+            for i in instances.iter_mut() {
+                let waiting = pool::pool_of(i).is_some();
+                if stopping.contains(&i.id) && waiting && i.state == InstanceState::Running {
+                    i.state = InstanceState::Stopped;
+                    stopped += 1;
+                }
+            }
+            stopped
         }
     }
 
@@ -2382,5 +2568,222 @@ mod tests {
         };
         assert_eq!(why.code(), "no_read_api_token");
         assert!(why.to_string().contains("GitLabApiTokenParameterName"));
+    }
+
+    // Warm pool.
+
+    fn pooled_route(size: u32) -> Ec2Settings {
+        Ec2Settings {
+            warm_pool: Some(size),
+            ..Ec2Settings::default()
+        }
+    }
+
+    fn provision_on(
+        ports: &FleetPorts<&World, &World, &World, &World, crate::slots::MemorySlots>,
+        job: &JobEvent,
+        route: &Ec2Settings,
+    ) -> Provisioned {
+        let now = 10 * crate::slots::SLOT_IN_FLIGHT_MS;
+        block_on(provision(ports, &settings(), job, route, None, now)).unwrap()
+    }
+
+    fn pool_report(outcome: &Provisioned) -> PoolReport {
+        match outcome {
+            Provisioned::Launched {
+                warm_pool: Some(report),
+                ..
+            } => report.clone(),
+            other => panic!("expected a launch with a warm pool, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_pooled_instance_serves_the_next_job_and_the_pool_refills_within_the_cap() {
+        let world = World::default();
+        let ports = world.ports(3);
+        let route = pooled_route(2);
+        let first = provision_on(
+            &ports,
+            &job_event(1, 10, "build", JobStatus::Pending),
+            &route,
+        );
+        let report = pool_report(&first);
+        assert!(!report.taken, "the pool was empty: a cold launch");
+        assert_eq!(report.refilled.len(), 2, "{report:?}");
+        assert_eq!(
+            world.first_boots_end(),
+            2,
+            "both pooled instances stop after warming"
+        );
+        assert!(world.start_calls.lock().unwrap().is_empty());
+        let before = world.instances.lock().unwrap().len();
+
+        let job = job_event(1, 11, "build", JobStatus::Pending);
+        let second = provision_on(&ports, &job, &route);
+        let (instance_id, _) = launched(&second);
+        let report = pool_report(&second);
+        assert!(report.taken && report.refilled.is_empty(), "{report:?}");
+        assert_eq!(
+            *world.start_calls.lock().unwrap(),
+            std::slice::from_ref(&instance_id)
+        );
+        let instance = world
+            .live()
+            .into_iter()
+            .find(|i| i.id == instance_id)
+            .unwrap();
+        assert_eq!(instance.state, InstanceState::Running);
+        assert_eq!(
+            instance.job_key(),
+            Some(JobKey::of(&job)),
+            "tagged with its job"
+        );
+        assert_eq!(instance.tag(pool::TAG_POOL), Some(pool::CLAIMED));
+        assert!(instance.runner_id().is_some(), "its runner was delivered");
+        // The cap of 3 holds: two jobs' slots and one pooled instance; no refill past it.
+        assert_eq!(
+            world.instances.lock().unwrap().len(),
+            before,
+            "nothing launched"
+        );
+        assert_eq!(
+            report.refill_stopped.as_deref(),
+            Some("MaxRunnerInstances leaves room for 0 more pooled instances")
+        );
+        assert_eq!(world.live().len(), 3);
+        assert_eq!(slot_held(&ports), [(10, 1), (11, 1)]);
+    }
+
+    #[test]
+    fn a_pooled_instance_claimed_by_another_provision_is_left_to_it() {
+        let world = World::default();
+        let ports = world.ports(0);
+        let route = pooled_route(1);
+        provision_on(
+            &ports,
+            &job_event(1, 10, "build", JobStatus::Pending),
+            &route,
+        );
+        world.first_boots_end();
+        let ready = world.live().into_iter().find(pool::is_ready).unwrap();
+        // Another job's provision claimed it a moment ago (and has not tagged it yet).
+        let other = JobKey {
+            project_id: 2,
+            job_id: 99,
+        };
+        assert!(block_on((&world).claim_pooled(&ready.id, other, 1, 0)).unwrap());
+        let outcome = provision_on(
+            &ports,
+            &job_event(1, 11, "build", JobStatus::Pending),
+            &route,
+        );
+        let (instance_id, _) = launched(&outcome);
+        assert_ne!(instance_id, ready.id, "launched an instance of its own");
+        assert!(
+            world.start_calls.lock().unwrap().is_empty(),
+            "never started"
+        );
+        assert!(!pool_report(&outcome).taken);
+    }
+
+    #[test]
+    fn a_pooled_instance_that_cannot_start_is_terminated_and_the_job_launches_cold() {
+        let world = World::default();
+        let ports = world.ports(0);
+        let route = pooled_route(1);
+        provision_on(
+            &ports,
+            &job_event(1, 10, "build", JobStatus::Pending),
+            &route,
+        );
+        world.first_boots_end();
+        let ready = world.live().into_iter().find(pool::is_ready).unwrap();
+        *world.refused_starts.lock().unwrap() = 1;
+        let outcome = provision_on(
+            &ports,
+            &job_event(1, 11, "build", JobStatus::Pending),
+            &route,
+        );
+        assert_eq!(
+            *world.refused_starts.lock().unwrap(),
+            0,
+            "the start was refused"
+        );
+        let (instance_id, _) = launched(&outcome);
+        assert_ne!(instance_id, ready.id);
+        let report = pool_report(&outcome);
+        assert_eq!(report.not_started.len(), 1, "{report:?}");
+        assert!(report.not_started[0].starts_with(&ready.id), "{report:?}");
+        assert!(world.terminate_calls.lock().unwrap().contains(&ready.id));
+        assert_eq!(report.refilled.len(), 1, "and the pool is topped up again");
+    }
+
+    #[test]
+    fn a_retry_starts_the_pooled_instance_an_interrupted_run_claimed_and_tagged() {
+        let world = World::default();
+        let ports = world.ports(0);
+        let route = pooled_route(1);
+        provision_on(
+            &ports,
+            &job_event(1, 10, "build", JobStatus::Pending),
+            &route,
+        );
+        world.first_boots_end();
+        let ready = world.live().into_iter().find(pool::is_ready).unwrap();
+        // The run claimed and tagged it, then died before StartInstances.
+        let job = job_event(1, 11, "build", JobStatus::Pending);
+        let plan = launch_plan(&job, &route, &settings().defaults, None).unwrap();
+        assert!(block_on((&world).claim_pooled(&ready.id, JobKey::of(&job), 1, 0)).unwrap());
+        let mut tags = plan.tags.clone();
+        tags.push((TAG_ATTEMPT.into(), "1".into()));
+        tags.push((pool::TAG_POOL.into(), pool::CLAIMED.into()));
+        block_on((&world).tag(&ready.id, &tags)).unwrap();
+
+        let (instance_id, _) = launched(&provision_on(&ports, &job, &route));
+        assert_eq!(instance_id, ready.id, "the claimed instance, not a new one");
+        assert_eq!(
+            *world.start_calls.lock().unwrap(),
+            std::slice::from_ref(&ready.id)
+        );
+        let instance = world.live().into_iter().find(|i| i.id == ready.id).unwrap();
+        assert_eq!(instance.state, InstanceState::Running);
+    }
+
+    #[test]
+    fn the_reaper_keeps_stopped_pooled_instances_for_a_day_and_no_longer() {
+        let world = World::default();
+        let ports = world.ports(0);
+        provision_on(
+            &ports,
+            &job_event(1, 10, "build", JobStatus::Pending),
+            &pooled_route(1),
+        );
+        world.first_boots_end();
+        let ready = world.live().into_iter().find(pool::is_ready).unwrap();
+        // Limits a running instance is far past: the pooled one is still kept.
+        let strict = FleetSettings {
+            reaper: ReaperSettings {
+                max_lifetime_ms: 1,
+                idle_grace_ms: 1,
+            },
+            ..settings()
+        };
+        let day = pool::POOL_MAX_IDLE_MS;
+        let kept = block_on(reaper_pass(&ports, &strict, day - 1)).unwrap();
+        assert!(
+            kept.killed.iter().all(|k| k.instance_id != ready.id),
+            "{kept:?}"
+        );
+        assert!(
+            kept.marked.iter().all(|k| k.instance_id != ready.id),
+            "{kept:?}"
+        );
+        let gone = block_on(reaper_pass(&ports, &strict, day)).unwrap();
+        let reaped = gone.killed.iter().find(|k| k.instance_id == ready.id);
+        assert_eq!(
+            reaped.map(|k| k.why),
+            Some("unused in the warm pool for a day")
+        );
     }
 }

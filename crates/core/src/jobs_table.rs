@@ -162,6 +162,28 @@ pub mod drain_attr {
     pub const REASON: &str = "drain_reason";
 }
 
+/// A warm pool instance's claim ([`crate::pool`]): the item `pool#<instance id>`, which a
+/// provision puts before it starts the instance for its job. Not a job's key ([`key_of`]
+/// answers `None`); it expires ([`attr::EXPIRES_AT`]) after [`POOL_CLAIM_TTL_SECONDS`].
+pub fn pool_claim_key(instance_id: &str) -> String {
+    format!("pool#{instance_id}")
+}
+
+/// On a claim item: which job's attempt holds it ([`pool_claimant`]).
+pub const CLAIMED_BY: &str = "claimed_by";
+
+/// The claimant's text: the job's key and its attempt.
+pub fn pool_claimant(key: JobKey, attempt: u32) -> String {
+    format!("{}#attempt#{attempt}", key.table_key())
+}
+
+/// Claims an instance nobody holds, or again for the attempt that holds it (a retried step):
+/// `#key` = [`KEY`], `#by` = [`CLAIMED_BY`], `:me` = [`pool_claimant`].
+pub const POOL_CLAIM_CONDITION: &str = "attribute_not_exists(#key) OR #by = :me";
+
+/// Longer than any instance lives (the maximum lifetime, and a day in the pool before it).
+pub const POOL_CLAIM_TTL_SECONDS: u64 = 3 * 24 * 3600;
+
 /// The drain switch, read from the control item (given as JSON like [`record_of`]'s input);
 /// `None` for no item. An item without a readable time still drains (since 0): a switch
 /// someone wrote by hand must not be ignored.

@@ -16,6 +16,7 @@ pub mod lease;
 pub mod mapping;
 pub mod metrics;
 pub mod ops;
+pub mod pool;
 pub mod reconcile;
 pub mod secret_scope;
 pub mod secrets;

@@ -8,7 +8,8 @@
 //!   global items;
 //! - EC2 settings per route: `instance_type`, `ami` (`ami-...` or `ssm:<parameter>`), `market`
 //!   (`spot`|`on-demand`), `subnets` (list), `executor` (`shell`|`docker`), `privileged`
-//!   (boolean: Docker-in-Docker), `image` (the docker executor's default image).
+//!   (boolean: Docker-in-Docker), `image` (the docker executor's default image), `warm_pool`
+//!   (stopped instances kept ready for the route: [`crate::pool`]).
 //!
 //! Decision order (first match wins), see [`decide`]:
 //! 1. exact job name, project-scoped; 2. exact job name, global;
@@ -110,7 +111,15 @@ pub struct Ec2Settings {
     /// The docker executor's image for jobs without `image:` (else the stack's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// How many stopped instances to keep ready for this route ([`crate::pool`]); none
+    /// unless set. At most [`MAX_WARM_POOL`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm_pool: Option<u32>,
 }
+
+/// The largest warm pool a route may ask for: each pooled instance is an EBS volume paid for
+/// while it waits, and every provision on the route may launch that many to refill it.
+pub const MAX_WARM_POOL: u32 = 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -252,6 +261,9 @@ impl Rule {
                 if let Some(i) = &s.image {
                     item.insert("image".into(), i.clone().into());
                 }
+                if let Some(n) = s.warm_pool {
+                    item.insert("warm_pool".into(), n.into());
+                }
             }
             // Not a rule's executor: `rule_from_item` refuses the item this writes.
             Executor::Skip => {}
@@ -300,7 +312,7 @@ fn is_lambda_arn(arn: &str) -> bool {
 }
 
 /// Attributes an item may have; others are reported by `validate` (likely typos).
-pub const KNOWN_ATTRIBUTES: [&str; 12] = [
+pub const KNOWN_ATTRIBUTES: [&str; 13] = [
     "pk",
     "sk",
     "type",
@@ -312,6 +324,7 @@ pub const KNOWN_ATTRIBUTES: [&str; 12] = [
     "executor",
     "privileged",
     "image",
+    "warm_pool",
     "description",
 ];
 
@@ -326,6 +339,7 @@ struct RouteFields<'a> {
     executor: Option<&'a str>,
     privileged: Option<bool>,
     image: Option<&'a str>,
+    warm_pool: Option<u32>,
 }
 
 /// A docker image reference as user-data can carry it: `name[:tag][@digest]`, registry and
@@ -370,6 +384,7 @@ fn lambda_route(fields: RouteFields) -> Result<Executor, RuleError> {
         executor,
         privileged,
         image,
+        warm_pool,
     } = fields;
     let arn = arn.ok_or_else(|| {
         err(
@@ -387,6 +402,7 @@ fn lambda_route(fields: RouteFields) -> Result<Executor, RuleError> {
     }
     // Settings a LAMBDA route cannot honour are errors, not silently dropped.
     let privileged = privileged.map(|_| "set");
+    let warm_pool = warm_pool.map(|_| "set");
     for (field, value) in [
         ("instance_type", instance_type),
         ("ami", ami),
@@ -394,6 +410,7 @@ fn lambda_route(fields: RouteFields) -> Result<Executor, RuleError> {
         ("executor", executor),
         ("privileged", privileged),
         ("image", image),
+        ("warm_pool", warm_pool),
     ] {
         if value.is_some() {
             return Err(err(field, "only applies to type EC2"));
@@ -418,7 +435,14 @@ fn ec2_route(fields: RouteFields) -> Result<Ec2Settings, RuleError> {
         executor,
         privileged,
         image,
+        warm_pool,
     } = fields;
+    if let Some(n) = warm_pool.filter(|n| *n > MAX_WARM_POOL) {
+        return Err(err(
+            "warm_pool",
+            format!("{n} is more than {MAX_WARM_POOL} stopped instances for one route"),
+        ));
+    }
     if let Some(t) = instance_type
         && (t.is_empty() || !t.contains('.'))
     {
@@ -461,7 +485,20 @@ fn ec2_route(fields: RouteFields) -> Result<Ec2Settings, RuleError> {
         executor,
         privileged,
         image: image.map(str::to_owned),
+        warm_pool,
     })
+}
+
+fn count(item: &Map<String, Value>, field: &'static str) -> Result<Option<u32>, RuleError> {
+    match item.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .map(Some)
+            .ok_or_else(|| err(field, format!("must be a whole number, found {n}"))),
+        Some(other) => Err(err(field, format!("must be a number, found {other}"))),
+    }
 }
 
 fn flag(item: &Map<String, Value>, field: &'static str) -> Result<Option<bool>, RuleError> {
@@ -551,6 +588,7 @@ pub fn rule_from_item(item: &Map<String, Value>) -> Result<Rule, RuleError> {
             executor: text(item, "executor")?,
             privileged: flag(item, "privileged")?,
             image: text(item, "image")?,
+            warm_pool: count(item, "warm_pool")?,
         },
     )?;
     Ok(Rule {
@@ -600,6 +638,13 @@ pub struct RegistryEntry {
     pub privileged: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    #[serde(
+        default,
+        rename = "warmPool",
+        alias = "warm_pool",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub warm_pool: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
 }
@@ -649,6 +694,7 @@ impl RegistryEntry {
                     executor: self.executor.as_deref(),
                     privileged: self.privileged,
                     image: self.image.as_deref(),
+                    warm_pool: self.warm_pool,
                 },
             )?,
             description: self.description.clone(),
@@ -677,6 +723,7 @@ impl RegistryEntry {
             executor: ec2.executor.map(|e| e.to_string()),
             privileged: ec2.privileged,
             image: ec2.image,
+            warm_pool: ec2.warm_pool,
             description: rule.description.clone(),
         }
     }
@@ -1206,6 +1253,51 @@ mod tests {
             "executor": "shell", "privileged": true})
             )
             .is_ok()
+        );
+    }
+
+    #[test]
+    fn a_route_may_keep_a_warm_pool_of_at_most_ten_and_only_on_ec2() {
+        let rule = item(
+            serde_json::json!({"pk": "job#*", "sk": "tags#docker-build", "type": "EC2",
+            "warm_pool": 3}),
+        )
+        .unwrap();
+        let Executor::Ec2(route) = &rule.executor else {
+            panic!("{rule:?}")
+        };
+        assert_eq!(route.warm_pool, Some(3));
+        assert_eq!(rule_from_item(&rule.to_item()).unwrap(), rule);
+        let entry = RegistryEntry::from_rule(&rule);
+        assert_eq!(entry.warm_pool, Some(3));
+        assert_eq!(entry.to_rule().unwrap(), rule);
+        let json = serde_json::to_value(&entry).unwrap();
+        assert_eq!(json["warmPool"], 3, "the registry's spelling");
+        let refused = |json: serde_json::Value| item(json).unwrap_err().to_string();
+        assert_eq!(
+            refused(
+                serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "EC2", "warm_pool": 11})
+            ),
+            "warm_pool: 11 is more than 10 stopped instances for one route"
+        );
+        assert_eq!(
+            refused(
+                serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "EC2", "warm_pool": "2"})
+            ),
+            "warm_pool: must be a number, found \"2\""
+        );
+        assert_eq!(
+            refused(
+                serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "EC2", "warm_pool": -1})
+            ),
+            "warm_pool: must be a whole number, found -1"
+        );
+        let lambda = "arn:aws:lambda:us-east-1:123456789012:function:shell-runner";
+        assert_eq!(
+            refused(
+                serde_json::json!({"pk": "job#a", "sk": "tags#", "type": "LAMBDA", "arn": lambda, "warm_pool": 1})
+            ),
+            "warm_pool: only applies to type EC2"
         );
     }
 

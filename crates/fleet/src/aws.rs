@@ -120,9 +120,19 @@ impl Fleet for Ec2Fleet {
                 filters.push(tag_filter(TAG_JOB_ID, key.job_id.to_string()));
             }
             InstanceQuery::Runner(id) => filters.push(tag_filter(TAG_RUNNER_ID, id.to_string())),
+            InstanceQuery::Pooled => filters.push(
+                Filter::builder()
+                    .name("tag-key")
+                    .values(ephemeral_core::pool::TAG_POOL)
+                    .build(),
+            ),
             InstanceQuery::All | InstanceQuery::Live => {}
         }
-        if matches!(query, InstanceQuery::LiveForJob(_) | InstanceQuery::Live) {
+        let live_only = matches!(
+            query,
+            InstanceQuery::LiveForJob(_) | InstanceQuery::Live | InstanceQuery::Pooled
+        );
+        if live_only {
             filters.insert(0, live);
         }
         let mut pages = self
@@ -191,8 +201,13 @@ impl Fleet for Ec2Fleet {
                     .http_endpoint(InstanceMetadataEndpointState::Enabled)
                     .build(),
             )
-            // `shutdown -h now` at the end of user-data removes the instance.
-            .instance_initiated_shutdown_behavior(ShutdownBehavior::Terminate)
+            // `shutdown -h now` at the end of user-data removes the instance; a warm pool
+            // instance's stops it after its first boot (its teardown terminates it later).
+            .instance_initiated_shutdown_behavior(if request.stop_on_shutdown {
+                ShutdownBehavior::Stop
+            } else {
+                ShutdownBehavior::Terminate
+            })
             .set_security_group_ids(
                 (!self.security_group_ids.is_empty()).then(|| self.security_group_ids.clone()),
             );
@@ -254,6 +269,27 @@ impl Fleet for Ec2Fleet {
                 e,
             )),
         }
+    }
+
+    async fn start(&self, instance_id: &str) -> Result<(), LaunchError> {
+        // From now on it is a job's instance: its `shutdown` at the end of the job must
+        // remove it, as a launched one's does, whether or not a teardown comes.
+        self.ec2
+            .modify_instance_attribute()
+            .instance_id(instance_id)
+            // The `Attribute` + `Value` form, which EC2 documents for this attribute.
+            .attribute(aws_sdk_ec2::types::InstanceAttributeName::InstanceInitiatedShutdownBehavior)
+            .value(ShutdownBehavior::Terminate.as_str())
+            .send()
+            .await
+            .map_err(launch_error)?;
+        self.ec2
+            .start_instances()
+            .instance_ids(instance_id)
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(launch_error)
     }
 }
 
@@ -579,5 +615,41 @@ impl RunnerLedger for DynamoRunnerLedger {
 
     async fn drained(&self) -> Result<Option<ephemeral_core::drain::Drain>, PortError> {
         ephemeral_aws::read_drain(&self.client, &self.jobs_table).await
+    }
+
+    async fn claim_pooled(
+        &self,
+        instance_id: &str,
+        key: JobKey,
+        attempt: u32,
+        now_ms: u64,
+    ) -> Result<bool, PortError> {
+        let claimant = jobs_table::pool_claimant(key, attempt);
+        let result = self
+            .client
+            .put_item()
+            .table_name(&self.jobs_table)
+            .item(jobs_table::KEY, s(&jobs_table::pool_claim_key(instance_id)))
+            .item(jobs_table::CLAIMED_BY, s(&claimant))
+            .item(
+                attr::EXPIRES_AT,
+                n(now_ms / 1000 + jobs_table::POOL_CLAIM_TTL_SECONDS),
+            )
+            .condition_expression(jobs_table::POOL_CLAIM_CONDITION)
+            .expression_attribute_names("#key", jobs_table::KEY)
+            .expression_attribute_names("#by", jobs_table::CLAIMED_BY)
+            .expression_attribute_values(":me", s(&claimant))
+            .send()
+            .await;
+        match result {
+            Ok(_) => Ok(true),
+            Err(e)
+                if e.as_service_error()
+                    .is_some_and(|e| e.is_conditional_check_failed_exception()) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(port_error("DynamoDB PutItem (jobs: warm pool claim)", e)),
+        }
     }
 }

