@@ -5,6 +5,7 @@
 
 pub mod aws;
 pub mod config;
+pub mod function;
 pub mod gitlab;
 pub mod handlers;
 pub mod lease;

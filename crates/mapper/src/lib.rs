@@ -3,6 +3,11 @@
 //! GitLab does not have the job waiting for a runner; the core's `ephemeral_core::mapping`
 //! decides.
 
+// reqwest's nested futures inside the Lambda runtime's service exceed the default depth
+// when the compiler lays out `function::serve`'s future.
+#![recursion_limit = "256"]
+
+pub mod function;
 use std::time::Duration;
 
 use aws_sdk_dynamodb::types::AttributeValue;

@@ -4,6 +4,7 @@
 
 pub mod aws;
 pub mod config;
+pub mod function;
 pub mod gitlab;
 
 use std::collections::HashMap;

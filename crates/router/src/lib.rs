@@ -4,6 +4,7 @@
 //! per job, from its first running event ([`metric_line`]).
 
 pub mod aws;
+pub mod function;
 
 use aws_lambda_events::eventbridge::EventBridgeEvent;
 use ephemeral_core::hook::JobEvent;

@@ -8,6 +8,7 @@
 //! `ephemeral_core::shell`'s. This crate carries them out: directories, processes, git, files.
 
 pub mod cache;
+pub mod function;
 pub mod git;
 pub mod process;
 pub mod sandbox;

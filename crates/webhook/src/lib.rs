@@ -7,6 +7,7 @@
 pub mod aws;
 pub mod config;
 pub mod drainer;
+pub mod function;
 pub mod testing;
 
 use std::borrow::Cow;

@@ -144,8 +144,13 @@ pub const AWS_ENV: [(&str, &str); 4] = [
     ("AWS_LAMBDA_LOG_LEVEL", "info"),
 ];
 
+/// The binary `template.yaml` builds for every function but the shell runner.
+const COMBINED_BINARY: &str = "lambda-functions";
+
 impl Stack {
-    /// `name`'s binary with `env` and the template's `Timeout` for it (in seconds).
+    /// `name`'s function with `env` and the template's `Timeout` for it (in seconds), as the
+    /// template deploys it: the combined `lambda-functions` binary with `_HANDLER` = `name`
+    /// (the function's `Handler`), or the function's own binary (the shell runner).
     async fn start_function(
         &self,
         name: &str,
@@ -159,9 +164,16 @@ impl Stack {
             .collect();
         full.push(("AWS_ENDPOINT_URL".into(), endpoint.to_owned()));
         full.extend(env);
+        let binary = match lambda_functions::Function::of_handler(Some(name)) {
+            Ok(_) => {
+                full.push((lambda_functions::HANDLER.into(), name.to_owned()));
+                COMBINED_BINARY
+            }
+            Err(_) => name,
+        };
         LambdaProcess::start(
             name,
-            &self.bin_dir.join(name),
+            &self.bin_dir.join(binary),
             Duration::from_secs(timeout_s),
             &full,
             &self.logs,

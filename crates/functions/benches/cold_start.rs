@@ -1,9 +1,10 @@
-//! Process start to ready, and size, of the release `webhook` binary. "Ready" is the moment
+//! Process start to ready, and size, of the release `lambda-functions` binary (what the
+//! template deploys for every function but the shell runner), started as the webhook. "Ready" is the moment
 //! the Lambda runtime client asks the Runtime API for its first invocation: everything the
 //! function does at cold start (logging, configuration, AWS SDK clients) is done by then.
 //! A listener on loopback plays the Runtime API and only notes when that request arrives.
 //!
-//! Run: `cargo bench -p webhook --bench cold_start`
+//! Run: `cargo bench -p lambda-functions --bench cold_start`
 
 use std::io::Read as _;
 use std::net::TcpListener;
@@ -11,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn main() {
-    let binary = env!("CARGO_BIN_EXE_webhook");
+    let binary = env!("CARGO_BIN_EXE_lambda-functions");
     let size = std::fs::metadata(binary).unwrap().len();
     println!("binary: {binary}");
     println!(
@@ -29,6 +30,7 @@ fn main() {
             .env_clear()
             .env("AWS_LAMBDA_RUNTIME_API", &api)
             .env("AWS_LAMBDA_FUNCTION_NAME", "webhook")
+            .env(lambda_functions::HANDLER, "webhook")
             .env("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256")
             .env("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST")
             .env("AWS_LAMBDA_LOG_STREAM_NAME", "bench")
