@@ -2588,6 +2588,18 @@ mod tests {
         block_on(provision(ports, &settings(), job, route, None, now)).unwrap()
     }
 
+    /// Job 1/10 on `route` launches cold and fills its pool; the pooled instance's first boot
+    /// ends (stopped, ready).
+    fn one_ready_in_the_pool(
+        world: &World,
+        ports: &FleetPorts<&World, &World, &World, &World, crate::slots::MemorySlots>,
+        route: &Ec2Settings,
+    ) -> Instance {
+        provision_on(ports, &job_event(1, 10, "build", JobStatus::Pending), route);
+        world.first_boots_end();
+        world.live().into_iter().find(pool::is_ready).unwrap()
+    }
+
     fn pool_report(outcome: &Provisioned) -> PoolReport {
         match outcome {
             Provisioned::Launched {
@@ -2660,13 +2672,7 @@ mod tests {
         let world = World::default();
         let ports = world.ports(0);
         let route = pooled_route(1);
-        provision_on(
-            &ports,
-            &job_event(1, 10, "build", JobStatus::Pending),
-            &route,
-        );
-        world.first_boots_end();
-        let ready = world.live().into_iter().find(pool::is_ready).unwrap();
+        let ready = one_ready_in_the_pool(&world, &ports, &route);
         // Another job's provision claimed it a moment ago (and has not tagged it yet).
         let other = JobKey {
             project_id: 2,
@@ -2692,13 +2698,7 @@ mod tests {
         let world = World::default();
         let ports = world.ports(0);
         let route = pooled_route(1);
-        provision_on(
-            &ports,
-            &job_event(1, 10, "build", JobStatus::Pending),
-            &route,
-        );
-        world.first_boots_end();
-        let ready = world.live().into_iter().find(pool::is_ready).unwrap();
+        let ready = one_ready_in_the_pool(&world, &ports, &route);
         *world.refused_starts.lock().unwrap() = 1;
         let outcome = provision_on(
             &ports,
@@ -2724,13 +2724,7 @@ mod tests {
         let world = World::default();
         let ports = world.ports(0);
         let route = pooled_route(1);
-        provision_on(
-            &ports,
-            &job_event(1, 10, "build", JobStatus::Pending),
-            &route,
-        );
-        world.first_boots_end();
-        let ready = world.live().into_iter().find(pool::is_ready).unwrap();
+        let ready = one_ready_in_the_pool(&world, &ports, &route);
         // The run claimed and tagged it, then died before StartInstances.
         let job = job_event(1, 11, "build", JobStatus::Pending);
         let plan = launch_plan(&job, &route, &settings().defaults, None).unwrap();
@@ -2754,13 +2748,7 @@ mod tests {
     fn the_reaper_keeps_stopped_pooled_instances_for_a_day_and_no_longer() {
         let world = World::default();
         let ports = world.ports(0);
-        provision_on(
-            &ports,
-            &job_event(1, 10, "build", JobStatus::Pending),
-            &pooled_route(1),
-        );
-        world.first_boots_end();
-        let ready = world.live().into_iter().find(pool::is_ready).unwrap();
+        let ready = one_ready_in_the_pool(&world, &ports, &pooled_route(1));
         // Limits a running instance is far past: the pooled one is still kept.
         let strict = FleetSettings {
             reaper: ReaperSettings {

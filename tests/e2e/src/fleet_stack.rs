@@ -346,6 +346,11 @@ impl FleetStack {
 
     /// The stack's instances that still run (or are starting).
     pub async fn live_instances(&self) -> Vec<aws_sdk_ec2::types::Instance> {
+        self.instances_in(&["pending", "running"]).await
+    }
+
+    /// The stack's instances in any of `states` (EC2's names: `stopped`, `terminated`, ...).
+    pub async fn instances_in(&self, states: &[&str]) -> Vec<aws_sdk_ec2::types::Instance> {
         let out = self
             .ec2
             .describe_instances()
@@ -358,8 +363,7 @@ impl FleetStack {
             .filters(
                 Filter::builder()
                     .name("instance-state-name")
-                    .values("pending")
-                    .values("running")
+                    .set_values(Some(states.iter().map(|s| s.to_string()).collect()))
                     .build(),
             )
             .send()

@@ -4,7 +4,7 @@
 //! refills, and the cap of running plus pooled instances holds.
 
 use aws_sdk_dynamodb::types::AttributeValue;
-use aws_sdk_ec2::types::{Filter, Instance, InstanceAttributeName, InstanceStateName};
+use aws_sdk_ec2::types::{Instance, InstanceAttributeName, InstanceStateName};
 use e2e_tests::fleet_stack::*;
 use ephemeral_core::fleet::Provisioned;
 use ephemeral_core::hook::{JobEvent, JobStatus};
@@ -29,28 +29,7 @@ fn report(outcome: &Provisioned) -> PoolReport {
 
 /// Every instance of the stack in `states`.
 async fn instances(stack: &FleetStack, states: &[&str]) -> Vec<Instance> {
-    let out = stack
-        .ec2
-        .describe_instances()
-        .filters(
-            Filter::builder()
-                .name("tag:ephemeral-runners:managed-by")
-                .values(&stack.name)
-                .build(),
-        )
-        .filters(
-            Filter::builder()
-                .name("instance-state-name")
-                .set_values(Some(states.iter().map(|s| s.to_string()).collect()))
-                .build(),
-        )
-        .send()
-        .await
-        .unwrap();
-    out.reservations()
-        .iter()
-        .flat_map(|r| r.instances().to_vec())
-        .collect()
+    stack.instances_in(states).await
 }
 
 /// What each pooled instance's first boot ends with: `shutdown`, which stops it (moto runs
