@@ -26,6 +26,22 @@ pub enum JobStatus {
 }
 
 impl JobStatus {
+    /// Every status GitLab reports today, in its lifecycle order (the schema lists these).
+    pub const KNOWN: [JobStatus; 12] = [
+        Self::Created,
+        Self::WaitingForResource,
+        Self::Preparing,
+        Self::Pending,
+        Self::Running,
+        Self::Success,
+        Self::Failed,
+        Self::Canceling,
+        Self::Canceled,
+        Self::Skipped,
+        Self::Manual,
+        Self::Scheduled,
+    ];
+
     pub fn as_str(&self) -> &str {
         match self {
             Self::Created => "created",
@@ -86,6 +102,29 @@ impl<'de> Deserialize<'de> for JobStatus {
             return Err(serde::de::Error::custom("build_status is empty"));
         }
         Ok(Self::from(s.as_ref()))
+    }
+}
+
+/// A string: one of [`JobStatus::KNOWN`], or a status GitLab added later, passed on verbatim.
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for JobStatus {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "JobStatus".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let known: Vec<&str> = Self::KNOWN.iter().map(Self::as_str).collect();
+        schemars::json_schema!({
+            "description": "The job's status as GitLab reports it.",
+            "anyOf": [
+                { "enum": known },
+                {
+                    "type": "string",
+                    "minLength": 1,
+                    "description": "A status a later GitLab version added, passed on verbatim."
+                }
+            ]
+        })
     }
 }
 
@@ -160,10 +199,14 @@ pub struct HookRepository {
 
 /// The runner that picked the job, as the hook reports it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct RunnerRef {
+    /// GitLab's id of the runner.
     pub id: u64,
+    /// The runner's description (ours name the job they were made for).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// The runner's tags.
     #[serde(default)]
     pub tags: Vec<String>,
 }
@@ -174,48 +217,111 @@ pub const JOB_EVENT_SCHEMA: u32 = 1;
 /// The slim, typed event the webhook puts on the bus (EventBridge `detail`).
 ///
 /// Flat on purpose: EventBridge rules match `detail.status` directly. It holds no personal
-/// data (no user, no commit author) and no token.
+/// data (no user, no commit author) and no token. Its JSON Schema is
+/// `docs/job-event.schema.json` (feature `schema`); the docs and the template's rules are
+/// checked against it.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 pub struct JobEvent {
+    /// Version of this schema ([`JOB_EVENT_SCHEMA`]); bumped on incompatible changes.
     pub schema: u32,
     /// `webhook-id` / `Idempotency-Key` of the delivery, or `sha256:<body digest>` when GitLab
     /// sent neither.
     pub delivery_id: String,
     /// When the webhook received the hook, Unix milliseconds (for hook-to-launch latency).
     pub received_at_ms: u64,
+    /// GitLab's job id (`build_id`).
     pub job_id: u64,
+    /// The job's name in `.gitlab-ci.yml` (`build_name`).
     pub job_name: String,
+    /// The job's stage (`build_stage`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stage: Option<String>,
+    /// The job's status (`build_status`): what the rules match on.
     pub status: JobStatus,
+    /// Why the job failed (`build_failure_reason`), on failed jobs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_reason: Option<String>,
+    /// Whether the job may fail without failing the pipeline (`build_allow_failure`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow_failure: Option<bool>,
+    /// How many times GitLab retried the job (`retries_count`).
     pub retries: u32,
+    /// The project's id.
     pub project_id: u64,
+    /// `group/sub/project`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub project_path: Option<String>,
+    /// The pipeline's id.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pipeline_id: Option<u64>,
+    /// The branch or tag the job runs on.
     #[serde(default, rename = "ref", skip_serializing_if = "Option::is_none")]
     pub git_ref: Option<String>,
+    /// Whether `ref` is a tag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tag: Option<bool>,
+    /// The commit the job runs on.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha: Option<String>,
     /// `null` until a runner picks the job.
     pub runner: Option<RunnerRef>,
+    /// When GitLab created the job, as GitLab formats it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub created_at: Option<String>,
+    /// When the job started running.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<String>,
+    /// When the job finished.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<String>,
+    /// How long the job ran, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_s: Option<f64>,
+    /// How long the job waited for a runner, seconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queued_duration_s: Option<f64>,
+}
+
+/// The JSON Schema of a [`JobEvent`] as the webhook writes it (the serialize contract: a
+/// field that is skipped when empty is optional, `runner` is always there, maybe `null`).
+#[cfg(feature = "schema")]
+pub fn job_event_schema() -> serde_json::Value {
+    let generator = schemars::generate::SchemaSettings::draft2020_12()
+        .for_serialize()
+        .into_generator();
+    let mut schema = generator.into_root_schema_for::<JobEvent>().to_value();
+    never_null_when_optional(&mut schema);
+    schema
+}
+
+/// schemars types every `Option` as "or null"; ours are left out when empty
+/// (`skip_serializing_if`), so an optional field, when there, is never `null`.
+#[cfg(feature = "schema")]
+fn never_null_when_optional(schema: &mut serde_json::Value) {
+    use serde_json::Value;
+    let required: Vec<Value> = schema["required"].as_array().cloned().unwrap_or_default();
+    // `get_mut`, not `schema["..."]`: indexing a missing key mutably would insert a `null`.
+    if let Some(properties) = schema.get_mut("properties").and_then(|p| p.as_object_mut()) {
+        for (name, property) in properties.iter_mut() {
+            let optional = !required.contains(&Value::from(name.as_str()));
+            if let Some(types) = property
+                .get("type")
+                .and_then(|t| t.as_array())
+                .filter(|_| optional)
+            {
+                let kept: Vec<Value> = types.iter().filter(|t| *t != "null").cloned().collect();
+                property["type"] = match <[Value; 1]>::try_from(kept) {
+                    Ok([single]) => single,
+                    Err(kept) => Value::Array(kept),
+                };
+            }
+        }
+    }
+    let definitions = schema.get_mut("$defs").and_then(|d| d.as_object_mut());
+    for definition in definitions.into_iter().flat_map(|d| d.values_mut()) {
+        never_null_when_optional(definition);
+    }
 }
 
 /// Why a body that passed authentication still cannot be used. The message is short enough

@@ -23,6 +23,7 @@ pub mod secrets;
 pub mod shell;
 pub mod slots;
 pub mod task_error;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 pub mod text;
 pub mod webhook;

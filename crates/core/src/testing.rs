@@ -1,4 +1,9 @@
-//! In-memory implementations of the ports, for tests and benchmarks of the decisions.
+//! In-memory implementations of the ports, for tests and benchmarks of the decisions, and
+//! ([`faults`]) a decorator that injects faults into any of them. Behind the `testing`
+//! feature: the functions never compile it.
+
+pub mod faults;
+pub use faults::{Faulty, MemoryQueue, Op, OpCounts};
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -57,37 +62,24 @@ impl DeliveryLedger for InMemoryLedger {
     }
 }
 
-/// Records what would have gone on the bus; can be told to fail the next few puts.
+/// Records what would have gone on the bus (wrap it in [`Faulty`] to make puts fail).
 #[derive(Debug, Default)]
 pub struct RecordingSink {
     job_events: Mutex<Vec<JobEvent>>,
     dead_letters: Mutex<Vec<DeadLetter>>,
-    failures_left: AtomicUsize,
 }
 
 impl RecordingSink {
-    pub fn fail_next_puts(&self, n: usize) {
-        self.failures_left.store(n, Ordering::SeqCst);
-    }
     pub fn job_events(&self) -> Vec<JobEvent> {
         self.job_events.lock().expect("sink lock").clone()
     }
     pub fn dead_letters(&self) -> Vec<DeadLetter> {
         self.dead_letters.lock().expect("sink lock").clone()
     }
-    fn injected_failure(&self) -> Result<(), PortError> {
-        let left = self.failures_left.load(Ordering::SeqCst);
-        if left > 0 {
-            self.failures_left.store(left - 1, Ordering::SeqCst);
-            return Err(PortError("injected failure".into()));
-        }
-        Ok(())
-    }
 }
 
 impl EventSink for RecordingSink {
     async fn put_job_event(&self, event: &JobEvent) -> Result<(), PortError> {
-        self.injected_failure()?;
         self.job_events
             .lock()
             .expect("sink lock")
@@ -95,7 +87,6 @@ impl EventSink for RecordingSink {
         Ok(())
     }
     async fn put_dead_letter(&self, letter: &DeadLetter) -> Result<(), PortError> {
-        self.injected_failure()?;
         self.dead_letters
             .lock()
             .expect("sink lock")

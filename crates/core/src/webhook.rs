@@ -727,7 +727,7 @@ pub async fn drain<L: DeliveryLedger, S: EventSink>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{InMemoryLedger, RecordingSink};
+    use crate::testing::{Faulty, InMemoryLedger, Op, RecordingSink};
 
     fn secrets() -> WebhookSecrets {
         WebhookSecrets {
@@ -888,27 +888,33 @@ mod tests {
 
     #[test]
     fn second_delivery_is_a_duplicate_and_publishes_nothing() {
-        let (ledger, sink) = (InMemoryLedger::default(), RecordingSink::default());
+        let (ledger, sink) = (
+            InMemoryLedger::default(),
+            Faulty::new(RecordingSink::default()),
+        );
         let queue = TestQueue::default();
         let a = assess(&request(BODY), &policy(), &secrets(), 1_000);
         let first = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 1_000));
         let second = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 2_000));
         assert_eq!((first, second), (Outcome::Forwarded, Outcome::Duplicate));
-        assert_eq!(sink.job_events().len(), 1);
+        assert_eq!(sink.inner().job_events().len(), 1);
         assert!(queue.kept().is_empty());
     }
 
     #[test]
     fn failed_publish_is_queued_then_drained_once() {
-        let (ledger, sink) = (InMemoryLedger::default(), RecordingSink::default());
+        let (ledger, sink) = (
+            InMemoryLedger::default(),
+            Faulty::new(RecordingSink::default()),
+        );
         let queue = TestQueue::default();
         let a = assess(&request(BODY), &policy(), &secrets(), 1_000);
-        sink.fail_next_puts(1);
+        sink.fail(Op::PutJobEvent, 1);
         let first = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 1_000));
         assert!(matches!(&first, Outcome::Queued(why) if why.contains("could not publish")));
         assert_eq!(first.reply().0, 202);
         assert!(first.fell_back());
-        assert!(sink.job_events().is_empty(), "the bus refused it");
+        assert!(sink.inner().job_events().is_empty(), "the bus refused it");
         let kept = queue.kept();
         let Assessment::Accepted { event, .. } = &a else {
             panic!("{a:?}")
@@ -924,7 +930,7 @@ mod tests {
             run(drain(&kept[0], &ledger, &sink, DEDUP, 3_000)),
             Drained::Duplicate
         );
-        assert_eq!(sink.job_events(), vec![(**event).clone()]);
+        assert_eq!(sink.inner().job_events(), vec![(**event).clone()]);
         // GitLab (or a person) resends the hook: a duplicate too.
         assert_eq!(
             run(deliver(&a, &ledger, &sink, &queue, DEDUP, 4_000)),
@@ -936,7 +942,7 @@ mod tests {
     fn failed_ledger_is_queued_and_drained_when_it_recovers() {
         let (down, sink, queue) = (
             DownLedger::default(),
-            RecordingSink::default(),
+            Faulty::new(RecordingSink::default()),
             TestQueue::default(),
         );
         let a = assess(&request(BODY), &policy(), &secrets(), 1_000);
@@ -946,7 +952,10 @@ mod tests {
             "{outcome:?}"
         );
         assert_eq!(down.0.load(std::sync::atomic::Ordering::SeqCst), 1);
-        assert!(sink.job_events().is_empty(), "nothing published unclaimed");
+        assert!(
+            sink.inner().job_events().is_empty(),
+            "nothing published unclaimed"
+        );
         // While the table is down the drainer retries; once it is back, it forwards.
         let kept = queue.kept();
         assert_eq!(kept.len(), 1);
@@ -959,14 +968,14 @@ mod tests {
             run(drain(&kept[0], &ledger, &sink, DEDUP, 3_000)),
             Drained::Forwarded
         );
-        assert_eq!(sink.job_events().len(), 1);
+        assert_eq!(sink.inner().job_events().len(), 1);
     }
 
     #[test]
     fn nothing_durable_is_the_only_5xx_for_an_authentic_hook() {
         let (down, sink, queue) = (
             DownLedger::default(),
-            RecordingSink::default(),
+            Faulty::new(RecordingSink::default()),
             TestQueue::down(),
         );
         let a = assess(&request(BODY), &policy(), &secrets(), 1_000);
@@ -984,7 +993,7 @@ mod tests {
         // The same with the bus down instead of the table: the claim is released too, so a
         // resend is not answered "in flight".
         let ledger = InMemoryLedger::default();
-        sink.fail_next_puts(1);
+        sink.fail(Op::PutJobEvent, 1);
         let outcome = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 1_000));
         assert!(matches!(outcome, Outcome::Failed(_)), "{outcome:?}");
         assert_eq!(queue.refused(), 2);
@@ -1005,17 +1014,17 @@ mod tests {
     fn dead_letter_the_bus_refuses_is_queued_then_drained() {
         let (ledger, sink, queue) = (
             InMemoryLedger::default(),
-            RecordingSink::default(),
+            Faulty::new(RecordingSink::default()),
             TestQueue::default(),
         );
         let a = assess(&request(b"{not json"), &policy(), &secrets(), 1_000);
-        sink.fail_next_puts(1);
+        sink.fail(Op::PutDeadLetter, 1);
         let outcome = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 1_000));
         let Outcome::DeadLetterQueued { reason, failure } = &outcome else {
             panic!("{outcome:?}")
         };
         assert!(reason.contains("not a Job Hook"), "{reason}");
-        assert!(failure.contains("injected failure"), "{failure}");
+        assert!(failure.contains("injected fault"), "{failure}");
         let (status, body) = outcome.reply();
         assert_eq!(status, 202);
         assert_eq!(
@@ -1028,10 +1037,10 @@ mod tests {
             run(drain(&kept[0], &ledger, &sink, DEDUP, 2_000)),
             Drained::DeadLettered
         );
-        assert_eq!(sink.dead_letters().len(), 1);
+        assert_eq!(sink.inner().dead_letters().len(), 1);
 
         // Bus and queue both down: 503.
-        sink.fail_next_puts(1);
+        sink.fail(Op::PutDeadLetter, 1);
         let outcome = run(deliver(
             &a,
             &ledger,
@@ -1047,7 +1056,7 @@ mod tests {
     fn a_concurrent_duplicate_is_2xx_and_the_drainer_retries_it() {
         let (ledger, sink, queue) = (
             InMemoryLedger::default(),
-            RecordingSink::default(),
+            Faulty::new(RecordingSink::default()),
             TestQueue::default(),
         );
         let a = assess(&request(BODY), &policy(), &secrets(), 0);
@@ -1065,7 +1074,7 @@ mod tests {
         let outcome = run(deliver(&a, &ledger, &sink, &queue, DEDUP, 10));
         assert_eq!(outcome, Outcome::InFlight);
         assert_eq!(outcome.reply().0, 200);
-        assert!(sink.job_events().is_empty() && queue.kept().is_empty());
+        assert!(sink.inner().job_events().is_empty() && queue.kept().is_empty());
         // The drainer holding a message of that delivery tries again later.
         let Assessment::Accepted { event, .. } = &a else {
             panic!()
@@ -1084,13 +1093,16 @@ mod tests {
 
     #[test]
     fn drainer_retries_when_the_bus_fails_and_forwards_on_the_next_try() {
-        let (ledger, sink) = (InMemoryLedger::default(), RecordingSink::default());
+        let (ledger, sink) = (
+            InMemoryLedger::default(),
+            Faulty::new(RecordingSink::default()),
+        );
         let a = assess(&request(BODY), &policy(), &secrets(), 0);
         let Assessment::Accepted { event, .. } = &a else {
             panic!()
         };
         let hook = QueuedHook::JobEvent(event.clone());
-        sink.fail_next_puts(1);
+        sink.fail(Op::PutJobEvent, 1);
         assert!(matches!(
             run(drain(&hook, &ledger, &sink, DEDUP, 1)),
             Drained::Retry(why) if why.contains("could not publish")
@@ -1100,7 +1112,7 @@ mod tests {
             run(drain(&hook, &ledger, &sink, DEDUP, 2)),
             Drained::Forwarded
         );
-        assert_eq!(sink.job_events().len(), 1);
+        assert_eq!(sink.inner().job_events().len(), 1);
     }
 
     /// Every outcome's reply, as the README's table states it.
@@ -1211,7 +1223,7 @@ mod tests {
     fn abandoned_claim_is_taken_over_after_its_lease() {
         let (ledger, sink, queue) = (
             InMemoryLedger::default(),
-            RecordingSink::default(),
+            Faulty::new(RecordingSink::default()),
             TestQueue::default(),
         );
         let a = assess(&request(BODY), &policy(), &secrets(), 0);

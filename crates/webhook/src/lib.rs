@@ -8,7 +8,6 @@ pub mod aws;
 pub mod config;
 pub mod drainer;
 pub mod function;
-pub mod testing;
 
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -5,10 +5,10 @@
 use std::io;
 use std::sync::{Arc, Mutex};
 
+use ephemeral_core::testing::{Faulty, MemoryQueue, Op};
 use ephemeral_core::testing::{InMemoryLedger, RecordingSink, block_on};
 use ephemeral_core::webhook::Outcome;
 use webhook::metric_name;
-use webhook::testing::{Faulty, MemoryQueue};
 
 mod common;
 use common::*;
@@ -33,7 +33,7 @@ fn a_fallback_logs_the_job_and_the_reason_and_counts_intake_fallbacks() {
     let memory = Memory::default();
     let writer = memory.clone();
     let subscriber = ephemeral_aws::json_subscriber(tracing::Level::INFO, move || writer.clone());
-    let ledger = Faulty::new(InMemoryLedger::default()).fail_all("claim");
+    let ledger = Faulty::new(InMemoryLedger::default()).fail_all(Op::Claim);
     let hook = webhook(
         ledger,
         Faulty::new(RecordingSink::default()),

@@ -1,5 +1,5 @@
 //! The webhook handler and the intake drainer in process, with faults injected by a decorator
-//! over the ports (`webhook::testing::Faulty`): when the delivery table or the bus fails, an
+//! over the ports (`ephemeral_core::testing::Faulty`): when the delivery table or the bus fails, an
 //! authentic hook ends on the fallback queue and is answered 202, and the drainer forwards it
 //! once; 503 only when the queue fails too, or when no secrets can be read; a concurrent
 //! duplicate is answered 2xx. Each test counts the faults it relies on.
@@ -13,13 +13,13 @@ use aws_lambda_events::sqs::{SqsEvent, SqsMessage};
 use ephemeral_core::auth::WebhookSecrets;
 use ephemeral_core::hook::JobEvent;
 use ephemeral_core::secrets::{SecretCache, SecretSource};
+use ephemeral_core::testing::{Faulty, MemoryQueue, Op, OpCounts};
 use ephemeral_core::testing::{InMemoryLedger, RecordingSink, block_on};
 use ephemeral_core::webhook::{
     DeadLetter, DedupSettings, EventSink, PortError, QueuedHook, WebhookPolicy,
 };
 use webhook::Webhook;
 use webhook::drainer::Drainer;
-use webhook::testing::{Faulty, MemoryQueue, OpCounts};
 
 mod common;
 use common::*;
@@ -85,7 +85,7 @@ fn queued_event(queue: &Queue) -> JobEvent {
 #[test]
 fn a_failing_table_queues_the_hook_202_and_the_drainer_forwards_it_once() {
     let stack = Stack::default();
-    let ledger = Faulty::over(stack.ledger.clone()).fail_all("claim");
+    let ledger = Faulty::over(stack.ledger.clone()).fail_all(Op::Claim);
     let hook = webhook(
         ledger,
         Faulty::over(stack.bus.clone()),
@@ -99,10 +99,10 @@ fn a_failing_table_queues_the_hook_202_and_the_drainer_forwards_it_once() {
         "accepted and queued: forwarded once the bus and delivery table recover"
     );
     // The fault happened, nothing reached the bus unclaimed, and the hook is on the queue.
-    assert_eq!(hook.ledger.counts("claim").injected, 1);
-    assert_eq!(hook.sink.counts("put_job_event").calls, 0);
+    assert_eq!(hook.ledger.counts(Op::Claim).injected, 1);
+    assert_eq!(hook.sink.counts(Op::PutJobEvent).calls, 0);
     assert_eq!(
-        hook.fallback.counts("keep"),
+        hook.fallback.counts(Op::Keep),
         OpCounts {
             calls: 1,
             injected: 0,
@@ -125,7 +125,7 @@ fn a_failing_table_queues_the_hook_202_and_the_drainer_forwards_it_once() {
     let bodies = hook.fallback.inner().messages();
     assert!(failed_ids(&drainer, &bodies, NOW_MS + 1_000).is_empty());
     assert!(failed_ids(&drainer, &bodies, NOW_MS + 2_000).is_empty());
-    assert_eq!(drainer.sink.counts("put_job_event").calls, 1);
+    assert_eq!(drainer.sink.counts(Op::PutJobEvent).calls, 1);
     assert_eq!(stack.bus.job_events(), vec![event]);
     // GitLab's "Resend" of the same hook, once the table is back: a duplicate.
     let healthy = webhook(
@@ -141,7 +141,7 @@ fn a_failing_table_queues_the_hook_202_and_the_drainer_forwards_it_once() {
 #[test]
 fn a_failing_bus_queues_the_hook_and_frees_the_claim_for_the_drainer() {
     let stack = Stack::default();
-    let sink = Faulty::over(stack.bus.clone()).fail_next("put_job_event", 1);
+    let sink = Faulty::over(stack.bus.clone()).fail_next(Op::PutJobEvent, 1);
     let hook = webhook(
         Faulty::over(stack.ledger.clone()),
         sink,
@@ -150,9 +150,9 @@ fn a_failing_bus_queues_the_hook_and_frees_the_claim_for_the_drainer() {
 
     let reply = block_on(hook.handle_at(request(HOOK, "d-2"), NOW_MS));
     assert_eq!(reply.status_code, 202, "{}", text(&reply));
-    assert_eq!(hook.sink.counts("put_job_event").injected, 1);
+    assert_eq!(hook.sink.counts(Op::PutJobEvent).injected, 1);
     assert_eq!(
-        hook.ledger.counts("release").calls,
+        hook.ledger.counts(Op::Release).calls,
         1,
         "the claim is given back"
     );
@@ -167,8 +167,8 @@ fn a_failing_bus_queues_the_hook_and_frees_the_claim_for_the_drainer() {
 #[test]
 fn the_queue_failing_too_is_503_and_says_nothing_was_kept() {
     let stack = Stack::default();
-    let sink = Faulty::over(stack.bus.clone()).fail_all("put_job_event");
-    let queue = Faulty::new(MemoryQueue::default()).fail_all("keep");
+    let sink = Faulty::over(stack.bus.clone()).fail_all(Op::PutJobEvent);
+    let queue = Faulty::new(MemoryQueue::default()).fail_all(Op::Keep);
     let hook = webhook(Faulty::over(stack.ledger.clone()), sink, queue);
 
     let reply = block_on(hook.handle_at(request(HOOK, "d-3"), NOW_MS));
@@ -178,15 +178,15 @@ fn the_queue_failing_too_is_503_and_says_nothing_was_kept() {
         "{}",
         text(&reply)
     );
-    assert_eq!(hook.sink.counts("put_job_event").injected, 1);
-    assert_eq!(hook.fallback.counts("keep").injected, 1);
+    assert_eq!(hook.sink.counts(Op::PutJobEvent).injected, 1);
+    assert_eq!(hook.fallback.counts(Op::Keep).injected, 1);
     assert!(stack.bus.job_events().is_empty());
 }
 
 #[test]
 fn an_unusable_hook_whose_dead_letter_the_bus_refuses_is_queued_then_filed() {
     let stack = Stack::default();
-    let sink = Faulty::over(stack.bus.clone()).fail_all("put_dead_letter");
+    let sink = Faulty::over(stack.bus.clone()).fail_all(Op::PutDeadLetter);
     let hook = webhook(
         Faulty::over(stack.ledger.clone()),
         sink,
@@ -201,7 +201,7 @@ fn an_unusable_hook_whose_dead_letter_the_bus_refuses_is_queued_then_filed() {
         text(&reply),
         "not usable, queued for the operator as a dead letter: body is not a Job Hook: missing field `build_id` at line 1 column 80"
     );
-    assert_eq!(hook.sink.counts("put_dead_letter").injected, 1);
+    assert_eq!(hook.sink.counts(Op::PutDeadLetter).injected, 1);
     let messages = hook.fallback.inner().messages();
     assert!(matches!(
         QueuedHook::from_message(&messages[0]),
@@ -219,7 +219,7 @@ fn an_unusable_hook_whose_dead_letter_the_bus_refuses_is_queued_then_filed() {
 fn the_drainer_reports_what_failed_and_only_that() {
     let stack = Stack::default();
     let hook = webhook(
-        Faulty::over(stack.ledger.clone()).fail_all("claim"),
+        Faulty::over(stack.ledger.clone()).fail_all(Op::Claim),
         Faulty::over(stack.bus.clone()),
         Faulty::new(MemoryQueue::default()),
     );
@@ -233,18 +233,18 @@ fn the_drainer_reports_what_failed_and_only_that() {
     bodies.push("{\"kind\":\"not ours\"}".into());
     // The bus fails for the first message only; the third is not a queued hook.
     let mut drainer = stack.drainer();
-    drainer.sink = Faulty::over(stack.bus.clone()).fail_next("put_job_event", 1);
+    drainer.sink = Faulty::over(stack.bus.clone()).fail_next(Op::PutJobEvent, 1);
     assert_eq!(
         failed_ids(&drainer, &bodies, NOW_MS + 1_000),
         ["m-0", "m-2"]
     );
-    assert_eq!(drainer.sink.counts("put_job_event").injected, 1);
+    assert_eq!(drainer.sink.counts(Op::PutJobEvent).injected, 1);
     assert_eq!(stack.bus.job_events().len(), 1);
     // SQS hands out the failed ones again: the first forwards, the unreadable one keeps failing
     // (towards the dead-letter queue), and the one already forwarded is a duplicate.
     assert_eq!(failed_ids(&drainer, &bodies, NOW_MS + 200_000), ["m-2"]);
     assert_eq!(
-        drainer.sink.counts("put_job_event").calls,
+        drainer.sink.counts(Op::PutJobEvent).calls,
         3,
         "m-1 was not published again"
     );
@@ -346,8 +346,8 @@ fn without_secrets_nothing_is_authentic_so_nothing_is_kept_and_the_answer_is_503
         text(&reply)
     );
     assert_eq!(hook.secrets.source().0.load(Ordering::SeqCst), 1);
-    assert_eq!(hook.fallback.counts("keep").calls, 0);
-    assert_eq!(hook.ledger.counts("claim").calls, 0);
+    assert_eq!(hook.fallback.counts(Op::Keep).calls, 0);
+    assert_eq!(hook.ledger.counts(Op::Claim).calls, 0);
 }
 
 #[test]

@@ -6,12 +6,12 @@ use aws_lambda_events::apigw::ApiGatewayV2httpRequest;
 use base64::Engine as _;
 use ephemeral_core::auth::{AuthMode, SigningKey, WebhookSecrets};
 use ephemeral_core::secrets::SecretCache;
+use ephemeral_core::testing::MemoryQueue;
 use ephemeral_core::testing::{InMemoryLedger, RecordingSink, StaticSecrets, block_on};
 use ephemeral_core::webhook::{DedupSettings, WebhookPolicy};
 use http::{HeaderName, HeaderValue};
 use proptest::prelude::*;
 use webhook::Webhook;
-use webhook::testing::MemoryQueue;
 
 const TOKEN: &str = "fuzz-token";
 const KEY: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";

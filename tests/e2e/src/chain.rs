@@ -640,6 +640,8 @@ pub struct Chain {
     /// The fleet functions' environment (as the template gives it) that the reaper starts from.
     fleet_env: Vec<(String, String)>,
     functions_dynamo: aws_sdk_dynamodb::Client,
+    /// GitLab's jobs API the mapper asks; served while the chain lives.
+    _jobs_api: crate::GitLabStandIn,
     proxy: Option<FaultProxy>,
     /// The intake outages in progress, read by the proxy.
     refusals: Refusals,
@@ -926,20 +928,18 @@ impl Chain {
             },
             provision_on: Default::default(),
         };
+        // The mapper confirms each job with GitLab (a stand-in with every job pending,
+        // no tags) using a read_api token from SSM (here the fleet's token parameter).
+        let jobs_api =
+            crate::GitLabStandIn::start(crate::fleet_stack::API_TOKEN, vec![], vec![]).await;
+        jobs_api.answer_every_job();
         let mapper = Mapper {
             rules: DynamoMappingRules {
                 client: functions_dynamo.clone(),
                 table: mappings,
             },
-            // The mapper confirms each job with GitLab (a stand-in with every job pending,
-            // no tags) using a read_api token from SSM (here the fleet's token parameter).
             gitlab: GitLabJobs::new(
-                Some(
-                    crate::GitLabStandIn::start(crate::fleet_stack::API_TOKEN, vec![], vec![])
-                        .answer_every_job()
-                        .url
-                        .clone(),
-                ),
+                Some(jobs_api.url.clone()),
                 Some(TokenSource::new(
                     aws_sdk_ssm::Client::new(&functions_sdk),
                     fleet_stack.api_token_parameter.clone(),
@@ -969,6 +969,7 @@ impl Chain {
             fleet,
             fleet_env,
             functions_dynamo,
+            _jobs_api: jobs_api,
             proxy,
             refusals,
             puts,

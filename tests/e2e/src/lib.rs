@@ -447,11 +447,12 @@ pub fn fixture(name: &str) -> String {
 /// unless [`GitLabStandIn::set_status`] says otherwise), 404 for others (or, once
 /// [`GitLabStandIn::answer_every_job`] is called, any other job as pending with no tags), 500
 /// for job ids in `failing`, and 401 without the right `PRIVATE-TOKEN`. Counts requests.
-/// Stops with the test.
+/// On wiremock ([`loopback::serve_stateful`]); dropping the stand-in stops it.
 pub struct GitLabStandIn {
     pub url: String,
     pub requests: std::sync::Arc<AtomicU32>,
     jobs: std::sync::Arc<std::sync::Mutex<StandInJobs>>,
+    _server: wiremock::MockServer,
 }
 
 #[derive(Default)]
@@ -483,54 +484,46 @@ impl StandInJobs {
 
 impl GitLabStandIn {
     /// Jobs `tags` (pending, with these tags) and `failing` (500).
-    pub fn start(token: &str, tags: Vec<(u64, Vec<&str>)>, failing: Vec<u64>) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let url = format!("http://{}", listener.local_addr().unwrap());
-        let requests = std::sync::Arc::new(AtomicU32::new(0));
-        let counter = requests.clone();
-        let token = token.to_owned();
-        let jobs = std::sync::Arc::new(std::sync::Mutex::new(StandInJobs {
-            known: tags
-                .into_iter()
-                .map(|(job, t)| {
+    pub async fn start(token: &str, tags: Vec<(u64, Vec<&str>)>, failing: Vec<u64>) -> Self {
+        let known = tags
+            .into_iter()
+            .map(|(job, t)| {
+                (
+                    job,
                     (
-                        job,
-                        (
-                            "pending".to_owned(),
-                            t.into_iter().map(str::to_owned).collect(),
-                        ),
-                    )
-                })
-                .collect(),
+                        "pending".to_owned(),
+                        t.into_iter().map(str::to_owned).collect(),
+                    ),
+                )
+            })
+            .collect();
+        let jobs = std::sync::Arc::new(std::sync::Mutex::new(StandInJobs {
+            known,
             failing,
             every_job: false,
         }));
-        let shared = jobs.clone();
-        std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                let Ok(stream) = stream else { continue };
-                counter.fetch_add(1, Ordering::SeqCst);
-                let Some(request) = loopback::read_request(&stream) else {
-                    continue;
-                };
-                let authorized = request.header("private-token") == Some(token.as_str());
-                let job_id: Option<u64> = request
-                    .path()
-                    .rsplit('/')
-                    .next()
-                    .and_then(|id| id.parse().ok());
-                let (status, body) = if authorized {
-                    shared.lock().unwrap().answer(job_id)
-                } else {
-                    (401, r#"{"message":"401 Unauthorized"}"#.to_owned())
-                };
-                loopback::respond(&stream, status, "application/json", &body);
-            }
-        });
+        let requests = std::sync::Arc::new(AtomicU32::new(0));
+        let (shared, counter, token) = (jobs.clone(), requests.clone(), token.to_owned());
+        let server = loopback::serve_stateful(move |request| {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let job_id: Option<u64> = request
+                .path()
+                .rsplit('/')
+                .next()
+                .and_then(|id| id.parse().ok());
+            let (status, body) = if request.header("private-token") == Some(token.as_str()) {
+                shared.lock().unwrap().answer(job_id)
+            } else {
+                (401, r#"{"message":"401 Unauthorized"}"#.to_owned())
+            };
+            (status, Vec::new(), body)
+        })
+        .await;
         Self {
-            url,
+            url: server.uri(),
             requests,
             jobs,
+            _server: server,
         }
     }
 

@@ -317,6 +317,11 @@ pub type FaultRule = dyn Fn(&Request) -> Option<(u16, String)> + Send + Sync;
 
 /// A proxy in front of `upstream` (moto) that answers some requests itself (an AWS error, a
 /// throttle) and forwards the rest. Counts the faults it injected.
+///
+/// Where the fault's meaning is on the wire: the SDK's retries of a throttle, our adapters'
+/// reading of an AWS error code (`InsufficientInstanceCapacity` as no capacity), and
+/// functions run as separate processes. A fault at a port in process goes through the
+/// decorator `ephemeral_core::testing::Faulty` instead, which never reaches the SDK.
 pub struct FaultProxy {
     pub url: String,
     pub faults: Arc<Mutex<Vec<Request>>>,

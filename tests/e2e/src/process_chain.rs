@@ -390,6 +390,8 @@ struct Functions {
     shell_runner: LambdaProcess,
     teardown: LambdaProcess,
     reaper: LambdaProcess,
+    /// GitLab's jobs API the mapper asks; served while the functions run.
+    _jobs_api: crate::GitLabStandIn,
 }
 
 impl Functions {
@@ -471,7 +473,7 @@ async fn start_all(stack: &Stack, endpoint: &str) -> Functions {
         .await;
     // The mapper confirms each job with GitLab's jobs API (a stand-in that has every job
     // pending) with a read_api token from SSM, as GitLabApiTokenParameterName gives it.
-    let jobs_api = crate::GitLabStandIn::start(crate::fleet_stack::API_TOKEN, vec![], vec![]);
+    let jobs_api = crate::GitLabStandIn::start(crate::fleet_stack::API_TOKEN, vec![], vec![]).await;
     jobs_api.answer_every_job();
     let mapper = stack
         .start_function(
@@ -541,6 +543,7 @@ async fn start_all(stack: &Stack, endpoint: &str) -> Functions {
         shell_runner,
         teardown,
         reaper,
+        _jobs_api: jobs_api,
     }
 }
 

@@ -160,7 +160,8 @@ async fn gitlabs_status_and_tags_decide_and_a_gitlab_failure_fails_the_step() {
             (24, vec!["docker", "large"]),
         ],
         vec![23],
-    );
+    )
+    .await;
     let mapper = Mapper {
         rules: DynamoMappingRules {
             client: aws_sdk_dynamodb::Client::new(&sdk),
@@ -229,7 +230,7 @@ async fn gitlabs_status_and_tags_decide_and_a_gitlab_failure_fails_the_step() {
 async fn a_token_gitlab_refuses_fails_the_step_at_once_telling_what_to_fix() {
     let sdk = sdk_config();
     let table = table_with_seed_items().await;
-    let gitlab = GitLabStandIn::start("glpat-right", vec![(30, vec![])], vec![]);
+    let gitlab = GitLabStandIn::start("glpat-right", vec![(30, vec![])], vec![]).await;
     let mapper = Mapper {
         rules: DynamoMappingRules {
             client: aws_sdk_dynamodb::Client::new(&sdk),

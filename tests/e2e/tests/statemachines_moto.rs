@@ -274,7 +274,8 @@ async fn pending_jobs_end_in_the_branch_their_mapping_chooses_and_teardown_follo
             (7, vec!["docker"]),
         ],
         vec![8],
-    );
+    )
+    .await;
     for (job_id, status) in [(5, "running"), (6, "success"), (7, "canceled")] {
         gitlab.set_status(job_id, status);
     }

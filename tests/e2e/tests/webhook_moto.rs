@@ -7,10 +7,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lambda_events::sqs::SqsEvent;
 use e2e_tests::*;
+use ephemeral_core::testing::{Faulty, Op};
 use webhook::aws::{DynamoLedger, EventBridgeSink, SqsFallback};
 use webhook::config::{DrainerConfig, WebhookConfig};
 use webhook::drainer::{AwsDrainer, Drainer};
-use webhook::testing::Faulty;
 use webhook::{AwsWebhook, Webhook};
 
 const SIGNING: &str = "whsec_MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY=";
@@ -269,7 +269,7 @@ async fn queued_then_drained(broken: &str, tweak: impl FnOnce(&mut WebhookConfig
         "{}",
         body_text(&reply)
     );
-    assert_eq!(webhook.fallback.counts("keep").calls, 1);
+    assert_eq!(webhook.fallback.counts(Op::Keep).calls, 1);
     assert!(
         bus_events(&sdk, &stack, 0, Duration::from_millis(300))
             .await
@@ -295,7 +295,7 @@ async fn queued_then_drained(broken: &str, tweak: impl FnOnce(&mut WebhookConfig
     // SQS delivers the same message again (its delete was lost, say): deduped.
     let again = drainer.handle(batch).await;
     assert!(failed_ids(&again).is_empty(), "{broken}: {again:?}");
-    assert_eq!(drainer.sink.counts("put_job_event").calls, 1, "{broken}");
+    assert_eq!(drainer.sink.counts(Op::PutJobEvent).calls, 1, "{broken}");
     assert!(
         bus_events(&sdk, &stack, 0, Duration::from_millis(300))
             .await
@@ -315,19 +315,19 @@ async fn queued_then_drained(broken: &str, tweak: impl FnOnce(&mut WebhookConfig
 async fn a_failing_bus_queues_the_hook_and_the_drainer_forwards_it_once() {
     // The bus does not exist (deleted, or EventBridge unavailable).
     let webhook = queued_then_drained("bus", |c| c.event_bus_name = unique("missing-bus")).await;
-    let put = webhook.sink.counts("put_job_event");
+    let put = webhook.sink.counts(Op::PutJobEvent);
     assert_eq!((put.calls, put.errors), (1, 1), "PutEvents failed once");
     // The claim taken before the bus failed was given back for the drainer.
-    assert_eq!(webhook.ledger.counts("release").calls, 1);
+    assert_eq!(webhook.ledger.counts(Op::Release).calls, 1);
 }
 
 #[tokio::test]
 async fn a_failing_table_queues_the_hook_and_the_drainer_forwards_it_once() {
     let webhook =
         queued_then_drained("table", |c| c.dedup_table_name = unique("missing-table")).await;
-    let claim = webhook.ledger.counts("claim");
+    let claim = webhook.ledger.counts(Op::Claim);
     assert_eq!((claim.calls, claim.errors), (1, 1), "the claim failed once");
-    assert_eq!(webhook.sink.counts("put_job_event").calls, 0);
+    assert_eq!(webhook.sink.counts(Op::PutJobEvent).calls, 0);
 }
 
 /// The bus does not answer at all: the SDK's operation timeout (not the function's) ends the
@@ -356,7 +356,7 @@ async fn a_bus_that_hangs_is_timed_out_and_the_hook_queued_in_time() {
         .await;
     let took = started.elapsed();
     assert_eq!(reply.status_code, 202, "{}", body_text(&reply));
-    assert_eq!(webhook.sink.counts("put_job_event").errors, 1);
+    assert_eq!(webhook.sink.counts(Op::PutJobEvent).errors, 1);
     assert!(
         took >= webhook::BUS_TIMEOUT,
         "{took:?}: the bus was waited for"
@@ -396,8 +396,8 @@ async fn only_nothing_durable_or_no_secrets_is_5xx() {
         "{}",
         body_text(&reply)
     );
-    assert_eq!(webhook.sink.counts("put_job_event").errors, 1);
-    assert_eq!(webhook.fallback.counts("keep").errors, 1);
+    assert_eq!(webhook.sink.counts(Op::PutJobEvent).errors, 1);
+    assert_eq!(webhook.fallback.counts(Op::Keep).errors, 1);
 
     // The secret parameter does not exist: nothing can be authenticated, 503 (not 401, which
     // GitLab takes for a misconfigured hook and disables until a person re-enables it).

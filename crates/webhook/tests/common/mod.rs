@@ -6,11 +6,11 @@
 use aws_lambda_events::apigw::ApiGatewayV2httpRequest;
 use ephemeral_core::auth::WebhookSecrets;
 use ephemeral_core::secrets::SecretCache;
+use ephemeral_core::testing::{Faulty, MemoryQueue};
 use ephemeral_core::testing::{InMemoryLedger, RecordingSink, StaticSecrets};
 use ephemeral_core::webhook::{DedupSettings, EventSink, WebhookPolicy};
 use http::{HeaderName, HeaderValue};
 use webhook::Webhook;
-use webhook::testing::{Faulty, MemoryQueue};
 
 pub const TOKEN: &str = "intake-token";
 pub const NOW_MS: u64 = 1_795_460_400_000;
