@@ -10,6 +10,14 @@ use serde_json::{Map, Number, Value};
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt as _;
 
+/// The wall clock, Unix milliseconds: what every function stamps its decisions with (the core
+/// takes the time as an argument and never reads a clock).
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// JSON log lines on stdout (see [`json_subscriber`]), at the level Lambda's advanced logging
 /// controls ask for (`AWS_LAMBDA_LOG_LEVEL`), else `RUST_LOG`, else INFO.
 pub fn init_logging() {

@@ -778,81 +778,10 @@ async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
     attempt: u32,
     now_ms: u64,
 ) -> Result<Result<Launched, Provisioned>, ProvisionError> {
-    // Drained: waits like a job over a full cap, and takes no slot.
-    if let Some(waiting) = wait_if_drained(&ports.ledger, key, now_ms).await? {
-        return Ok(Err(match waiting {
-            Waiting::Noted(waiting_for) => Provisioned::WaitingForSlot { waiting_for },
-            Waiting::JobFinished => Provisioned::JobAlreadyFinished,
-        }));
+    if let Some(waits) = take_slot(ports, key, attempt, now_ms).await? {
+        return Ok(Err(waits));
     }
-    if let Some(slots) = &ports.slots {
-        let claim = claim_slot(slots, key, attempt, now_ms)
-            .await
-            .map_err(step("taking a runner instance slot (the slots table)"))?;
-        if let SlotClaim::InFlight { taken_at_ms } = claim {
-            return Err(ProvisionError::SlotInFlight {
-                taken_ms_ago: now_ms.saturating_sub(taken_at_ms),
-            });
-        }
-        if let SlotClaim::Full(cap) = claim {
-            let noted = ports
-                .ledger
-                .record_waiting(key, &cap.counter(), now_ms)
-                .await
-                .map_err(step("noting on the job's item that it waits for a slot"))?;
-            return Ok(Err(if noted {
-                Provisioned::WaitingForSlot { waiting_for: cap }
-            } else {
-                Provisioned::JobAlreadyFinished
-            }));
-        }
-    }
-    let launched = async {
-        let user_data = plan_user_data(settings, plan, false)?;
-        let image_id = ports
-            .fleet
-            .resolve_image(&plan.ami)
-            .await
-            .map_err(step("resolving the AMI"))?;
-        if plan.warm_pool == 0 {
-            return launch(ports, plan, &key, image_id, user_data, now_ms).await;
-        }
-        let pooled_user_data = plan_user_data(settings, plan, true)?;
-        let pool_key = PoolKey::of(plan, &image_id, &pooled_user_data);
-        let mut visit = PoolVisit {
-            key: pool_key,
-            image_id,
-            user_data: pooled_user_data,
-            report: PoolReport {
-                pool: pool_key.to_string(),
-                ..PoolReport::default()
-            },
-        };
-        let taken = pool::take(
-            ports,
-            plan,
-            key,
-            attempt,
-            visit.key,
-            now_ms,
-            &mut visit.report,
-        )
-        .await
-        .map_err(step("taking an instance from the warm pool"))?;
-        let mut launched = match taken {
-            Some(instance_id) => Launched {
-                instance_id,
-                subnet: "(warm pool)".into(),
-                market: Market::OnDemand,
-                failed_attempts: visit.report.not_started.clone(),
-                pool: None,
-            },
-            None => launch(ports, plan, &key, visit.image_id.clone(), user_data, now_ms).await?,
-        };
-        launched.pool = Some(visit);
-        Ok(launched)
-    }
-    .await;
+    let launched = launch_or_take_pooled(ports, settings, plan, key, attempt, now_ms).await;
     match &launched {
         // The instance may run (tagged with the job and attempt at launch): the slot stays
         // taken, or another job could launch in it and pass the cap. The step's retry finds
@@ -868,6 +797,102 @@ async fn launch_in_slot<F: Fleet, V, A, L: RunnerLedger, S: SlotStore>(
         Ok(_) => {}
     }
     Ok(Ok(launched?))
+}
+
+/// The attempt's slot, when there are caps. `Some(outcome)` when the job waits instead:
+/// the fleet is drained (no slot taken), or every slot is taken (noted on the job's item).
+async fn take_slot<F, V, A, L: RunnerLedger, S: SlotStore>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    key: JobKey,
+    attempt: u32,
+    now_ms: u64,
+) -> Result<Option<Provisioned>, ProvisionError> {
+    // Drained: waits like a job over a full cap, and takes no slot.
+    if let Some(waiting) = wait_if_drained(&ports.ledger, key, now_ms).await? {
+        return Ok(Some(match waiting {
+            Waiting::Noted(waiting_for) => Provisioned::WaitingForSlot { waiting_for },
+            Waiting::JobFinished => Provisioned::JobAlreadyFinished,
+        }));
+    }
+    let Some(slots) = &ports.slots else {
+        return Ok(None);
+    };
+    let claim = claim_slot(slots, key, attempt, now_ms)
+        .await
+        .map_err(step("taking a runner instance slot (the slots table)"))?;
+    match claim {
+        SlotClaim::InFlight { taken_at_ms } => Err(ProvisionError::SlotInFlight {
+            taken_ms_ago: now_ms.saturating_sub(taken_at_ms),
+        }),
+        SlotClaim::Full(cap) => {
+            let noted = ports
+                .ledger
+                .record_waiting(key, &cap.counter(), now_ms)
+                .await
+                .map_err(step("noting on the job's item that it waits for a slot"))?;
+            Ok(Some(if noted {
+                Provisioned::WaitingForSlot { waiting_for: cap }
+            } else {
+                Provisioned::JobAlreadyFinished
+            }))
+        }
+        SlotClaim::Granted { .. } => Ok(None),
+    }
+}
+
+/// The job's instance: one from the warm pool when the plan has one and an instance is
+/// ready there, else a new one.
+async fn launch_or_take_pooled<F: Fleet, V, A, L: RunnerLedger, S>(
+    ports: &FleetPorts<F, V, A, L, S>,
+    settings: &FleetSettings,
+    plan: &LaunchPlan,
+    key: JobKey,
+    attempt: u32,
+    now_ms: u64,
+) -> Result<Launched, ProvisionError> {
+    let user_data = plan_user_data(settings, plan, false)?;
+    let image_id = ports
+        .fleet
+        .resolve_image(&plan.ami)
+        .await
+        .map_err(step("resolving the AMI"))?;
+    if plan.warm_pool == 0 {
+        return launch(ports, plan, &key, image_id, user_data, now_ms).await;
+    }
+    let pooled_user_data = plan_user_data(settings, plan, true)?;
+    let pool_key = PoolKey::of(plan, &image_id, &pooled_user_data);
+    let mut visit = PoolVisit {
+        key: pool_key,
+        image_id,
+        user_data: pooled_user_data,
+        report: PoolReport {
+            pool: pool_key.to_string(),
+            ..PoolReport::default()
+        },
+    };
+    let taken = pool::take(
+        ports,
+        plan,
+        key,
+        attempt,
+        visit.key,
+        now_ms,
+        &mut visit.report,
+    )
+    .await
+    .map_err(step("taking an instance from the warm pool"))?;
+    let mut launched = match taken {
+        Some(instance_id) => Launched {
+            instance_id,
+            subnet: "(warm pool)".into(),
+            market: Market::OnDemand,
+            failed_attempts: visit.report.not_started.clone(),
+            pool: None,
+        },
+        None => launch(ports, plan, &key, visit.image_id.clone(), user_data, now_ms).await?,
+    };
+    launched.pool = Some(visit);
+    Ok(launched)
 }
 
 /// The user-data of the plan's instances (`pooled`: of its warm pool's).

@@ -258,7 +258,10 @@ fn docs_problems(doc: &str, schema: &Json) -> Vec<String> {
 fn the_docs_table_names_exactly_the_events_fields() {
     let doc = std::fs::read_to_string(repo_file("docs/job-event.md")).unwrap();
     for status in schema_statuses(&job_event_schema()) {
-        assert!(doc.contains(&format!("`{status}`")), "the docs omit status {status}");
+        assert!(
+            doc.contains(&format!("`{status}`")),
+            "the docs omit status {status}"
+        );
     }
     assert_eq!(
         docs_problems(&doc, &job_event_schema()),

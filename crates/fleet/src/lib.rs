@@ -17,8 +17,4 @@ pub use config::{
 };
 pub use handlers::{Functions, Invocation, ProvisionInput, ProvisionOutput, TeardownInput};
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use ephemeral_aws::now_ms;

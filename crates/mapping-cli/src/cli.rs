@@ -689,24 +689,8 @@ async fn list(
 ) -> Result<u8, String> {
     let table = table::open(sdk, table).await?;
     let items = table.scan().await?;
-    let invalid = items.iter().filter(|i| i.rule.is_err()).count();
     if json {
-        let rows: Vec<Value> = items
-            .iter()
-            .map(|i| {
-                let mut v =
-                    json!({"pk": i.pk, "sk": i.sk, "valid": i.rule.is_ok(), "item": i.attributes});
-                match &i.rule {
-                    Ok(rule) => v["entry"] = json!(RegistryEntry::from_rule(rule)),
-                    Err(e) => v["invalid"] = json!({"field": e.field, "problem": e.problem}),
-                }
-                let warnings = i.warnings();
-                if !warnings.is_empty() {
-                    v["warnings"] = json!(warnings);
-                }
-                v
-            })
-            .collect();
+        let rows: Vec<Value> = items.iter().map(item_json).collect();
         print_json(out, &json!({"table": table.name, "items": rows}));
         return Ok(0);
     }
@@ -727,36 +711,12 @@ async fn list(
         rows[0].push("DESCRIPTION".into());
     }
     for item in &items {
-        let mut row = match &item.rule {
-            Ok(rule) => {
-                let e = RegistryEntry::from_rule(rule);
-                let mut row = entry_columns(&e).to_vec();
-                row.push(target(&e));
-                if with_description {
-                    row.push(e.description.clone().unwrap_or_default());
-                }
-                row
-            }
-            Err(e) => {
-                let raw = |k: &str| {
-                    item.attributes.get(k).map_or_else(
-                        || "?".into(),
-                        |v| v.as_str().map_or_else(|| v.to_string(), str::to_owned),
-                    )
-                };
-                vec![
-                    item.pk.strip_prefix("job#").unwrap_or(&item.pk).to_owned(),
-                    "?".into(),
-                    "?".into(),
-                    raw("type"),
-                    format!("INVALID {}: {}", item.key_text(), rule_error_text(e)),
-                ]
-            }
-        };
+        let mut row = item_row(item, with_description);
         row.resize(rows[0].len(), String::new());
         rows.push(row);
     }
     out.stdout.push_str(&columns(&rows));
+    let invalid = items.iter().filter(|i| i.rule.is_err()).count();
     let _ = writeln!(
         out.stdout,
         "{table}: {}{}",
@@ -770,6 +730,52 @@ async fn list(
         }
     );
     Ok(0)
+}
+
+/// An item as `list --json` shows it: its key, the stored attributes, and either the entry it
+/// reads as or why it is invalid.
+fn item_json(item: &TableItem) -> Value {
+    let mut v = json!({"pk": item.pk, "sk": item.sk, "valid": item.rule.is_ok(),
+                       "item": item.attributes});
+    match &item.rule {
+        Ok(rule) => v["entry"] = json!(RegistryEntry::from_rule(rule)),
+        Err(e) => v["invalid"] = json!({"field": e.field, "problem": e.problem}),
+    }
+    let warnings = item.warnings();
+    if !warnings.is_empty() {
+        v["warnings"] = json!(warnings);
+    }
+    v
+}
+
+/// An item's row of the `list` table; an invalid item shows what can be read of it.
+fn item_row(item: &TableItem, with_description: bool) -> Vec<String> {
+    match &item.rule {
+        Ok(rule) => {
+            let e = RegistryEntry::from_rule(rule);
+            let mut row = entry_columns(&e).to_vec();
+            row.push(target(&e));
+            if with_description {
+                row.push(e.description.clone().unwrap_or_default());
+            }
+            row
+        }
+        Err(e) => {
+            let raw = |k: &str| {
+                item.attributes.get(k).map_or_else(
+                    || "?".into(),
+                    |v| v.as_str().map_or_else(|| v.to_string(), str::to_owned),
+                )
+            };
+            vec![
+                item.pk.strip_prefix("job#").unwrap_or(&item.pk).to_owned(),
+                "?".into(),
+                "?".into(),
+                raw("type"),
+                format!("INVALID {}: {}", item.key_text(), rule_error_text(e)),
+            ]
+        }
+    }
 }
 
 async fn delete(

@@ -103,43 +103,10 @@ impl Checked {
 /// Parses `text` and validates every entry, collecting every problem.
 pub fn check(text: &str, format: Format) -> Checked {
     let mut out = Checked::default();
-    let value = match parse_value(text, format) {
-        Ok(v) => v,
-        Err(p) => {
-            out.problems.push(p);
-            return out;
-        }
-    };
-    let Value::Object(top) = value else {
-        out.problems.push(whole_file(
-            "top level",
-            format!(
-                "must be an object with a `jobs` list, found {}",
-                describe(&value)
-            ),
-        ));
-        return out;
-    };
-    for key in top.keys().filter(|k| *k != "jobs") {
-        out.problems.push(whole_file(
-            "top level",
-            format!("unknown field `{key}`: a registry file has only `jobs`, the list of entries"),
-        ));
-    }
-    let entries = match top.get("jobs") {
-        Some(Value::Array(entries)) => entries,
-        Some(other) => {
-            out.problems.push(whole_file(
-                "jobs",
-                format!("must be a list of entries, found {}", describe(other)),
-            ));
-            return out;
-        }
-        None => {
-            out.problems.push(whole_file(
-                "jobs",
-                "missing: a registry file is {\"jobs\": [ {\"name\": ..., \"type\": ...}, ... ]}",
-            ));
+    let entries = match parse_value(text, format).and_then(|v| entry_list(v, &mut out)) {
+        Ok(entries) => entries,
+        Err(problem) => {
+            out.problems.push(problem);
             return out;
         }
     };
@@ -166,33 +133,7 @@ pub fn check(text: &str, format: Format) -> Checked {
             Err(errors) => out.problems.extend(errors.into_iter().map(Problem::from)),
         }
     } else {
-        // Some entries are unreadable: validate the others one by one, so their problems are
-        // reported now rather than after the first round of fixes.
-        let mut keys = HashMap::new();
-        for (index, entry) in parsed {
-            match entry.to_rule() {
-                Ok(rule) => {
-                    if let Some(first) = keys.insert((rule.pk(), rule.sk()), index) {
-                        out.problems.push(Problem {
-                            index: Some(index),
-                            name: Some(entry.name.clone()),
-                            field: "tags".into(),
-                            problem: format!(
-                                "same job name, project and tags as jobs[{first}]: one would overwrite the other"
-                            ),
-                        });
-                    }
-                }
-                Err(error) => out.problems.push(
-                    RegistryError {
-                        index,
-                        name: entry.name.clone(),
-                        error,
-                    }
-                    .into(),
-                ),
-            }
-        }
+        check_one_by_one(parsed, &mut out);
     }
     out.problems
         .sort_by_key(|p| (p.index.map_or(0, |i| i + 1), p.field.clone()));
@@ -201,6 +142,67 @@ pub fn check(text: &str, format: Format) -> Checked {
     }
     out.warnings.extend(same_tags_other_order(&out.rules));
     out
+}
+
+/// The `jobs` list of a registry file's top-level object; unknown top-level fields are noted
+/// in `out` (the entries are still checked), a missing or mistyped list is the problem.
+fn entry_list(value: Value, out: &mut Checked) -> Result<Vec<Value>, Problem> {
+    let Value::Object(mut top) = value else {
+        return Err(whole_file(
+            "top level",
+            format!(
+                "must be an object with a `jobs` list, found {}",
+                describe(&value)
+            ),
+        ));
+    };
+    for key in top.keys().filter(|k| *k != "jobs") {
+        out.problems.push(whole_file(
+            "top level",
+            format!("unknown field `{key}`: a registry file has only `jobs`, the list of entries"),
+        ));
+    }
+    match top.remove("jobs") {
+        Some(Value::Array(entries)) => Ok(entries),
+        Some(other) => Err(whole_file(
+            "jobs",
+            format!("must be a list of entries, found {}", describe(&other)),
+        )),
+        None => Err(whole_file(
+            "jobs",
+            "missing: a registry file is {\"jobs\": [ {\"name\": ..., \"type\": ...}, ... ]}",
+        )),
+    }
+}
+
+/// Some entries are unreadable: validate the others one by one, so their problems are
+/// reported now rather than after the first round of fixes.
+fn check_one_by_one(parsed: Vec<(usize, RegistryEntry)>, out: &mut Checked) {
+    let mut keys = HashMap::new();
+    for (index, entry) in parsed {
+        match entry.to_rule() {
+            Ok(rule) => {
+                if let Some(first) = keys.insert((rule.pk(), rule.sk()), index) {
+                    out.problems.push(Problem {
+                        index: Some(index),
+                        name: Some(entry.name.clone()),
+                        field: "tags".into(),
+                        problem: format!(
+                            "same job name, project and tags as jobs[{first}]: one would overwrite the other"
+                        ),
+                    });
+                }
+            }
+            Err(error) => out.problems.push(
+                RegistryError {
+                    index,
+                    name: entry.name.clone(),
+                    error,
+                }
+                .into(),
+            ),
+        }
+    }
 }
 
 fn parse_value(text: &str, format: Format) -> Result<Value, Problem> {
@@ -276,50 +278,11 @@ fn read_entry(index: usize, value: &Value) -> Result<RegistryEntry, Vec<Problem>
         field: field.to_owned(),
         problem,
     };
-    let mut problems = Vec::new();
-    for (key, field_value) in obj {
-        // The field alone, with the two required ones filled in, shows exactly this field's
-        // problem whatever the rest of the entry holds.
-        let mut alone = Map::new();
-        alone.insert("name".into(), "n".into());
-        alone.insert("type".into(), ExecutorKind::Ec2.to_string().into());
-        alone.insert(key.clone(), field_value.clone());
-        let Err(e) = serde_json::from_value::<RegistryEntry>(Value::Object(alone)) else {
-            continue;
-        };
-        let message = e.to_string();
-        if message.starts_with("unknown field") {
-            let expected: Vec<String> = message
-                .split_once("expected one of ")
-                .map(|(_, list)| {
-                    list.split(", ")
-                        .map(|f| f.trim_matches('`').to_owned())
-                        .collect()
-                })
-                .unwrap_or_default();
-            let hint = expected
-                .iter()
-                .find(|f| normalised(f) == normalised(key))
-                .map(|f| format!(" (did you mean `{f}`?)"))
-                .unwrap_or_default();
-            problems.push(at(
-                key,
-                format!(
-                    "unknown field{hint}; an entry may have: {}",
-                    expected.join(", ")
-                ),
-            ));
-        } else if field_value.is_array() && message.ends_with("expected a string") {
-            let found = type_problem(&message);
-            let found = found.split_once(", found ").map_or("", |(_, f)| f);
-            problems.push(at(
-                key,
-                format!("must be a list of strings, found {found} in it"),
-            ));
-        } else {
-            problems.push(at(key, type_problem(&message)));
-        }
-    }
+    let mut problems: Vec<Problem> = obj
+        .iter()
+        .filter_map(|(key, field_value)| field_problem(key, field_value))
+        .map(|(field, problem)| at(&field, problem))
+        .collect();
     for (required, what) in [
         (
             "name",
@@ -345,6 +308,45 @@ fn read_entry(index: usize, value: &Value) -> Result<RegistryEntry, Vec<Problem>
         };
         vec![at(&field, problem)]
     })
+}
+
+/// The problem of one field of an entry, if it has one: the field alone, with the two
+/// required ones filled in, shows exactly this field's problem whatever the rest of the entry
+/// holds. `(field, problem)`.
+fn field_problem(key: &str, field_value: &Value) -> Option<(String, String)> {
+    let mut alone = Map::new();
+    alone.insert("name".into(), "n".into());
+    alone.insert("type".into(), ExecutorKind::Ec2.to_string().into());
+    alone.insert(key.to_owned(), field_value.clone());
+    let message = serde_json::from_value::<RegistryEntry>(Value::Object(alone))
+        .err()?
+        .to_string();
+    let problem = if message.starts_with("unknown field") {
+        let expected: Vec<String> = message
+            .split_once("expected one of ")
+            .map(|(_, list)| {
+                list.split(", ")
+                    .map(|f| f.trim_matches('`').to_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let hint = expected
+            .iter()
+            .find(|f| normalised(f) == normalised(key))
+            .map(|f| format!(" (did you mean `{f}`?)"))
+            .unwrap_or_default();
+        format!(
+            "unknown field{hint}; an entry may have: {}",
+            expected.join(", ")
+        )
+    } else if field_value.is_array() && message.ends_with("expected a string") {
+        let found = type_problem(&message);
+        let found = found.split_once(", found ").map_or("", |(_, f)| f);
+        format!("must be a list of strings, found {found} in it")
+    } else {
+        type_problem(&message)
+    };
+    Some((key.to_owned(), problem))
 }
 
 /// What core's `RegistryEntry::to_rule` accepts but the operator should hear about.

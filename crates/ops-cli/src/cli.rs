@@ -216,11 +216,7 @@ pub struct Context<'a> {
     pub now_ms: u64,
 }
 
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+pub use ephemeral_aws::now_ms;
 
 /// Runs one command.
 pub async fn run(cli: Cli, sdk: &SdkConfig) -> Outcome {

@@ -11,11 +11,7 @@ use ephemeral_gitlab::{GitLabClient, RetryPolicy};
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use ephemeral_aws::now_ms;
 
 /// The reconciler, on a schedule: provisions every job GitLab has pending for us that no
 /// runner of ours can take. The scheduled event's content is not used.
@@ -23,58 +19,7 @@ pub async fn serve() -> Result<(), lambda_runtime::Error> {
     ephemeral_aws::init_logging();
     let config = ReconcilerConfig::from_env()?;
     let sdk = aws_config::load_from_env().await;
-    let ssm = aws_sdk_ssm::Client::new(&sdk);
-    let dynamodb = aws_sdk_dynamodb::Client::new(&sdk);
-    let token = ephemeral_aws::read_secret(&ssm, &config.gitlab_api_token_parameter).await?;
-    let runner_status = match &config.runner_api_token_parameter {
-        Some(parameter) => Some(RunnerStatus {
-            client: GitLabClient::new(&config.gitlab_url, RetryPolicy::default()),
-            token: ephemeral_aws::read_secret(&ssm, parameter).await?,
-        }),
-        None => None,
-    };
-    let reconciler = Reconciler::new(
-        GitLabPending {
-            client: GitLabClient::new(&config.gitlab_url, RetryPolicy::default()),
-            token,
-        },
-        JobsTable {
-            client: dynamodb.clone(),
-            table: config.jobs_table_name.clone(),
-            ttl_seconds: config.job_ttl_seconds,
-        },
-        fleet::aws::DynamoRunnerLedger {
-            client: dynamodb,
-            jobs_table: config.jobs_table_name.clone(),
-            runners_table: config.runners_table_name.clone(),
-        },
-        ProvisionWorkflow {
-            client: aws_sdk_sfn::Client::new(&sdk),
-            arn: config.provision_state_machine_arn.clone(),
-        },
-        TeardownWorkflow {
-            client: aws_sdk_sfn::Client::new(&sdk),
-            arn: config.teardown_state_machine_arn.clone(),
-        },
-        config.scopes.clone(),
-        config.request_budget,
-        RunnerLife {
-            waits_ms: config.runner_waits_ms,
-            project_scoped: config.runner_project_scoped,
-        },
-        // The caps the EC2 functions enforce, read by the same names.
-        config.slots.clone().map(|slots| Capped {
-            store: fleet::slots::DynamoSlots {
-                client: aws_sdk_dynamodb::Client::new(&sdk),
-                table: slots.table,
-            },
-            caps: slots.caps,
-        }),
-    );
-    let reconciler = &match runner_status {
-        Some(status) => reconciler.with_runner_status(status),
-        None => reconciler,
-    };
+    let reconciler = &reconciler(&config, &sdk).await?;
     let settings = &config.settings;
     let leases = &fleet::lease::DynamoLeases {
         client: aws_sdk_dynamodb::Client::new(&sdk),
@@ -108,4 +53,59 @@ pub async fn serve() -> Result<(), lambda_runtime::Error> {
         }))
     }))
     .await
+}
+
+/// The reconciler over its ports, with the GitLab tokens read once (at cold start).
+async fn reconciler(
+    config: &ReconcilerConfig,
+    sdk: &aws_config::SdkConfig,
+) -> Result<Reconciler<fleet::aws::DynamoRunnerLedger>, lambda_runtime::Error> {
+    let ssm = aws_sdk_ssm::Client::new(sdk);
+    let dynamodb = aws_sdk_dynamodb::Client::new(sdk);
+    let token = ephemeral_aws::read_secret(&ssm, &config.gitlab_api_token_parameter).await?;
+    let reconciler = Reconciler::new(
+        GitLabPending {
+            client: GitLabClient::new(&config.gitlab_url, RetryPolicy::default()),
+            token,
+        },
+        JobsTable {
+            client: dynamodb.clone(),
+            table: config.jobs_table_name.clone(),
+            ttl_seconds: config.job_ttl_seconds,
+        },
+        fleet::aws::DynamoRunnerLedger {
+            client: dynamodb.clone(),
+            jobs_table: config.jobs_table_name.clone(),
+            runners_table: config.runners_table_name.clone(),
+        },
+        ProvisionWorkflow {
+            client: aws_sdk_sfn::Client::new(sdk),
+            arn: config.provision_state_machine_arn.clone(),
+        },
+        TeardownWorkflow {
+            client: aws_sdk_sfn::Client::new(sdk),
+            arn: config.teardown_state_machine_arn.clone(),
+        },
+        config.scopes.clone(),
+        config.request_budget,
+        RunnerLife {
+            waits_ms: config.runner_waits_ms,
+            project_scoped: config.runner_project_scoped,
+        },
+        // The caps the EC2 functions enforce, read by the same names.
+        config.slots.clone().map(|slots| Capped {
+            store: fleet::slots::DynamoSlots {
+                client: dynamodb,
+                table: slots.table,
+            },
+            caps: slots.caps,
+        }),
+    );
+    Ok(match &config.runner_api_token_parameter {
+        Some(parameter) => reconciler.with_runner_status(RunnerStatus {
+            client: GitLabClient::new(&config.gitlab_url, RetryPolicy::default()),
+            token: ephemeral_aws::read_secret(&ssm, parameter).await?,
+        }),
+        None => reconciler,
+    })
 }

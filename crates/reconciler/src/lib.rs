@@ -91,101 +91,111 @@ impl<L: RunnerLedger + Sync> Reconciler<L> {
         now_ms: u64,
     ) -> Result<PassReport, PortError> {
         let report = reconcile_pass(self, settings, now_ms).await?;
-        for (reason, count) in &report.reconciled {
-            println!(
-                "{}",
-                emf_count(
-                    "reconciler",
-                    &format!("Reconciled_{}", reason.as_str()),
-                    u64::from(*count),
-                    now_ms
-                )
-            );
-        }
-        println!(
-            "{}",
-            charted::JOBS_RECONCILED.count(u64::from(report.reconciled_total()), now_ms)
-        );
-        println!(
-            "{}",
-            alarmed::ATTEMPTS_GIVEN_UP.count(report.gave_up.len() as u64, now_ms)
-        );
-        println!(
-            "{}",
-            alarmed::JOBS_WAITING_FOR_SLOT.count(report.waiting_for_slot as u64, now_ms)
-        );
-        println!(
-            "{}",
-            charted::RUNNERS_REGISTERED.count(report.registered_runners as u64, now_ms)
-        );
-        println!(
-            "{}",
-            alarmed::OLDEST_PENDING_AGE.value(report.oldest_pending_ms, "Milliseconds", now_ms)
-        );
-        for (key, attempts, reason) in &report.gave_up {
-            tracing::error!(
-                project_id = key.project_id,
-                job_id = key.job_id,
-                attempts,
-                reason = reason.as_str(),
-                "gave up provisioning the job: GitLab still lists it pending; see provision_error on its item"
-            );
-        }
-        for (key, check) in &report.teardown_checks {
-            if let TeardownCheck::Started { job, started } = check {
-                tracing::warn!(
-                    project_id = key.project_id,
-                    pipeline_id = job.pipeline_id,
-                    job_id = key.job_id,
-                    gitlab_status = job.status.as_str(),
-                    gitlab_runner_id = job.runner_id,
-                    started = ?started,
-                    reason = Reason::FinishedHookLost.as_str(),
-                    "reconciler: GitLab reports the job finished but it was not torn down (its finished hook was lost or not confirmed); teardown started"
-                );
-            }
-        }
+        print_metrics(&report, now_ms);
+        log_actions(&report);
+        Ok(report)
+    }
+}
+
+/// The pass's metrics, as CloudWatch Embedded Metric Format lines.
+fn print_metrics(report: &PassReport, now_ms: u64) {
+    for (reason, count) in &report.reconciled {
         println!(
             "{}",
             emf_count(
                 "reconciler",
-                "TeardownChecksDeferred",
-                report.teardown_checks_deferred as u64,
+                &format!("Reconciled_{}", reason.as_str()),
+                u64::from(*count),
                 now_ms
             )
         );
-        for error in &report.errors {
-            tracing::error!(error = %error, "reconciler: will retry on the next pass");
-        }
-        if let Some(drain) = &report.drained {
+    }
+    println!(
+        "{}",
+        charted::JOBS_RECONCILED.count(u64::from(report.reconciled_total()), now_ms)
+    );
+    println!(
+        "{}",
+        alarmed::ATTEMPTS_GIVEN_UP.count(report.gave_up.len() as u64, now_ms)
+    );
+    println!(
+        "{}",
+        alarmed::JOBS_WAITING_FOR_SLOT.count(report.waiting_for_slot as u64, now_ms)
+    );
+    println!(
+        "{}",
+        charted::RUNNERS_REGISTERED.count(report.registered_runners as u64, now_ms)
+    );
+    println!(
+        "{}",
+        alarmed::OLDEST_PENDING_AGE.value(report.oldest_pending_ms, "Milliseconds", now_ms)
+    );
+    println!(
+        "{}",
+        emf_count(
+            "reconciler",
+            "TeardownChecksDeferred",
+            report.teardown_checks_deferred as u64,
+            now_ms
+        )
+    );
+}
+
+/// One line per job given up or torn down late, per error, the drain, and the pass summary.
+fn log_actions(report: &PassReport) {
+    for (key, attempts, reason) in &report.gave_up {
+        tracing::error!(
+            project_id = key.project_id,
+            job_id = key.job_id,
+            attempts,
+            reason = reason.as_str(),
+            "gave up provisioning the job: GitLab still lists it pending; see provision_error on its item"
+        );
+    }
+    for (key, check) in &report.teardown_checks {
+        if let TeardownCheck::Started { job, started } = check {
             tracing::warn!(
-                drained_at_ms = drain.since_ms,
-                drained_by = drain.by.as_deref(),
-                reason = drain.reason.as_deref(),
-                waiting = report.waiting_for_slot,
-                "reconciler: the fleet is drained, no waiting job is started (runner-ops undrain ends it)"
+                project_id = key.project_id,
+                pipeline_id = job.pipeline_id,
+                job_id = key.job_id,
+                gitlab_status = job.status.as_str(),
+                gitlab_runner_id = job.runner_id,
+                started = ?started,
+                reason = Reason::FinishedHookLost.as_str(),
+                "reconciler: GitLab reports the job finished but it was not torn down (its finished hook was lost or not confirmed); teardown started"
             );
         }
-        tracing::info!(
-            pending = report.pending,
-            complete = report.listing_complete,
-            covered = report.covered,
-            too_young = report.too_young,
-            backing_off = report.backing_off,
-            waiting_for_slot = report.waiting_for_slot,
-            drained = report.drained.is_some(),
-            registered_runners = report.registered_runners,
-            reconciled = report.reconciled_total(),
-            gave_up = report.gave_up.len(),
-            lost_claims = report.lost_claims,
-            teardown_checks = report.teardown_checks.len(),
-            teardown_checks_deferred = report.teardown_checks_deferred,
-            oldest_pending_ms = report.oldest_pending_ms,
-            errors = report.errors.len(),
-            "reconciler pass"
-        );
-        Ok(report)
     }
+    for error in &report.errors {
+        tracing::error!(error = %error, "reconciler: will retry on the next pass");
+    }
+    if let Some(drain) = &report.drained {
+        tracing::warn!(
+            drained_at_ms = drain.since_ms,
+            drained_by = drain.by.as_deref(),
+            reason = drain.reason.as_deref(),
+            waiting = report.waiting_for_slot,
+            "reconciler: the fleet is drained, no waiting job is started (runner-ops undrain ends it)"
+        );
+    }
+    tracing::info!(
+        pending = report.pending,
+        complete = report.listing_complete,
+        covered = report.covered,
+        too_young = report.too_young,
+        backing_off = report.backing_off,
+        waiting_for_slot = report.waiting_for_slot,
+        drained = report.drained.is_some(),
+        registered_runners = report.registered_runners,
+        reconciled = report.reconciled_total(),
+        gave_up = report.gave_up.len(),
+        lost_claims = report.lost_claims,
+        teardown_checks = report.teardown_checks.len(),
+        teardown_checks_deferred = report.teardown_checks_deferred,
+        oldest_pending_ms = report.oldest_pending_ms,
+        errors = report.errors.len(),
+        "reconciler pass"
+    );
 }
 
 impl<L: RunnerLedger + Sync> ReconcilePorts for Reconciler<L> {

@@ -8,11 +8,7 @@ use aws_lambda_events::eventbridge::EventBridgeEvent;
 use lambda_runtime::{LambdaEvent, service_fn};
 use serde_json::Value;
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
+use ephemeral_aws::now_ms;
 
 /// The router: EventBridge "GitLab Job Event"s in, the jobs table and the workflows.
 pub async fn serve() -> Result<(), lambda_runtime::Error> {

@@ -222,6 +222,8 @@ impl gix_protocol::fetch::Negotiate for Fresh<'_> {
     }
 }
 
+/// Fetches the refspecs' refs and their objects (a pack) into the fresh repository at
+/// `git_dir`: connect, list the refs, receive the pack, write the refs.
 fn fetch(
     git_dir: &Path,
     plan: &Checkout,
@@ -231,6 +233,39 @@ fn fetch(
     deadline: std::time::Instant,
     refused: Arc<AtomicBool>,
 ) -> Result<(), GitError> {
+    let mut transport = transport_to(plan, http, deadline)?;
+    let mut handshake = gix_protocol::handshake(
+        &mut transport,
+        gix_transport::Service::UploadPack,
+        // Never a credential helper or a prompt: the job token is the only credential.
+        move |_action| {
+            refused.store(true, Ordering::Relaxed);
+            Err(gix_error::message("the server refused the request's credentials").into())
+        },
+        Vec::new(),
+        &mut Discard,
+    )
+    .map_err(fail(&format!("connecting to {}", plan.url)))?;
+    let ref_map = list_refs(&mut handshake, &mut transport, plan, refspecs)?;
+    receive_pack(
+        git_dir,
+        plan,
+        &ref_map,
+        &mut handshake,
+        &mut transport,
+        interrupt,
+    )?;
+    update_refs(git_dir, &ref_map)
+}
+
+type GitTransport = http::Transport<ReqwestHttp>;
+
+/// Smart HTTP (protocol v2) to the repository, with the job token as its only credential.
+fn transport_to(
+    plan: &Checkout,
+    http: &HttpClient,
+    deadline: std::time::Instant,
+) -> Result<GitTransport, GitError> {
     let url = gix_url::parse(gix_object::bstr::BStr::new(plan.url.as_str()))
         .map_err(|e| GitError(format!("the repository URL {}: {}", plan.url, chain(&e))))?;
     let auth = match &plan.auth {
@@ -248,7 +283,7 @@ fn fetch(
         }
         None => None,
     };
-    let mut transport = http::Transport::new_http(
+    Ok(http::Transport::new_http(
         ReqwestHttp {
             client: http.client.clone(),
             runtime: http.runtime.clone(),
@@ -258,20 +293,21 @@ fn fetch(
         url,
         gix_transport::Protocol::V2,
         false,
-    );
-    let mut handshake = gix_protocol::handshake(
-        &mut transport,
-        gix_transport::Service::UploadPack,
-        // Never a credential helper or a prompt: the job token is the only credential.
-        move |_action| {
-            refused.store(true, Ordering::Relaxed);
-            Err(gix_error::message("the server refused the request's credentials").into())
-        },
-        Vec::new(),
-        &mut Discard,
-    )
-    .map_err(fail(&format!("connecting to {}", plan.url)))?;
+    ))
+}
 
+fn user_agent() -> (&'static str, Option<String>) {
+    let agent = format!("git/ephemeral-shell-runner-{}", crate::VERSION);
+    ("agent", Some(agent))
+}
+
+/// The remote's refs the refspecs name (`ls-refs`); none is an error that names them.
+fn list_refs(
+    handshake: &mut gix_protocol::Handshake,
+    transport: &mut GitTransport,
+    plan: &Checkout,
+    refspecs: &[String],
+) -> Result<gix_protocol::fetch::RefMap, GitError> {
     let specs = refspecs
         .iter()
         .map(|s| {
@@ -280,15 +316,9 @@ fn fetch(
                 .map_err(|e| GitError(format!("refspec `{s}`: {e}")))
         })
         .collect::<Result<Vec<_>, _>>()?;
-    let agent = || {
-        (
-            "agent",
-            Some(format!("git/ephemeral-shell-runner-{}", crate::VERSION)),
-        )
-    };
     let ref_map = handshake
         .prepare_lsrefs_or_extract_refmap(
-            agent(),
+            user_agent(),
             true,
             gix_protocol::fetch::refmap::init::Context {
                 fetch_refspecs: specs,
@@ -296,7 +326,7 @@ fn fetch(
             },
         )
         .map_err(fail(&format!("asking {} for its refs", plan.url)))?
-        .fetch_blocking(Discard, &mut transport, false)
+        .fetch_blocking(Discard, transport, false)
         .map_err(fail(&format!("asking {} for its refs", plan.url)))?;
     if ref_map.mappings.is_empty() {
         return Err(GitError(format!(
@@ -305,14 +335,26 @@ fn fetch(
             refspecs.join(" ")
         )));
     }
+    Ok(ref_map)
+}
 
+/// Wants every listed ref (to the plan's depth), has nothing, and writes the pack the remote
+/// sends into `objects/pack`.
+fn receive_pack(
+    git_dir: &Path,
+    plan: &Checkout,
+    ref_map: &gix_protocol::fetch::RefMap,
+    handshake: &mut gix_protocol::Handshake,
+    transport: &mut GitTransport,
+    interrupt: &AtomicBool,
+) -> Result<(), GitError> {
     let shallow = match plan.depth.and_then(NonZeroU32::new) {
         Some(depth) => Shallow::DepthAtRemote(depth),
         None => Shallow::NoChange,
     };
     let pack_dir = git_dir.join("objects").join("pack");
     let mut negotiate = Fresh {
-        ref_map: &ref_map,
+        ref_map,
         shallow: &shallow,
     };
     gix_protocol::fetch(
@@ -332,9 +374,9 @@ fn fetch(
         Discard,
         interrupt,
         gix_protocol::fetch::Context {
-            handshake: &mut handshake,
-            transport: &mut transport,
-            user_agent: agent(),
+            handshake,
+            transport,
+            user_agent: user_agent(),
             trace_packetlines: false,
         },
         gix_protocol::fetch::Options {
@@ -345,7 +387,7 @@ fn fetch(
         },
     )
     .map_err(fail(&format!("fetching from {}", plan.url)))?;
-    update_refs(git_dir, &ref_map)
+    Ok(())
 }
 
 /// The local refs the refspecs name, as loose ref files (what `git fetch` writes in a fresh

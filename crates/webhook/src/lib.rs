@@ -10,7 +10,7 @@ pub mod drainer;
 pub mod function;
 
 use std::borrow::Cow;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use aws_lambda_events::apigw::{ApiGatewayV2httpRequest, ApiGatewayV2httpResponse};
 use aws_lambda_events::encodings::Body;
@@ -92,11 +92,7 @@ impl AwsWebhook {
     }
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+pub use ephemeral_aws::now_ms;
 
 fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a HeaderValue> {
     headers.get(name)
