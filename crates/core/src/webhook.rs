@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::auth::{AuthFailure, AuthMethod, AuthMode, Credentials, WebhookSecrets, authenticate};
-use crate::hook::{JobEvent, Unusable, parse_job_hook};
+use crate::hook::{JobEvent, JobHook, Unusable, parse_job_hook};
 
 /// The value of `X-Gitlab-Event` for job events.
 pub const JOB_HOOK_EVENT: &str = "Job Hook";
@@ -297,34 +297,17 @@ pub fn assess(
         return unusable(reason, delivery_id);
     }
 
-    let hook = match parse_job_hook(request.body) {
+    let hook = match job_hook(request) {
         Ok(hook) => hook,
-        Err(reason) => {
-            // Without the header we only know it is a Job Hook once it parses; anything else
-            // without a header is some other JSON that an authentic sender posted.
-            if request.gitlab_event.is_none() {
-                return Assessment::Ignored {
-                    method,
-                    delivery_id,
-                    reason: format!("no X-Gitlab-Event header and not a Job Hook ({reason})"),
-                };
-            }
-            return unusable(reason, delivery_id);
+        Err(Refused::Ignored(reason)) => {
+            return Assessment::Ignored {
+                method,
+                delivery_id,
+                reason,
+            };
         }
+        Err(Refused::Unusable(reason)) => return unusable(reason, delivery_id),
     };
-    match hook.object_kind.as_deref() {
-        Some("build") | None => {}
-        Some(other) => {
-            if request.gitlab_event.is_none() {
-                return Assessment::Ignored {
-                    method,
-                    delivery_id,
-                    reason: format!("object_kind `{}` is not a Job Hook", clip(other, 64)),
-                };
-            }
-            return unusable(Unusable::KindMismatch(clip(other, 64)), delivery_id);
-        }
-    }
     let event = JobEvent::from_hook(hook, delivery_id, now_ms);
     // A secret bound to some projects speaks for those only (issue 12): a hook for another
     // project is refused as unauthenticated, before anything of it is kept.
@@ -336,6 +319,37 @@ pub fn assess(
     Assessment::Accepted {
         method,
         event: Box::new(event),
+    }
+}
+
+/// Why an authentic body is not a Job Hook we forward.
+enum Refused {
+    /// Some other JSON an authentic sender posted without the Job Hook header: ignored.
+    Ignored(String),
+    /// Said to be a Job Hook and is not one: a dead letter.
+    Unusable(Unusable),
+}
+
+/// The body as a Job Hook. Without the header we only know it is a Job Hook once it parses;
+/// anything else without a header is some other JSON that an authentic sender posted.
+fn job_hook(request: &HookRequest<'_>) -> Result<JobHook, Refused> {
+    let headerless = request.gitlab_event.is_none();
+    let hook = parse_job_hook(request.body).map_err(|reason| {
+        if headerless {
+            Refused::Ignored(format!(
+                "no X-Gitlab-Event header and not a Job Hook ({reason})"
+            ))
+        } else {
+            Refused::Unusable(reason)
+        }
+    })?;
+    match hook.object_kind.as_deref() {
+        Some("build") | None => Ok(hook),
+        Some(other) if headerless => Err(Refused::Ignored(format!(
+            "object_kind `{}` is not a Job Hook",
+            clip(other, 64)
+        ))),
+        Some(other) => Err(Refused::Unusable(Unusable::KindMismatch(clip(other, 64)))),
     }
 }
 
