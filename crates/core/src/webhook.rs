@@ -1129,7 +1129,7 @@ mod tests {
         assert_eq!(sink.inner().job_events().len(), 1);
     }
 
-    /// Every outcome's reply, as the README's table states it.
+    /// Every outcome's reply, as docs/how-it-works.md's table states it.
     #[test]
     fn every_outcome_has_its_documented_reply() {
         let cases = [

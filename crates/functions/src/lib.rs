@@ -1,6 +1,6 @@
 //! Which function a process of the combined binary is: Lambda sets `_HANDLER` to the
 //! function's `Handler` in `template.yaml`. One binary serves them all so that `sam build`
-//! compiles and links the AWS SDK once, not once per function (the README's build numbers).
+//! compiles and links the AWS SDK once, not once per function (the build numbers in docs/benchmarks.md).
 
 use serde::{Deserialize, Serialize};
 

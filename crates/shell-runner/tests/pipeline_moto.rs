@@ -1,4 +1,4 @@
-//! The README's `test` job on the Lambda route (the zip package: no git binary), in one job:
+//! docs/how-it-works.md's `test` job ("A typical pipeline") on the Lambda route (the zip package: no git binary), in one job:
 //! it checks out its commit over smart HTTP with the job token, restores its cache, builds,
 //! saves the cache and uploads its artifacts; the next pipeline's job gets that cache. Against
 //! gitlab-runner-mock (behind the bridge that sends `cache:`), `git http-backend` on loopback
@@ -22,7 +22,7 @@ use gitlab_runner_mock::{GitlabRunnerMock, MockJob, MockJobState};
 use serde_json::json;
 use shell_runner::{Outcome, ShellRunner};
 
-/// The job's script as the README's `.gitlab-ci.yml` has it (its `cache:` too), with a
+/// The job's script as docs/how-it-works.md's `.gitlab-ci.yml` has it (its `cache:` too), with a
 /// stand-in install (`seq`) and build (`cat`): install dependencies unless the cache brought
 /// them, build into `dist/`.
 const SCRIPT: &[&str] = &[

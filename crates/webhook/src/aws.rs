@@ -49,7 +49,7 @@ impl SecretSource for SsmSecrets {
             || (self.signing_required && is_missing(&self.signing_parameter));
         if required_missing || out.parameters().is_empty() {
             return Err(PortError(format!(
-                "SSM parameter(s) not found: {}; create them as SecureString (see README, \"Parameters\")",
+                "SSM parameter(s) not found: {}; create them as SecureString (README, \"Deploy\", step 1)",
                 missing.join(", ")
             )));
         }
