@@ -516,6 +516,11 @@ fn log_provisioned(job: &JobEvent, result: &Result<Provisioned, HandlerError>, n
             emf_count("ec2-provision", "JobsWaitingForSlot", 1, now_ms)
         );
     }
+    print_launch_metrics(outcome, latency_ms, now_ms);
+}
+
+/// A launch's metrics: one runner launched, the hook-to-launch latency, its failed attempts.
+fn print_launch_metrics(outcome: &Provisioned, latency_ms: u64, now_ms: u64) {
     if let Provisioned::Launched {
         failed_attempts, ..
     } = outcome

@@ -360,55 +360,7 @@ impl GitLabClient {
                 refusal: refusal.clone(),
             });
         }
-        let attempt = || async {
-            let response = build().send().await.map_err(|e| GitLabError::Transport {
-                endpoint: endpoint.to_owned(),
-                // reqwest's text names the URL and the failure, never headers or bodies.
-                message: e.without_url().to_string(),
-                attempts: 1,
-            })?;
-            let status = response.status().as_u16();
-            if response.status().is_redirection() {
-                let location = response
-                    .headers()
-                    .get(reqwest::header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| response.url().join(v).ok())
-                    .map_or_else(
-                        || "an unreadable Location".to_owned(),
-                        |u| format!("{}://{}", u.scheme(), u.authority()),
-                    );
-                return Err(GitLabError::Redirected {
-                    endpoint: endpoint.to_owned(),
-                    status,
-                    location,
-                });
-            }
-            let header = |name: &str| {
-                response
-                    .headers()
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-            };
-            let retry_after = header("retry-after").map(Duration::from_secs);
-            let next_page = header("x-next-page");
-            let body = response.text().await.unwrap_or_default();
-            if status == 429 || status >= 500 {
-                return Err(GitLabError::Status {
-                    endpoint: endpoint.to_owned(),
-                    status,
-                    message: message_of(&body),
-                    attempts: 1,
-                    retry_after: retry_after.filter(|_| status == 429),
-                });
-            }
-            Ok(Answer {
-                status,
-                body,
-                next_page,
-            })
-        };
+        let attempt = || one_attempt(endpoint, build());
         let longest_wait = self.retry.max_delay * 10;
         let mut attempts = 0u32;
         let backoff = ExponentialBuilder::default()
@@ -597,6 +549,61 @@ impl GitLabClient {
             _ => Err(refused(&endpoint, status, &body)),
         }
     }
+}
+
+/// One attempt of a request: its answer, or the error that says whether to retry (429 and
+/// 5xx are transient; a redirect is refused, naming only where it pointed).
+async fn one_attempt(
+    endpoint: &str,
+    request: reqwest::RequestBuilder,
+) -> Result<Answer, GitLabError> {
+    let response = request.send().await.map_err(|e| GitLabError::Transport {
+        endpoint: endpoint.to_owned(),
+        // reqwest's text names the URL and the failure, never headers or bodies.
+        message: e.without_url().to_string(),
+        attempts: 1,
+    })?;
+    let status = response.status().as_u16();
+    if response.status().is_redirection() {
+        let location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| response.url().join(v).ok())
+            .map_or_else(
+                || "an unreadable Location".to_owned(),
+                |u| format!("{}://{}", u.scheme(), u.authority()),
+            );
+        return Err(GitLabError::Redirected {
+            endpoint: endpoint.to_owned(),
+            status,
+            location,
+        });
+    }
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    let retry_after = header("retry-after").map(Duration::from_secs);
+    let next_page = header("x-next-page");
+    let body = response.text().await.unwrap_or_default();
+    if status == 429 || status >= 500 {
+        return Err(GitLabError::Status {
+            endpoint: endpoint.to_owned(),
+            status,
+            message: message_of(&body),
+            attempts: 1,
+            retry_after: retry_after.filter(|_| status == 429),
+        });
+    }
+    Ok(Answer {
+        status,
+        body,
+        next_page,
+    })
 }
 
 #[cfg(test)]

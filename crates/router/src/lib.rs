@@ -128,57 +128,7 @@ impl<S: JobStore, W: Workflows> Router<S, W> {
             now_ms,
         )
         .await;
-        let (project_id, pipeline_id, job_id, status) = (
-            event.project_id,
-            event.pipeline_id,
-            event.job_id,
-            event.status.as_str(),
-        );
-        let delivery_id = event.delivery_id.as_str();
-        match &result {
-            Ok(RouterOutcome::Started {
-                workflow,
-                execution,
-                started,
-            }) => tracing::info!(
-                decision = "started",
-                workflow = workflow.as_str(),
-                execution,
-                already = matches!(started, ephemeral_core::jobs::Started::AlreadyExists),
-                project_id,
-                pipeline_id,
-                job_id,
-                status,
-                delivery_id,
-                "job routed"
-            ),
-            Ok(RouterOutcome::PickedUp(pickup)) => tracing::info!(
-                decision = "picked_up",
-                queued_duration_ms = pickup.queued_ms,
-                route_type = pickup.route.executor.map(tracing::field::display),
-                route_matched = pickup.route.matched.as_deref(),
-                runner_id = event.runner.as_ref().map(|r| r.id),
-                project_id,
-                pipeline_id,
-                job_id,
-                status,
-                delivery_id,
-                "job picked up"
-            ),
-            Ok(RouterOutcome::Skipped(why)) => tracing::info!(
-                decision = "skipped",
-                reason = why,
-                project_id,
-                pipeline_id,
-                job_id,
-                status,
-                delivery_id,
-                "job event needs nothing"
-            ),
-            Err(e) => tracing::error!(
-                decision = "failed", error = %e, project_id, pipeline_id, job_id, status, delivery_id, "routing failed; Lambda will retry"
-            ),
-        }
+        log_outcome(&event, &result);
         let outcome = result?;
         for line in [metric_line(&outcome), ready_metric_line(&outcome)]
             .into_iter()
@@ -187,5 +137,60 @@ impl<S: JobStore, W: Workflows> Router<S, W> {
             println!("{line}");
         }
         Ok(outcome)
+    }
+}
+
+/// The router's one log line per event: what it decided, with the job's ids.
+fn log_outcome(event: &JobEvent, result: &Result<RouterOutcome, PortError>) {
+    let (project_id, pipeline_id, job_id, status) = (
+        event.project_id,
+        event.pipeline_id,
+        event.job_id,
+        event.status.as_str(),
+    );
+    let delivery_id = event.delivery_id.as_str();
+    match result {
+        Ok(RouterOutcome::Started {
+            workflow,
+            execution,
+            started,
+        }) => tracing::info!(
+            decision = "started",
+            workflow = workflow.as_str(),
+            execution,
+            already = matches!(started, ephemeral_core::jobs::Started::AlreadyExists),
+            project_id,
+            pipeline_id,
+            job_id,
+            status,
+            delivery_id,
+            "job routed"
+        ),
+        Ok(RouterOutcome::PickedUp(pickup)) => tracing::info!(
+            decision = "picked_up",
+            queued_duration_ms = pickup.queued_ms,
+            route_type = pickup.route.executor.map(tracing::field::display),
+            route_matched = pickup.route.matched.as_deref(),
+            runner_id = event.runner.as_ref().map(|r| r.id),
+            project_id,
+            pipeline_id,
+            job_id,
+            status,
+            delivery_id,
+            "job picked up"
+        ),
+        Ok(RouterOutcome::Skipped(why)) => tracing::info!(
+            decision = "skipped",
+            reason = why,
+            project_id,
+            pipeline_id,
+            job_id,
+            status,
+            delivery_id,
+            "job event needs nothing"
+        ),
+        Err(e) => tracing::error!(
+            decision = "failed", error = %e, project_id, pipeline_id, job_id, status, delivery_id, "routing failed; Lambda will retry"
+        ),
     }
 }

@@ -274,51 +274,63 @@ async fn tear_down_lost_finishes<P: ReconcilePorts>(
     let budget = listing.requests_left as usize;
     report.teardown_checks_deferred = live.len().saturating_sub(budget);
     for key in live.into_iter().take(budget) {
-        let failed = |what: &str, e: PortError| {
-            format!("project {} job {}: {what}: {e}", key.project_id, key.job_id)
-        };
-        let job = match ports.gitlab_job(key).await {
-            Ok(Some(job)) => job,
-            Ok(None) => {
-                report.teardown_checks.push((key, TeardownCheck::StillLive));
-                continue;
-            }
-            Err(e) => {
-                report
-                    .errors
-                    .push(failed("asking GitLab whether it finished", e));
-                continue;
-            }
-        };
         let phase = records.get(&key).and_then(|r| r.phase);
-        if !finished_hook_lost(phase, &job.status) {
+        check_lost_finish(ports, key, phase, now_ms, report).await;
+    }
+}
+
+/// Asks GitLab about one job of our runners; starts its teardown when GitLab reports it
+/// finished and its finished hook never arrived.
+async fn check_lost_finish<P: ReconcilePorts>(
+    ports: &P,
+    key: JobKey,
+    phase: Option<JobPhase>,
+    now_ms: u64,
+    report: &mut PassReport,
+) {
+    let failed = |what: &str, e: PortError| {
+        format!("project {} job {}: {what}: {e}", key.project_id, key.job_id)
+    };
+    let job = match ports.gitlab_job(key).await {
+        Ok(Some(job)) => job,
+        Ok(None) => {
             report.teardown_checks.push((key, TeardownCheck::StillLive));
-            continue;
+            return;
         }
-        match ports.start_teardown(&job, now_ms).await {
-            Ok(started) => {
-                if started == Started::New {
-                    *report
-                        .reconciled
-                        .entry(Reason::FinishedHookLost)
-                        .or_default() += 1;
-                    if let Err(e) = ports
-                        .record_teardown(key, Reason::FinishedHookLost, now_ms)
-                        .await
-                    {
-                        report
-                            .errors
-                            .push(failed("recording the teardown's reason", e));
-                    }
-                }
-                report
-                    .teardown_checks
-                    .push((key, TeardownCheck::Started { job, started }));
-            }
-            Err(e) => report
+        Err(e) => {
+            report
                 .errors
-                .push(failed("starting the teardown workflow", e)),
+                .push(failed("asking GitLab whether it finished", e));
+            return;
         }
+    };
+    if !finished_hook_lost(phase, &job.status) {
+        report.teardown_checks.push((key, TeardownCheck::StillLive));
+        return;
+    }
+    match ports.start_teardown(&job, now_ms).await {
+        Ok(started) => {
+            if started == Started::New {
+                *report
+                    .reconciled
+                    .entry(Reason::FinishedHookLost)
+                    .or_default() += 1;
+                if let Err(e) = ports
+                    .record_teardown(key, Reason::FinishedHookLost, now_ms)
+                    .await
+                {
+                    report
+                        .errors
+                        .push(failed("recording the teardown's reason", e));
+                }
+            }
+            report
+                .teardown_checks
+                .push((key, TeardownCheck::Started { job, started }));
+        }
+        Err(e) => report
+            .errors
+            .push(failed("starting the teardown workflow", e)),
     }
 }
 
