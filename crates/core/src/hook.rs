@@ -70,22 +70,14 @@ impl JobStatus {
 }
 
 impl From<&str> for JobStatus {
+    /// One of [`JobStatus::KNOWN`] by its name (and GitLab's older spelling `cancelled`), else
+    /// `Other`: the names live in `as_str` alone.
     fn from(s: &str) -> Self {
-        match s {
-            "created" => Self::Created,
-            "waiting_for_resource" => Self::WaitingForResource,
-            "preparing" => Self::Preparing,
-            "pending" => Self::Pending,
-            "running" => Self::Running,
-            "success" => Self::Success,
-            "failed" => Self::Failed,
-            "canceling" => Self::Canceling,
-            "canceled" | "cancelled" => Self::Canceled,
-            "skipped" => Self::Skipped,
-            "manual" => Self::Manual,
-            "scheduled" => Self::Scheduled,
-            other => Self::Other(other.to_owned()),
-        }
+        let s = if s == "cancelled" { "canceled" } else { s };
+        Self::KNOWN
+            .into_iter()
+            .find(|known| known.as_str() == s)
+            .unwrap_or_else(|| Self::Other(s.to_owned()))
     }
 }
 
